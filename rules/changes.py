@@ -1,0 +1,114 @@
+"""Grade changes and key-customer alerts, decided from an evaluation.
+
+A grade-change event is due when, and only when, a ladder's grade differs from
+the one last emitted for that customer (kept in the customer's state). Ids are
+deterministic (UUID v5 of what the change is about), so a replay after a crash
+re-emits the same ids and consumers can drop duplicates.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from rules.engine import CompiledLadder, CompiledRuleset, Evaluation
+from schemas import SCHEMA_VERSION
+from schemas.money import format_minor
+
+_NAMESPACE = uuid.UUID("6f1d3c1e-4d2b-5a7e-9c59-2f3b8f0a6a10")
+
+
+@dataclass(slots=True, frozen=True)
+class Cause:
+    """What made gradeflow evaluate: an input event, the clock, or new rules."""
+
+    kind: str  # transaction | interaction | clock | rules
+    event_id: str | None
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def change_id(customer_id: str, ladder: str, rs: CompiledRuleset, cause: Cause, as_of: datetime,
+              previous: str | None, grade: str) -> str:
+    """Deterministic id of one grade change."""
+    origin = cause.event_id if cause.event_id is not None else _iso(as_of)
+    name = f"{customer_id}\x1f{ladder}\x1f{rs.id}@{rs.version}\x1f{cause.kind}\x1f{origin}\x1f{previous}\x1f{grade}"
+    return str(uuid.uuid5(_NAMESPACE, name))
+
+
+def _direction(ladder: CompiledLadder, previous: str | None, grade: str) -> str:
+    if previous is None or previous not in ladder.rank:
+        return "initial"
+    return "upgrade" if ladder.rank[grade] < ladder.rank[previous] else "downgrade"
+
+
+def _alert(customer_id: str, ladder: CompiledLadder, change: dict[str, Any], as_of: datetime) -> dict[str, Any] | None:
+    previous = change["previous_grade"]
+    grade = change["grade"]
+    if change["direction"] != "downgrade" or previous not in ladder.key:
+        return None
+    # Leaving the key grades altogether is what on-call must act on now; a
+    # step down inside them (S → A) is worth knowing but not waking for.
+    left_key = grade not in ladder.key
+    severity = "critical" if left_key else "warning"
+    verb = "is no longer a key customer" if left_key else "dropped within the key grades"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "alert_id": str(uuid.uuid5(_NAMESPACE, "alert\x1f" + change["event_id"])),
+        "customer_id": customer_id,
+        "ladder": ladder.name,
+        "severity": severity,
+        "summary": f"Customer {customer_id} {verb} on ladder '{ladder.name}': {previous} → {grade}. "
+                   + " ".join(change["reasons"]),
+        "previous_grade": previous,
+        "grade": grade,
+        "grade_change_event_id": change["event_id"],
+        "as_of": _iso(as_of),
+        "dedup_key": f"gradeflow/{ladder.name}/{customer_id}/key-downgrade",
+    }
+
+
+def decide_changes(customer_id: str, rs: CompiledRuleset, grades: dict[str, str], ev: Evaluation,
+                   as_of: datetime, cause: Cause, emitted_at: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Grade changes and alerts due for one customer; updates ``grades`` (last emitted) in place."""
+    changes: list[dict[str, Any]] = []
+    alerts: list[dict[str, Any]] = []
+    as_of_local = as_of.astimezone(rs.tz)
+    for ladder in rs.ladders:
+        grade = ev.grades[ladder.name]
+        previous = grades.get(ladder.name)
+        if grade == previous:
+            continue
+        change = {
+            "schema_version": SCHEMA_VERSION,
+            "event_id": change_id(customer_id, ladder.name, rs, cause, as_of_local, previous, grade),
+            "customer_id": customer_id,
+            "ladder": ladder.name,
+            "ruleset": {"id": rs.id, "version": rs.version},
+            "previous_grade": previous,
+            "grade": grade,
+            "direction": _direction(ladder, previous, grade),
+            "as_of": _iso(as_of_local),
+            "cause": {"kind": cause.kind, "event_id": cause.event_id},
+            "metrics": {
+                "recency_days": ev.recency_days,
+                "frequency": ev.frequency,
+                "monetary": format_minor(ev.monetary_minor, rs.currency),
+                "r": ev.scores.get("r", 0),
+                "f": ev.scores.get("f", 0),
+                "m": ev.scores.get("m", 0),
+                "code": ev.code,
+            },
+            "reasons": ev.reasons[ladder.name],
+            "emitted_at": _iso(emitted_at),
+        }
+        grades[ladder.name] = grade
+        changes.append(change)
+        alert = _alert(customer_id, ladder, change, as_of_local)
+        if alert is not None:
+            alerts.append(alert)
+    return changes, alerts

@@ -1,0 +1,49 @@
+"""Rolling windows of event time as bounded daily buckets.
+
+A customer's purchases are kept as one bucket per local calendar day (in the
+ruleset's time zone): ``{day_ordinal: [purchases, net_minor]}``. A window of
+N days as of day D covers the days ``D-N+1 … D``: a purchase made on day X
+counts up to and including day ``X+N-1`` and no longer on day ``X+N``. State
+per customer is therefore at most N buckets, whatever the customer buys.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+Buckets = dict[int, list[int]]
+
+
+def local_day(moment: datetime, tz: ZoneInfo) -> int:
+    """The proleptic Gregorian ordinal of ``moment``'s calendar date in ``tz``."""
+    return moment.astimezone(tz).toordinal()
+
+
+def add(buckets: Buckets, day: int, purchases: int, net_minor: int) -> None:
+    """Add to the bucket of ``day``; out-of-order days land where they belong."""
+    bucket = buckets.get(day)
+    if bucket is None:
+        buckets[day] = [purchases, net_minor]
+    else:
+        bucket[0] += purchases
+        bucket[1] += net_minor
+
+
+def totals(buckets: Buckets, as_of_day: int, days: int) -> tuple[int, int]:
+    """Purchases and net amount (minor units) in the ``days``-day window ending on ``as_of_day``."""
+    first = as_of_day - days + 1
+    purchases = 0
+    net = 0
+    for day, (count, amount) in buckets.items():
+        if first <= day <= as_of_day:
+            purchases += count
+            net += amount
+    return purchases, net
+
+
+def prune(buckets: Buckets, as_of_day: int, days: int) -> None:
+    """Drop buckets that can never again fall inside a ``days``-day window (time only moves forward)."""
+    first = as_of_day - days + 1
+    for day in [d for d in buckets if d < first]:
+        del buckets[day]

@@ -1,0 +1,7 @@
+"""Contracts of gradeflow: pydantic models of every event on every topic.
+
+The JSON Schema files in ``schemas/json/`` are generated from these models
+(``python -m schemas.generate``) for consumers written in other languages.
+"""
+
+SCHEMA_VERSION = 1

@@ -1,0 +1,166 @@
+"""Pydantic models of every event on every gradeflow topic (the public contract).
+
+Inputs (``transactions``, ``interactions``) are validated on the hot path by
+:mod:`schemas.decode`, which gives the same verdicts as these models far
+faster; these models are the contract, the JSON Schema source and the source
+of readable error messages. Outputs are built as these models' dicts.
+
+Versioning: every output carries ``schema_version``. A change that removes or
+retypes a field bumps it; adding an optional field does not.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from schemas import SCHEMA_VERSION
+from schemas.money import CURRENCY_EXPONENTS
+
+CustomerId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("timestamp must carry a UTC offset (RFC 3339), e.g. 2026-01-31T09:30:00+08:00")
+    return value
+
+
+AwareDatetime = Annotated[datetime, AfterValidator(_aware)]
+
+
+def _positive_finite(value: Decimal) -> Decimal:
+    if not value.is_finite() or value <= 0:
+        raise ValueError("amount must be a positive finite decimal")
+    return value
+
+
+def _known_currency(value: str) -> str:
+    if value not in CURRENCY_EXPONENTS:
+        raise ValueError(f"currency {value!r} is not a supported ISO 4217 code")
+    return value
+
+
+TRANSACTION_TYPES = ("purchase", "refund")
+INTERACTION_TYPES = (
+    "visit", "call", "trial_class", "quote_requested", "deposit_paid", "complaint",
+    "praise", "referral", "stage_update", "email", "meeting", "queue_number",
+)
+
+
+class _Input(BaseModel):
+    # Unknown fields are accepted and ignored: producers may enrich events
+    # without breaking gradeflow (documented in schemas/README.md).
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Transaction(_Input):
+    """A purchase or a refund, keyed by ``customer_id`` on the ``transactions`` topic."""
+
+    event_id: EventId
+    customer_id: CustomerId
+    occurred_at: AwareDatetime = Field(description="Event time, RFC 3339 with offset.")
+    type: Literal["purchase", "refund"]
+    amount: Annotated[Decimal, AfterValidator(_positive_finite)] = Field(
+        description="Decimal string (preferred) or number, > 0, no more decimals than the currency has."
+    )
+    currency: Annotated[str, AfterValidator(_known_currency)] = Field(description="ISO 4217 code.")
+    order_id: str | None = None
+    channel: str | None = None
+    attributes: dict[str, Any] | None = None
+
+
+class Interaction(_Input):
+    """A contact with a customer, keyed by ``customer_id`` on the ``interactions`` topic."""
+
+    event_id: EventId
+    customer_id: CustomerId
+    occurred_at: AwareDatetime
+    type: Literal[INTERACTION_TYPES]  # type: ignore[valid-type]
+    attributes: dict[str, Any] | None = None
+
+
+class _Output(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class RulesetRef(BaseModel):
+    id: str
+    version: str
+
+
+class Cause(BaseModel):
+    kind: Literal["transaction", "interaction", "clock", "rules"]
+    event_id: str | None = None
+
+
+class Metrics(BaseModel):
+    recency_days: int | None = Field(description="Whole days since the last purchase, in the ruleset's time zone; null before any.")
+    frequency: int = Field(description="Purchases in the rolling window.")
+    monetary: str = Field(description="Net amount (purchases minus refunds) in the window, decimal string in the ruleset currency.")
+    r: int
+    f: int
+    m: int
+    code: str = Field(description="R, F and M scores as one string, e.g. '545'.")
+
+
+class GradeChange(_Output):
+    """Emitted on ``grade-changes`` when, and only when, a customer's grade on a ladder changes."""
+
+    event_id: str = Field(description="Deterministic: a replay or retry of the same change has the same id.")
+    customer_id: str
+    ladder: str
+    ruleset: RulesetRef
+    previous_grade: str | None
+    grade: str
+    direction: Literal["initial", "upgrade", "downgrade"]
+    as_of: datetime = Field(description="Event time at which the grade was evaluated.")
+    cause: Cause
+    metrics: Metrics
+    reasons: list[str]
+    emitted_at: datetime
+
+
+class Alert(_Output):
+    """Emitted on ``grade-alerts`` when a customer in a key grade is downgraded."""
+
+    alert_id: str
+    customer_id: str
+    ladder: str
+    severity: Literal["info", "warning", "critical"]
+    summary: str
+    previous_grade: str
+    grade: str
+    grade_change_event_id: str
+    as_of: datetime
+    dedup_key: str = Field(description="Stable per customer and ladder: alert tools group on it.")
+
+
+class DeadLetter(_Output):
+    """An input event gradeflow could not apply, with its origin and the reason."""
+
+    reason: str = Field(description="Stable code: malformed_json, invalid_field, unknown_type, invalid_amount, ...")
+    error: str = Field(description="What is wrong, in words.")
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    source_timestamp_ms: int | None = None
+    key: str | None
+    key_encoding: Literal["utf-8", "base64"] | None
+    value: str | None
+    value_encoding: Literal["utf-8", "base64"] | None
+    dead_lettered_at: datetime
+
+
+ALL_MODELS: dict[str, type[BaseModel]] = {
+    "transaction": Transaction,
+    "interaction": Interaction,
+    "grade-change": GradeChange,
+    "alert": Alert,
+    "dead-letter": DeadLetter,
+}

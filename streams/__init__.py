@@ -1,0 +1,3 @@
+"""The Faust side of gradeflow: app, agent, tables, sinks and the ``gradeflow`` CLI."""
+
+__version__ = "0.1.0"
