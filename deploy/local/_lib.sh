@@ -1,5 +1,6 @@
 # shellcheck shell=bash
 # Shared helpers for deploy/local/{up,down,ps}. Sourced, not executed.
+# shellcheck disable=SC2034  # variables are used by the scripts sourcing this
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 LOCAL="$ROOT/.local"
@@ -84,7 +85,10 @@ port_in_use() {
 # port_owner <port>: pid/name of the listener, best effort ("" if unknown).
 port_owner() {
   command -v ss >/dev/null 2>&1 || return 0
-  ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'users:(([^)]*))' | head -1 || true
+  local u
+  u="$(ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'users:(("[^"]*",pid=[0-9]*' | head -1)" || true
+  [[ -n "$u" ]] && u="${u#users:((\"}" && echo "(${u%%\"*} pid ${u##*pid=})"
+  return 0
 }
 
 # stop_service <service>: SIGTERM, wait up to 30 s, SIGKILL. Removes pid/info files.
@@ -94,10 +98,10 @@ stop_service() {
     log "stopping $svc (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < 300; i++)); do
-      [[ -d "/proc/$pid" ]] && is_ours "$svc" "$pid" || break
+      if ! is_ours "$svc" "$pid"; then break; fi
       sleep 0.1
     done
-    if [[ -d "/proc/$pid" ]] && is_ours "$svc" "$pid"; then
+    if is_ours "$svc" "$pid"; then
       log "$svc did not stop within 30 s, sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
       for ((i = 0; i < 50; i++)); do [[ -d "/proc/$pid" ]] || break; sleep 0.1; done
