@@ -63,9 +63,9 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
 
     roles = {settings.topic_transactions: TRANSACTIONS, settings.topic_interactions: INTERACTIONS}
     inputs = app.topic(settings.topic_transactions, settings.topic_interactions,
-                       key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+                       key_type=bytes, value_type=bytes)
     table = app.Table("customer-state", partitions=settings.partitions,
-                      key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+                      key_type=bytes, value_type=bytes)
     store = FaustStateStore(table)
     out_changes = settings.topic_grade_changes
     out_alerts = settings.topic_alerts

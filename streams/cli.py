@@ -36,6 +36,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from streams.app import create_app
 
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, ruleset)
     print(f"gradeflow worker: ruleset {ruleset.id}@{ruleset.version}, broker {settings.kafka_bootstrap}, "
           f"app {settings.app_id}", file=sys.stderr, flush=True)

@@ -1,0 +1,138 @@
+"""Run workers as child processes and read topics, for the demo, the benchmark and tests.
+
+Workers run as real ``gradeflow worker`` processes (not in the caller's event
+loop) so that what is exercised is what users deploy, and so that a test can
+kill one with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unique_env(prefix: str = "gf", **extra: str) -> dict[str, str]:
+    """GRADEFLOW_ variables naming topics and an app id no other run uses."""
+    tag = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    env = {
+        "GRADEFLOW_APP_ID": tag,
+        "GRADEFLOW_TOPIC_TRANSACTIONS": f"{tag}-transactions",
+        "GRADEFLOW_TOPIC_INTERACTIONS": f"{tag}-interactions",
+        "GRADEFLOW_TOPIC_GRADE_CHANGES": f"{tag}-grade-changes",
+        "GRADEFLOW_TOPIC_ALERTS": f"{tag}-grade-alerts",
+        "GRADEFLOW_TOPIC_DEAD_LETTERS": f"{tag}-dead-letters",
+        "GRADEFLOW_DATA_DIR": str(ROOT / ".local" / "workers" / tag),
+    }
+    env.update(extra)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """A ``gradeflow worker`` child process with its own log file."""
+
+    env: dict[str, str]
+    name: str = "worker"
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self, ready_timeout: float = 60.0) -> "WorkerProcess":
+        """Start and wait until Faust reports the worker ready."""
+        logs = ROOT / ".local" / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log_path = logs / f"{self.env.get('GRADEFLOW_APP_ID', 'gradeflow')}-{self.name}.log"
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker", *self.args],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        out.close()
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+            if b"Ready" in self.log_path.read_bytes():
+                return self
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {ready_timeout}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        """The last lines of the worker's log."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Stop the worker (SIGTERM, then SIGKILL after ``timeout``); return its exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        os.killpg(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        self.stop(signal.SIGKILL)
+
+
+def producer(bootstrap: str) -> KafkaProducer:
+    """A producer with the durability gradeflow's inputs deserve."""
+    return KafkaProducer(bootstrap_servers=bootstrap.split(","), acks="all", linger_ms=5,
+                         batch_size=256 * 1024, max_in_flight_requests_per_connection=1)
+
+
+def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:
+    """Send (key, value) records in order and flush; return how many."""
+    p = producer(bootstrap)
+    n = 0
+    for key, value in records:
+        p.send(topic, key=key, value=value)
+        n += 1
+    p.flush()
+    p.close()
+    return n
+
+
+def consume(bootstrap: str, topics: list[str], until: int | None = None, idle_s: float = 10.0,
+            timeout_s: float = 120.0) -> Iterator[tuple[str, bytes | None, bytes]]:
+    """Yield (topic, key, value) from the beginning of ``topics``.
+
+    Stops after ``until`` records, after ``idle_s`` without a record, or at ``timeout_s``.
+    """
+    consumer = KafkaConsumer(*topics, bootstrap_servers=bootstrap.split(","), auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None)
+    seen = 0
+    started = last = time.monotonic()
+    try:
+        while True:
+            now = time.monotonic()
+            if now - started >= timeout_s or now - last >= idle_s:
+                return
+            batch = consumer.poll(timeout_ms=200)
+            if not batch:
+                continue
+            last = time.monotonic()
+            for records in batch.values():
+                for r in records:
+                    yield r.topic, r.key, r.value
+                    seen += 1
+                    if until is not None and seen >= until:
+                        return
+    finally:
+        consumer.close()

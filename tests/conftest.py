@@ -1,0 +1,64 @@
+"""Shared fixtures. Broker tests talk to the real local Kafka (deploy/local/up)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from streams.local import WorkerProcess, unique_env
+
+
+@pytest.fixture(scope="session")
+def bootstrap() -> str:
+    """The bootstrap address of the running local broker; fails (never skips) without one."""
+    from schemas.errors import ServerUnavailable
+    from streams.settings import load_settings
+    from streams.topics import admin_client
+
+    settings = load_settings()
+    try:
+        admin_client(settings, timeout_s=5.0).close()
+    except ServerUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return settings.kafka_bootstrap
+
+
+@pytest.fixture
+def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers on unique topics; every worker started is stopped at teardown.
+
+    Call ``worker_factory()`` for a fresh set of names, or pass ``env=`` of an
+    earlier worker to join the same app (a second worker, a restart).
+    """
+    started: list[WorkerProcess] = []
+
+    def start(env: dict[str, str] | None = None, name: str | None = None, **extra: str) -> WorkerProcess:
+        env = dict(env) if env is not None else unique_env("test", **extra)
+        env.setdefault("GRADEFLOW_KAFKA_BOOTSTRAP", bootstrap)
+        # Each worker serves HTTP on its own port so that several can run at once.
+        env["GRADEFLOW_WEB_PORT"] = str(_free_port())
+        worker = WorkerProcess(env, name=name or f"worker{len(started) + 1}")
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Broker tests are marked so that `pytest -m "not broker"` runs the fast set alone.
+    for item in items:
+        if "bootstrap" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.broker)
+
+
