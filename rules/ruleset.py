@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from schemas.errors import RulesetError
 from schemas.money import CURRENCY_EXPONENTS
@@ -23,6 +24,15 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_RULESET = "rfm-5"
 
 Metric = Literal["recency_days", "frequency", "monetary"]
+
+
+def _problems(title: str, found: list[tuple[tuple[str | int, ...], str, Any]]) -> ValidationError:
+    """A validation error for each ``(loc, message, input)``, so that a problem found by a
+    model validator is reported at the field it is about (and its line), not at the model."""
+    return ValidationError.from_exception_data(title, [
+        InitErrorDetails(type=PydanticCustomError("ruleset", "{problem}", {"problem": message}), loc=loc, input=value)
+        for loc, message, value in found
+    ])
 
 
 class _Strict(BaseModel):
@@ -56,10 +66,13 @@ class Score(_Strict):
         if len(kinds) > 1:
             raise ValueError("bands of one score must all use 'min' or all use 'max'")
         bounds = [b.min if b.min is not None else b.max for b in self.bands]
-        if kinds == {"min"} and bounds != sorted(bounds, reverse=True):
-            raise ValueError("'min' bands must be listed from the highest bound down")
-        if kinds == {"max"} and bounds != sorted(bounds):
-            raise ValueError("'max' bands must be listed from the lowest bound up")
+        for i in range(1, len(bounds)):
+            if kinds == {"min"} and bounds[i] > bounds[i - 1]:
+                raise _problems("Score", [(("bands", i, "min"), "'min' bands must be listed from the highest bound down",
+                                           bounds[i])])
+            if kinds == {"max"} and bounds[i] < bounds[i - 1]:
+                raise _problems("Score", [(("bands", i, "max"), "'max' bands must be listed from the lowest bound up",
+                                           bounds[i])])
         return self
 
 
@@ -97,14 +110,20 @@ class Ladder(_Strict):
         if len(set(self.grades)) != len(self.grades):
             raise ValueError("grades must be unique")
         known = set(self.grades)
-        for name in self.key:
+        found: list[tuple[tuple[str | int, ...], str, Any]] = []
+        for i, name in enumerate(self.key):
             if name not in known:
-                raise ValueError(f"key grade {name!r} is not one of the ladder's grades {self.grades}")
-        for band in self.decide.bands:
+                found.append((("key", i), f"key grade {name!r} is not one of the ladder's grades {self.grades}", name))
+        for i, band in enumerate(self.decide.bands):
             if band.grade not in known:
-                raise ValueError(f"band grade {band.grade!r} is not one of the ladder's grades {self.grades}")
+                found.append((("decide", "bands", i, "grade"),
+                              f"band grade {band.grade!r} is not one of the ladder's grades {self.grades}", band.grade))
         if self.decide.otherwise not in known:
-            raise ValueError(f"else grade {self.decide.otherwise!r} is not one of the ladder's grades {self.grades}")
+            found.append((("decide", "else"),
+                          f"else grade {self.decide.otherwise!r} is not one of the ladder's grades {self.grades}",
+                          self.decide.otherwise))
+        if found:
+            raise _problems("Ladder", found)
         return self
 
 
@@ -138,10 +157,14 @@ class Ruleset(_Strict):
 
     @model_validator(mode="after")
     def _known_scores(self) -> "Ruleset":
+        found: list[tuple[tuple[str | int, ...], str, Any]] = []
         for name, ladder in self.ladders.items():
-            for score in ladder.decide.sum:
+            for i, score in enumerate(ladder.decide.sum):
                 if score not in self.scores:
-                    raise ValueError(f"ladder {name!r} sums unknown score {score!r}; known: {sorted(self.scores)}")
+                    found.append((("ladders", name, "decide", "sum", i),
+                                  f"ladder {name!r} sums unknown score {score!r}; known: {sorted(self.scores)}", score))
+        if found:
+            raise _problems("Ruleset", found)
         return self
 
 
@@ -193,13 +216,16 @@ def _line_of(node: Any, loc: list[str]) -> int | None:
     line = node.start_mark.line + 1 if node is not None else None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            child = next((v for k, v in node.value if str(k.value) == part), None)
+            pair = next(((k, v) for k, v in node.value if str(k.value) == part), None)
+            # The key's line: a block mapping value starts on the line after it.
+            child, mark = (pair[1], pair[0].start_mark) if pair is not None else (None, None)
         elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
             child = node.value[int(part)]
+            mark = child.start_mark
         else:
             child = None
         if child is None:
             break
         node = child
-        line = node.start_mark.line + 1
+        line = mark.line + 1
     return line
