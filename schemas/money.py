@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 
 from schemas.errors import InvalidEvent
@@ -19,6 +20,76 @@ CURRENCY_EXPONENTS: dict[str, int] = {
 MAX_DIGITS = 18
 
 
+# A decimal string as JSON writes numbers: digits, optional fraction, optional
+# exponent. No spaces, underscores, "NaN" or "Infinity" (Python's Decimal
+# would take them; the contract does not).
+AMOUNT_PATTERN = r"^-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$"
+_AMOUNT_RE = re.compile(AMOUNT_PATTERN)
+
+
+def parse_amount(amount: object) -> Decimal:
+    """Parse a positive, finite amount (decimal string or JSON number) exactly.
+
+    A float is read through its shortest repr so that 12.3 stays 12.3. Refuses
+    NaN, infinities, zero, negatives and absurdly long numbers. The currency's
+    decimals are checked by :func:`decimal_to_minor`.
+    """
+    if isinstance(amount, bool) or not isinstance(amount, (str, int, float, Decimal)):
+        raise InvalidEvent("invalid_amount", f"amount must be a decimal string or number, got {type(amount).__name__}")
+    if isinstance(amount, str) and not _AMOUNT_RE.fullmatch(amount):
+        raise InvalidEvent("invalid_amount", f"amount {amount[:40]!r} is not a decimal number")
+    try:
+        value = amount if isinstance(amount, Decimal) else Decimal(amount if isinstance(amount, str) else repr(amount))
+    except InvalidOperation:
+        raise InvalidEvent("invalid_amount", f"amount {str(amount)[:40]!r} is not a decimal number") from None
+    if not value.is_finite():
+        raise InvalidEvent("invalid_amount", f"amount {str(amount)[:40]!r} is not finite")
+    if value <= 0:
+        raise InvalidEvent("invalid_amount", f"amount {str(amount)[:40]!r} must be greater than 0")
+    _, digits, exp = value.as_tuple()
+    assert isinstance(exp, int)
+    if len(digits) + exp > MAX_DIGITS:
+        raise InvalidEvent("invalid_amount", f"amount {str(amount)[:40]!r} has more than {MAX_DIGITS} integer digits")
+    return value
+
+
+def _scaled_exactly(value: Decimal, exponent: int) -> int | None:
+    """``value × 10**exponent`` as an int, or None if that is not a whole number.
+
+    Integer arithmetic only: ``Decimal.scaleb`` rounds to the context's 28
+    digits and would turn 1.000…0001 into a whole number of cents.
+    """
+    sign, digits, exp = value.as_tuple()
+    assert isinstance(exp, int)
+    coefficient = int("".join(map(str, digits)) or "0")
+    shift = exp + exponent
+    if shift >= 0:
+        result = coefficient * 10 ** shift
+    elif coefficient == 0:
+        result = 0
+    elif -shift > len(digits):
+        return None  # a non-zero coefficient below 10**len(digits) cannot divide by 10**-shift
+    else:
+        result, rest = divmod(coefficient, 10 ** -shift)
+        if rest:
+            return None
+    return -result if sign else result
+
+
+def decimal_to_minor(value: Decimal, currency: str) -> int:
+    """A parsed amount in integer minor units of ``currency``, refusing extra decimals."""
+    exponent = CURRENCY_EXPONENTS.get(currency)
+    if exponent is None:
+        raise InvalidEvent("invalid_currency", f"currency {currency!r} is not a supported ISO 4217 code")
+    minor = _scaled_exactly(value, exponent)
+    if minor is None:
+        raise InvalidEvent(
+            "invalid_amount",
+            f"amount {str(value)[:40]!r} has more decimals than {currency} allows ({exponent})",
+        )
+    return minor
+
+
 def to_minor(amount: object, currency: str) -> int:
     """Parse a positive, finite amount into integer minor units of ``currency``.
 
@@ -27,41 +98,24 @@ def to_minor(amount: object, currency: str) -> int:
     12.3). Refuses NaN, infinities, zero, negatives, more decimals than the
     currency has, and absurdly long numbers.
     """
-    exponent = CURRENCY_EXPONENTS.get(currency)
-    if exponent is None:
+    if currency not in CURRENCY_EXPONENTS:
         raise InvalidEvent("invalid_currency", f"currency {currency!r} is not a supported ISO 4217 code")
-    if isinstance(amount, bool) or not isinstance(amount, (str, int, float)):
-        raise InvalidEvent("invalid_amount", f"amount must be a decimal string or number, got {type(amount).__name__}")
-    try:
-        value = Decimal(amount if isinstance(amount, str) else repr(amount))
-    except InvalidOperation:
-        raise InvalidEvent("invalid_amount", f"amount {str(amount)[:40]!r} is not a decimal number") from None
-    if not value.is_finite():
-        raise InvalidEvent("invalid_amount", f"amount {str(amount)[:40]!r} is not finite")
-    if value <= 0:
-        raise InvalidEvent("invalid_amount", f"amount {str(amount)[:40]!r} must be greater than 0")
-    sign, digits, exp = value.as_tuple()
-    assert isinstance(exp, int)
-    if len(digits) + exp > MAX_DIGITS:
-        raise InvalidEvent("invalid_amount", f"amount {str(amount)[:40]!r} has more than {MAX_DIGITS} integer digits")
-    scaled = value.scaleb(exponent)
-    if scaled != scaled.to_integral_value():
-        raise InvalidEvent(
-            "invalid_amount",
-            f"amount {str(amount)[:40]!r} has more decimals than {currency} allows ({exponent})",
-        )
-    return int(scaled)
+    return decimal_to_minor(parse_amount(amount), currency)
 
 
 def format_minor(minor: int, currency: str) -> str:
     """Render minor units as a plain decimal string (``12345`` CNY → ``"123.45"``)."""
     exponent = CURRENCY_EXPONENTS[currency]
-    return str(Decimal(minor).scaleb(-exponent)) if exponent else str(minor)
+    if not exponent:
+        return str(minor)
+    # Integer arithmetic: Decimal.scaleb would round past 28 digits.
+    whole, fraction = divmod(abs(minor), 10 ** exponent)
+    return f"{'-' if minor < 0 else ''}{whole}.{fraction:0{exponent}d}"
 
 
 def major_to_minor(value: Decimal | int | str, currency: str) -> int:
     """Convert a threshold written in major units (rule files) to minor units, exactly."""
-    scaled = Decimal(str(value)).scaleb(CURRENCY_EXPONENTS[currency])
-    if scaled != scaled.to_integral_value():
+    minor = _scaled_exactly(Decimal(str(value)), CURRENCY_EXPONENTS[currency])
+    if minor is None:
         raise ValueError(f"{value} has more decimals than {currency} allows")
-    return int(scaled)
+    return minor
