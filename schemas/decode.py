@@ -18,6 +18,7 @@ import orjson
 from schemas.errors import InvalidEvent
 from schemas.events import INTERACTION_TYPES
 from schemas.money import CURRENCY_EXPONENTS, to_minor
+from schemas.timestamps import parse_rfc3339
 
 _INTERACTION_TYPES = frozenset(INTERACTION_TYPES)
 _MAX_ID = 256
@@ -75,15 +76,7 @@ def _time(doc: dict[str, Any]) -> datetime:
     value = doc.get("occurred_at")
     if value is None:
         raise InvalidEvent("invalid_field", "field 'occurred_at' is missing")
-    if not isinstance(value, str):
-        raise InvalidEvent("invalid_timestamp", "field 'occurred_at' must be an RFC 3339 string")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidEvent("invalid_timestamp", f"occurred_at {value[:64]!r} is not an RFC 3339 timestamp") from None
-    if parsed.tzinfo is None:
-        raise InvalidEvent("invalid_timestamp", f"occurred_at {value[:64]!r} has no UTC offset")
-    return parsed
+    return parse_rfc3339(value)
 
 
 def _optional(doc: dict[str, Any], name: str, kind: type) -> Any:

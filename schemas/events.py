@@ -15,28 +15,67 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema, model_validator,
+)
 
 from schemas import SCHEMA_VERSION
-from schemas.money import CURRENCY_EXPONENTS
+from schemas.errors import InvalidEvent
+from schemas.money import AMOUNT_PATTERN, CURRENCY_EXPONENTS, decimal_to_minor, parse_amount
+from schemas.timestamps import RFC3339_PATTERN, parse_rfc3339
 
 CustomerId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
-def _aware(value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("timestamp must carry a UTC offset (RFC 3339), e.g. 2026-01-31T09:30:00+08:00")
-    return value
+def _event_time(value: object) -> datetime:
+    # JSON gives a string; Python callers may also pass an aware datetime.
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("timestamp must carry a UTC offset (RFC 3339), e.g. 2026-01-31T09:30:00+08:00")
+        return value
+    try:
+        return parse_rfc3339(value)
+    except InvalidEvent as exc:
+        raise ValueError(exc.message) from None
 
 
-AwareDatetime = Annotated[datetime, AfterValidator(_aware)]
+# The same parser as schemas.decode: an RFC 3339 string with offset, never a
+# Unix time or another ISO 8601 form (pydantic's lax datetime takes those).
+AwareDatetime = Annotated[
+    datetime,
+    BeforeValidator(_event_time),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}),
+]
 
 
-def _positive_finite(value: Decimal) -> Decimal:
-    if not value.is_finite() or value <= 0:
-        raise ValueError("amount must be a positive finite decimal")
-    return value
+def _amount(value: object) -> Decimal:
+    try:
+        return parse_amount(value)
+    except InvalidEvent as exc:
+        raise ValueError(exc.message) from None
+
+
+# The same parser as schemas.decode (schemas.money.parse_amount).
+Amount = Annotated[
+    Decimal,
+    BeforeValidator(_amount),
+    WithJsonSchema({"anyOf": [
+        {"type": "string", "pattern": AMOUNT_PATTERN},
+        {"type": "number", "exclusiveMinimum": 0},
+    ]}),
+]
+
+
+def _finite_json(value: Any) -> bool:
+    """False if ``value`` holds NaN or an infinity anywhere (not JSON; the fast decoder refuses them)."""
+    if isinstance(value, float):
+        return value == value and value not in (float("inf"), float("-inf"))
+    if isinstance(value, dict):
+        return all(_finite_json(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_json(v) for v in value)
+    return True
 
 
 def _known_currency(value: str) -> str:
@@ -57,6 +96,15 @@ class _Input(BaseModel):
     # without breaking gradeflow (documented in schemas/README.md).
     model_config = ConfigDict(extra="ignore", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_json(cls, data: Any) -> Any:
+        # pydantic's JSON parser reads NaN / Infinity literals, even in ignored
+        # fields; they are not JSON and the fast decoder refuses the event.
+        if not _finite_json(data):
+            raise ValueError("NaN and Infinity are not JSON numbers")
+        return data
+
 
 class Transaction(_Input):
     """A purchase or a refund, keyed by ``customer_id`` on the ``transactions`` topic."""
@@ -65,13 +113,21 @@ class Transaction(_Input):
     customer_id: CustomerId
     occurred_at: AwareDatetime = Field(description="Event time, RFC 3339 with offset.")
     type: Literal["purchase", "refund"]
-    amount: Annotated[Decimal, AfterValidator(_positive_finite)] = Field(
+    amount: Amount = Field(
         description="Decimal string (preferred) or number, > 0, no more decimals than the currency has."
     )
     currency: Annotated[str, AfterValidator(_known_currency)] = Field(description="ISO 4217 code.")
     order_id: str | None = None
     channel: str | None = None
     attributes: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _decimals_fit_currency(self) -> "Transaction":
+        try:
+            decimal_to_minor(self.amount, self.currency)
+        except InvalidEvent as exc:
+            raise ValueError(exc.message) from None
+        return self
 
 
 class Interaction(_Input):
