@@ -61,7 +61,7 @@ Amount = Annotated[
     Decimal,
     BeforeValidator(_amount),
     WithJsonSchema({"anyOf": [
-        {"type": "string", "pattern": AMOUNT_PATTERN},
+        {"type": "string", "pattern": AMOUNT_PATTERN.replace("^-?", "^")},  # > 0: no sign
         {"type": "number", "exclusiveMinimum": 0},
     ]}),
 ]
@@ -116,7 +116,8 @@ class Transaction(_Input):
     amount: Amount = Field(
         description="Decimal string (preferred) or number, > 0, no more decimals than the currency has."
     )
-    currency: Annotated[str, AfterValidator(_known_currency)] = Field(description="ISO 4217 code.")
+    currency: Annotated[str, AfterValidator(_known_currency)] = Field(
+        description="ISO 4217 code.", json_schema_extra={"enum": sorted(CURRENCY_EXPONENTS)})
     order_id: str | None = None
     channel: str | None = None
     attributes: dict[str, Any] | None = None
