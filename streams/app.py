@@ -17,10 +17,10 @@ from typing import Any
 import faust
 
 from rules.engine import CompiledRuleset
+from streams.kafka_config import bootstrap_list, faust_broker_options
 from streams.processor import INTERACTIONS, TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
 from streams.tables import FaustStateStore
-from streams.topics import bootstrap_list
 
 log = logging.getLogger("gradeflow")
 
@@ -41,7 +41,7 @@ class Counters:
 def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     """Build the Faust app for ``settings`` running ``ruleset``."""
     app = faust.App(
-        settings.app_id,
+        settings.group_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_list(settings)],
         store=settings.store,
         datadir=str(settings.data_dir),
@@ -56,20 +56,22 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         broker_max_poll_records=settings.batch_size,
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         consumer_auto_offset_reset="earliest",
+        **faust_broker_options(settings),
     )
     app.conf.gradeflow_settings = settings  # type: ignore[attr-defined]
     counters = Counters()
     app.gradeflow_counters = counters  # type: ignore[attr-defined]
 
-    roles = {settings.topic_transactions: TRANSACTIONS, settings.topic_interactions: INTERACTIONS}
-    inputs = app.topic(settings.topic_transactions, settings.topic_interactions,
+    names = settings.topics
+    roles = {names.transactions: TRANSACTIONS, names.interactions: INTERACTIONS}
+    inputs = app.topic(names.transactions, names.interactions,
                        key_type=bytes, value_type=bytes)
     table = app.Table("customer-state", partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)
     store = FaustStateStore(table)
-    out_changes = settings.topic_grade_changes
-    out_alerts = settings.topic_alerts
-    out_dead = settings.topic_dead_letters
+    out_changes = names.grade_changes
+    out_alerts = names.alerts
+    out_dead = names.dead_letters
 
     @app.agent(inputs, name="grade")
     async def grade(stream: Any) -> None:

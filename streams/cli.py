@@ -18,19 +18,51 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings imported laz
         app_id=getattr(args, "app_id", None),
         web_port=getattr(args, "web_port", None),
         log_level=getattr(args, "loglevel", None),
+        **{name: getattr(args, name, None) for name in _CONNECTION_OPTIONS},
     )
+
+
+# Kafka connection and topic layout options, shared by `worker` and `topics`: --kafka-x-y sets kafka_x_y.
+# There is no option for the password itself (it would show in `ps`): use the env or a file.
+_CONNECTION_OPTIONS = {
+    "kafka_security_protocol": ("--security-protocol", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", str),
+    "kafka_sasl_mechanism": ("--sasl-mechanism", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", str),
+    "kafka_sasl_username": ("--sasl-username", "SASL user", str),
+    "kafka_sasl_password_file": ("--sasl-password-file", "file holding the SASL password", str),
+    "kafka_ssl_ca_file": ("--ssl-ca-file", "PEM CA file that signed the brokers' certificates", str),
+    "kafka_ssl_cert_file": ("--ssl-cert-file", "PEM client certificate (mutual TLS)", str),
+    "kafka_ssl_key_file": ("--ssl-key-file", "PEM client key (mutual TLS)", str),
+    "kafka_client_id": ("--client-id", "Kafka client.id", str),
+    "topic_prefix": ("--topic-prefix", "prefix of every topic name and of the app id", str),
+    "partitions": ("--partitions", "partitions of inputs and changelogs", int),
+    "replication_factor": ("--replication-factor", "replication factor of every topic", int),
+    "min_insync_replicas": ("--min-insync-replicas", "min.insync.replicas of every topic", int),
+}
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a worker until stopped."""
     from rules.engine import compile_ruleset
     from rules.ruleset import load
-    from streams.topics import admin_client, create_topics
+    from streams.kafka_config import describe_connection
+    from streams.topics import admin_client, check_topics, create_topics
 
     settings = _settings(args)
     ruleset = compile_ruleset(load(settings.ruleset))
-    admin_client(settings, timeout_s=5.0).close()
-    create_topics(settings)
+    admin = admin_client(settings, timeout_s=5.0)
+    try:
+        if settings.create_topics:
+            create_topics(settings, admin)
+        problems = check_topics(settings, admin)
+    finally:
+        admin.close()
+    if problems:
+        # The worker refuses a layout that would lose or misplace state.
+        for problem in problems:
+            print(f"gradeflow: topic check: {problem}", file=sys.stderr)
+        print(f"gradeflow worker: refusing to start on this topic layout ({len(problems)} problem(s), "
+              f"see `gradeflow topics check`)", file=sys.stderr)
+        return 1
 
     from faust import Worker
 
@@ -38,8 +70,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, ruleset)
-    print(f"gradeflow worker: ruleset {ruleset.id}@{ruleset.version}, broker {settings.kafka_bootstrap}, "
-          f"app {settings.app_id}", file=sys.stderr, flush=True)
+    print(f"gradeflow worker: ruleset {ruleset.id}@{ruleset.version}, broker {describe_connection(settings)}, "
+          f"app {settings.group_id}", file=sys.stderr, flush=True)
     Worker(app, loglevel=settings.log_level).execute_from_commandline()
     return 0
 
@@ -48,8 +80,26 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     """Create every topic gradeflow uses (idempotent)."""
     from streams.topics import create_topics
 
-    created = create_topics(_settings(args))
+    settings = _settings(args)
+    created = create_topics(settings)
     print("created: " + ", ".join(created) if created else "all topics already exist")
+    return 0
+
+
+def cmd_topics_check(args: argparse.Namespace) -> int:
+    """Compare the cluster's topics with what gradeflow needs; name each difference; exit 1 if any."""
+    from streams.topics import check_topics, topic_specs
+
+    settings = _settings(args)
+    problems = check_topics(settings)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s); `gradeflow topics create` creates missing topics, "
+              f"the others need kafka-topics/kafka-configs (see docs/deploy.md)", file=sys.stderr)
+        return 1
+    print(f"ok: {len(topic_specs(settings))} topics match (partitions {settings.partitions}, "
+          f"replication factor >= {settings.replication_factor}, min.insync.replicas >= {settings.min_insync_replicas})")
     return 0
 
 
@@ -78,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     def broker_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--bootstrap", "-b", help="Kafka bootstrap servers (GRADEFLOW_KAFKA_BOOTSTRAP)")
         p.add_argument("--app-id", help="consumer group / app id (GRADEFLOW_APP_ID)")
+        for dest, (flag, text, kind) in _CONNECTION_OPTIONS.items():
+            p.add_argument(flag, dest=dest, type=kind, help=f"{text} (GRADEFLOW_{dest.upper()})")
 
     worker = sub.add_parser("worker", help="run a grading worker")
     broker_opts(worker)
@@ -90,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     create = topics.add_parser("create", help="create every topic gradeflow uses")
     broker_opts(create)
     create.set_defaults(func=cmd_topics_create)
+    tcheck = topics.add_parser("check", help="compare the cluster's topics with what gradeflow needs (exit 0/1)")
+    broker_opts(tcheck)
+    tcheck.set_defaults(func=cmd_topics_check)
 
     rules = sub.add_parser("rules", help="work with rule files").add_subparsers(dest="action", required=True)
     check = rules.add_parser("check", help="validate rule files")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,15 +91,28 @@ class WorkerProcess:
         self.stop(signal.SIGKILL)
 
 
-def producer(bootstrap: str) -> KafkaProducer:
+def kafka_options(bootstrap: str, env: Mapping[str, str] | None = None) -> dict[str, object]:
+    """kafka-python options for ``bootstrap`` with the connection settings (TLS, SASL) of the
+    environment, overridden by the ``GRADEFLOW_*`` entries of ``env`` (e.g. a worker's env)."""
+    from streams.kafka_config import kafka_python_options
+    from streams.settings import load_settings
+
+    overrides: dict[str, object] = {k[len("GRADEFLOW_"):].lower(): v for k, v in (env or {}).items()
+                                    if k.startswith("GRADEFLOW_")}
+    overrides["kafka_bootstrap"] = bootstrap
+    return kafka_python_options(load_settings(**overrides))
+
+
+def producer(bootstrap: str, env: Mapping[str, str] | None = None) -> KafkaProducer:
     """A producer with the durability gradeflow's inputs deserve."""
-    return KafkaProducer(bootstrap_servers=bootstrap.split(","), acks="all", linger_ms=5,
+    return KafkaProducer(**kafka_options(bootstrap, env), acks="all", linger_ms=5,
                          batch_size=256 * 1024, max_in_flight_requests_per_connection=1)
 
 
-def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:
+def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
+            env: Mapping[str, str] | None = None) -> int:
     """Send (key, value) records in order and flush; return how many."""
-    p = producer(bootstrap)
+    p = producer(bootstrap, env)
     n = 0
     for key, value in records:
         p.send(topic, key=key, value=value)
@@ -110,12 +123,13 @@ def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, by
 
 
 def consume(bootstrap: str, topics: list[str], until: int | None = None, idle_s: float = 10.0,
-            timeout_s: float = 120.0) -> Iterator[tuple[str, bytes | None, bytes]]:
+            timeout_s: float = 120.0, env: Mapping[str, str] | None = None,
+            ) -> Iterator[tuple[str, bytes | None, bytes]]:
     """Yield (topic, key, value) from the beginning of ``topics``.
 
     Stops after ``until`` records, after ``idle_s`` without a record, or at ``timeout_s``.
     """
-    consumer = KafkaConsumer(*topics, bootstrap_servers=bootstrap.split(","), auto_offset_reset="earliest",
+    consumer = KafkaConsumer(*topics, **kafka_options(bootstrap, env), auto_offset_reset="earliest",
                              enable_auto_commit=False, group_id=None)
     seen = 0
     started = last = time.monotonic()

@@ -6,10 +6,27 @@ in the README's configuration table.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """The full names of gradeflow's topics on the cluster (``topic_prefix`` applied)."""
+
+    transactions: str
+    interactions: str
+    grade_changes: str
+    alerts: str
+    dead_letters: str
 
 
 class Settings(BaseSettings):
@@ -37,7 +54,87 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
 
+    # --- connection to the Kafka cluster (see streams/kafka_config.py) -------------------
+    kafka_security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    kafka_sasl_mechanism: SaslMechanism = Field(
+        "SCRAM-SHA-512", description="SASL mechanism when the protocol is SASL_*: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512.")
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="SASL password (never logged). Prefer kafka_sasl_password_file.")
+    kafka_sasl_password_file: Path | None = Field(
+        None, description="File holding the SASL password (e.g. a mounted Kubernetes Secret); trailing newline ignored.")
+    kafka_ssl_ca_file: Path | None = Field(
+        None, description="PEM file of the CA(s) that signed the brokers' certificates; system CAs when unset.")
+    kafka_ssl_cert_file: Path | None = Field(None, description="PEM client certificate (mutual TLS).")
+    kafka_ssl_key_file: Path | None = Field(None, description="PEM private key of the client certificate.")
+    kafka_ssl_key_password: SecretStr | None = Field(None, description="Password of the client key, if encrypted.")
+    kafka_ssl_check_hostname: bool = Field(True, description="Check that the broker certificate names the host.")
+    kafka_client_id: str = Field("gradeflow", description="Kafka client.id of the worker's clients (quotas, broker logs).")
+    topic_prefix: str = Field(
+        "", description="Prepended to every topic name and to the app id (so also to changelog topics and the "
+                        "consumer group), for clusters with prefixed ACLs, e.g. 'team-risk.'.")
+
+    # --- topic layout (streams/topics.py: `gradeflow topics create|check`) -------------------
+    min_insync_replicas: int = Field(1, ge=1, description="min.insync.replicas of every topic gradeflow creates.")
+    create_topics: bool = Field(True, description="The worker creates missing topics at start (needs CREATE ACL).")
+    grade_changes_cleanup_policy: Literal["compact", "delete", "compact,delete"] = Field(
+        "compact", description="cleanup.policy of the grade-changes topic.")
+    input_retention_ms: int | None = Field(
+        None, description="retention.ms of the input topics gradeflow creates; broker default when unset.")
+    alerts_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the alerts topic.")
+    dead_letters_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the dead-letter topic.")
+
+    @model_validator(mode="after")
+    def _check_kafka(self) -> "Settings":
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed "
+                             f"replication_factor ({self.replication_factor})")
+        if self.kafka_security_protocol.startswith("SASL_"):
+            if not self.kafka_sasl_username:
+                raise ValueError(f"security protocol {self.kafka_security_protocol} needs GRADEFLOW_KAFKA_SASL_USERNAME")
+            if self.kafka_sasl_password is None and self.kafka_sasl_password_file is None:
+                raise ValueError(f"security protocol {self.kafka_security_protocol} needs "
+                                 "GRADEFLOW_KAFKA_SASL_PASSWORD or GRADEFLOW_KAFKA_SASL_PASSWORD_FILE")
+        if self.kafka_sasl_password is not None and self.kafka_sasl_password_file is not None:
+            raise ValueError("set GRADEFLOW_KAFKA_SASL_PASSWORD or GRADEFLOW_KAFKA_SASL_PASSWORD_FILE, not both")
+        if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
+            raise ValueError("GRADEFLOW_KAFKA_SSL_CERT_FILE and GRADEFLOW_KAFKA_SSL_KEY_FILE go together")
+        return self
+
+    @property
+    def group_id(self) -> str:
+        """The Faust app id: consumer group and prefix of changelog topics, with ``topic_prefix``."""
+        return f"{self.topic_prefix}{self.app_id}"
+
+    @property
+    def topics(self) -> TopicNames:
+        """Full topic names, ``topic_prefix`` applied."""
+        p = self.topic_prefix
+        return TopicNames(p + self.topic_transactions, p + self.topic_interactions, p + self.topic_grade_changes,
+                          p + self.topic_alerts, p + self.topic_dead_letters)
+
+    def changelog_topic(self, table: str) -> str:
+        """The changelog topic Faust uses for ``table`` (``<app id>-<table>-changelog``)."""
+        return f"{self.group_id}-{table}-changelog"
+
 def load_settings(**overrides: object) -> Settings:
-    """Settings from the environment, with explicit overrides (CLI options) on top."""
+    """Settings from the environment, with explicit overrides (CLI options) on top.
+
+    Invalid settings raise :class:`schemas.errors.ConfigurationError` with one
+    line per problem; secret values are never part of the message.
+    """
+    from pydantic import ValidationError
+
+    from schemas.errors import ConfigurationError
+
     clean = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**clean)  # type: ignore[arg-type]
+    try:
+        return Settings(**clean)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"GRADEFLOW_{where.upper()}: {msg}" if where else msg)
+        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None

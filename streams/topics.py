@@ -1,68 +1,149 @@
-"""The topics gradeflow uses, and their creation with Kafka's admin API.
+"""The topics gradeflow uses: their declared layout, creation and checking.
 
-Inputs and the tables' changelogs must have the same number of partitions
-(co-partitioning); the worker's table changelog is created by Faust itself
-with the same count.
+Layout, from settings (all ``GRADEFLOW_*``):
+
+* inputs (transactions, interactions): ``partitions``; delete, ``input_retention_ms``
+  or the broker's default;
+* grade changes: ``grade_changes_cleanup_policy`` (compact by default);
+* alerts and dead letters: delete with ``alerts_retention_ms`` / ``dead_letters_retention_ms``;
+* each table's changelog (``<app id>-<table>-changelog``): compact, and exactly
+  as many partitions as the inputs: Faust restores partition *n* of a table
+  from partition *n* of its changelog, for the worker that owns partition *n*
+  of the inputs (co-partitioning);
+* every topic: ``replication_factor`` and ``min.insync.replicas``.
+
+``create_topics`` creates what is missing (idempotent, never alters an
+existing topic); ``check_topics`` names every difference between the cluster
+and this layout. The worker runs both at start (create only when
+``create_topics`` is on) and refuses to run when the check finds a problem.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
 
-from schemas.errors import ServerUnavailable
+from schemas.errors import ConfigurationError, ServerUnavailable
+from streams.kafka_config import bootstrap_list, check_tls, kafka_python_options, unreachable_message
 from streams.settings import Settings
 
-WEEK_MS = 7 * 24 * 3600 * 1000
+__all__ = ["TABLES", "TopicSpec", "Problem", "topic_specs", "bootstrap_list", "unreachable_message",
+           "admin_client", "create_topics", "check_topics"]
+
+# The Faust tables of streams/app.py; each has a changelog topic (a test keeps this in step with the app).
+TABLES = ("customer-state",)
+
+INPUT, OUTPUT, CHANGELOG = "input", "output", "changelog"
 
 
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
-    config: dict[str, str]
+    role: str  # INPUT | OUTPUT | CHANGELOG
+    partitions: int
+    replication_factor: int
+    config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cleanup_policy(self) -> str:
+        return self.config.get("cleanup.policy", "delete")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One difference between the cluster and the layout gradeflow needs."""
+
+    topic: str
+    kind: str  # missing | partitions | co-partitioning | replication | cleanup.policy | min.insync.replicas
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """Every topic gradeflow reads or writes, with its configuration."""
-    delete_week = {"cleanup.policy": "delete", "retention.ms": str(4 * WEEK_MS)}
-    return [
-        TopicSpec(settings.topic_transactions, {}),
-        TopicSpec(settings.topic_interactions, {}),
-        TopicSpec(settings.topic_grade_changes, {"cleanup.policy": "delete", "retention.ms": str(52 * WEEK_MS)}),
-        TopicSpec(settings.topic_alerts, delete_week),
-        TopicSpec(settings.topic_dead_letters, delete_week),
+    """Every topic gradeflow reads or writes, with its declared layout."""
+    n, rf = settings.partitions, settings.replication_factor
+    common = {"min.insync.replicas": str(settings.min_insync_replicas)}
+    inputs = {**common, "cleanup.policy": "delete"}
+    if settings.input_retention_ms is not None:
+        inputs["retention.ms"] = str(settings.input_retention_ms)
+    names = settings.topics
+    specs = [
+        TopicSpec(names.transactions, INPUT, n, rf, inputs),
+        TopicSpec(names.interactions, INPUT, n, rf, dict(inputs)),
+        TopicSpec(names.grade_changes, OUTPUT, n, rf,
+                  {**common, "cleanup.policy": settings.grade_changes_cleanup_policy}),
+        TopicSpec(names.alerts, OUTPUT, n, rf,
+                  {**common, "cleanup.policy": "delete", "retention.ms": str(settings.alerts_retention_ms)}),
+        TopicSpec(names.dead_letters, OUTPUT, n, rf,
+                  {**common, "cleanup.policy": "delete", "retention.ms": str(settings.dead_letters_retention_ms)}),
     ]
-
-
-def bootstrap_list(settings: Settings) -> list[str]:
-    """The bootstrap servers as a list of host:port."""
-    return [s.strip() for s in settings.kafka_bootstrap.split(",") if s.strip()]
-
-
-def unreachable_message(settings: Settings) -> str:
-    """The one line a user sees when no broker answers."""
-    return (f"gradeflow: no Kafka broker answers at {settings.kafka_bootstrap} (GRADEFLOW_KAFKA_BOOTSTRAP); "
-            f"start the local one with `deploy/local/up`, or point GRADEFLOW_KAFKA_BOOTSTRAP at your cluster")
+    for table in TABLES:
+        specs.append(TopicSpec(settings.changelog_topic(table), CHANGELOG, n, rf,
+                               {**common, "cleanup.policy": "compact"}))
+    return specs
 
 
 def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClient:
-    """A connected admin client, or :class:`ServerUnavailable` naming the address."""
+    """A connected admin client, or one line saying why not (no broker, TLS, authentication)."""
+    check_tls(settings, timeout_s=timeout_s)
+    options = kafka_python_options(settings)
     try:
         return KafkaAdminClient(
-            bootstrap_servers=bootstrap_list(settings),
-            client_id=f"{settings.app_id}-admin",
+            **options,
+            client_id=f"{settings.kafka_client_id}-admin",
             request_timeout_ms=int(timeout_s * 1000),
             api_version_auto_timeout_ms=int(timeout_s * 1000),
         )
-    except (NoBrokersAvailable, ValueError, OSError) as exc:
+    except NoBrokersAvailable as exc:
+        raise ServerUnavailable(unreachable_message(settings)) from exc
+    except KafkaError as exc:
+        raise ConfigurationError(_kafka_error_line(settings, exc)) from None
+    except (ValueError, OSError) as exc:
         raise ServerUnavailable(unreachable_message(settings)) from exc
 
 
-def create_topics(settings: Settings) -> list[str]:
-    """Create every missing topic; return the names created (idempotent)."""
-    admin = admin_client(settings)
+def _kafka_error_line(settings: Settings, exc: BaseException) -> str:
+    """One secret-free line for a Kafka client error."""
+    name = type(exc).__name__
+    if "Authentication" in name or "Sasl" in name:
+        return (f"Kafka at {settings.kafka_bootstrap} rejected the credentials of user "
+                f"{settings.kafka_sasl_username!r} ({settings.kafka_sasl_mechanism}); check "
+                f"GRADEFLOW_KAFKA_SASL_USERNAME and the password (GRADEFLOW_KAFKA_SASL_PASSWORD[_FILE])")
+    if "Authorization" in name:
+        return f"Kafka at {settings.kafka_bootstrap} denied an operation to this client ({name}); check its ACLs"
+    return f"Kafka at {settings.kafka_bootstrap}: {name}"
+
+
+def _describe(admin: KafkaAdminClient, names: list[str]) -> dict[str, tuple[int, int, dict[str, str]]]:
+    """name → (partitions, smallest replication factor, topic configs) for existing topics among ``names``."""
+    existing = set(admin.list_topics())
+    present = [n for n in names if n in existing]
+    if not present:
+        return {}
+    shape = {}
+    for t in admin.describe_topics(present):
+        parts = t["partitions"]
+        shape[t["topic"]] = (len(parts), min((len(p["replicas"]) for p in parts), default=0))
+    configs: dict[str, dict[str, str]] = {n: {} for n in present}
+    for response in admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in present]):
+        for error_code, _msg, _rtype, rname, entries in response.resources:
+            if error_code == 0:
+                configs[rname] = {e[0]: e[1] for e in entries}
+    return {n: (*shape[n], configs[n]) for n in present if n in shape}
+
+
+def create_topics(settings: Settings, admin: KafkaAdminClient | None = None) -> list[str]:
+    """Create every missing topic with its declared layout; return the names created (idempotent).
+
+    Existing topics are never altered: ``check_topics`` reports what differs.
+    """
+    own = admin is None
+    admin = admin or admin_client(settings)
     try:
         existing = set(admin.list_topics())
         created = []
@@ -70,11 +151,79 @@ def create_topics(settings: Settings) -> list[str]:
             if spec.name in existing:
                 continue
             try:
-                admin.create_topics([NewTopic(spec.name, settings.partitions, settings.replication_factor,
+                admin.create_topics([NewTopic(spec.name, spec.partitions, spec.replication_factor,
                                               topic_configs=spec.config)])
                 created.append(spec.name)
             except TopicAlreadyExistsError:
                 pass
+            except KafkaError as exc:
+                raise ConfigurationError(f"cannot create topic {spec.name} ({spec.partitions} partitions, "
+                                         f"replication factor {spec.replication_factor}): {type(exc).__name__}"
+                                         f"{': ' + str(exc.args[0]) if exc.args else ''}") from None
+        _wait_visible(admin, created)
         return created
     finally:
-        admin.close()
+        if own:
+            admin.close()
+
+
+def _wait_visible(admin: KafkaAdminClient, names: list[str], timeout_s: float = 15.0) -> None:
+    """Wait until created topics show in the metadata brokers serve (KRaft propagates it asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    pending = set(names)
+    while pending and time.monotonic() < deadline:
+        for t in admin.describe_topics(sorted(pending)):
+            if t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"]):
+                pending.discard(t["topic"])
+        if pending:
+            time.sleep(0.1)
+
+
+def check_topics(settings: Settings, admin: KafkaAdminClient | None = None) -> list[Problem]:
+    """Every difference between the cluster's topics and the layout gradeflow needs; [] when fine."""
+    own = admin is None
+    admin = admin or admin_client(settings)
+    try:
+        specs = topic_specs(settings)
+        found = _describe(admin, [s.name for s in specs])
+    finally:
+        if own:
+            admin.close()
+    problems: list[Problem] = []
+    inputs = [s for s in specs if s.role == INPUT and s.name in found]
+    for spec in specs:
+        if spec.name not in found:
+            problems.append(Problem(spec.name, "missing", f"{spec.name}: missing ({spec.role} topic; "
+                                    f"create it with `gradeflow topics create`)"))
+            continue
+        partitions, rf, config = found[spec.name]
+        if spec.role == INPUT and partitions != spec.partitions:
+            problems.append(Problem(spec.name, "partitions",
+                                    f"{spec.name}: {partitions} partitions, but GRADEFLOW_PARTITIONS is "
+                                    f"{spec.partitions} (the tables are partitioned like the inputs)"))
+        if spec.role == CHANGELOG:
+            for inp in inputs:  # one line per changelog, naming the first input that differs
+                if found[inp.name][0] != partitions:
+                    problems.append(Problem(spec.name, "co-partitioning",
+                                            f"{spec.name}: {partitions} partitions, but its input {inp.name} has "
+                                            f"{found[inp.name][0]}: co-partitioning broken (state would be restored "
+                                            f"on the wrong worker)"))
+                    break
+        if rf < spec.replication_factor:
+            problems.append(Problem(spec.name, "replication",
+                                    f"{spec.name}: replication factor {rf}, below GRADEFLOW_REPLICATION_FACTOR "
+                                    f"{spec.replication_factor}"))
+        policy = config.get("cleanup.policy")
+        if policy is not None and _policy(policy) != _policy(spec.cleanup_policy):
+            problems.append(Problem(spec.name, "cleanup.policy",
+                                    f"{spec.name}: cleanup.policy is {policy}, gradeflow needs {spec.cleanup_policy}"))
+        isr = config.get("min.insync.replicas")
+        if isr is not None and isr.isdigit() and int(isr) < settings.min_insync_replicas:
+            problems.append(Problem(spec.name, "min.insync.replicas",
+                                    f"{spec.name}: min.insync.replicas {isr}, below GRADEFLOW_MIN_INSYNC_REPLICAS "
+                                    f"{settings.min_insync_replicas}"))
+    return problems
+
+
+def _policy(value: str) -> frozenset[str]:
+    return frozenset(p.strip() for p in value.split(",") if p.strip())
