@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from rules.engine import CompiledLadder, CompiledRuleset, Evaluation
+from rules.engine import CompiledLadder, CompiledRuleset, Evaluation, Population, evaluate
+from rules.state import CustomerState, prune
+from rules.windows import local_day
 from schemas import SCHEMA_VERSION
 from schemas.money import format_minor
 
@@ -72,9 +74,25 @@ def _alert(customer_id: str, ladder: CompiledLadder, change: dict[str, Any], as_
     }
 
 
+def json_value(rs: CompiledRuleset, name: str, value: Any) -> Any:
+    """A metric value as the grade-change's ``metrics.values`` carries it: money as a decimal string."""
+    if value is None:
+        return None
+    kind = rs.defs[name].kind if rs.defs is not None and name in rs.defs else "count"
+    if kind == "money":
+        return format_minor(int(value), rs.currency)
+    if kind == "date":
+        from datetime import date
+
+        return date.fromordinal(value).isoformat()
+    return value
+
+
 def decide_changes(customer_id: str, rs: CompiledRuleset, grades: dict[str, str], ev: Evaluation,
-                   as_of: datetime, cause: Cause, emitted_at: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Grade changes and alerts due for one customer; updates ``grades`` (last emitted) in place."""
+                   as_of: datetime, cause: Cause, emitted_at: datetime,
+                   since: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Grade changes and alerts due for one customer; updates ``grades`` (last emitted) in place,
+    and ``since`` (when each ladder's grade last changed, for hysteresis) when given."""
     changes: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
     as_of_local = as_of.astimezone(rs.tz)
@@ -102,13 +120,52 @@ def decide_changes(customer_id: str, rs: CompiledRuleset, grades: dict[str, str]
                 "f": ev.scores.get("f", 0),
                 "m": ev.scores.get("m", 0),
                 "code": ev.code,
+                "values": {name: json_value(rs, name, ev.values.get(name)) for name in ladder.metrics},
             },
             "reasons": ev.reasons[ladder.name],
             "emitted_at": _iso(emitted_at),
         }
         grades[ladder.name] = grade
+        if since is not None:
+            since[ladder.name] = as_of.timestamp()
         changes.append(change)
         alert = _alert(customer_id, ladder, change, as_of_local)
         if alert is not None:
             alerts.append(alert)
     return changes, alerts
+
+
+def grade(customer_id: str, rs: CompiledRuleset, state: CustomerState, as_of: datetime, cause: Cause,
+          emitted_at: datetime, population: Population | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Evaluate ``state`` as of ``as_of`` and return the changes and alerts due; updates the state's
+    last-emitted grades, their times and the ruleset that graded it. The processor calls this after
+    every event; a clock sweep calls it with ``Cause("clock", None)``."""
+    evaluation = evaluate(rs, state, as_of, population)
+    state.ruleset = rs.key
+    return decide_changes(customer_id, rs, state.grades, evaluation, as_of, cause, emitted_at, state.grade_since)
+
+
+def regrade_for_rules(customer_id: str, rs: CompiledRuleset, state: CustomerState, emitted_at: datetime,
+                      population: Population | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Re-grade a customer graded by another ruleset (or version): changes with cause ``rules``, no more.
+
+    Evaluated as of the customer's latest event time (so ids are deterministic
+    and grades stay in event time), without hysteresis (the new rules decide
+    afresh). Grades of ladders the new ruleset no longer has are forgotten
+    silently; a new ladder gets an ``initial`` change. A customer already
+    graded by ``rs`` gets nothing. Updates ``state``.
+    """
+    if state.ruleset == rs.key:
+        return [], []
+    state.ruleset = rs.key
+    known = {ladder.name for ladder in rs.ladders}
+    for name in [n for n in state.grades if n not in known]:
+        del state.grades[name]
+        state.grade_since.pop(name, None)
+    if state.last_event_ts is None:
+        return [], []
+    as_of = datetime.fromtimestamp(state.last_event_ts, rs.tz)
+    prune(state, local_day(as_of, rs.tz), rs.retention_days)
+    evaluation = evaluate(rs, state, as_of, population, hysteresis=False)
+    return decide_changes(customer_id, rs, state.grades, evaluation, as_of, Cause("rules", None), emitted_at,
+                          state.grade_since)

@@ -2,20 +2,41 @@
 
 One :class:`CustomerState` per customer holds everything the rules need:
 recency, daily purchase buckets of the longest window, interaction history
-(last time and counts by type), the grade last emitted on each ladder, and the
-offset of the last applied record of each input topic (so that a replay after
-a crash does not apply a record twice). It serializes to a short JSON array.
+(last time overall and by type, counts by type, and, when the ruleset counts
+interactions in a window, daily counts), the latest value of each attribute the
+ruleset declares, daily balance flows (deposits minus withdrawals), open
+invoices and days-to-pay buckets, the grade last emitted on each ladder and
+since when, the ruleset that graded it, and the offset of the last applied
+record of each input topic (so that a replay after a crash does not apply a
+record twice). It serializes to a short JSON array; parts a ruleset does not
+use stay empty and cost nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 
 from rules import windows
 
-_FORMAT = 1
+_FORMAT = 2
+# Open invoices kept per customer; beyond this the newest are not tracked
+# (the oldest unpaid invoices are what credit grades look at).
+MAX_OPEN_INVOICES = 200
+
+
+@dataclass(slots=True, frozen=True)
+class Tracking:
+    """What a ruleset needs kept beyond the basics (compiled from the rule file)."""
+
+    detail: bool = False  # gross and largest purchase per day
+    interaction_days: bool = False  # interaction counts by type per day
+    attributes: tuple[tuple[str, str], ...] = ()  # (name, kind) of declared attributes
+    retention_days: int = 365
 
 
 @dataclass(slots=True)
@@ -25,42 +46,86 @@ class CustomerState:
     last_event_ts: float | None = None
     last_purchase_ts: float | None = None
     first_purchase_ts: float | None = None
+    # day → [purchases, net_minor] or, with detail, [purchases, net, gross, largest]
     buckets: windows.Buckets = field(default_factory=dict)
     last_interaction_ts: float | None = None
     interaction_counts: dict[str, int] = field(default_factory=dict)
     grades: dict[str, str] = field(default_factory=dict)
     # Offset of the last applied record per input topic role ("t", "i").
     offsets: dict[str, int] = field(default_factory=dict)
+    last_by_type: dict[str, float] = field(default_factory=dict)
+    ibuckets: dict[int, dict[str, int]] = field(default_factory=dict)
+    attrs: dict[str, list[Any]] = field(default_factory=dict)  # name → [ts, value]
+    flows: dict[int, int] = field(default_factory=dict)  # day → deposits − withdrawals
+    balance_base: int = 0  # balance before the oldest day in flows
+    invoices_open: dict[str, int] = field(default_factory=dict)  # invoice id → local day issued
+    payments_early: dict[str, int] = field(default_factory=dict)  # paid before its invoice arrived
+    paid: dict[int, list[int]] = field(default_factory=dict)  # payment day → [n, sum days, max days]
+    grade_since: dict[str, float] = field(default_factory=dict)  # ladder → ts of the last change
+    ruleset: str | None = None  # "id@version" that last graded this customer
 
     def to_bytes(self) -> bytes:
         """Serialize to the changelog format (a JSON array, versioned)."""
+        ext: dict[str, Any] = {}
+        if self.last_by_type:
+            ext["lt"] = self.last_by_type
+        if self.ibuckets:
+            ext["ib"] = [[d, c] for d, c in self.ibuckets.items()]
+        if self.attrs:
+            ext["at"] = self.attrs
+        if self.flows:
+            ext["fl"] = [[d, v] for d, v in self.flows.items()]
+        if self.balance_base:
+            ext["bb"] = self.balance_base
+        if self.invoices_open:
+            ext["io"] = self.invoices_open
+        if self.payments_early:
+            ext["pe"] = self.payments_early
+        if self.paid:
+            ext["pd"] = [[d, *v] for d, v in self.paid.items()]
+        if self.grade_since:
+            ext["gs"] = self.grade_since
+        if self.ruleset is not None:
+            ext["rs"] = self.ruleset
         return orjson.dumps([
             _FORMAT,
             self.last_event_ts,
             self.last_purchase_ts,
             self.first_purchase_ts,
-            [[day, c, n] for day, (c, n) in self.buckets.items()],
+            [[day, *b] for day, b in self.buckets.items()],
             self.last_interaction_ts,
             self.interaction_counts,
             self.grades,
             self.offsets,
+            ext,
         ])
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "CustomerState":
-        """Inverse of :meth:`to_bytes`."""
+        """Inverse of :meth:`to_bytes`; also reads format 1 (before issue 4)."""
         doc = orjson.loads(raw)
-        if doc[0] != _FORMAT:
+        if doc[0] not in (1, _FORMAT):
             raise ValueError(f"unknown customer state format {doc[0]!r}")
+        ext = doc[9] if len(doc) > 9 else {}
         return cls(
             last_event_ts=doc[1],
             last_purchase_ts=doc[2],
             first_purchase_ts=doc[3],
-            buckets={d: [c, n] for d, c, n in doc[4]},
+            buckets={b[0]: b[1:] for b in doc[4]},
             last_interaction_ts=doc[5],
             interaction_counts=doc[6],
             grades=doc[7],
             offsets=doc[8],
+            last_by_type=ext.get("lt", {}),
+            ibuckets={d: c for d, c in ext.get("ib", ())},
+            attrs=ext.get("at", {}),
+            flows={d: v for d, v in ext.get("fl", ())},
+            balance_base=ext.get("bb", 0),
+            invoices_open=ext.get("io", {}),
+            payments_early=ext.get("pe", {}),
+            paid={p[0]: p[1:] for p in ext.get("pd", ())},
+            grade_since=ext.get("gs", {}),
+            ruleset=ext.get("rs"),
         )
 
 
@@ -68,24 +133,177 @@ def _later(current: float | None, ts: float) -> float:
     return ts if current is None or ts > current else current
 
 
-def apply_transaction(state: CustomerState, ts: float, day: int, refund: bool, amount_minor: int) -> None:
+def apply_transaction(state: CustomerState, ts: float, day: int, refund: bool, amount_minor: int,
+                      detail: bool = False) -> None:
     """Fold one purchase or refund into ``state``.
 
     A refund lowers the net amount of the day it happened on and changes
-    neither recency nor frequency: the customer did not buy.
+    neither recency nor frequency: the customer did not buy. With ``detail``
+    the day's bucket also keeps gross purchases and the largest purchase.
     """
     state.last_event_ts = _later(state.last_event_ts, ts)
-    if refund:
+    if detail:
+        bucket = state.buckets.get(day)
+        if bucket is None:
+            bucket = state.buckets[day] = [0, 0, 0, 0]
+        elif len(bucket) == 2:
+            bucket.extend((max(bucket[1], 0) if bucket[0] else 0, 0))
+        if refund:
+            bucket[1] -= amount_minor
+            return
+        bucket[0] += 1
+        bucket[1] += amount_minor
+        bucket[2] += amount_minor
+        if amount_minor > bucket[3]:
+            bucket[3] = amount_minor
+    elif refund:
         windows.add(state.buckets, day, 0, -amount_minor)
         return
-    windows.add(state.buckets, day, 1, amount_minor)
+    else:
+        windows.add(state.buckets, day, 1, amount_minor)
     state.last_purchase_ts = _later(state.last_purchase_ts, ts)
     if state.first_purchase_ts is None or ts < state.first_purchase_ts:
         state.first_purchase_ts = ts
 
 
-def apply_interaction(state: CustomerState, ts: float, kind: str) -> None:
-    """Fold one interaction into ``state``: last time and count by type."""
+def apply_balance(state: CustomerState, ts: float, day: int, withdrawal: bool, amount_minor: int) -> None:
+    """Fold one deposit or withdrawal into the day's net flow."""
+    state.last_event_ts = _later(state.last_event_ts, ts)
+    flow = -amount_minor if withdrawal else amount_minor
+    state.flows[day] = state.flows.get(day, 0) + flow
+
+
+def apply_invoice(state: CustomerState, ts: float, day: int, invoice_id: str | None, payment: bool) -> None:
+    """Fold an invoice (opens it) or a payment (closes it, recording the days it took)."""
+    state.last_event_ts = _later(state.last_event_ts, ts)
+    if invoice_id is None:
+        return
+    if payment:
+        issued = state.invoices_open.pop(invoice_id, None)
+        if issued is None:
+            if len(state.payments_early) < MAX_OPEN_INVOICES:
+                state.payments_early[invoice_id] = day
+            return
+        _record_payment(state, day, day - issued)
+        return
+    paid_day = state.payments_early.pop(invoice_id, None)
+    if paid_day is not None:
+        _record_payment(state, paid_day, paid_day - day)
+    elif len(state.invoices_open) < MAX_OPEN_INVOICES:
+        state.invoices_open[invoice_id] = day
+
+
+def _record_payment(state: CustomerState, day: int, took: int) -> None:
+    took = max(0, took)
+    bucket = state.paid.get(day)
+    if bucket is None:
+        state.paid[day] = [1, took, took]
+    else:
+        bucket[0] += 1
+        bucket[1] += took
+        if took > bucket[2]:
+            bucket[2] = took
+
+
+def apply_interaction(state: CustomerState, ts: float, kind: str, day: int | None = None,
+                      attributes: dict[str, Any] | None = None, track: Tracking | None = None,
+                      tz: ZoneInfo | None = None) -> None:
+    """Fold one interaction into ``state``: last time overall and by type, counts by type,
+    and, as ``track`` asks, the day's count by type and the declared attributes it carries."""
     state.last_event_ts = _later(state.last_event_ts, ts)
     state.last_interaction_ts = _later(state.last_interaction_ts, ts)
     state.interaction_counts[kind] = state.interaction_counts.get(kind, 0) + 1
+    state.last_by_type[kind] = _later(state.last_by_type.get(kind), ts)
+    if track is None:
+        return
+    if track.interaction_days and day is not None:
+        counts = state.ibuckets.get(day)
+        if counts is None:
+            state.ibuckets[day] = {kind: 1}
+        else:
+            counts[kind] = counts.get(kind, 0) + 1
+    if attributes and track.attributes:
+        for name, attr_kind in track.attributes:
+            if name in attributes:
+                held = state.attrs.get(name)
+                # The latest by event time wins, whatever the order of arrival.
+                if held is None or ts >= held[0]:
+                    state.attrs[name] = [ts, coerce(attributes[name], attr_kind, tz)]
+
+
+def coerce(value: Any, kind: str, tz: ZoneInfo | None) -> Any:
+    """An attribute value as its declared kind, or None when it cannot be read as one."""
+    if value is None:
+        return None
+    if kind == "number":
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.strip().rstrip("%")) / (100 if value.strip().endswith("%") else 1)
+            except ValueError:
+                return None
+            return number if number == number and abs(number) != float("inf") else None
+        return None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "false", "no"):
+            return value.lower() in ("true", "yes")
+        return None
+    if kind == "date":
+        if not isinstance(value, str):
+            return None
+        try:
+            if len(value) == 10:
+                return date.fromisoformat(value).toordinal()
+            moment = datetime.fromisoformat(value.upper())
+        except ValueError:
+            return None
+        if moment.tzinfo is None or tz is None:
+            return moment.date().toordinal()
+        return moment.astimezone(tz).toordinal()
+    # text
+    if isinstance(value, (dict, list)):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def prune(state: CustomerState, as_of_day: int, retention_days: int) -> None:
+    """Drop every daily bucket that can no longer fall in any window of the ruleset.
+
+    Balance flows older than the retention are folded into the base balance,
+    so the balance stays exact.
+    """
+    windows.prune(state.buckets, as_of_day, retention_days)
+    first = as_of_day - retention_days + 1
+    if state.ibuckets:
+        for day in [d for d in state.ibuckets if d < first]:
+            del state.ibuckets[day]
+    if state.flows:
+        for day in [d for d in state.flows if d < first]:
+            state.balance_base += state.flows.pop(day)
+    if state.paid:
+        for day in [d for d in state.paid if d < first]:
+            del state.paid[day]
+
+
+def fold(state: CustomerState, event: Any, track: Tracking, tz: ZoneInfo) -> None:
+    """Fold one decoded event (``schemas.decode.Txn`` or ``Contact``) into ``state`` as ``track`` asks."""
+    ts = event.occurred_at.timestamp()
+    if hasattr(event, "amount_minor"):
+        day = windows.local_day(event.occurred_at, tz)
+        kind = event.kind
+        if kind == "purchase" or kind == "refund":
+            apply_transaction(state, ts, day, event.refund, event.amount_minor, track.detail)
+        elif kind == "deposit" or kind == "withdrawal":
+            apply_balance(state, ts, day, kind == "withdrawal", event.amount_minor)
+        else:
+            apply_invoice(state, ts, day, event.invoice_id, kind == "payment")
+        return
+    day = windows.local_day(event.occurred_at, tz) if track.interaction_days else None
+    apply_interaction(state, ts, event.type, day, event.attributes, track, tz)

@@ -47,3 +47,28 @@ def prune(buckets: Buckets, as_of_day: int, days: int) -> None:
     first = as_of_day - days + 1
     for day in [d for d in buckets if d < first]:
         del buckets[day]
+
+
+def day_of_ts(ts: float, tz: ZoneInfo) -> int:
+    """The local day ordinal of a Unix timestamp in ``tz``."""
+    return datetime.fromtimestamp(ts, tz).toordinal()
+
+
+def average_daily_balance(base: int, flows: dict[int, int], first: int, last: int) -> int:
+    """Mean end-of-day balance over the days ``first … last`` (minor units, rounded down).
+
+    ``base`` is the balance before every day in ``flows`` (the net deposits
+    minus withdrawals of each local day). Days before a customer's first flow
+    have the base balance (0 for a new customer).
+    """
+    n = last - first + 1
+    if n <= 0:
+        return 0
+    opening = base
+    weighted = 0
+    for day, flow in flows.items():
+        if day <= first:
+            opening += flow
+        elif day <= last:
+            weighted += flow * (last - day + 1)
+    return (opening * n + weighted) // n

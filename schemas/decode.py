@@ -16,11 +16,12 @@ from typing import Any
 import orjson
 
 from schemas.errors import InvalidEvent
-from schemas.events import INTERACTION_TYPES
+from schemas.events import INTERACTION_TYPES, TRANSACTION_TYPES
 from schemas.money import CURRENCY_EXPONENTS, to_minor
 from schemas.timestamps import parse_rfc3339
 
 _INTERACTION_TYPES = frozenset(INTERACTION_TYPES)
+_TRANSACTION_TYPES = frozenset(TRANSACTION_TYPES)
 _MAX_ID = 256
 
 
@@ -34,6 +35,8 @@ class Txn:
     refund: bool
     amount_minor: int
     currency: str
+    kind: str = "purchase"  # one of schemas.events.TRANSACTION_TYPES
+    invoice_id: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,8 +104,9 @@ def decode_transaction(raw: bytes | None, key: bytes | None = None, check_key: b
     customer_id = _id(doc, "customer_id")
     occurred_at = _time(doc)
     kind = doc.get("type")
-    if kind != "purchase" and kind != "refund":
-        raise InvalidEvent("unknown_type", f"transaction type {str(kind)[:40]!r} is not 'purchase' or 'refund'")
+    if kind != "purchase" and kind != "refund" and (not isinstance(kind, str) or kind not in _TRANSACTION_TYPES):
+        raise InvalidEvent("unknown_type", f"transaction type {str(kind)[:40]!r} is not one of "
+                                           f"{', '.join(TRANSACTION_TYPES)}")
     currency = doc.get("currency")
     if not isinstance(currency, str):
         raise InvalidEvent("invalid_currency", "field 'currency' must be an ISO 4217 code string")
@@ -114,9 +118,12 @@ def decode_transaction(raw: bytes | None, key: bytes | None = None, check_key: b
     _optional(doc, "order_id", str)
     _optional(doc, "channel", str)
     _optional(doc, "attributes", dict)
+    invoice_id = _optional(doc, "invoice_id", str)
+    if (kind == "invoice" or kind == "payment") and not invoice_id:
+        raise InvalidEvent("invalid_field", f"a {kind} needs a non-empty 'invoice_id'")
     if check_key:
         _key_matches(key, customer_id)
-    return Txn(event_id, customer_id, occurred_at, kind == "refund", amount_minor, currency)
+    return Txn(event_id, customer_id, occurred_at, kind == "refund", amount_minor, currency, kind, invoice_id)
 
 
 def decode_interaction(raw: bytes | None, key: bytes | None = None, check_key: bool = True) -> Contact:

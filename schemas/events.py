@@ -7,6 +7,15 @@ of readable error messages. Outputs are built as these models' dicts.
 
 Versioning: every output carries ``schema_version``. A change that removes or
 retypes a field bumps it; adding an optional field does not.
+
+Input contract history (inputs carry no version field; additions only):
+- 1.0: transaction types ``purchase`` and ``refund``.
+- 1.1 (issue 4): transaction types ``deposit``, ``withdrawal`` (balances),
+  ``invoice`` and ``payment`` (days to pay, linked by the new optional
+  ``invoice_id``, required for these two); interaction types ``assessment``
+  (facts recorded about a customer in ``attributes``), ``overdue``,
+  ``suspicious_transaction`` and ``violation`` (risk records). Purchases
+  and refunds are unchanged; a 1.0 consumer never sees the new types.
 """
 
 from __future__ import annotations
@@ -84,10 +93,14 @@ def _known_currency(value: str) -> str:
     return value
 
 
-TRANSACTION_TYPES = ("purchase", "refund")
+INPUT_CONTRACT_VERSION = "1.1"
+TRANSACTION_TYPES_1_0 = ("purchase", "refund")
+TRANSACTION_TYPES = TRANSACTION_TYPES_1_0 + ("deposit", "withdrawal", "invoice", "payment")  # 1.1
 INTERACTION_TYPES = (
     "visit", "call", "trial_class", "quote_requested", "deposit_paid", "complaint",
     "praise", "referral", "stage_update", "email", "meeting", "queue_number",
+    # 1.1
+    "assessment", "overdue", "suspicious_transaction", "violation",
 )
 
 
@@ -107,12 +120,13 @@ class _Input(BaseModel):
 
 
 class Transaction(_Input):
-    """A purchase or a refund, keyed by ``customer_id`` on the ``transactions`` topic."""
+    """A purchase, refund, deposit, withdrawal, invoice or payment, keyed by ``customer_id`` on ``transactions``."""
 
     event_id: EventId
     customer_id: CustomerId
     occurred_at: AwareDatetime = Field(description="Event time, RFC 3339 with offset.")
-    type: Literal["purchase", "refund"]
+    type: Literal[TRANSACTION_TYPES] = Field(  # type: ignore[valid-type]
+        description="purchase | refund (1.0); deposit | withdrawal | invoice | payment (1.1).")
     amount: Amount = Field(
         description="Decimal string (preferred) or number, > 0, no more decimals than the currency has."
     )
@@ -121,6 +135,13 @@ class Transaction(_Input):
     order_id: str | None = None
     channel: str | None = None
     attributes: dict[str, Any] | None = None
+    invoice_id: str | None = Field(None, description="1.1: the invoice an invoice or payment is about (required for those).")
+
+    @model_validator(mode="after")
+    def _invoice_linked(self) -> "Transaction":
+        if self.type in ("invoice", "payment") and not self.invoice_id:
+            raise ValueError(f"a {self.type} needs a non-empty 'invoice_id'")
+        return self
 
     @model_validator(mode="after")
     def _decimals_fit_currency(self) -> "Transaction":
@@ -164,6 +185,8 @@ class Metrics(BaseModel):
     f: int
     m: int
     code: str = Field(description="R, F and M scores as one string, e.g. '545'.")
+    values: dict[str, Any] | None = Field(
+        None, description="The metrics this ladder's grade depends on, by catalogue name (money as decimal strings).")
 
 
 class GradeChange(_Output):

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 import orjson
 
 from rules import windows
-from rules.changes import Cause, decide_changes
-from rules.engine import CompiledRuleset, evaluate
-from rules.state import CustomerState, apply_interaction, apply_transaction
+from rules.changes import Cause, grade
+from rules.engine import CompiledRuleset, Population
+from rules.state import CustomerState, fold, prune
 from schemas import SCHEMA_VERSION
 from schemas.decode import Contact, Txn, decode_interaction, decode_transaction
 from schemas.errors import InvalidEvent
@@ -100,11 +100,12 @@ def dead_letter(record: Record, error: InvalidEvent, now: datetime) -> bytes:
 
 
 def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader, now: datetime,
-                  check_keys: bool = True) -> BatchResult:
+                  check_keys: bool = True, population: Population | None = None) -> BatchResult:
     """Apply a batch of records; return outputs and the new state of every touched customer.
 
     ``now`` is wall-clock time, used only for ``emitted_at`` and
-    ``dead_lettered_at``; grades are evaluated in event time.
+    ``dead_lettered_at``; grades are evaluated in event time. ``population``
+    holds the thresholds of relative grades (rules/population.py), if any.
     """
     result = BatchResult(consumed=len(records))
     by_customer: dict[str, list[tuple[Record, Txn | Contact]]] = {}
@@ -124,7 +125,8 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
         by_customer.setdefault(event.customer_id, []).append((record, event))
 
     tz = rs.tz
-    longest = rs.window_days
+    track = rs.track
+    longest = rs.retention_days
     for customer_id, events in by_customer.items():
         raw = store.get(customer_id)
         state = CustomerState.from_bytes(raw) if raw is not None else CustomerState()
@@ -137,20 +139,15 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                 result.replayed += 1
                 continue
             ts = event.occurred_at.timestamp()
-            if isinstance(event, Txn):
-                apply_transaction(state, ts, windows.local_day(event.occurred_at, tz), event.refund, event.amount_minor)
-                cause = Cause("transaction", event.event_id)
-            else:
-                apply_interaction(state, ts, event.type)
-                cause = Cause("interaction", event.event_id)
+            fold(state, event, track, tz)
+            cause = Cause("transaction" if isinstance(event, Txn) else "interaction", event.event_id)
             state.offsets[record.role] = record.offset
             assert state.last_event_ts is not None
             # Grades never go back in time: an older event is evaluated as of
             # the customer's latest event time, with the old event in its bucket.
             as_of = event.occurred_at if ts >= state.last_event_ts else datetime.fromtimestamp(state.last_event_ts, tz)
-            windows.prune(state.buckets, windows.local_day(as_of, tz), longest)
-            evaluation = evaluate(rs, state, as_of)
-            changes, alerts = decide_changes(customer_id, rs, state.grades, evaluation, as_of, cause, now)
+            prune(state, windows.local_day(as_of, tz), longest)
+            changes, alerts = grade(customer_id, rs, state, as_of, cause, now, population)
             for change in changes:
                 result.grade_changes.append((key, orjson.dumps(change)))
             for alert in alerts:

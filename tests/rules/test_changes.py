@@ -48,7 +48,7 @@ def test_first_grade_is_initial_and_validates(rfm5) -> None:
     assert change["ruleset"] == {"id": "rfm-5", "version": "1"}
     assert change["cause"] == {"kind": "transaction", "event_id": "e-1"}
     assert change["metrics"] == {"recency_days": 31, "frequency": 3, "monetary": "5000.00", "r": 3, "f": 3, "m": 3,
-                                 "code": "333"}
+                                 "code": "333", "values": {"frequency": 3, "monetary": "5000.00", "recency_days": 31}}
     assert change["as_of"] == "2025-06-30T20:00:00+08:00"
     assert datetime.fromisoformat(change["as_of"]).utcoffset() is not None
     assert "R+F+M = 9 (≥ 7): grade B." in change["reasons"]

@@ -112,7 +112,8 @@ def test_scripted_history_gives_the_expected_grades_and_dead_letters() -> None:
     # The last change of bob carries metrics reasoned from the rules.
     bob_last = [c for c in changes_of(result) if c["customer_id"] == "bob"][-1]
     assert bob_last["metrics"] == {"recency_days": 151, "frequency": 1, "monetary": "500.00", "r": 1, "f": 1, "m": 1,
-                                   "code": "111"}
+                                   "code": "111",
+                                   "values": {"frequency": 1, "monetary": "500.00", "recency_days": 151}}
     assert bob_last["as_of"] == "2025-06-10T10:00:00+08:00"
 
     assert (result.consumed, result.applied, result.replayed, result.dead) == (12, 9, 0, 3)
