@@ -341,6 +341,7 @@ class CompiledLadder:
     dwell_s: float | None = None
     margin: Any = None  # in the decider's unit (minor units for money)
     margin_words: str = ""
+    quantiles: tuple[tuple[str, float], ...] = ()  # population thresholds this ladder compares against
 
 
 @dataclass(slots=True, frozen=True)
@@ -454,7 +455,11 @@ def compile_ruleset(ruleset: Ruleset) -> CompiledRuleset:
     ladders = []
     for name, ladder in ruleset.ladders.items():
         ladder_used: set[str] = set()
+        earlier = set(quantiles)
+        quantiles.clear()
         decider = build(ladder.decide, ladder_used)
+        ladder_quantiles = tuple(sorted(quantiles))
+        quantiles.update(earlier)
         used.update(ladder_used)
         dwell_s = margin = None
         margin_words = ""
@@ -482,6 +487,7 @@ def compile_ruleset(ruleset: Ruleset) -> CompiledRuleset:
             dwell_s=dwell_s,
             margin=margin,
             margin_words=margin_words,
+            quantiles=ladder_quantiles,
         ))
     tz = ZoneInfo(ruleset.timezone)
     defs = {n: ruleset.metric(n) for n in used | {"recency_days", "frequency", "monetary"}}
@@ -586,6 +592,10 @@ def evaluate(rs: CompiledRuleset, state: CustomerState, as_of: datetime, populat
             lines += [line.replace("{grade}", decided) for line in ladder.decider.explain(env, trace)]
             if held is not None:
                 lines.append(held)
+            missing = [m for m, q in ladder.quantiles if population is None or population.get((m, q)) is None]
+            if missing:
+                lines.append(f"The population's thresholds for {', '.join(sorted(set(missing)))} are not known yet: "
+                             "relative comparisons do not hold until they are.")
             out[ladder.name] = lines
         return out
 
