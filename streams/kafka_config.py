@@ -141,6 +141,18 @@ def describe_connection(settings: Settings) -> str:
     return " ".join(parts)
 
 
+def tcp_answers(settings: Settings, timeout_s: float = 2.0) -> bool:
+    """True if some bootstrap server accepts a TCP connection (whatever it speaks)."""
+    for hp in bootstrap_list(settings):
+        host, _, port = hp.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout_s).close()
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def check_tls(settings: Settings, timeout_s: float = 5.0) -> None:
     """Open a TLS connection to the first bootstrap server that answers; explain a failure in one line.
 

@@ -20,6 +20,7 @@ and this layout. The worker runs both at start (create only when
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, Ne
 from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
 
 from schemas.errors import ConfigurationError, ServerUnavailable
-from streams.kafka_config import bootstrap_list, check_tls, kafka_python_options, unreachable_message
+from streams.kafka_config import bootstrap_list, check_tls, kafka_python_options, tcp_answers, unreachable_message
 from streams.settings import Settings
 
 __all__ = ["TABLES", "TopicSpec", "Problem", "topic_specs", "bootstrap_list", "unreachable_message",
@@ -88,10 +89,25 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     return specs
 
 
+class _ConnectionErrors(logging.Handler):
+    """Collects what kafka-python logs about failed connections: it reports a SASL failure as
+    a version or connection error, and says what really happened only in its log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClient:
     """A connected admin client, or one line saying why not (no broker, TLS, authentication)."""
     check_tls(settings, timeout_s=timeout_s)
     options = kafka_python_options(settings)
+    seen = _ConnectionErrors()
+    conn_log = logging.getLogger("kafka.conn")
+    conn_log.addHandler(seen)
     try:
         return KafkaAdminClient(
             **options,
@@ -99,24 +115,35 @@ def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClien
             request_timeout_ms=int(timeout_s * 1000),
             api_version_auto_timeout_ms=int(timeout_s * 1000),
         )
-    except NoBrokersAvailable as exc:
-        raise ServerUnavailable(unreachable_message(settings)) from exc
-    except KafkaError as exc:
-        raise ConfigurationError(_kafka_error_line(settings, exc)) from None
-    except (ValueError, OSError) as exc:
-        raise ServerUnavailable(unreachable_message(settings)) from exc
+    except (KafkaError, ValueError, OSError) as exc:
+        line = _kafka_error_line(settings, exc, seen.messages)
+        if line is None and tcp_answers(settings):
+            line = (f"a server listens at {settings.kafka_bootstrap} but the Kafka handshake failed with "
+                    f"GRADEFLOW_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}; check the protocol "
+                    f"and the listener (TLS? SASL?)")
+        if line is None:
+            raise ServerUnavailable(unreachable_message(settings)) from None
+        raise ConfigurationError(line) from None
+    finally:
+        conn_log.removeHandler(seen)
 
 
-def _kafka_error_line(settings: Settings, exc: BaseException) -> str:
-    """One secret-free line for a Kafka client error."""
-    name = type(exc).__name__
-    if "Authentication" in name or "Sasl" in name:
+def _kafka_error_line(settings: Settings, exc: BaseException, logged: list[str]) -> str | None:
+    """One secret-free line for a failed connection; None when no broker answered at all."""
+    text = " ".join([type(exc).__name__, *logged])
+    if "SaslAuthenticationFailed" in text or "Authentication failed" in text:
         return (f"Kafka at {settings.kafka_bootstrap} rejected the credentials of user "
                 f"{settings.kafka_sasl_username!r} ({settings.kafka_sasl_mechanism}); check "
                 f"GRADEFLOW_KAFKA_SASL_USERNAME and the password (GRADEFLOW_KAFKA_SASL_PASSWORD[_FILE])")
-    if "Authorization" in name:
-        return f"Kafka at {settings.kafka_bootstrap} denied an operation to this client ({name}); check its ACLs"
-    return f"Kafka at {settings.kafka_bootstrap}: {name}"
+    if "UnsupportedSaslMechanism" in text or "IllegalSaslState" in text:
+        return (f"Kafka at {settings.kafka_bootstrap} does not accept SASL mechanism {settings.kafka_sasl_mechanism} "
+                f"on this listener; check GRADEFLOW_KAFKA_SASL_MECHANISM and GRADEFLOW_KAFKA_SECURITY_PROTOCOL")
+    if "Authorization" in text:
+        return f"Kafka at {settings.kafka_bootstrap} denied this client ({type(exc).__name__}); check its ACLs"
+    if isinstance(exc, NoBrokersAvailable) or not isinstance(exc, KafkaError) or not logged:
+        return None
+    return (f"Kafka at {settings.kafka_bootstrap} does not speak {settings.kafka_security_protocol} as configured "
+            f"({type(exc).__name__}); check GRADEFLOW_KAFKA_SECURITY_PROTOCOL")
 
 
 def _describe(admin: KafkaAdminClient, names: list[str]) -> dict[str, tuple[int, int, dict[str, str]]]:

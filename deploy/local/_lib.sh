@@ -11,6 +11,10 @@ KAFKA_LIBS="$KAFKA_DIR/libs"
 KAFKA_DATA="$KAFKA_DIR/data"
 KAFKA_PROPS="$KAFKA_DIR/server.properties"
 REDIS_DIR="$LOCAL/redis"
+# Extra clusters (up --brokers N / --sasl-ssl) live in $CLUSTERS_DIR/<first port>/; CL is set
+# by use_cluster while working on one of them, empty for the default single-node set.
+CLUSTERS_DIR="$LOCAL/clusters"
+CL=""
 
 log() { printf '[gradeflow] %s\n' "$*"; }
 die() { printf '[gradeflow] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -49,13 +53,45 @@ parse_redis() {
 
 # --- processes -----------------------------------------------------------------
 
+# --- clusters ------------------------------------------------------------------
+
+# use_cluster <port>: point RUN_DIR/LOG_DIR (and is_ours) at the cluster keyed by <port>.
+use_cluster() {
+  CL="$CLUSTERS_DIR/$1"
+  RUN_DIR="$CL/run"
+  LOG_DIR="$CL/logs"
+}
+
+# use_default: back to the default single-node set (.local/run, .local/logs).
+use_default() {
+  CL=""
+  RUN_DIR="$LOCAL/run"
+  LOG_DIR="$LOCAL/logs"
+}
+
+# cluster_ports: the ports keying existing cluster dirs, one a line.
+cluster_ports() {
+  local d
+  shopt -s nullglob
+  for d in "$CLUSTERS_DIR"/*/; do
+    d="${d%/}"; d="${d##*/}"
+    [[ "$d" =~ ^[0-9]+$ ]] && echo "$d"
+  done
+  shopt -u nullglob
+}
+
+# props_of <service>: the properties file a Kafka server of the current set was started with.
+props_of() {
+  if [[ -n "$CL" ]]; then echo "$CL/config/$1.properties"; else echo "$KAFKA_PROPS"; fi
+}
+
 # is_ours <service> <pid>: true if pid is alive and is the server up started.
 is_ours() {
   local svc="$1" pid="$2" cmd cwd
   [[ "$pid" =~ ^[0-9]+$ ]] && [[ -r "/proc/$pid/cmdline" ]] || return 1
   cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
   case "$svc" in
-    kafka*) [[ "$cmd" == *kafka.Kafka* && "$cmd" == *"$KAFKA_DIR/"* ]] ;;
+    kafka*|controller*) [[ "$cmd" == *kafka.Kafka* && "$cmd" == *" $(props_of "$svc")"* ]] ;;
     redis*)
       # redis rewrites its process title, so also check its working dir (--dir).
       cwd="$(readlink "/proc/$pid/cwd" 2>/dev/null)" || return 1
@@ -119,6 +155,12 @@ known_services() {
   shopt -s nullglob
   for f in "$RUN_DIR"/*.pid; do basename "$f" .pid; done
   shopt -u nullglob
+}
+
+# services in stop order: brokers (kafka*) first, then the rest, KRaft controllers last
+# (a broker's controlled shutdown needs its controller).
+services_in_stop_order() {
+  known_services | sort | awk '/^controller/ { c = c $0 "\n"; next } { print } END { printf "%s", c }'
 }
 
 # Java classpath / options for Kafka tools (short-lived JVMs).
