@@ -53,6 +53,37 @@ class Settings(BaseSettings):
     batch_within: float = Field(0.05, gt=0, description="Seconds the agent waits to fill a batch.")
     log_level: str = "info"
 
+    # Downstream (issue 6): Redis current grades, alerts to on-call, HTTP API, metrics.
+    # See docs/downstream.md.
+    redis_prefix: str | None = Field(None, description="Prefix of every Redis key gradeflow writes; default: the app id with the topic prefix (so 'gradeflow').")
+    downstream: bool = Field(True, description="Run the redis-writer and alert-dispatcher agents and the HTTP API in the worker.")
+    redis_batch_size: int = Field(500, ge=1, description="Most grade changes the redis-writer applies per Redis round trip.")
+    api_token: str | None = Field(None, description="Bearer token the HTTP API requires (all but /healthz and /readyz); unset: no token.")
+    topic_alert_retries: str = Field("gradeflow-alert-retries", description="Topic of alert deliveries that failed and are retried later.")
+    alert_webhook_url: str | None = Field(None, description="Generic JSON webhook: receives every alert as a JSON POST (the grade-alerts document).")
+    alert_slack_webhook_url: str | None = Field(None, description="Slack incoming-webhook URL.")
+    alert_pagerduty_routing_key: str | None = Field(None, description="PagerDuty Events API v2 integration (routing) key.")
+    alert_pagerduty_url: str = Field("https://events.pagerduty.com/v2/enqueue", description="PagerDuty Events API v2 endpoint.")
+    alert_alertmanager_url: str | None = Field(None, description="Alertmanager base URL, e.g. http://alertmanager:9093 (POST /api/v2/alerts).")
+    alert_routes: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "critical": ["webhook", "slack", "pagerduty", "alertmanager"],
+            "warning": ["webhook", "slack", "alertmanager"],
+            "info": ["webhook", "alertmanager"],
+        },
+        description="Sinks per severity (JSON); a sink without its URL/key configured is skipped.")
+    alert_severity: dict[str, dict[str, object]] = Field(
+        default_factory=dict,
+        description="Per ladder (JSON): {ladder: {critical_min_drop, critical_at_or_below, warning_min_drop}}; see docs/downstream.md.")
+    alert_attempts: int = Field(3, ge=1, description="Delivery attempts in line (with backoff) before an alert goes to the retry topic.")
+    alert_backoff_s: float = Field(0.5, gt=0, description="First in-line retry delay; doubles per attempt.")
+    alert_retry_delay_s: float = Field(30.0, gt=0, description="First delay on the retry topic; doubles per round, capped by alert_retry_max_delay_s.")
+    alert_retry_max_delay_s: float = Field(900.0, gt=0, description="Longest delay between rounds on the retry topic.")
+    alert_timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one delivery attempt.")
+    alert_cooldown_s: float = Field(3600.0, ge=0, description="At most one page per customer, ladder and sink in this time; later drops wait for its end.")
+    alert_dedup_ttl_s: float = Field(30 * 86400.0, gt=0, description="How long delivered alert ids are remembered in Redis.")
+    alert_alertmanager_active_s: float = Field(7 * 86400.0, gt=0, description="endsAt of a firing Alertmanager alert (it is not re-sent); recovery sets the real end.")
+    alert_source: str = Field("gradeflow", description="Source/instance name shown in alerts.")
 
     # --- connection to the Kafka cluster (see streams/kafka_config.py) -------------------
     kafka_security_protocol: SecurityProtocol = Field(
@@ -117,6 +148,12 @@ class Settings(BaseSettings):
     def changelog_topic(self, table: str) -> str:
         """The changelog topic Faust uses for ``table`` (``<app id>-<table>-changelog``)."""
         return f"{self.group_id}-{table}-changelog"
+
+
+def redis_prefix(settings: Settings) -> str:
+    """The Redis key prefix: ``GRADEFLOW_REDIS_PREFIX``, else the app id."""
+    return settings.redis_prefix or settings.group_id
+
 
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment, with explicit overrides (CLI options) on top.
