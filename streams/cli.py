@@ -119,6 +119,26 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_redis_rebuild(args: argparse.Namespace) -> int:
+    """Rebuild the Redis current grades from the grade-changes topic (never moves a grade backwards)."""
+    from streams.redis_grades import rebuild
+    from streams.settings import redis_prefix
+
+    settings = _settings(args)
+    if args.redis_url:
+        settings = settings.model_copy(update={"redis_url": args.redis_url})
+    if args.redis_prefix:
+        settings = settings.model_copy(update={"redis_prefix": args.redis_prefix})
+    try:
+        stats = rebuild(settings, clear_first=args.clear)
+    except Exception as exc:  # noqa: BLE001 - Redis or broker unreachable: one line
+        print(f"gradeflow: redis rebuild failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"redis rebuild of {settings.topics.grade_changes} into {settings.redis_url} (prefix {redis_prefix(settings)}): "
+          + " ".join(f"{k}={v}" for k, v in stats.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``gradeflow``."""
     parser = argparse.ArgumentParser(prog="gradeflow", description="Real-time customer grading on Kafka.")
@@ -150,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = rules.add_parser("check", help="validate rule files")
     check.add_argument("files", nargs="+")
     check.set_defaults(func=cmd_rules_check)
+
+    redis_cmd = sub.add_parser("redis", help="the Redis copy of current grades").add_subparsers(dest="action",
+                                                                                             required=True)
+    rebuild = redis_cmd.add_parser("rebuild", help="rebuild Redis from the grade-changes topic (from its beginning)")
+    broker_opts(rebuild)
+    rebuild.add_argument("--redis-url", help="Redis URL (GRADEFLOW_REDIS_URL)")
+    rebuild.add_argument("--redis-prefix", help="key prefix (GRADEFLOW_REDIS_PREFIX), default the app id")
+    rebuild.add_argument("--clear", action="store_true", help="delete the current-grade keys first")
+    rebuild.set_defaults(func=cmd_redis_rebuild)
     return parser
 
 
