@@ -1,0 +1,415 @@
+"""Alerts to on-call, with the real Redis and a local HTTP server standing in for the services.
+
+The payload checks are JSON Schemas written from the services' published formats:
+- PagerDuty Events API v2 (``POST https://events.pagerduty.com/v2/enqueue``): ``routing_key``,
+  ``event_action`` trigger|acknowledge|resolve, ``dedup_key`` ≤ 255 chars, ``payload`` with required
+  ``summary`` (≤ 1024), ``source``, ``severity`` critical|error|warning|info, optional ``timestamp``,
+  ``component``, ``group``, ``class``, ``custom_details``; a resolve needs only routing_key,
+  event_action and dedup_key.
+- Alertmanager API v2 (``POST /api/v2/alerts``): a JSON array of postable alerts, each with
+  ``labels`` (string map, ``alertname`` required), ``annotations`` (string map), optional RFC 3339
+  ``startsAt`` / ``endsAt``, ``generatorURL``.
+- Slack incoming webhooks: a message with ``text`` (required as the notification fallback when
+  ``blocks`` are given) and Block Kit ``blocks`` (≤ 50; section text objects mrkdwn|plain_text, ≤ 3000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+
+import jsonschema
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from downstream_helpers import StandIn, delete_prefix, free_port, wait_until
+from rules.engine import compile_ruleset
+from rules.ruleset import load
+from schemas.events import Alert
+from streams.alerts import Dispatcher, SeverityRule, severity
+from streams.local import produce
+from streams.settings import load_settings
+
+REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+PD_TRIGGER = {
+    "type": "object",
+    "required": ["routing_key", "event_action", "payload"],
+    "additionalProperties": False,
+    "properties": {
+        "routing_key": {"type": "string", "minLength": 1},
+        "event_action": {"const": "trigger"},
+        "dedup_key": {"type": "string", "minLength": 1, "maxLength": 255},
+        "client": {"type": "string"},
+        "client_url": {"type": "string"},
+        "links": {"type": "array"},
+        "images": {"type": "array"},
+        "payload": {
+            "type": "object",
+            "required": ["summary", "source", "severity"],
+            "additionalProperties": False,
+            "properties": {
+                "summary": {"type": "string", "minLength": 1, "maxLength": 1024},
+                "source": {"type": "string", "minLength": 1},
+                "severity": {"enum": ["critical", "error", "warning", "info"]},
+                "timestamp": {"type": "string"},
+                "component": {"type": "string"},
+                "group": {"type": "string"},
+                "class": {"type": "string"},
+                "custom_details": {"type": "object"},
+            },
+        },
+    },
+}
+PD_RESOLVE = {
+    "type": "object",
+    "required": ["routing_key", "event_action", "dedup_key"],
+    "additionalProperties": False,
+    "properties": {
+        "routing_key": {"type": "string", "minLength": 1},
+        "event_action": {"const": "resolve"},
+        "dedup_key": {"type": "string", "minLength": 1, "maxLength": 255},
+    },
+}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+AM_ALERTS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "required": ["labels"],
+        "additionalProperties": False,
+        "properties": {
+            "labels": {**_STRING_MAP, "required": ["alertname"],
+                       "propertyNames": {"pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+            "annotations": _STRING_MAP,
+            "startsAt": {"type": "string"},
+            "endsAt": {"type": "string"},
+            "generatorURL": {"type": "string"},
+        },
+    },
+}
+_TEXT = {"type": "object", "required": ["type", "text"],
+         "properties": {"type": {"enum": ["mrkdwn", "plain_text"]}, "text": {"type": "string", "maxLength": 3000}}}
+SLACK = {
+    "type": "object",
+    "required": ["text"],
+    "properties": {
+        "text": {"type": "string", "minLength": 1},
+        "blocks": {"type": "array", "maxItems": 50, "items": {
+            "type": "object", "required": ["type"],
+            "properties": {"type": {"enum": ["section", "context", "divider", "header"]},
+                           "text": _TEXT, "elements": {"type": "array", "items": _TEXT}}}},
+    },
+}
+
+
+def rfc3339(value: str) -> datetime:
+    moment = datetime.fromisoformat(value)
+    assert moment.tzinfo is not None, value
+    return moment
+
+
+@pytest.fixture
+def prefix():
+    name = f"test-alerts-{uuid.uuid4().hex[:8]}"
+    yield name
+    delete_prefix(name, REDIS_URL)
+
+
+@pytest.fixture
+def standin():
+    server = StandIn().start()
+    yield server
+    server.stop()
+
+
+def settings_for(server: StandIn, **extra):
+    return load_settings(
+        alert_webhook_url=server.url("/hook"),
+        alert_slack_webhook_url=server.url("/slack/T000/B000/XXX"),
+        alert_pagerduty_routing_key="R0UT1NGKEY0000000000000000000000",
+        alert_pagerduty_url=server.url("/pagerduty/v2/enqueue"),
+        alert_alertmanager_url=server.url("/am"),
+        alert_attempts=3, alert_backoff_s=0.01, alert_retry_delay_s=0.1, **extra)
+
+
+def alert_doc(customer: str, previous: str, grade: str, as_of: str = "2026-01-01T10:00:00+08:00") -> dict:
+    """An alert as rules/changes.py writes it on grade-alerts."""
+    change_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{customer}/{previous}/{grade}/{as_of}"))
+    return {
+        "schema_version": 1,
+        "alert_id": str(uuid.uuid5(uuid.NAMESPACE_URL, "alert/" + change_id)),
+        "customer_id": customer,
+        "ladder": "value",
+        "severity": "critical",
+        "summary": f"Customer {customer} is no longer a key customer on ladder 'value': {previous} → {grade}.",
+        "previous_grade": previous,
+        "grade": grade,
+        "grade_change_event_id": change_id,
+        "as_of": as_of,
+        "dedup_key": f"gradeflow/value/{customer}/key-downgrade",
+    }
+
+
+def upgrade_doc(customer: str, previous: str, grade: str, as_of: str) -> dict:
+    return {"event_id": str(uuid.uuid4()), "customer_id": customer, "ladder": "value", "previous_grade": previous,
+            "grade": grade, "direction": "upgrade", "as_of": as_of}
+
+
+class Harness:
+    """A Dispatcher on the real Redis whose retry topic is a list (the worker tests use the real topic)."""
+
+    def __init__(self, settings, prefix: str) -> None:
+        self.settings = settings
+        self.prefix = prefix
+        self.retries: list[dict] = []
+
+    async def __aenter__(self) -> "Harness":
+        self.redis = aioredis.Redis.from_url(REDIS_URL)
+        rs = compile_ruleset(load(self.settings.ruleset))
+
+        async def schedule(doc: dict) -> None:
+            self.retries.append(doc)
+
+        self.dispatcher = Dispatcher(self.settings, rs, self.redis, self.prefix, schedule)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.dispatcher.close()
+        await self.redis.aclose()
+
+    async def drain_retries(self, rounds: int = 20) -> None:
+        for _ in range(rounds):
+            if not self.retries:
+                return
+            due, self.retries = self.retries, []
+            for doc in due:
+                await asyncio.sleep(max(0.0, doc["due"] - time.time()))
+                await self.dispatcher.on_retry(doc)
+
+
+def test_payloads_follow_the_published_formats(standin, prefix):
+    settings = settings_for(standin)
+    alert = alert_doc("carol", "A", "B")
+    Alert.model_validate(alert)
+
+    async def run() -> None:
+        async with Harness(settings, prefix) as h:
+            await h.dispatcher.on_alert(alert)
+            await h.dispatcher.on_change(upgrade_doc("carol", "B", "A", "2026-01-05T10:00:00+08:00"))
+            assert h.retries == []
+
+    asyncio.run(run())
+    by_path = {r.path: [] for r in standin.all()}
+    for r in standin.all():
+        by_path[r.path].append(r)
+    assert set(by_path) == {"/hook", "/slack/T000/B000/XXX", "/pagerduty/v2/enqueue", "/am/api/v2/alerts"}
+
+    # Generic webhook: the grade-alerts document itself.
+    (hook,) = by_path["/hook"]
+    Alert.model_validate(hook.body)
+    assert hook.body == alert and hook.headers["Content-Type"].startswith("application/json")
+
+    # PagerDuty: a trigger, then a resolve with the same dedup_key.
+    trigger, resolve = (r.body for r in by_path["/pagerduty/v2/enqueue"])
+    jsonschema.validate(trigger, PD_TRIGGER)
+    jsonschema.validate(resolve, PD_RESOLVE)
+    assert trigger["dedup_key"] == resolve["dedup_key"] == alert["dedup_key"]
+    assert trigger["payload"]["severity"] == "critical"
+    rfc3339(trigger["payload"]["timestamp"])
+
+    # Alertmanager: firing (endsAt in the future), then the same labels with endsAt = the recovery.
+    firing, ended = (r.body for r in by_path["/am/api/v2/alerts"])
+    jsonschema.validate(firing, AM_ALERTS)
+    jsonschema.validate(ended, AM_ALERTS)
+    assert firing[0]["labels"] == ended[0]["labels"]
+    assert firing[0]["labels"]["alertname"] and firing[0]["labels"]["customer_id"] == "carol"
+    now = datetime.now(timezone.utc)
+    assert rfc3339(firing[0]["startsAt"]) < now < rfc3339(firing[0]["endsAt"])
+    assert rfc3339(ended[0]["endsAt"]) <= now
+
+    # Slack: a message with fallback text and blocks, then a "resolved" message.
+    page, recovered = (r.body for r in by_path["/slack/T000/B000/XXX"])
+    jsonschema.validate(page, SLACK)
+    jsonschema.validate(recovered, SLACK)
+    assert "carol" in page["text"] and "A → B" in page["text"] and "RESOLVED" in recovered["text"]
+
+
+def test_severity_from_drop_and_grade_left_is_configurable_per_ladder():
+    ladder = compile_ruleset(load("rfm-5")).ladders[0]  # S A B C D, key S A
+    default = SeverityRule()
+    assert severity(ladder, "S", "A", default) == "warning"   # one step, still key
+    assert severity(ladder, "A", "B", default) == "critical"  # left the key grades
+    assert severity(ladder, "S", "B", default) == "critical"
+    lenient = SeverityRule.from_config({"critical_min_drop": 3, "critical_at_or_below": "C", "warning_min_drop": 2})
+    assert severity(ladder, "A", "B", lenient) == "info"
+    assert severity(ladder, "S", "B", lenient) == "warning"
+    assert severity(ladder, "A", "C", lenient) == "critical"
+    assert severity(ladder, "S", "C", lenient) == "critical"
+    with pytest.raises(ValueError):
+        SeverityRule.from_config({"critical_drop": 1})
+
+
+def test_routes_by_severity_and_cooldown_holds_back_flapping(standin, prefix):
+    # warnings go to the webhook only; a second drop of the same customer within the cooldown waits.
+    settings = settings_for(standin, alert_routes={"critical": ["webhook", "pagerduty"], "warning": ["webhook"]},
+                            alert_cooldown_s=1.5)
+    first = alert_doc("dave", "S", "A", "2026-01-01T10:00:00+08:00")
+    second = alert_doc("dave", "A", "B", "2026-01-03T10:00:00+08:00")   # worse: pages at once
+    third = alert_doc("erin", "A", "B", "2026-01-01T10:00:00+08:00")
+    fourth = alert_doc("erin", "A", "B", "2026-01-02T10:00:00+08:00")  # same severity, within cooldown
+
+    async def run() -> None:
+        async with Harness(settings, prefix) as h:
+            for doc in (first, second, third, fourth):
+                await h.dispatcher.on_alert(doc)
+            assert [d["item"]["alert_id"] for d in h.retries] == [fourth["alert_id"]] * 2  # webhook and pagerduty
+            assert all(d["due"] - time.time() > 1.0 for d in h.retries)
+            await h.drain_retries()
+
+    asyncio.run(run())
+    hooks = [b["alert_id"] for b in standin.delivered("/hook")]
+    assert hooks == [first["alert_id"], second["alert_id"], third["alert_id"], fourth["alert_id"]]
+    assert [b["severity"] for b in standin.delivered("/hook")] == ["warning", "critical", "critical", "critical"]
+    pd = [b["payload"]["custom_details"]["alert_id"] for b in standin.delivered("/pagerduty/v2/enqueue")]
+    assert pd == [second["alert_id"], third["alert_id"], fourth["alert_id"]]
+
+
+def test_a_trigger_older_than_a_seen_recovery_is_not_sent(standin, prefix):
+    settings = settings_for(standin)
+    alert = alert_doc("fay", "A", "B", "2026-01-01T10:00:00+08:00")
+
+    async def run() -> None:
+        async with Harness(settings, prefix) as h:
+            # grade-changes and grade-alerts are not ordered with each other: the recovery came first.
+            await h.dispatcher.on_change(upgrade_doc("fay", "B", "A", "2026-01-02T10:00:00+08:00"))
+            await h.dispatcher.on_alert(alert)
+
+    asyncio.run(run())
+    assert standin.all() == []
+
+
+def test_a_sink_failing_five_times_then_succeeding_delivers_once_in_process(prefix):
+    server = StandIn(fail_first=5).start()
+    try:
+        settings = load_settings(alert_webhook_url=server.url("/hook"), alert_attempts=3, alert_backoff_s=0.01,
+                                 alert_retry_delay_s=0.05)
+        alert = alert_doc("gus", "A", "B")
+
+        async def run() -> None:
+            async with Harness(settings, prefix) as h:
+                await h.dispatcher.on_alert(alert)
+                assert len(h.retries) == 1 and h.retries[0]["round"] == 1
+                await h.drain_retries()
+                # A replay of the same alert (a rebalance) is not delivered again.
+                await h.dispatcher.on_alert(alert)
+                assert h.retries == []
+
+        asyncio.run(run())
+        assert len(server.all("/hook")) == 6
+        assert [b["alert_id"] for b in server.delivered("/hook")] == [alert["alert_id"]]
+    finally:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------- with workers
+
+
+def key_customers(n: int, start: int = 0) -> tuple[list, list, list]:
+    """n key customers who each drop A → B (one critical alert each), and their later recoveries."""
+    first, drops, recoveries = [], [], []
+    for i in range(start, start + n):
+        c = f"k{i:03d}"
+
+        def txn(eid, at, amount, customer=c):
+            return customer.encode(), orjson.dumps({
+                "event_id": eid, "customer_id": customer, "occurred_at": at, "type": "purchase",
+                "amount": amount, "currency": "CNY"})
+
+        first.append(txn(f"{c}-1", "2025-01-01T10:00:00+08:00", "60000"))       # A (R5 F1 M5)
+        drops.append(txn(f"{c}-2", "2026-01-01T10:00:00+08:00", "100"))         # rolled off: B
+        recoveries.append(txn(f"{c}-3", "2026-01-02T10:00:00+08:00", "60000"))  # back to A
+    return first, drops, recoveries
+
+
+def worker_env(server: StandIn, **extra: str) -> dict[str, str]:
+    env = {
+        "GRADEFLOW_ALERT_WEBHOOK_URL": server.url("/hook"),
+        "GRADEFLOW_ALERT_PAGERDUTY_ROUTING_KEY": "R0UT1NGKEY0000000000000000000000",
+        "GRADEFLOW_ALERT_PAGERDUTY_URL": server.url("/pagerduty/v2/enqueue"),
+        "GRADEFLOW_ALERT_ALERTMANAGER_URL": server.url("/am"),
+        "GRADEFLOW_ALERT_ATTEMPTS": "3",
+        "GRADEFLOW_ALERT_BACKOFF_S": "0.05",
+        "GRADEFLOW_ALERT_RETRY_DELAY_S": "1",
+        "GRADEFLOW_WEB_PORT": str(free_port()),
+    }
+    env.update(extra)
+    return env
+
+
+def test_worker_retries_through_the_retry_topic_and_delivers_once(worker_factory, bootstrap):
+    server = StandIn(fail_first=5).start()
+    worker = None
+    try:
+        worker = worker_factory(**worker_env(server, GRADEFLOW_ALERT_PAGERDUTY_ROUTING_KEY="",
+                                             GRADEFLOW_ALERT_ALERTMANAGER_URL=""))
+        first, drops, _ = key_customers(3)
+        produce(bootstrap, worker.env["GRADEFLOW_TOPIC_TRANSACTIONS"], first + drops)
+        wait_until(lambda: len(server.delivered("/hook")) >= 3, timeout=90,
+                   what=f"3 deliveries; worker log:\n{worker.tail()}")
+        time.sleep(4)  # nothing more comes
+        delivered = [b["customer_id"] for b in server.delivered("/hook")]
+        assert sorted(delivered) == ["k000", "k001", "k002"]
+        for c in delivered:
+            assert len([r for r in server.all("/hook") if r.body["customer_id"] == c]) == 6
+    finally:
+        server.stop()
+        if worker is not None:
+            delete_prefix(worker.env["GRADEFLOW_APP_ID"], REDIS_URL)
+
+
+def test_two_workers_and_a_restart_deliver_each_alert_once(worker_factory, bootstrap):
+    server = StandIn().start()
+    env = None
+    try:
+        w1 = worker_factory(**worker_env(server))
+        env = w1.env
+        w2 = worker_factory(env={**env, "GRADEFLOW_WEB_PORT": str(free_port())}, name="worker2")
+        first, drops, recoveries = key_customers(40)
+        topic = env["GRADEFLOW_TOPIC_TRANSACTIONS"]
+        produce(bootstrap, topic, first)
+        produce(bootstrap, topic, drops[:20])
+        wait_until(lambda: len(server.delivered("/hook")) >= 5, timeout=90, what=f"first alerts\n{w1.tail()}")
+        w1.kill()  # a crash in the middle
+        produce(bootstrap, topic, drops[20:])
+        w1b = worker_factory(env={**env, "GRADEFLOW_WEB_PORT": str(free_port())}, name="worker1-restarted")
+        wait_until(lambda: len({b["alert_id"] for b in server.delivered("/hook")}) >= 40, timeout=120,
+                   what=f"40 alerts\n{w2.tail()}\n{w1b.tail()}")
+        produce(bootstrap, topic, recoveries[:10])
+        wait_until(lambda: sum(1 for b in server.delivered("/pagerduty/v2/enqueue")
+                               if b["event_action"] == "resolve") >= 10, timeout=90, what="10 resolves")
+        time.sleep(5)  # late duplicates would show up now
+
+        hook = [b["alert_id"] for b in server.delivered("/hook")]
+        assert len(hook) == len(set(hook)) == 40
+        pd = server.delivered("/pagerduty/v2/enqueue")
+        triggers = [b["dedup_key"] for b in pd if b["event_action"] == "trigger"]
+        resolves = [b["dedup_key"] for b in pd if b["event_action"] == "resolve"]
+        assert len(triggers) == len(set(triggers)) == 40
+        assert sorted(resolves) == sorted(f"gradeflow/value/k{i:03d}/key-downgrade" for i in range(10))
+        for key in resolves:  # each resolve came after its trigger
+            actions = [b["event_action"] for b in pd if b["dedup_key"] == key]
+            assert actions == ["trigger", "resolve"]
+        am = server.delivered("/am/api/v2/alerts")
+        firing = [a["labels"]["customer_id"] for batch in am for a in batch
+                  if rfc3339(a["endsAt"]) > datetime.now(timezone.utc)]
+        assert len(firing) == len(set(firing)) == 40
+    finally:
+        server.stop()
+        if env is not None:
+            delete_prefix(env["GRADEFLOW_APP_ID"], REDIS_URL)
