@@ -1,0 +1,51 @@
+"""Response bodies of the worker's HTTP API (streams/web.py); the OpenAPI description is built from them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from schemas.events import Metrics, RulesetRef
+
+
+class LadderGrade(BaseModel):
+    """The current grade of one customer on one ladder."""
+
+    grade: str
+    as_of: str | None = Field(description="Event time of the evaluation (RFC 3339).")
+    metrics: Metrics | None = Field(description="From the table: as of the customer's latest event. "
+                                                "From Redis: as of the last grade change.")
+    event_id: str | None = Field(None, description="Grade-change event that set this grade (Redis only).")
+    previous_grade: str | None = None
+    direction: str | None = None
+    ruleset: RulesetRef | None = None
+
+
+class CustomerGrades(BaseModel):
+    """``GET /customers/{customer_id}``."""
+
+    customer_id: str
+    source: Literal["table", "redis"] = Field(
+        description="'table': the authoritative Faust table of this worker (the customer's partition is local); "
+                    "'redis': the Redis copy written from grade-changes.")
+    partition: int
+    grades: dict[str, LadderGrade] = Field(description="By ladder.")
+
+
+class GradeCounts(BaseModel):
+    """``GET /grades``."""
+
+    source: Literal["redis"] = "redis"
+    ladders: dict[str, dict[str, int]] = Field(description="Ladder → grade → number of customers.")
+
+
+class Health(BaseModel):
+    """``GET /healthz`` and ``GET /readyz``."""
+
+    status: Literal["ok", "ready", "not_ready"]
+    detail: dict[str, object] = Field(default_factory=dict)
+
+
+class Error(BaseModel):
+    error: str

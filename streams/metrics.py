@@ -1,0 +1,136 @@
+"""Prometheus metrics of one worker (prometheus-client), served at ``GET /metrics``.
+
+Each app has its own registry (several apps may live in one process in tests).
+What the grading agent already counts (streams/app.py ``Counters``) is read at
+scrape time, so the hot path does no extra work per event; the one call the
+agent makes per batch is :func:`observe_batch` (O(1): one histogram sample).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class _CountersCollector:
+    """Exposes the grading agent's running totals (streams.app.Counters) as counters."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        c = getattr(self.app, "gradeflow_counters", None)
+        if c is None:
+            return
+        by_topic = CounterMetricFamily("gradeflow_events_consumed", "Input records consumed by the grading agent.",
+                                       labels=["topic"])
+        for topic, n in sorted(c.by_topic.items()):
+            by_topic.add_metric([topic], n)
+        yield by_topic
+        for name, value, text in (
+            ("gradeflow_events_applied", c.applied, "Input events applied to customer state."),
+            ("gradeflow_events_dead_lettered", c.dead_lettered, "Input records sent to the dead-letter topic."),
+            ("gradeflow_events_duplicate", c.replayed,
+             "Input records skipped because their offset was already applied (replays after a crash or rebalance)."),
+            ("gradeflow_grade_changes_emitted", c.grade_changes, "Grade-change events emitted by the grading agent."),
+            ("gradeflow_alerts_emitted", c.alerts, "Alerts emitted to grade-alerts by the grading agent."),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+
+
+class _LagCollector:
+    """Consumer lag per assigned partition: high watermark minus the next offset to commit."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        lag = GaugeMetricFamily("gradeflow_consumer_lag", "Records not yet processed, per assigned partition.",
+                                labels=["topic", "partition"])
+        try:
+            consumer = self.app.consumer
+            committed = consumer._committed_offset  # noqa: SLF001 - Faust keeps no public accessor
+            for tp in sorted(consumer.assignment()):
+                try:
+                    high = consumer.highwater(tp)
+                except Exception:  # noqa: BLE001 - no fetch yet for this partition
+                    continue
+                if high is None:
+                    continue
+                done = committed.get(tp)
+                lag.add_metric([tp.topic, str(tp.partition)], max(0, high - (done + 1 if done is not None else 0)))
+        except Exception:  # noqa: BLE001 - before the consumer started
+            pass
+        yield lag
+
+
+class Metrics:
+    """The registry and the metrics the downstream agents update."""
+
+    def __init__(self, app: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        r.register(_CountersCollector(app))
+        r.register(_LagCollector(app))
+        self.latency = Histogram(
+            "gradeflow_processing_latency_seconds",
+            "Per grading batch: from the broker timestamp of its first record to the grade decision.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.batches = Counter("gradeflow_batches", "Batches processed by the grading agent.", registry=r)
+        self.changes = Counter("gradeflow_grade_changes", "Grade changes seen on grade-changes, by ladder and direction.",
+                               ["ladder", "direction"], registry=r)
+        self.redis_writes = Counter("gradeflow_redis_writes", "Grade changes applied to Redis, by result.",
+                                    ["result"], registry=r)
+        self.redis_errors = Counter("gradeflow_redis_errors", "Failed Redis round trips of the redis-writer (retried).",
+                                    registry=r)
+        self.grade_counts = Gauge("gradeflow_customers_by_grade", "Customers currently in each grade (from Redis).",
+                                  ["ladder", "grade"], registry=r)
+        self.alerts_sent = Counter("gradeflow_alerts_sent", "Alert messages delivered, by sink and kind.",
+                                   ["sink", "kind"], registry=r)
+        self.alerts_failed = Counter("gradeflow_alerts_failed",
+                                     "Alert deliveries that failed every attempt in line and went to the retry topic.",
+                                     ["sink"], registry=r)
+        self.alert_outcomes = Counter("gradeflow_alert_outcomes",
+                                      "Other outcomes of alert deliveries (attempt_failed, duplicate, held_back, "
+                                      "superseded, retried).", ["sink", "outcome"], registry=r)
+
+    def observe_batch(self, first_timestamp_ms: int | None) -> None:
+        self.batches.inc()
+        if first_timestamp_ms:
+            self.latency.observe(max(0.0, time.time() - first_timestamp_ms / 1000.0))
+
+    def alert_event(self, name: str, sink: str, kind: str = "trigger") -> None:
+        if name == "sent":
+            self.alerts_sent.labels(sink, kind).inc()
+        elif name == "failed":
+            self.alerts_failed.labels(sink).inc()
+        else:
+            self.alert_outcomes.labels(sink, name).inc()
+
+    def set_grade_counts(self, counts: dict[str, dict[str, int]]) -> None:
+        for ladder, grades in counts.items():
+            for grade, n in grades.items():
+                self.grade_counts.labels(ladder, grade).set(n)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def observe_batch(app: Any, records: list[Any]) -> None:
+    """Called by the grading agent once per batch: O(1), one histogram sample."""
+    metrics = getattr(app, "gradeflow_metrics", None)
+    if metrics is not None and records:
+        metrics.observe_batch(records[0].timestamp_ms)
