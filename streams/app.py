@@ -18,6 +18,7 @@ import faust
 
 from rules.engine import CompiledRuleset
 from streams.kafka_config import bootstrap_list, faust_broker_options
+from streams.downstream import attach_downstream, observe_batch
 from streams.processor import INTERACTIONS, TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
 from streams.tables import FaustStateStore
@@ -100,6 +101,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
             counters.dead_lettered += result.dead
             counters.grade_changes += len(result.grade_changes)
             counters.alerts += len(result.alerts)
+            observe_batch(app, records)
 
     @app.timer(interval=10.0)
     async def report() -> None:
@@ -108,4 +110,5 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
                      counters.consumed, counters.applied, counters.replayed, counters.dead_lettered,
                      counters.grade_changes, counters.alerts)
 
+    attach_downstream(app, settings, table)
     return app
