@@ -139,6 +139,28 @@ def cmd_redis_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_explain(args: argparse.Namespace) -> int:
+    """The metrics and the rule that decided each grade of one customer, at the end of a history."""
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.rules_tools import explain
+
+    code, text = explain(compile_ruleset(load(args.file)), args.events, args.customer)
+    print(text, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+def cmd_rules_try(args: argparse.Namespace) -> int:
+    """Grade distribution per ladder over a history and, against another ruleset, who would move."""
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.rules_tools import try_ruleset
+
+    against = compile_ruleset(load(args.against)) if args.against else None
+    print(try_ruleset(compile_ruleset(load(args.file)), args.events, against))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``gradeflow``."""
     parser = argparse.ArgumentParser(prog="gradeflow", description="Real-time customer grading on Kafka.")
@@ -170,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = rules.add_parser("check", help="validate rule files")
     check.add_argument("files", nargs="+")
     check.set_defaults(func=cmd_rules_check)
+    explain = rules.add_parser("explain", help="metrics and deciding rule of each grade of one customer, offline")
+    explain.add_argument("file", help="preset name or rule file")
+    explain.add_argument("--events", required=True, help="history: JSON Lines of transactions and interactions")
+    explain.add_argument("--customer", required=True, help="customer_id to explain")
+    explain.set_defaults(func=cmd_rules_explain)
+    trial = rules.add_parser("try", help="grade distribution over a history, offline, with the worker's code")
+    trial.add_argument("file", help="preset name or rule file")
+    trial.add_argument("--events", required=True, help="history: JSON Lines of transactions and interactions")
+    trial.add_argument("--against", help="another ruleset: how many customers would move from which grade to which")
+    trial.set_defaults(func=cmd_rules_try)
 
     redis_cmd = sub.add_parser("redis", help="the Redis copy of current grades").add_subparsers(dest="action",
                                                                                              required=True)
