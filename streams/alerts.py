@@ -316,6 +316,41 @@ def build_sinks(settings: Any) -> dict[str, Sink]:
 
 # --------------------------------------------------------------------------- dispatcher
 
+SINK_NAMES = ("webhook", "slack", "pagerduty", "alertmanager")
+
+
+def check_settings(settings: Any, ruleset: CompiledRuleset) -> dict[str, SeverityRule]:
+    """The severity rule of every ladder; :class:`ConfigurationError` if the alert settings cannot work."""
+    from schemas.errors import ConfigurationError
+
+    ladders = {lad.name: lad for lad in ruleset.ladders}
+    problems = []
+    rules = {}
+    for name in settings.alert_severity:
+        if name not in ladders:
+            problems.append(f"GRADEFLOW_ALERT_SEVERITY names ladder {name!r}, which ruleset "
+                            f"{ruleset.id} does not have ({', '.join(ladders)})")
+    for name, ladder in ladders.items():
+        try:
+            rule = SeverityRule.from_config(settings.alert_severity.get(name))
+        except (TypeError, ValueError) as exc:
+            problems.append(f"GRADEFLOW_ALERT_SEVERITY for ladder {name!r}: {exc}")
+            continue
+        if rule.critical_at_or_below is not None and rule.critical_at_or_below not in ladder.rank:
+            problems.append(f"GRADEFLOW_ALERT_SEVERITY for ladder {name!r}: grade {rule.critical_at_or_below!r} "
+                            f"is not one of {list(ladder.grades)}")
+        rules[name] = rule
+    for sev, names in settings.alert_routes.items():
+        if sev not in SEVERITIES:
+            problems.append(f"GRADEFLOW_ALERT_ROUTES: unknown severity {sev!r} (use {', '.join(SEVERITIES)})")
+        for n in names:
+            if n not in SINK_NAMES:
+                problems.append(f"GRADEFLOW_ALERT_ROUTES: unknown sink {n!r} for {sev!r} (use {', '.join(SINK_NAMES)})")
+    if problems:
+        raise ConfigurationError("; ".join(problems))
+    return rules
+
+
 
 Schedule = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -333,15 +368,7 @@ class Dispatcher:
         self.metrics = metrics
         self.sinks = build_sinks(settings) if sinks is None else sinks
         self.ladders = {lad.name: lad for lad in ruleset.ladders}
-        self.rules = {name: SeverityRule.from_config(settings.alert_severity.get(name))
-                      for name in self.ladders}
-        for name in settings.alert_severity:
-            if name not in self.ladders:
-                raise ValueError(f"alert severity configured for unknown ladder {name!r}")
-        for sev, names in settings.alert_routes.items():
-            for n in names:
-                if n not in ("webhook", "slack", "pagerduty", "alertmanager"):
-                    raise ValueError(f"unknown alert sink {n!r} in alert routes for {sev!r}")
+        self.rules = check_settings(settings, ruleset)
         self.token = uuid.uuid4().hex
         self._session: aiohttp.ClientSession | None = None
 

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from rules.engine import CompiledRuleset, compile_ruleset
 from rules.ruleset import load
 from streams import web
-from streams.alerts import Dispatcher
+from streams.alerts import Dispatcher, check_settings
 from streams.metrics import Metrics, observe_batch
 from streams.redis_grades import RESULT_NAMES, AsyncGrades, parse_change
 from streams.settings import Settings, redis_prefix
@@ -128,6 +128,7 @@ def _ruleset(settings: Settings) -> CompiledRuleset:
 def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
     """Register the downstream agents, the HTTP API and the metrics on ``app``."""
     ruleset = _ruleset(settings)
+    check_settings(settings, ruleset)  # a bad alert setting stops the worker at start, not each alert
     ds = Downstream(app, settings, ruleset)
     app.gradeflow_metrics = ds.metrics
     app.gradeflow_downstream = ds

@@ -413,3 +413,16 @@ def test_two_workers_and_a_restart_deliver_each_alert_once(worker_factory, boots
         server.stop()
         if env is not None:
             delete_prefix(env["GRADEFLOW_APP_ID"], REDIS_URL)
+
+
+def test_bad_alert_settings_stop_the_worker_at_start():
+    from schemas.errors import ConfigurationError
+    from streams.alerts import check_settings
+
+    rs = compile_ruleset(load("rfm-5"))
+    check_settings(load_settings(), rs)
+    for bad in ({"alert_routes": {"critical": ["pager"]}}, {"alert_routes": {"urgent": ["webhook"]}},
+                {"alert_severity": {"nope": {}}}, {"alert_severity": {"value": {"critical_at_or_below": "Z"}}},
+                {"alert_severity": {"value": {"critical_drop": 1}}}):
+        with pytest.raises(ConfigurationError):
+            check_settings(load_settings(**bad), rs)
