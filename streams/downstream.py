@@ -32,7 +32,7 @@ from streams import web
 from streams.alerts import Dispatcher, check_settings
 from streams.metrics import Metrics, observe_batch
 from streams.redis_grades import RESULT_NAMES, AsyncGrades, parse_change
-from streams.settings import Settings, redis_prefix
+from streams.settings import Settings, alert_retries_topic, redis_prefix
 
 log = logging.getLogger("gradeflow.downstream")
 
@@ -144,7 +144,7 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
     names = settings.topics
     changes = app.topic(names.grade_changes, key_type=bytes, value_type=bytes)
     alerts_and_changes = app.topic(names.alerts, names.grade_changes, key_type=bytes, value_type=bytes)
-    ds.retry_topic = app.topic(settings.topic_prefix + settings.topic_alert_retries, key_type=bytes, value_type=bytes, internal=True,
+    ds.retry_topic = app.topic(alert_retries_topic(settings), key_type=bytes, value_type=bytes, internal=True,
                                partitions=settings.partitions, replicas=settings.replication_factor,
                                retention=RETRY_RETENTION_S)
     alerts_topic = names.alerts

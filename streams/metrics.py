@@ -64,6 +64,8 @@ class _LagCollector:
             consumer = self.app.consumer
             committed = consumer._committed_offset  # noqa: SLF001 - Faust keeps no public accessor
             for tp in sorted(consumer.assignment()):
+                if tp.topic.endswith("-changelog") or "__assignor" in tp.topic:
+                    continue  # Faust's own topics: read for recovery, never committed
                 try:
                     high = consumer.highwater(tp)
                 except Exception:  # noqa: BLE001 - no fetch yet for this partition

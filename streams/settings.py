@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     downstream: bool = Field(True, description="Run the redis-writer and alert-dispatcher agents and the HTTP API in the worker.")
     redis_batch_size: int = Field(500, ge=1, description="Most grade changes the redis-writer applies per Redis round trip.")
     api_token: str | None = Field(None, description="Bearer token the HTTP API requires (all but /healthz and /readyz); unset: no token.")
-    topic_alert_retries: str = Field("gradeflow-alert-retries", description="Topic of alert deliveries that failed and are retried later.")
+    topic_alert_retries: str | None = Field(
+        None, description="Topic of alert deliveries retried later; default '<app id>-alert-retries' (the app's own, "
+                          "like its changelogs), topic prefix applied.")
     alert_webhook_url: str | None = Field(None, description="Generic JSON webhook: receives every alert as a JSON POST (the grade-alerts document).")
     alert_slack_webhook_url: str | None = Field(None, description="Slack incoming-webhook URL.")
     alert_pagerduty_routing_key: str | None = Field(None, description="PagerDuty Events API v2 integration (routing) key.")
@@ -148,6 +150,13 @@ class Settings(BaseSettings):
     def changelog_topic(self, table: str) -> str:
         """The changelog topic Faust uses for ``table`` (``<app id>-<table>-changelog``)."""
         return f"{self.group_id}-{table}-changelog"
+
+
+def alert_retries_topic(settings: Settings) -> str:
+    """The full name of the alert retry topic: the app's own unless set."""
+    if settings.topic_alert_retries:
+        return settings.topic_prefix + settings.topic_alert_retries
+    return f"{settings.group_id}-alert-retries"
 
 
 def redis_prefix(settings: Settings) -> str:
