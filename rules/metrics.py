@@ -313,21 +313,26 @@ def getter(m: MetricDef, tz: Any) -> Getter:
             first, last = win.bounds(day)
             return _w.average_daily_balance(s.balance_base, s.flows, first, last)
         return adb
-    # invoices
+    # invoices: id → [day issued or None, day paid or None]
     if op == "open":
-        return lambda s, day, ts, c: len(s.invoices_open)
+        return lambda s, day, ts, c: sum(1 for issued, paid in s.invoices.values() if issued is not None and paid is None)
     if op == "oldest_open":
-        return lambda s, day, ts, c: (max(0, day - min(s.invoices_open.values())) if s.invoices_open else None)
+        def oldest(s: Any, day: int, ts: float, c: dict) -> int | None:
+            issued = [i for i, p in s.invoices.values() if i is not None and p is None]
+            return max(0, day - min(issued)) if issued else None
+        return oldest
     assert win is not None
 
     def paid(s: Any, day: int, ts: float, c: dict) -> int | None:
         first, last = win.bounds(day)
         n = total = longest = 0
-        for d, (k, sum_days, most) in s.paid.items():
-            if first <= d <= last:
-                n += k
-                total += sum_days
-                longest = max(longest, most)
+        for issued, paid_day in s.invoices.values():
+            if issued is not None and paid_day is not None and first <= paid_day <= last:
+                took = max(0, paid_day - issued)
+                n += 1
+                total += took
+                if took > longest:
+                    longest = took
         if op == "paid":
             return n
         if not n:

@@ -24,9 +24,9 @@ import orjson
 from rules import windows
 
 _FORMAT = 2
-# Open invoices kept per customer; beyond this the newest are not tracked
-# (the oldest unpaid invoices are what credit grades look at).
-MAX_OPEN_INVOICES = 200
+# Invoices kept per customer (paid ones leave with the retention window);
+# beyond this, a new invoice replaces the earliest paid one, or is not tracked.
+MAX_INVOICES = 500
 
 
 @dataclass(slots=True, frozen=True)
@@ -58,9 +58,9 @@ class CustomerState:
     attrs: dict[str, list[Any]] = field(default_factory=dict)  # name → [ts, value]
     flows: dict[int, int] = field(default_factory=dict)  # day → deposits − withdrawals
     balance_base: int = 0  # balance before the oldest day in flows
-    invoices_open: dict[str, int] = field(default_factory=dict)  # invoice id → local day issued
-    payments_early: dict[str, int] = field(default_factory=dict)  # paid before its invoice arrived
-    paid: dict[int, list[int]] = field(default_factory=dict)  # payment day → [n, sum days, max days]
+    # invoice id → [local day issued or None, local day paid or None]; the earliest of each wins,
+    # so a re-sent invoice or payment, in any order, changes nothing.
+    invoices: dict[str, list[int | None]] = field(default_factory=dict)
     grade_since: dict[str, float] = field(default_factory=dict)  # ladder → ts of the last change
     ruleset: str | None = None  # "id@version" that last graded this customer
 
@@ -77,12 +77,8 @@ class CustomerState:
             ext["fl"] = [[d, v] for d, v in self.flows.items()]
         if self.balance_base:
             ext["bb"] = self.balance_base
-        if self.invoices_open:
-            ext["io"] = self.invoices_open
-        if self.payments_early:
-            ext["pe"] = self.payments_early
-        if self.paid:
-            ext["pd"] = [[d, *v] for d, v in self.paid.items()]
+        if self.invoices:
+            ext["iv"] = self.invoices
         if self.grade_since:
             ext["gs"] = self.grade_since
         if self.ruleset is not None:
@@ -121,9 +117,7 @@ class CustomerState:
             attrs=ext.get("at", {}),
             flows={d: v for d, v in ext.get("fl", ())},
             balance_base=ext.get("bb", 0),
-            invoices_open=ext.get("io", {}),
-            payments_early=ext.get("pe", {}),
-            paid={p[0]: p[1:] for p in ext.get("pd", ())},
+            invoices=ext.get("iv", {}),
             grade_since=ext.get("gs", {}),
             ruleset=ext.get("rs"),
         )
@@ -174,35 +168,21 @@ def apply_balance(state: CustomerState, ts: float, day: int, withdrawal: bool, a
 
 
 def apply_invoice(state: CustomerState, ts: float, day: int, invoice_id: str | None, payment: bool) -> None:
-    """Fold an invoice (opens it) or a payment (closes it, recording the days it took)."""
+    """Fold an invoice (the day it was issued) or a payment (the day it was paid) of ``invoice_id``."""
     state.last_event_ts = _later(state.last_event_ts, ts)
     if invoice_id is None:
         return
-    if payment:
-        issued = state.invoices_open.pop(invoice_id, None)
-        if issued is None:
-            if len(state.payments_early) < MAX_OPEN_INVOICES:
-                state.payments_early[invoice_id] = day
-            return
-        _record_payment(state, day, day - issued)
-        return
-    paid_day = state.payments_early.pop(invoice_id, None)
-    if paid_day is not None:
-        _record_payment(state, paid_day, paid_day - day)
-    elif len(state.invoices_open) < MAX_OPEN_INVOICES:
-        state.invoices_open[invoice_id] = day
-
-
-def _record_payment(state: CustomerState, day: int, took: int) -> None:
-    took = max(0, took)
-    bucket = state.paid.get(day)
-    if bucket is None:
-        state.paid[day] = [1, took, took]
-    else:
-        bucket[0] += 1
-        bucket[1] += took
-        if took > bucket[2]:
-            bucket[2] = took
+    entry = state.invoices.get(invoice_id)
+    if entry is None:
+        if len(state.invoices) >= MAX_INVOICES:
+            paid = [(e[1], k) for k, e in state.invoices.items() if e[1] is not None]
+            if not paid:
+                return
+            del state.invoices[min(paid)[1]]
+        entry = state.invoices[invoice_id] = [None, None]
+    slot = 1 if payment else 0
+    if entry[slot] is None or day < entry[slot]:  # type: ignore[operator]
+        entry[slot] = day
 
 
 def apply_interaction(state: CustomerState, ts: float, kind: str, day: int | None = None,
@@ -287,9 +267,9 @@ def prune(state: CustomerState, as_of_day: int, retention_days: int) -> None:
     if state.flows:
         for day in [d for d in state.flows if d < first]:
             state.balance_base += state.flows.pop(day)
-    if state.paid:
-        for day in [d for d in state.paid if d < first]:
-            del state.paid[day]
+    if state.invoices:
+        for key in [k for k, (_, paid) in state.invoices.items() if paid is not None and paid < first]:
+            del state.invoices[key]
 
 
 def fold(state: CustomerState, event: Any, track: Tracking, tz: ZoneInfo) -> None:

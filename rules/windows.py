@@ -1,7 +1,9 @@
 """Rolling windows of event time as bounded daily buckets.
 
 A customer's purchases are kept as one bucket per local calendar day (in the
-ruleset's time zone): ``{day_ordinal: [purchases, net_minor]}``. A window of
+ruleset's time zone): ``{day_ordinal: [purchases, net_minor]}``, or, when the
+ruleset uses gross sums or the largest purchase, ``[purchases, net_minor,
+gross_minor, largest_minor]``. A window of
 N days as of day D covers the days ``D-N+1 … D``: a purchase made on day X
 counts up to and including day ``X+N-1`` and no longer on day ``X+N``. State
 per customer is therefore at most N buckets, whatever the customer buys.
@@ -35,10 +37,10 @@ def totals(buckets: Buckets, as_of_day: int, days: int) -> tuple[int, int]:
     first = as_of_day - days + 1
     purchases = 0
     net = 0
-    for day, (count, amount) in buckets.items():
+    for day, bucket in buckets.items():
         if first <= day <= as_of_day:
-            purchases += count
-            net += amount
+            purchases += bucket[0]
+            net += bucket[1]
     return purchases, net
 
 

@@ -74,3 +74,13 @@ def grade_of(rs: CompiledRuleset | str, events: list[dict[str, Any]], as_of: dat
 
 def days_later(moment: datetime, days: int) -> datetime:
     return moment + timedelta(days=days)
+
+
+def fold_one(rs: CompiledRuleset, state: CustomerState, doc: dict[str, Any]) -> None:
+    """Fold one event document into ``state`` and prune, as the processor does."""
+    raw = orjson.dumps(doc)
+    event = decode_interaction(raw, check_key=False) if doc["type"] in INTERACTION_TYPES and "amount" not in doc \
+        else decode_transaction(raw, check_key=False)
+    fold(state, event, rs.track, rs.tz)
+    assert state.last_event_ts is not None
+    prune(state, windows.day_of_ts(state.last_event_ts, rs.tz), rs.retention_days)
