@@ -395,8 +395,15 @@ class Dispatcher:
 
     # -- entry points
 
-    async def on_alert(self, alert: dict[str, Any]) -> None:
-        """A document from ``grade-alerts``: set its severity, deliver to the sinks of that severity."""
+    async def on_alert(self, alert: dict[str, Any], produced_at: float | None = None) -> None:
+        """A document from ``grade-alerts`` (``produced_at``: its record timestamp, epoch seconds):
+        set its severity, deliver to the sinks of that severity."""
+        max_age = self.settings.alert_max_age_s
+        if max_age and produced_at and time.time() - produced_at > max_age:
+            log.info("gradeflow: alert %s for %s is %.0fs old (> alert_max_age_s): not sent",
+                     alert.get("alert_id"), alert.get("customer_id"), time.time() - produced_at)
+            self._count("expired", sink="-")
+            return
         ladder = self.ladders.get(alert.get("ladder", ""))
         if ladder is not None:
             alert = {**alert, "severity": severity(ladder, alert["previous_grade"], alert["grade"],

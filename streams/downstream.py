@@ -166,7 +166,7 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
     async def alert_dispatcher(stream: Any) -> None:
         async for events in stream.take_events(200, within=0.2):
             # Sequential per customer (their order matters), concurrent across customers.
-            by_customer: dict[bytes | None, list[tuple[bool, dict[str, Any]]]] = {}
+            by_customer: dict[bytes | None, list[tuple[bool, float | None, dict[str, Any]]]] = {}
             for event in events:
                 m = event.message
                 try:
@@ -174,14 +174,19 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
                 except orjson.JSONDecodeError:
                     log.warning("gradeflow: skipping a record that is not JSON on %s", m.topic)
                     continue
-                by_customer.setdefault(m.key, []).append((m.topic == alerts_topic, doc))
+                by_customer.setdefault(m.key, []).append((m.topic == alerts_topic, m.timestamp, doc))
             await asyncio.gather(*(_dispatch_all(ds, docs) for docs in by_customer.values()))
 
     @app.agent(ds.retry_topic, name="alert-retry")
     async def alert_retry(stream: Any) -> None:
         async for value in stream:
-            doc = orjson.loads(value)
-            wait = float(doc["due"]) - time.time()
+            try:
+                doc = orjson.loads(value)
+                wait = float(doc["due"]) - time.time()
+                doc["kind"], doc["sink"], doc["item"]  # noqa: B018 - present, or the record is not ours
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.warning("gradeflow: skipping a record on the alert retry topic that is not a retry")
+                continue
             if wait > 0:
                 await asyncio.sleep(min(wait, 1.0))
                 if float(doc["due"]) - time.time() > 0:
@@ -193,10 +198,11 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
     return ds
 
 
-async def _dispatch_all(ds: Downstream, docs: list[tuple[bool, dict[str, Any]]]) -> None:
+async def _dispatch_all(ds: Downstream, docs: list[tuple[bool, float | None, dict[str, Any]]]) -> None:
+    """Alerts and grade changes of one customer, in order (with their record timestamps)."""
     dispatcher = ds.dispatcher()
-    for is_alert, doc in docs:
+    for is_alert, produced_at, doc in docs:
         if is_alert:
-            await ds.persist("alert dispatch", lambda d=doc: dispatcher.on_alert(d))
+            await ds.persist("alert dispatch", lambda d=doc, t=produced_at: dispatcher.on_alert(d, t))
         else:
             await ds.persist("recovery dispatch", lambda d=doc: dispatcher.on_change(d))

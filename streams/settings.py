@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     alert_dedup_ttl_s: float = Field(30 * 86400.0, gt=0, description="How long delivered alert ids are remembered in Redis.")
     alert_alertmanager_active_s: float = Field(7 * 86400.0, gt=0, description="endsAt of a firing Alertmanager alert (it is not re-sent); recovery sets the real end.")
     alert_source: str = Field("gradeflow", description="Source/instance name shown in alerts.")
+    alert_max_age_s: float = Field(
+        86400.0, ge=0, description="Alerts produced longer ago than this are not sent (a new deployment reading "
+                                   "grade-alerts from its beginning must not page for last month); 0: no limit.")
 
     # --- connection to the Kafka cluster (see streams/kafka_config.py) -------------------
     kafka_security_protocol: SecurityProtocol = Field(

@@ -426,3 +426,17 @@ def test_bad_alert_settings_stop_the_worker_at_start():
                 {"alert_severity": {"value": {"critical_drop": 1}}}):
         with pytest.raises(ConfigurationError):
             check_settings(load_settings(**bad), rs)
+
+
+def test_an_alert_produced_long_ago_is_not_sent(standin, prefix):
+    """A new deployment reads grade-alerts from its beginning: last month's alerts must not page now."""
+    settings = settings_for(standin, alert_max_age_s=3600)
+    old, fresh = alert_doc("hal", "A", "B"), alert_doc("ivy", "A", "B")
+
+    async def run() -> None:
+        async with Harness(settings, prefix) as h:
+            await h.dispatcher.on_alert(old, produced_at=time.time() - 7200)
+            await h.dispatcher.on_alert(fresh, produced_at=time.time() - 60)
+
+    asyncio.run(run())
+    assert {b["alert_id"] for b in standin.delivered("/hook")} == {fresh["alert_id"]}
