@@ -82,9 +82,14 @@ def _checks_hold(value: Any, checks: tuple[Check, ...], name: str, pop: Any) -> 
     return True
 
 
-def _checks_words(m: MetricDef, checks: tuple[Check, ...], pop: Any, currency: str) -> str:
+def _checks_words(m: MetricDef, value: Any, checks: tuple[Check, ...], pop: Any, currency: str) -> str:
     parts = []
     for c in checks:
+        if c.op == "eq" and c.q is None and value == c.target and m.family == "attribute":
+            continue  # "stage = negotiating" already says it
+        if c.op == "in" and value in c.target and m.family == "attribute":
+            parts.append("(one of " + ", ".join(show(m.kind, t, currency) for t in sorted(c.target, key=str)) + ")")
+            continue
         if c.op == "exists":
             parts.append("is set" if c.target else "is not set")
             continue
@@ -154,7 +159,7 @@ def compile_cond(rs: Ruleset, c: Cond, used: set[str], quantiles: set[tuple[str,
     name = m.name
     return CompiledCond(
         lambda values, pop: _checks_hold(values[name], checks, name, pop),
-        lambda values, pop: f"{phrase(m, values[name], currency)} {_checks_words(m, checks, pop, currency)}",
+        lambda values, pop: f"{phrase(m, values[name], currency)} {_checks_words(m, values[name], checks, pop, currency)}".rstrip(),
     )
 
 

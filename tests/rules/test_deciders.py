@@ -100,7 +100,7 @@ def test_rules_first_match_with_all_any_not() -> None:
     g, ev = grade_of(RULES, [stage, *meetings], as_of=D0)
     assert g == "hot"
     assert ev.reasons["intent"] == [
-        "Rule 2: Stage = negotiating in {closing, negotiating} and meeting interactions in the last 14 days: 2 ≥ 2: "
+        "Rule 2: Stage = negotiating (one of closing, negotiating) and meeting interactions in the last 14 days: 2 ≥ 2: "
         "grade hot."]
     assert grade_of(RULES, [stage, *meetings], as_of=D0 + timedelta(days=1))[0] == "warm"  # one meeting left the window
     assert grade_of(RULES, [contact(D0, "call")])[0] == "cold"
