@@ -94,14 +94,18 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def faust_broker_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``faust.App(...)``: credentials and client id.
+    """Keyword arguments for ``faust.App(...)``: credentials, client id, group timeouts.
 
     Faust passes ``broker_credentials`` to aiokafka for the consumer, the
     producer and the topic admin it uses to create changelog topics.
     """
     import faust
 
-    options: dict[str, Any] = {"broker_client_id": settings.kafka_client_id}
+    options: dict[str, Any] = {
+        "broker_client_id": settings.kafka_client_id,
+        "broker_session_timeout": settings.kafka_session_timeout_s,
+        "broker_heartbeat_interval": settings.kafka_heartbeat_interval_s,
+    }
     ctx = ssl_context(settings)
     if uses_sasl(settings):
         options["broker_credentials"] = faust.SASLCredentials(

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     kafka_ssl_key_password: SecretStr | None = Field(None, description="Password of the client key, if encrypted.")
     kafka_ssl_check_hostname: bool = Field(True, description="Check that the broker certificate names the host.")
     kafka_client_id: str = Field("gradeflow", description="Kafka client.id of the worker's clients (quotas, broker logs).")
+    kafka_session_timeout_s: float = Field(
+        60.0, ge=1, le=90, description="Consumer group session timeout: how long a crashed worker's partitions wait "
+                                       "before another worker takes them over.")
+    kafka_heartbeat_interval_s: float = Field(3.0, gt=0, description="Consumer group heartbeat interval.")
     topic_prefix: str = Field(
         "", description="Prepended to every topic name and to the app id (so also to changelog topics and the "
                         "consumer group), for clusters with prefixed ACLs, e.g. 'team-risk.'.")
@@ -134,6 +138,8 @@ class Settings(BaseSettings):
                                  "GRADEFLOW_KAFKA_SASL_PASSWORD or GRADEFLOW_KAFKA_SASL_PASSWORD_FILE")
         if self.kafka_sasl_password is not None and self.kafka_sasl_password_file is not None:
             raise ValueError("set GRADEFLOW_KAFKA_SASL_PASSWORD or GRADEFLOW_KAFKA_SASL_PASSWORD_FILE, not both")
+        if self.kafka_heartbeat_interval_s * 3 > self.kafka_session_timeout_s:
+            raise ValueError("kafka_heartbeat_interval_s must be at most a third of kafka_session_timeout_s")
         if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
             raise ValueError("GRADEFLOW_KAFKA_SSL_CERT_FILE and GRADEFLOW_KAFKA_SSL_KEY_FILE go together")
         return self

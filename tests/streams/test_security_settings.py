@@ -38,7 +38,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_defaults_are_plaintext_without_credentials(clean_env):
     s = load_settings()
     assert s.kafka_security_protocol == "PLAINTEXT"
-    assert faust_broker_options(s) == {"broker_client_id": "gradeflow"}
+    assert faust_broker_options(s) == {"broker_client_id": "gradeflow", "broker_session_timeout": 60.0,
+                                       "broker_heartbeat_interval": 3.0}
     opts = kafka_python_options(s)
     assert opts == {"bootstrap_servers": ["localhost:9092"], "security_protocol": "PLAINTEXT"}
 
