@@ -1,0 +1,157 @@
+"""Re-grade every customer graded by another ruleset version, after each table recovery.
+
+A customer's state records the ruleset (``id@version``) that last graded it.
+When a worker runs a different version, every customer of the partitions it
+owns is re-graded with :func:`rules.changes.regrade_for_rules`: grade changes
+with cause ``rules`` for exactly the ladders whose grade differs, the usual
+key-downgrade alerts, and the state marked with the new version so that the
+next start does nothing. Ids are deterministic (as of each customer's latest
+event time), so a sweep cut short by a crash and repeated emits the same ids.
+
+Wiring (streams/app.py, in create_app, after the table and the store)::
+
+    attach_rules_regrade(app, settings, ruleset, table, population)
+
+``population`` is the object attach_population returned (or None). The sweep
+starts after each rebalance has recovered the tables (Faust's
+``on_rebalance_complete``), runs in chunks that yield to the event loop, and
+never overwrites a state the agent changed meanwhile (that customer was
+already graded by the new rules on its own event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any
+
+import orjson
+from faust import streams as faust_streams
+
+from rules.changes import regrade_for_rules
+from rules.engine import CompiledRuleset
+from rules.state import CustomerState
+from streams.population import partition_of
+from streams.processor import utcnow
+
+log = logging.getLogger("gradeflow.rules")
+CHUNK = 500
+
+
+class _At:
+    """Stands for the current event so that a table write goes to ``partition``'s changelog."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.message = type("M", (), {"topic": topic, "partition": partition})()
+
+
+def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population: Any = None
+         ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], dict[bytes, tuple[bytes, bytes]]]:
+    """Pure step of a sweep: for (key, state bytes) pairs, the changes, alerts and new states due.
+
+    New states are ``key → (old bytes, new bytes)`` so the caller can skip a
+    customer whose state changed meanwhile.
+    """
+    now = utcnow()
+    changes: list[tuple[bytes, bytes]] = []
+    alerts: list[tuple[bytes, bytes]] = []
+    states: dict[bytes, tuple[bytes, bytes]] = {}
+    key_of = ruleset.key
+    for key, raw in items:
+        state = CustomerState.from_bytes(raw)
+        if state.ruleset == key_of:
+            continue
+        out, warn = regrade_for_rules(key.decode(), ruleset, state, now, population)
+        changes += [(key, orjson.dumps(c)) for c in out]
+        alerts += [(key, orjson.dumps(a)) for a in warn]
+        states[key] = (raw, state.to_bytes())
+    return changes, alerts, states
+
+
+class RulesRegrade:
+    def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, population: Any = None) -> None:
+        self.app, self.settings, self.rs, self.table, self.population = app, settings, ruleset, table, population
+        self.running = False
+        self.again = False
+        self.regraded = 0
+        self.sweeps = 0
+
+    def active_partitions(self) -> set[int]:
+        inputs = self.settings.topics.transactions
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == inputs}
+
+    async def sweep(self) -> int:
+        """Re-grade every customer of this worker's partitions not graded by this ruleset."""
+        active = self.active_partitions()
+        partitions = self.settings.partitions
+        keys = [k for k in list(self.table.keys()) if partition_of(k, partitions) in active]
+        names = self.settings.topics
+        thresholds = self.population.thresholds if self.population is not None else None
+        done = 0
+        for start in range(0, len(keys), CHUNK):
+            items = [(k, raw) for k in keys[start:start + CHUNK] if (raw := self.table.get(k)) is not None]
+            changes, alerts, states = plan(self.rs, items, thresholds)
+            if not states:
+                await asyncio.sleep(0)
+                continue
+            producer = self.app.producer
+            for key, value in changes:
+                await producer.send(names.grade_changes, key, value, None, None, None)
+            for key, value in alerts:
+                await producer.send(names.alerts, key, value, None, None, None)
+            if changes or alerts:
+                await producer.flush()
+            self._write(states, partitions)
+            done += len(states)
+        self.regraded += done
+        self.sweeps += 1
+        if done:
+            log.info("gradeflow: re-graded %d customers for ruleset %s", done, self.rs.key)
+        return done
+
+    def _write(self, states: dict[bytes, tuple[bytes, bytes]], partitions: int) -> None:
+        var = faust_streams._current_event
+        previous = var.get(None)
+        try:
+            for key, (old, new) in states.items():
+                if self.table.get(key) != old:
+                    continue  # the agent graded this customer meanwhile, with the new rules
+                at = _At(self.settings.topics.transactions, partition_of(key, partitions))
+                var.set(weakref.ref(at))
+                self.table[key] = new
+        finally:
+            var.set(previous)
+
+    async def run(self) -> None:
+        if self.running:
+            self.again = True
+            return
+        self.running = True
+        try:
+            while True:
+                self.again = False
+                try:
+                    await self.sweep()
+                except Exception:  # noqa: BLE001 - the next rebalance retries; grading goes on
+                    log.exception("gradeflow: re-grading for new rules failed")
+                if not self.again:
+                    break
+        finally:
+            self.running = False
+
+
+def attach_rules_regrade(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any,
+                         population: Any = None) -> RulesRegrade:
+    """Sweep after every rebalance's recovery; return the sweeper (counters for tests and metrics)."""
+    regrade = RulesRegrade(app, settings, ruleset, table, population)
+    app.gradeflow_rules_regrade = regrade
+    tasks: set[asyncio.Task] = set()
+
+    @app.on_rebalance_complete.connect
+    async def _after_recovery(sender: Any = None, **kwargs: Any) -> None:
+        task = asyncio.ensure_future(regrade.run())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return regrade
