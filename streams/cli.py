@@ -8,6 +8,8 @@ import sys
 from schemas.errors import GradeflowError, RulesetError, ServerUnavailable
 from streams import __version__
 
+READY_LINE = "gradeflow: worker ready (tables recovered, consuming)"
+
 
 def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings imported lazily (Faust is slow to import)
     from streams.settings import load_settings
@@ -72,7 +74,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = create_app(settings, ruleset)
     print(f"gradeflow worker: ruleset {ruleset.id}@{ruleset.version}, broker {describe_connection(settings)}, "
           f"app {settings.group_id}", file=sys.stderr, flush=True)
-    Worker(app, loglevel=settings.log_level).execute_from_commandline()
+    class GradeflowWorker(Worker):
+        async def on_startup_finished(self) -> None:
+            await super().on_startup_finished()
+            # Printed whatever the log level: scripts and tests wait for it.
+            print(READY_LINE, file=sys.stderr, flush=True)
+
+    GradeflowWorker(app, loglevel=settings.log_level).execute_from_commandline()
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,8 @@ class WorkerProcess:
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"{self.env.get('GRADEFLOW_APP_ID', 'gradeflow')}-{self.name}.log"
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        # Several workers (tests, helpers, a developer's own) share this host.
+        env.setdefault("GRADEFLOW_WEB_PORT", str(free_port()))
         out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker", *self.args],
@@ -64,7 +67,7 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
-            if b"Ready" in self.log_path.read_bytes():
+            if b"gradeflow: worker ready" in self.log_path.read_bytes():
                 return self
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {ready_timeout}s:\n{self.tail()}")
@@ -101,6 +104,13 @@ def kafka_options(bootstrap: str, env: Mapping[str, str] | None = None) -> dict[
                                     if k.startswith("GRADEFLOW_")}
     overrides["kafka_bootstrap"] = bootstrap
     return kafka_python_options(load_settings(**overrides))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def producer(bootstrap: str, env: Mapping[str, str] | None = None) -> KafkaProducer:

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     web_host: str = Field("127.0.0.1", description="Address the worker's HTTP server binds to.")
     batch_size: int = Field(2000, ge=1, description="Most records the agent takes per batch.")
     batch_within: float = Field(0.05, gt=0, description="Seconds the agent waits to fill a batch.")
+    report_interval: float = Field(10.0, gt=0, description="Seconds between the worker's gradeflow-stats log lines.")
     log_level: str = "info"
 
     # Downstream (issue 6): Redis current grades, alerts to on-call, HTTP API, metrics.

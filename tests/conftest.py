@@ -36,8 +36,6 @@ def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
     def start(env: dict[str, str] | None = None, name: str | None = None, **extra: str) -> WorkerProcess:
         env = dict(env) if env is not None else unique_env("test", **extra)
         env.setdefault("GRADEFLOW_KAFKA_BOOTSTRAP", bootstrap)
-        # Each worker serves HTTP on its own port so that several can run at once.
-        env["GRADEFLOW_WEB_PORT"] = str(_free_port())
         worker = WorkerProcess(env, name=name or f"worker{len(started) + 1}")
         started.append(worker)
         return worker.start()
@@ -45,14 +43,6 @@ def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
     yield start
     for worker in started:
         worker.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
