@@ -31,7 +31,7 @@ from rules.engine import compile_ruleset
 from rules.ruleset import load
 from schemas.events import Alert
 from streams.alerts import Dispatcher, SeverityRule, severity
-from streams.local import produce
+from streams.local import WorkerProcess, produce
 from streams.settings import load_settings
 
 REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -376,8 +376,9 @@ def test_worker_retries_through_the_retry_topic_and_delivers_once(worker_factory
 def test_two_workers_and_a_restart_deliver_each_alert_once(worker_factory, bootstrap):
     server = StandIn().start()
     env = None
+    restarted: list[WorkerProcess] = []
     try:
-        w1 = worker_factory(**worker_env(server))
+        w1 = worker_factory(**worker_env(server, GRADEFLOW_KAFKA_SESSION_TIMEOUT_S="10"))
         env = w1.env
         w2 = worker_factory(env={**env, "GRADEFLOW_WEB_PORT": str(free_port())}, name="worker2")
         first, drops, recoveries = key_customers(40)
@@ -387,7 +388,11 @@ def test_two_workers_and_a_restart_deliver_each_alert_once(worker_factory, boots
         wait_until(lambda: len(server.delivered("/hook")) >= 5, timeout=90, what=f"first alerts\n{w1.tail()}")
         w1.kill()  # a crash in the middle
         produce(bootstrap, topic, drops[20:])
-        w1b = worker_factory(env={**env, "GRADEFLOW_WEB_PORT": str(free_port())}, name="worker1-restarted")
+        # The killed member holds its partitions until the group's session timeout: allow for it.
+        w1b = WorkerProcess({**env, "GRADEFLOW_WEB_PORT": str(free_port()), "GRADEFLOW_KAFKA_BOOTSTRAP": bootstrap},
+                            name="worker1-restarted")
+        restarted.append(w1b)
+        w1b.start(ready_timeout=180)
         wait_until(lambda: len({b["alert_id"] for b in server.delivered("/hook")}) >= 40, timeout=120,
                    what=f"40 alerts\n{w2.tail()}\n{w1b.tail()}")
         produce(bootstrap, topic, recoveries[:10])
@@ -410,6 +415,8 @@ def test_two_workers_and_a_restart_deliver_each_alert_once(worker_factory, boots
                   if rfc3339(a["endsAt"]) > datetime.now(timezone.utc)]
         assert len(firing) == len(set(firing)) == 40
     finally:
+        for worker in restarted:
+            worker.stop()
         server.stop()
         if env is not None:
             delete_prefix(env["GRADEFLOW_APP_ID"], REDIS_URL)
