@@ -363,6 +363,7 @@ class CompiledRuleset:
     track: Tracking = Tracking()
     quantiles: tuple[tuple[str, float], ...] = ()  # population thresholds the ruleset compares against
     source: Ruleset | None = None
+    legacy_used: bool = False  # the ruleset itself uses recency_days, frequency and monetary
 
     @property
     def retention_days(self) -> int:
@@ -374,24 +375,51 @@ class CompiledRuleset:
 
 
 class Evaluation:
-    """Metrics, scores and one grade per ladder, with reasons, as of one instant."""
+    """Metrics, scores and one grade per ladder, with reasons, as of one instant.
 
-    __slots__ = ("recency_days", "frequency", "monetary_minor", "scores", "grades", "values", "decided_by",
+    ``recency_days``, ``frequency`` and ``monetary_minor`` (the compatibility
+    fields of every grade change) are computed on first access when the
+    ruleset itself does not use them.
+    """
+
+    __slots__ = ("_recency", "_frequency", "_monetary", "_legacy", "scores", "grades", "values", "decided_by",
                  "_reasons", "_explain")
 
     def __init__(self, recency_days: int | None, frequency: int, monetary_minor: int, scores: dict[str, int],
                  grades: dict[str, str], reasons: dict[str, list[str]] | None = None,
                  values: dict[str, Any] | None = None, explain: Callable[[], dict[str, list[str]]] | None = None,
-                 decided_by: dict[str, str] | None = None) -> None:
-        self.recency_days = recency_days
-        self.frequency = frequency
-        self.monetary_minor = monetary_minor
+                 decided_by: dict[str, str] | None = None,
+                 legacy: Callable[[], tuple[int | None, int, int]] | None = None) -> None:
+        self._recency = recency_days
+        self._frequency = frequency
+        self._monetary = monetary_minor
+        self._legacy = legacy
         self.scores = scores
         self.grades = grades
         self.values = values if values is not None else {}
         self.decided_by = decided_by if decided_by is not None else {}
         self._reasons = reasons
         self._explain = explain
+
+    def _fill(self) -> None:
+        if self._legacy is not None:
+            self._recency, self._frequency, self._monetary = self._legacy()
+            self._legacy = None
+
+    @property
+    def recency_days(self) -> int | None:
+        self._fill()
+        return self._recency
+
+    @property
+    def frequency(self) -> int:
+        self._fill()
+        return self._frequency
+
+    @property
+    def monetary_minor(self) -> int:
+        self._fill()
+        return self._monetary
 
     @property
     def reasons(self) -> dict[str, list[str]]:
@@ -496,7 +524,7 @@ def compile_ruleset(ruleset: Ruleset) -> CompiledRuleset:
         ))
     tz = ZoneInfo(ruleset.timezone)
     defs = {n: ruleset.metric(n) for n in used | {"recency_days", "frequency", "monetary"}}
-    getters = tuple((n, getter(defs[n], tz)) for n in sorted(used) if n not in ("recency_days", "frequency", "monetary"))
+    getters = tuple((n, getter(defs[n], tz)) for n in sorted(used))
     retention = max([ruleset.window_days] + [m.retention for m in defs.values()])
     track = Tracking(
         detail=any(m.needs_detail for m in defs.values()),
@@ -507,6 +535,7 @@ def compile_ruleset(ruleset: Ruleset) -> CompiledRuleset:
     return CompiledRuleset(
         ruleset.id, ruleset.version, tz, ruleset.currency, ruleset.window_days, tuple(scores), tuple(ladders),
         getters=getters, defs=defs, track=track, quantiles=tuple(sorted(quantiles)), source=ruleset,
+        legacy_used=all(n in used for n in ("recency_days", "frequency", "monetary")),
     )
 
 
@@ -544,20 +573,24 @@ def _metric_sentence(rs: CompiledRuleset, score: CompiledScore, value: Any, poin
     return f"{shown[0].upper()}{shown[1:]} ({band}): {score.name.upper()}={points}."
 
 
+_LEGACY = ("recency_days", "frequency", "monetary")
+
+
 def metric_values(rs: CompiledRuleset, state: CustomerState, as_of: datetime) -> dict[str, Any]:
     """Every metric the ruleset uses, as of ``as_of`` (money in minor units)."""
+    as_of_day = windows.local_day(as_of, rs.tz)
+    ts = as_of.timestamp()
+    cache: dict[Any, Any] = {}
+    return {name: get(state, as_of_day, ts, cache) for name, get in rs.getters}
+
+
+def _legacy(rs: CompiledRuleset, state: CustomerState, as_of: datetime) -> tuple[int | None, int, int]:
     as_of_day = windows.local_day(as_of, rs.tz)
     recency: int | None = None
     if state.last_purchase_ts is not None:
         recency = max(0, as_of_day - windows.day_of_ts(state.last_purchase_ts, rs.tz))
     frequency, net = windows.totals(state.buckets, as_of_day, rs.window_days)
-    values: dict[str, Any] = {"recency_days": recency, "frequency": frequency, "monetary": net}
-    if rs.getters:
-        ts = as_of.timestamp()
-        cache: dict[str, Any] = {}
-        for name, get in rs.getters:
-            values[name] = get(state, as_of_day, ts, cache)
-    return values
+    return recency, frequency, net
 
 
 def evaluate(rs: CompiledRuleset, state: CustomerState, as_of: datetime, population: Population | None = None,
@@ -604,8 +637,11 @@ def evaluate(rs: CompiledRuleset, state: CustomerState, as_of: datetime, populat
             out[ladder.name] = lines
         return out
 
-    return Evaluation(values["recency_days"], values["frequency"], values["monetary"], scores, grades,
-                      values=values, explain=explain)
+    if rs.legacy_used:
+        return Evaluation(values["recency_days"], values["frequency"], values["monetary"], scores, grades,
+                          values=values, explain=explain)
+    return Evaluation(None, 0, 0, scores, grades, values=values, explain=explain,
+                      legacy=lambda: _legacy(rs, state, as_of))
 
 
 def _hysteresis(ladder: CompiledLadder, state: CustomerState, as_of: datetime, grade: str, env: Env) -> tuple[str, str | None]:

@@ -225,6 +225,16 @@ def _purchase_window(state: Any, first: int, last: int) -> tuple[int, int, int, 
     return count, net, gross, largest, days
 
 
+def _purchase_basic(state: Any, first: int, last: int) -> tuple[int, int]:
+    """count, net over the buckets in [first, last] (the common case: no detail needed)."""
+    count = net = 0
+    for day, b in state.buckets.items():
+        if first <= day <= last:
+            count += b[0]
+            net += b[1]
+    return count, net
+
+
 def _days_between(ts: float | None, day: int, tz: Any) -> int | None:
     if ts is None:
         return None
@@ -241,22 +251,33 @@ def getter(m: MetricDef, tz: Any) -> Getter:
             return lambda s, day, ts, c: _days_between(s.last_purchase_ts, day, tz)
         index = 0 if name == "frequency" else 1
         assert win is not None
-        wname = win.name
 
         def legacy(s: Any, day: int, ts: float, c: dict) -> Any:
-            agg = c.get(wname)
+            bounds = ("pb", *win.bounds(day))
+            agg = c.get(bounds)
             if agg is None:
-                agg = c[wname] = _purchase_window(s, *win.bounds(day))
+                agg = c[bounds] = _purchase_basic(s, bounds[1], bounds[2])
             return agg[index]
         return legacy
     if m.family == "purchases":
         assert win is not None
-        wname = win.name
+
+        if op in ("count", "net"):
+            index = 0 if op == "count" else 1
+
+            def basic(s: Any, day: int, ts: float, c: dict) -> Any:
+                bounds = ("pb", *win.bounds(day))
+                agg = c.get(bounds)
+                if agg is None:
+                    agg = c[bounds] = _purchase_basic(s, bounds[1], bounds[2])
+                return agg[index]
+            return basic
 
         def purchases(s: Any, day: int, ts: float, c: dict) -> Any:
-            agg = c.get(wname)
+            bounds = ("p", *win.bounds(day))
+            agg = c.get(bounds)
             if agg is None:
-                agg = c[wname] = _purchase_window(s, *win.bounds(day))
+                agg = c[bounds] = _purchase_window(s, bounds[1], bounds[2])
             count, net, gross, largest, days = agg
             if op == "count":
                 return count
@@ -284,12 +305,16 @@ def getter(m: MetricDef, tz: Any) -> Getter:
         assert win is not None
 
         def icount(s: Any, day: int, ts: float, c: dict) -> int:
-            first, last = win.bounds(day)
-            n = 0
-            for d, counts in s.ibuckets.items():
-                if first <= d <= last:
-                    n += sum(counts.values()) if arg == "any" else counts.get(arg, 0)
-            return n
+            bounds = ("i", *win.bounds(day))
+            totals = c.get(bounds)
+            if totals is None:
+                first, last = bounds[1], bounds[2]
+                totals = c[bounds] = {}
+                for d, counts in s.ibuckets.items():
+                    if first <= d <= last:
+                        for kind, n in counts.items():
+                            totals[kind] = totals.get(kind, 0) + n
+            return sum(totals.values()) if arg == "any" else totals.get(arg, 0)
         return icount
     if m.family == "attribute":
         if op == "value":
