@@ -122,6 +122,11 @@ class _Input(BaseModel):
 class Transaction(_Input):
     """A purchase, refund, deposit, withdrawal, invoice or payment, keyed by ``customer_id`` on ``transactions``."""
 
+    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra={"allOf": [{
+        "if": {"properties": {"type": {"enum": ["invoice", "payment"]}}, "required": ["type"]},
+        "then": {"required": ["invoice_id"], "properties": {"invoice_id": {"type": "string", "minLength": 1}}},
+    }]})
+
     event_id: EventId
     customer_id: CustomerId
     occurred_at: AwareDatetime = Field(description="Event time, RFC 3339 with offset.")
