@@ -138,7 +138,7 @@ def cmd_redis_rebuild(args: argparse.Namespace) -> int:
     if args.redis_prefix:
         settings = settings.model_copy(update={"redis_prefix": args.redis_prefix})
     try:
-        stats = rebuild(settings, clear_first=args.clear)
+        stats = rebuild(settings, clear_first=args.clear, fill_tables=not args.no_tables)
     except Exception as exc:  # noqa: BLE001 - Redis or broker unreachable: one line
         print(f"gradeflow: redis rebuild failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--redis-url", help="Redis URL (GRADEFLOW_REDIS_URL)")
     rebuild.add_argument("--redis-prefix", help="key prefix (GRADEFLOW_REDIS_PREFIX), default the app id")
     rebuild.add_argument("--clear", action="store_true", help="delete the current-grade keys first")
+    rebuild.add_argument("--no-tables", action="store_true",
+                         help="do not fill ladders the compacted topic lost from the table changelog")
     rebuild.set_defaults(func=cmd_redis_rebuild)
     return parser
 

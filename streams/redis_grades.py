@@ -62,6 +62,17 @@ end
 return 1
 """
 
+# Fill a ladder that Redis does not have at all (rebuild from the tables, see :func:`fill_from_tables`).
+FILL_LUA = """
+local ladder = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], ladder) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ladder, ARGV[6], ladder .. '@ts', ARGV[2], ladder .. '@seq', ARGV[3],
+           ladder .. '@id', ARGV[4], ladder .. '@grade', ARGV[5])
+redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
+redis.call('SADD', KEYS[3], ladder)
+return 1
+"""
+
 
 def customer_key(prefix: str, customer_id: str) -> str:
     return f"{prefix}:customer:{customer_id}"
@@ -178,12 +189,14 @@ def clear(redis: Any, prefix: str) -> int:
 
 
 def rebuild(settings: Any, clear_first: bool = False, batch: int = 1000,
-            progress: Any = None) -> dict[str, int]:
+            progress: Any = None, fill_tables: bool = True) -> dict[str, int]:
     """Read ``grade-changes`` from the beginning to its current end and apply it to Redis.
 
     Applying uses the same script as the worker, so a rebuild on top of a
     live Redis never moves a grade backwards; ``clear_first`` deletes the
-    current-grade keys first (for a Redis that holds wrong data).
+    current-grade keys first (for a Redis that holds wrong data). Then, unless
+    ``fill_tables`` is false, ladders still missing are filled from the table
+    changelog (:func:`fill_from_tables`).
     """
     import redis as redis_lib
     from kafka import KafkaConsumer, TopicPartition
@@ -238,7 +251,76 @@ def rebuild(settings: Any, clear_first: bool = False, batch: int = 1000,
                 if consumer.position(tp) >= end[tp]:
                     todo.discard(tp)
         flush()
+        if fill_tables:
+            stats["filled_from_tables"] = fill_from_tables(settings, client, consumer)
     finally:
         consumer.close()
         client.close()
     return stats
+
+
+def fill_from_tables(settings: Any, client: Any, consumer: Any) -> int:
+    """Write the ladders that Redis still lacks from the table changelog (the worker's own state).
+
+    ``grade-changes`` is compacted by customer id, so with several ladders it
+    keeps only each customer's latest change: the other ladders' current grades
+    are gone from the topic but not from the ``customer-state`` table. Such a
+    grade is written only where Redis has nothing for the ladder, with ``as_of``
+    the customer's latest event time, no event id and no metrics; the next real
+    change replaces it (same or later ``as_of``, and a real offset beats ``-1``).
+    """
+    from datetime import datetime, timezone
+
+    from kafka import TopicPartition
+
+    from rules.state import CustomerState
+    from streams.settings import redis_prefix
+
+    prefix = redis_prefix(settings)
+    topic = settings.changelog_topic("customer-state")
+    parts = consumer.partitions_for_topic(topic) or set()
+    if not parts:
+        return 0
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    end = consumer.end_offsets(tps)
+    latest: dict[bytes, bytes | None] = {}
+    todo = {tp for tp in tps if end[tp] > 0}
+    while todo:
+        for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
+            for record in records:
+                if record.offset < end[tp] and record.key is not None:
+                    latest[record.key] = record.value
+        for tp in list(todo):
+            if consumer.position(tp) >= end[tp]:
+                todo.discard(tp)
+    script = client.register_script(FILL_LUA)
+    filled = 0
+    pipe = client.pipeline(transaction=False)
+    queued = 0
+    for key, raw in latest.items():
+        if raw is None:
+            continue
+        try:
+            state = CustomerState.from_bytes(raw)
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            log.warning("gradeflow: rebuild skips an unreadable table value for %r: %s", key, exc)
+            continue
+        if not state.grades or state.last_event_ts is None:
+            continue
+        customer = key.decode("utf-8", errors="replace")
+        as_of = datetime.fromtimestamp(state.last_event_ts, timezone.utc).isoformat()
+        for ladder, grade in state.grades.items():
+            doc = {"grade": grade, "previous_grade": None, "direction": None, "as_of": as_of, "event_id": None,
+                   "ruleset": None, "metrics": None, "emitted_at": None, "offset": -1, "from": "table"}
+            script(keys=[customer_key(prefix, customer), counts_key(prefix, ladder), ladders_key(prefix)],
+                   args=[ladder, epoch_us(as_of), -1, "", grade, orjson.dumps(doc)], client=pipe)
+            queued += 1
+        if queued >= 1000:
+            filled += sum(int(r) for r in pipe.execute())
+            pipe = client.pipeline(transaction=False)
+            queued = 0
+    if queued:
+        filled += sum(int(r) for r in pipe.execute())
+    return filled
