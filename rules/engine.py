@@ -20,7 +20,7 @@ from rules import windows
 from rules.metrics import MetricDef, getter, phrase, show
 from rules.ruleset import Cond, Decide, Ruleset, convert, quantile_of
 from rules.state import CustomerState, Tracking
-from schemas.money import CURRENCY_EXPONENTS, format_minor, major_to_minor
+from schemas.money import format_minor, major_to_minor
 
 Population = Mapping[tuple[str, float], float]  # (metric, quantile) → threshold in the metric's unit
 Env = tuple[dict[str, Any], dict[str, int], "Population | None"]  # values, scores, population thresholds
@@ -382,13 +382,12 @@ class Evaluation:
     ruleset itself does not use them.
     """
 
-    __slots__ = ("_recency", "_frequency", "_monetary", "_legacy", "scores", "grades", "values", "decided_by",
+    __slots__ = ("_recency", "_frequency", "_monetary", "_legacy", "scores", "grades", "values",
                  "_reasons", "_explain")
 
     def __init__(self, recency_days: int | None, frequency: int, monetary_minor: int, scores: dict[str, int],
                  grades: dict[str, str], reasons: dict[str, list[str]] | None = None,
                  values: dict[str, Any] | None = None, explain: Callable[[], dict[str, list[str]]] | None = None,
-                 decided_by: dict[str, str] | None = None,
                  legacy: Callable[[], tuple[int | None, int, int]] | None = None) -> None:
         self._recency = recency_days
         self._frequency = frequency
@@ -397,7 +396,6 @@ class Evaluation:
         self.scores = scores
         self.grades = grades
         self.values = values if values is not None else {}
-        self.decided_by = decided_by if decided_by is not None else {}
         self._reasons = reasons
         self._explain = explain
 
@@ -668,7 +666,3 @@ def _hysteresis(ladder: CompiledLadder, state: CustomerState, as_of: datetime, g
                                   f"{ladder.margin_words} of the band's bound; it would otherwise be {grade}.")
             return moved, None
     return grade, None
-
-
-def exponent(currency: str) -> int:
-    return CURRENCY_EXPONENTS[currency]

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from rules.metrics import ATTRIBUTE_KINDS, MetricDef, MetricError, parse_metric
+from rules.metrics import MetricDef, MetricError, parse_metric
 from schemas.errors import RulesetError
 from schemas.events import INTERACTION_TYPES
 from schemas.money import CURRENCY_EXPONENTS, major_to_minor

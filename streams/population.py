@@ -191,8 +191,16 @@ def attach_population(app: Any, settings: Any, ruleset: CompiledRuleset, table: 
 
     @app.task
     async def _population_follow() -> None:
-        await asyncio.get_running_loop().run_in_executor(None, population.ensure_topic)
-        await population.follow()
+        # Never let a broker hiccup here stop the worker: grading goes on with the last thresholds.
+        while True:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, population.ensure_topic)
+                await population.follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("gradeflow: following the population topic failed; retrying in 5 s")
+                await asyncio.sleep(5)
 
     @app.timer(interval=population.interval_s)
     async def _population_publish() -> None:
