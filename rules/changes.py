@@ -142,7 +142,9 @@ def grade(customer_id: str, rs: CompiledRuleset, state: CustomerState, as_of: da
     every event; a clock sweep calls it with ``Cause("clock", None)``."""
     evaluation = evaluate(rs, state, as_of, population)
     state.ruleset = rs.key
-    return decide_changes(customer_id, rs, state.grades, evaluation, as_of, cause, emitted_at, state.grade_since)
+    # When a grade was emitted matters only to a minimum dwell time: keep the state small otherwise.
+    since = state.grade_since if rs.tracks_since else None
+    return decide_changes(customer_id, rs, state.grades, evaluation, as_of, cause, emitted_at, since)
 
 
 def regrade_for_rules(customer_id: str, rs: CompiledRuleset, state: CustomerState, emitted_at: datetime,
@@ -168,4 +170,4 @@ def regrade_for_rules(customer_id: str, rs: CompiledRuleset, state: CustomerStat
     prune(state, local_day(as_of, rs.tz), rs.retention_days)
     evaluation = evaluate(rs, state, as_of, population, hysteresis=False)
     return decide_changes(customer_id, rs, state.grades, evaluation, as_of, Cause("rules", None), emitted_at,
-                          state.grade_since)
+                          state.grade_since if rs.tracks_since else None)

@@ -373,6 +373,11 @@ class CompiledRuleset:
     def key(self) -> str:
         return f"{self.id}@{self.version}"
 
+    @property
+    def tracks_since(self) -> bool:
+        """Whether any ladder has a minimum dwell time (which needs when each grade was emitted)."""
+        return any(ladder.dwell_s is not None for ladder in self.ladders)
+
 
 class Evaluation:
     """Metrics, scores and one grade per ladder, with reasons, as of one instant.
