@@ -20,6 +20,11 @@ class LadderGrade(BaseModel):
     previous_grade: str | None = None
     direction: str | None = None
     ruleset: RulesetRef | None = None
+    emitted_at: str | None = Field(None, description="When the grade change was emitted (Redis only).")
+    offset: int | None = Field(None, description="Offset of the change on grade-changes (Redis only; -1: filled "
+                                                 "from the tables by `gradeflow redis rebuild`).")
+    from_: Literal["table"] | None = Field(None, alias="from",
+                                           description="'table' when `redis rebuild` filled it from the table changelog.")
 
 
 class CustomerGrades(BaseModel):
