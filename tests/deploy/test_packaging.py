@@ -103,7 +103,8 @@ def test_compose_file_names_the_images_and_variables_the_docs_describe():
 def test_docs_table_lists_every_setting():
     docs = DOCS.read_text()
     listed = set(re.findall(r"^\| `(GRADEFLOW_[A-Z0-9_]+)`", docs, flags=re.M))
-    assert SETTINGS_VARS <= listed, sorted(SETTINGS_VARS - listed)
+    assert SETTINGS_VARS <= listed, (f"{sorted(SETTINGS_VARS - listed)} missing from docs/deploy.md: "
+                                     f"run `python deploy/settings_table.py --write`")
 
 
 def test_dockerfile_is_multi_stage_non_root_and_pinned():

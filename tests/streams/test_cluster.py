@@ -154,10 +154,13 @@ def test_workers_and_brokers_fail_and_every_grade_change_arrives(cluster):
             if seen == expected or time.monotonic() > deadline:
                 break
             time.sleep(2)
-        missing = {c: v for c, v in expected.items() if seen.get(c) != v}
-        assert not missing, (f"{len(missing)} customers differ, e.g. "
-                             f"{next(iter(missing.items()), None)} got {seen.get(next(iter(missing), ''))}\n"
-                             + "\n".join(w.tail(15) for w in workers[1:]))
+        differ = sorted(c for c in set(expected) | set(seen) if seen.get(c) != expected.get(c))
+        lost = sum(len([x for x in expected.get(c, []) if x not in seen.get(c, [])]) for c in differ)
+        extra = sum(len([x for x in seen.get(c, []) if x not in expected.get(c, [])]) for c in differ)
+        examples = "\n".join(f"  {c}: offline {expected.get(c)}\n  {' ' * len(c)}  online  {seen.get(c)}"
+                             for c in differ[:3])
+        assert not differ, (f"{len(differ)} of {len(expected)} customers differ: {lost} changes lost, "
+                            f"{extra} unexpected\n{examples}\n" + "\n".join(w.tail(25) for w in workers))
     finally:
         for w in workers:
             w.stop()
