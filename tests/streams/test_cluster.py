@@ -27,7 +27,7 @@ from streams.settings import load_settings
 from streams.topics import check_topics, create_topics
 from tests.deploy.localcluster import LocalCluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(400)]  # its own cluster (deploy/local/up)
 PORT = int(os.environ.get("GRADEFLOW_TEST_CLUSTER_PORT", "19092"))
 CUSTOMERS = 120
 EVENTS = 2400

@@ -18,7 +18,7 @@ import pytest
 from streams.local import ROOT, WorkerProcess, consume, produce, unique_env
 from tests.deploy.localcluster import LocalCluster
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.broker]  # starts its own broker with deploy/local/up
 PORT = int(os.environ.get("GRADEFLOW_TEST_SASL_PORT", "29092"))
 
 
