@@ -48,6 +48,15 @@ def test_up_prints_the_connection_settings(sasl_cluster):
     pw = Path(env["GRADEFLOW_KAFKA_SASL_PASSWORD_FILE"])
     assert oct(pw.stat().st_mode & 0o777) == "0o600"
     assert set(sasl_cluster.ps()) == {"controller-1", "kafka-1"}
+    # `ps` and `down` act on the set named by GRADEFLOW_KAFKA_BOOTSTRAP: the default env never
+    # selects this cluster; --all lists every set.
+    from tests.deploy.localcluster import PS
+
+    default_env = {k: v for k, v in os.environ.items() if not k.startswith("GRADEFLOW_")}
+    default_ps = subprocess.run([str(PS)], env=default_env, capture_output=True, text=True, check=True).stdout
+    assert f":{PORT}" not in default_ps and f":{PORT + 1}" not in default_ps
+    all_ps = subprocess.run([str(PS), "--all"], env=default_env, capture_output=True, text=True, check=True).stdout
+    assert f"kafka-1 {sasl_cluster.ps()['kafka-1'][0]} 127.0.0.1:{PORT}" in all_ps.splitlines()
 
 
 def test_worker_grades_over_sasl_ssl_and_never_logs_the_password(sasl_cluster):
