@@ -1,6 +1,7 @@
-"""The Faust app: one agent over both input topics, one state table, three sinks.
+"""The Faust app: one batch handler over both input topics, one state table, three sinks.
 
-The agent only moves data: it takes a batch of raw records, hands it to
+The handler only moves data: it takes a fetch of raw records (see
+:mod:`streams.batching` for why not one event at a time), hands it to
 :func:`streams.processor.process_batch` (pure), sends the outputs, waits until
 they are on the broker, and only then writes the new state to the table (and
 so to its changelog). A crash at any point therefore either replays the batch
@@ -23,6 +24,9 @@ from streams.kafka_config import bootstrap_list, faust_broker_options
 from streams.downstream import attach_downstream, observe_batch
 from streams.processor import INTERACTIONS, TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
+from streams.batching import BatchingApp, deliver_in_batches
+from streams.population import attach_population
+from streams.rules_start import attach_rules_regrade
 from streams.tables import FaustStateStore
 
 log = logging.getLogger("gradeflow")
@@ -48,7 +52,7 @@ class Counters:
 
 def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     """Build the Faust app for ``settings`` running ``ruleset``."""
-    app = faust.App(
+    app = BatchingApp(
         settings.group_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_list(settings)],
         store=settings.store,
@@ -77,41 +81,57 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     table = app.Table("customer-state", partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)
     store = FaustStateStore(table)
+    population = attach_population(app, settings, ruleset, table)  # None without relative grades
+    attach_rules_regrade(app, settings, ruleset, table, population)  # cause "rules" after a version change
     out_changes = names.grade_changes
     out_alerts = names.alerts
     out_dead = names.dead_letters
 
-    @app.agent(inputs, name="grade")
-    async def grade(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
-            if counters.first_batch_at is None:
-                counters.first_batch_at = time.time()
-            records = []
-            for event in events:
-                m = event.message
-                records.append(Record(roles[m.topic], m.topic, m.partition, m.offset, m.key, m.value,
-                                      int(m.timestamp * 1000) if m.timestamp else None, event))
-                counters.by_topic[m.topic] = counters.by_topic.get(m.topic, 0) + 1
-            result = process_batch(records, ruleset, store, utcnow())
-            producer = app.producer
-            pending = []
-            for key, value in result.dead_letters:
-                pending.append(await producer.send(out_dead, key, value, None, None, None))
-            for key, value in result.grade_changes:
-                pending.append(await producer.send(out_changes, key, value, None, None, None))
-            for key, value in result.alerts:
-                pending.append(await producer.send(out_alerts, key, value, None, None, None))
-            if pending:
-                await producer.flush()
-            store.put_many(result.states)
-            counters.consumed += result.consumed
-            counters.applied += result.applied
-            counters.replayed += result.replayed
-            counters.dead_lettered += result.dead
-            counters.grade_changes += len(result.grade_changes)
-            counters.alerts += len(result.alerts)
-            observe_batch(app, records)
-            counters.last_batch_at = time.time()
+    async def grade(messages: list[Any]) -> None:
+        """One fetch of input records: decode, grade, send, then store state, then ack."""
+        if counters.first_batch_at is None:
+            counters.first_batch_at = time.time()
+        by_topic = counters.by_topic
+        records = []
+        for m in messages:
+            topic = m.topic
+            records.append(Record(roles[topic], topic, m.partition, m.offset, m.key, m.value,
+                                  int(m.timestamp * 1000) if m.timestamp else None, m))
+            by_topic[topic] = by_topic.get(topic, 0) + 1
+        result = process_batch(records, ruleset, store, utcnow(),
+                               population=population.thresholds if population else None)
+        producer = app.producer
+        sent = False
+        for key, value in result.dead_letters:
+            await producer.send(out_dead, key, value, None, None, None)
+            sent = True
+        for key, value in result.grade_changes:
+            await producer.send(out_changes, key, value, None, None, None)
+            sent = True
+        for key, value in result.alerts:
+            await producer.send(out_alerts, key, value, None, None, None)
+            sent = True
+        # Outputs first, durable; then state. A crash in between replays the
+        # batch with the same deterministic outputs; the reverse order could
+        # record state whose grade changes were never delivered.
+        if sent:
+            await producer.flush()
+        if result.states:
+            await store.write_many(producer, result.states)
+            await producer.flush()
+        ack = app.consumer.ack
+        for m in messages:
+            ack(m)
+        counters.consumed += result.consumed
+        counters.applied += result.applied
+        counters.replayed += result.replayed
+        counters.dead_lettered += result.dead
+        counters.grade_changes += len(result.grade_changes)
+        counters.alerts += len(result.alerts)
+        observe_batch(app, records)
+        counters.last_batch_at = time.time()
+
+    deliver_in_batches(app, inputs, grade)
 
     @app.timer(interval=settings.report_interval)
     async def report() -> None:

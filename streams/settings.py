@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     batch_within: float = Field(0.05, gt=0, description="Seconds the agent waits to fill a batch.")
     report_interval: float = Field(10.0, gt=0, description="Seconds between the worker's gradeflow-stats log lines.")
     log_level: str = "info"
+    population_interval_s: float = Field(30.0, gt=0, description="Seconds between publications of the population sketches (relative grades).")
 
     # Downstream (issue 6): Redis current grades, alerts to on-call, HTTP API, metrics.
     # See docs/downstream.md.
