@@ -98,7 +98,7 @@ def _last_stats(worker: WorkerProcess) -> dict | None:
 
 def run_worker(env: dict[str, str], n: int, timeout_s: float) -> tuple[float, int, int, dict]:
     """Worker events/s over the backlog, its RSS when ready and its peak RSS (kB)."""
-    worker = WorkerProcess({**env, "GRADEFLOW_REPORT_INTERVAL": "0.5", "GRADEFLOW_LOG_LEVEL": "info"},
+    worker = WorkerProcess({**env, "GRADEFLOW_REPORT_INTERVAL": "0.5", "GRADEFLOW_LOG_LEVEL": "info", "GRADEFLOW_DOWNSTREAM": os.environ.get("GRADEFLOW_DOWNSTREAM", "false")},
                            name="bench")
     worker.start(ready_timeout=120)
     assert worker.proc is not None

@@ -87,7 +87,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     out_alerts = names.alerts
     out_dead = names.dead_letters
 
-    async def grade(messages: list[Any]) -> None:
+    async def grade(messages: list[Any]) -> None:  # aiokafka ConsumerRecords of one fetch
         """One fetch of input records: decode, grade, send, then store state, then ack."""
         if counters.first_batch_at is None:
             counters.first_batch_at = time.time()
@@ -95,8 +95,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         records = []
         for m in messages:
             topic = m.topic
-            records.append(Record(roles[topic], topic, m.partition, m.offset, m.key, m.value,
-                                  int(m.timestamp * 1000) if m.timestamp else None, m))
+            records.append(Record(roles[topic], topic, m.partition, m.offset, m.key, m.value, m.timestamp, m))
             by_topic[topic] = by_topic.get(topic, 0) + 1
         result = process_batch(records, ruleset, store, utcnow(),
                                population=population.thresholds if population else None)
@@ -119,9 +118,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         if result.states:
             await store.write_many(producer, result.states)
             await producer.flush()
-        ack = app.consumer.ack
-        for m in messages:
-            ack(m)
+        app.consumer.ack_records(messages)
         counters.consumed += result.consumed
         counters.applied += result.applied
         counters.replayed += result.replayed

@@ -1,36 +1,71 @@
 """Batch delivery of the input topics, inside Faust's own consumer.
 
-Faust hands records to agents one at a time: each record becomes an Event that
-crosses two coroutine hand-offs and an asyncio queue, and the consumer's drain
-loop wraps every record in ``wait_first`` (two tasks). Measured here that
-machinery alone caps a worker at a few thousand records/s, a hundredth of
-what the broker delivers, before any grading is done.
+Faust hands records to agents one at a time: each record becomes a Message and
+an Event, crosses two coroutine hand-offs and an asyncio queue, and the
+consumer's drain loop wraps every record in ``wait_first`` (two tasks).
+Measured here, that machinery alone capped a worker at a few thousand
+records/s, about a hundredth of what the broker delivers, before any grading.
 
 :class:`BatchConsumer` keeps everything else Faust does (group membership,
 rebalancing, table recovery from changelogs, offset commits with gap
-tracking, flow control during recovery) and changes one thing: records of the
-topics registered with :func:`deliver_in_batches` are collected per fetch and
-handed to one coroutine as a list; records of every other topic go through
-Faust's normal path. The handler acks the records when their effects are
-durable; Faust commits acked offsets as usual, and a rebalance waits for
-unacked records (``wait_empty``) exactly as it does for agents.
+tracking, flow control while tables recover, the stream-health checks) and
+changes one thing: the records of the topics registered with
+:func:`deliver_in_batches` are handed, as the raw aiokafka records of one
+fetch, to one coroutine; records of every other topic (Faust's own, the
+downstream agents') take Faust's normal path. The handler calls
+:meth:`BatchConsumer.ack_records` once their effects are durable; Faust then
+commits those offsets as it does for agents, and a rebalance waits for the
+batch in flight (``wait_empty``) as it waits for agents.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from time import monotonic
 from typing import Any, cast
 
 import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP
+from faust.types.tuples import ack_lock
 from mode import Service
+from mode.utils.futures import notify
 
 BatchHandler = Callable[[list[Any]], Awaitable[None]]
 
 
+class _InFlight:
+    """Stands in Faust's set of unacked messages while a batch is processed."""
+
+    __slots__ = ("acked", "refcount", "__weakref__")
+
+    def __init__(self) -> None:
+        self.acked = False
+        self.refcount = 1
+
+
 class BatchConsumer(aiokafka_driver.Consumer):
     """Faust's aiokafka consumer with a batch path for selected topics."""
+
+    def ack_records(self, records: Sequence[Any]) -> None:
+        """Mark processed records as acked, so that Faust commits past them."""
+        by_tp: dict[Any, list[int]] = {}
+        for r in records:
+            by_tp.setdefault((r.topic, r.partition), []).append(r.offset)
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        with ack_lock:
+            for (topic, partition), offsets in by_tp.items():
+                if not acks_enabled_for(topic):
+                    continue
+                tp = TP(topic, partition)
+                committed = self._committed_offset[tp]
+                index = self._acked_index[tp]
+                fresh = [o for o in offsets if (committed is None or o >= committed) and o not in index]
+                index.update(fresh)
+                self._acked[tp].extend(fresh)
+                self._n_acked += len(fresh)
+            notify(self._waiting_for_ack)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by broker tests
         handler: BatchHandler | None = getattr(self.app, "_gradeflow_batch_handler", None)
@@ -44,31 +79,60 @@ class BatchConsumer(aiokafka_driver.Consumer):
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
         unacked = self._unacked_messages
-        commit_every = self._commit_every
+        monitor = self.app.monitor
         try:
             while not (consumer_stopped() or fetcher_stopped()):
                 await self.sleep(0)
                 if self.should_stop:
                     break
+                generation = self.app.consumer_generation_id
+                records_by_tp, active = await self._wait_next_records(1.0)
+                if not records_by_tp or self.should_stop:
+                    continue
+                if not self.flow_active:
+                    # Tables are recovering after a rebalance: drop the fetch
+                    # and rewind, as Faust does; nothing here was acked.
+                    await self.perform_seek()
+                    continue
                 batch: list[Any] = []
-                async for tp, message in self.getmany(timeout=1.0):
-                    offset = message.offset
+                now = monotonic()
+                for tp, records in records_by_tp.items():
+                    if active is not None and tp not in active and tp not in self._buffered_partitions:
+                        continue
+                    if monitor is not None:
+                        monitor.track_tp_end_offset(tp, self.highwater(tp))
+                        monitor.stream_inbound_time[tp] = now
                     last = read_offset[tp]
-                    if last is not None and offset < last:
-                        continue  # already delivered before a seek
-                    if last is not None and offset - last > 1 and acks_enabled_for(message.topic):
-                        # Compaction or transaction markers leave holes; Faust
-                        # must know them or committed offsets stop advancing.
-                        await self._add_gap(tp, last + 1, offset)
-                    read_offset[tp] = offset
-                    if message.topic in batch_topics:
-                        unacked.add(message)
-                        batch.append(message)
-                    else:
-                        await self.wait_first(callback(message), self.suspend_flow.wait())
-                if batch:
+                    mine = tp.topic in batch_topics
+                    for record in records:
+                        offset = record.offset
+                        if last is not None and offset < last:
+                            continue  # delivered before a seek
+                        if last is not None and offset - last > 1 and acks_enabled_for(tp.topic):
+                            # Compaction and transaction markers leave holes;
+                            # Faust must know them or commits stop advancing.
+                            await self._add_gap(tp, last + 1, offset)
+                        last = offset
+                        if mine:
+                            batch.append(record)
+                        else:
+                            message = self._to_message(tp, record)
+                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                    read_offset[tp] = last
+                if not batch:
+                    continue
+                if self.app.consumer_generation_id != generation:
+                    # A rebalance happened during the fetch: these partitions
+                    # may be someone else's now; they will be fetched again.
+                    continue
+                marker = _InFlight()
+                unacked.add(marker)  # type: ignore[arg-type]
+                try:
                     await handler(batch)
-                if commit_every is not None and self._n_acked >= commit_every:
+                finally:
+                    marker.acked = True
+                    unacked.discard(marker)  # type: ignore[arg-type]
+                if self._commit_every is not None and self._n_acked >= self._commit_every:
                     self._n_acked = 0
                     await self.commit()
         except self.consumer_stopped_errors:
@@ -97,8 +161,9 @@ class BatchingApp(faust.App):
 def deliver_in_batches(app: BatchingApp, topic: Any, handler: BatchHandler) -> None:
     """Subscribe ``app`` to ``topic`` and hand its records to ``handler`` a fetch at a time.
 
-    The handler gets Faust ``Message`` objects and must ack each one
-    (``app.consumer.ack(message)``) once its effects are durable.
+    The handler gets aiokafka ``ConsumerRecord`` objects (``topic``,
+    ``partition``, ``offset``, ``key``, ``value``, ``timestamp`` in ms) and
+    must call ``app.consumer.ack_records(records)`` once their effects are durable.
     """
     app.topics.add(topic)
     app._gradeflow_batch_handler = handler  # type: ignore[attr-defined]
