@@ -90,6 +90,13 @@ def decimal_to_minor(value: Decimal, currency: str) -> int:
     return minor
 
 
+# The common case on the hot path, a plain decimal string or integer with no
+# more decimals than the currency has, is converted with integer arithmetic;
+# everything else (and every error message) goes through Decimal.
+_PLAIN = {e: re.compile(r"([0-9]{1,%d})(?:\.([0-9]{1,%d}))?" % (MAX_DIGITS, e) if e else r"([0-9]{1,%d})()" % MAX_DIGITS)
+          for e in set(CURRENCY_EXPONENTS.values())}
+
+
 def to_minor(amount: object, currency: str) -> int:
     """Parse a positive, finite amount into integer minor units of ``currency``.
 
@@ -98,8 +105,18 @@ def to_minor(amount: object, currency: str) -> int:
     12.3). Refuses NaN, infinities, zero, negatives, more decimals than the
     currency has, and absurdly long numbers.
     """
-    if currency not in CURRENCY_EXPONENTS:
+    exponent = CURRENCY_EXPONENTS.get(currency)
+    if exponent is None:
         raise InvalidEvent("invalid_currency", f"currency {currency!r} is not a supported ISO 4217 code")
+    if type(amount) is str:
+        plain = _PLAIN[exponent].fullmatch(amount)
+        if plain is not None:
+            whole, fraction = plain.groups()
+            minor = int(whole) * 10 ** exponent + (int(fraction.ljust(exponent, "0")) if fraction else 0)
+            if minor > 0:
+                return minor
+    elif type(amount) is int and 0 < amount < 10 ** MAX_DIGITS:
+        return amount * 10 ** exponent
     return decimal_to_minor(parse_amount(amount), currency)
 
 
