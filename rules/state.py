@@ -8,8 +8,15 @@ ruleset declares, daily balance flows (deposits minus withdrawals), open
 invoices and days-to-pay buckets, the grade last emitted on each ladder and
 since when, the ruleset that graded it, and the offset of the last applied
 record of each input topic (so that a replay after a crash does not apply a
-record twice). It serializes to a short JSON array; parts a ruleset does not
-use stay empty and cost nothing.
+record twice) and the ids of the events it applied, by day (so that the same
+event delivered twice, at another offset, counts once). It serializes to a
+short JSON array; parts a ruleset does not use stay empty and cost nothing.
+
+Format: ``[2, …9 positional fields…, ext]``. Format 1 (before issue 4) has no
+``ext``. New parts are added as optional keys of ``ext`` (readers take a
+missing key as empty), so adding one keeps the format number and old bytes on
+the changelogs stay readable; the number changes only for a change an older
+reader would misread.
 """
 
 from __future__ import annotations
@@ -63,6 +70,10 @@ class CustomerState:
     invoices: dict[str, list[int | None]] = field(default_factory=dict)
     grade_since: dict[str, float] = field(default_factory=dict)  # ladder → ts of the last change
     ruleset: str | None = None  # "id@version" that last graded this customer
+    # UTC day (Unix days) of an applied event's occurred_at → the event ids applied that day
+    # (a list; a set once long). Pruned by the processor past the allowed lateness: an older
+    # event is refused as late, so its id need not be remembered. Kept as ext "se".
+    seen: dict[int, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         """Serialize to the changelog format (a JSON array, versioned)."""
@@ -83,6 +94,8 @@ class CustomerState:
             ext["gs"] = self.grade_since
         if self.ruleset is not None:
             ext["rs"] = self.ruleset
+        if self.seen:
+            ext["se"] = [[d, ids if type(ids) is list else sorted(ids)] for d, ids in self.seen.items()]
         return orjson.dumps([
             _FORMAT,
             self.last_event_ts,
@@ -120,7 +133,43 @@ class CustomerState:
             invoices=ext.get("iv", {}),
             grade_since=ext.get("gs", {}),
             ruleset=ext.get("rs"),
+            seen={d: ids for d, ids in ext.get("se", ())},
         )
+
+
+# Past this many ids on one day, a day's ids are checked as a set (O(1)) rather than a list.
+_SEEN_LIST_MAX = 16
+
+
+def seen_before(state: CustomerState, day: int, event_id: str) -> bool:
+    """Whether an event with ``event_id`` on UTC ``day`` was already applied to ``state``."""
+    ids = state.seen.get(day)
+    if ids is None:
+        return False
+    if type(ids) is list and len(ids) > _SEEN_LIST_MAX:  # read back from bytes as a list
+        ids = state.seen[day] = set(ids)
+    return event_id in ids
+
+
+def remember(state: CustomerState, day: int, event_id: str) -> None:
+    """Record that the event ``event_id`` of UTC ``day`` was applied."""
+    ids = state.seen.get(day)
+    if ids is None:
+        state.seen[day] = [event_id]
+    elif type(ids) is list:
+        ids.append(event_id)
+        if len(ids) > _SEEN_LIST_MAX:
+            state.seen[day] = set(ids)
+    else:
+        ids.add(event_id)
+
+
+def forget_seen_before(state: CustomerState, first_day: int) -> None:
+    """Drop the ids of events of days before ``first_day`` (they can only come back as late)."""
+    seen = state.seen
+    if seen:
+        for day in [d for d in seen if d < first_day]:
+            del seen[day]
 
 
 def _later(current: float | None, ts: float) -> float:

@@ -19,7 +19,7 @@ import orjson
 from rules import windows
 from rules.changes import Cause, grade
 from rules.engine import CompiledRuleset, Population
-from rules.state import CustomerState, fold, prune
+from rules.state import CustomerState, fold, forget_seen_before, prune, remember, seen_before
 from schemas import SCHEMA_VERSION
 from schemas.decode import Contact, Txn, decode_interaction, decode_transaction
 from schemas.errors import InvalidEvent
@@ -29,6 +29,10 @@ INTERACTIONS = "i"
 
 # Kafka's default message limit is 1 MiB; a dead letter must fit in it.
 DEAD_LETTER_MAX_BYTES = 256 * 1024
+# Defaults of GRADEFLOW_MAX_FUTURE_SKEW_S; GRADEFLOW_ALLOWED_LATENESS_DAYS defaults to the
+# ruleset's retention (its longest window).
+MAX_FUTURE_SKEW_S = 86400.0
+_DAY_S = 86400.0
 
 
 @dataclass(slots=True)
@@ -60,10 +64,17 @@ class BatchResult:
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     # customer_id → (serialized state, the last record of that customer in the batch)
     states: dict[str, tuple[bytes, Record]] = field(default_factory=dict)
+    # consumed == applied + duplicates + replayed + dead, always.
     consumed: int = 0
     applied: int = 0
-    replayed: int = 0
+    replayed: int = 0  # offset already applied (a replay after a crash or rebalance): skipped, no output
+    duplicates: int = 0  # event_id already applied (producer retry, re-sent event): skipped, no output
     dead: int = 0
+    dead_reasons: dict[str, int] = field(default_factory=dict)  # reason → dead letters of this batch
+
+    @property
+    def reconciled(self) -> bool:
+        return self.consumed == self.applied + self.duplicates + self.replayed + self.dead
 
 
 def _text_or_b64(raw: bytes | None) -> tuple[str | None, str | None]:
@@ -100,15 +111,31 @@ def dead_letter(record: Record, error: InvalidEvent, now: datetime) -> bytes:
 
 
 def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader, now: datetime,
-                  check_keys: bool = True, population: Population | None = None) -> BatchResult:
+                  check_keys: bool = True, population: Population | None = None,
+                  allowed_lateness_days: float | None = None,
+                  max_future_skew_s: float | None = MAX_FUTURE_SKEW_S) -> BatchResult:
     """Apply a batch of records; return outputs and the new state of every touched customer.
 
-    ``now`` is wall-clock time, used only for ``emitted_at`` and
-    ``dead_lettered_at``; grades are evaluated in event time. ``population``
-    holds the thresholds of relative grades (rules/population.py), if any.
+    ``now`` is wall-clock time, used for ``emitted_at``, ``dead_lettered_at``
+    and the future-timestamp check; grades are evaluated in event time.
+    ``population`` holds the thresholds of relative grades (rules/population.py),
+    if any.
+
+    Each record ends as exactly one of: applied; replayed (its offset was
+    already applied to the customer: a redelivery after a crash); duplicate
+    (its ``event_id`` was already applied, on the same UTC day of its
+    ``occurred_at``); dead letter. Dead letters beyond decoding: ``future_timestamp``
+    (``occurred_at`` more than ``max_future_skew_s`` after ``now``; None: no
+    check) and ``late`` (``occurred_at`` more than ``allowed_lateness_days``,
+    default the ruleset's retention, before the customer's latest event time:
+    the stream time is kept per customer, in its state, so the verdict does
+    not depend on partitioning, batching or which worker runs).
     """
     result = BatchResult(consumed=len(records))
-    by_customer: dict[str, list[tuple[Record, Txn | Contact]]] = {}
+    dead_letters = result.dead_letters
+    reasons = result.dead_reasons
+    future_limit = now.timestamp() + max_future_skew_s if max_future_skew_s is not None else float("inf")
+    by_customer: dict[str, list[tuple[Record, Txn | Contact, float]]] = {}
     for record in records:
         try:
             if record.role == TRANSACTIONS:
@@ -118,30 +145,55 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                                        f"currency {event.currency} is not the ruleset's currency {rs.currency}")
             else:
                 event = decode_interaction(record.value, record.key, check_keys)
+            ts = event.occurred_at.timestamp()
+            if ts > future_limit:
+                raise InvalidEvent("future_timestamp",
+                                   f"occurred_at {event.occurred_at.isoformat()} is more than {max_future_skew_s:g} s "
+                                   f"after the wall clock ({now.isoformat()})")
         except InvalidEvent as error:
-            result.dead_letters.append((record.key, dead_letter(record, error, now)))
-            result.dead += 1
+            dead_letters.append((record.key, dead_letter(record, error, now)))
+            reasons[error.reason] = reasons.get(error.reason, 0) + 1
             continue
-        by_customer.setdefault(event.customer_id, []).append((record, event))
+        by_customer.setdefault(event.customer_id, []).append((record, event, ts))
 
     tz = rs.tz
     track = rs.track
     longest = rs.retention_days
+    lateness_days = longest if allowed_lateness_days is None else allowed_lateness_days
+    lateness_s = lateness_days * _DAY_S
     for customer_id, events in by_customer.items():
         raw = store.get(customer_id)
         state = CustomerState.from_bytes(raw) if raw is not None else CustomerState()
         key = customer_id.encode()
         last_record = None
-        for record, event in events:
+        offsets = state.offsets
+        for record, event, ts in events:
+            role = record.role
             # At-least-once delivery replays records after a crash; the state
             # remembers the last offset it applied from each input partition.
-            if record.offset <= state.offsets.get(record.role, -1):
+            if record.offset <= offsets.get(role, -1):
                 result.replayed += 1
                 continue
-            ts = event.occurred_at.timestamp()
+            offsets[role] = record.offset
+            last_record = record  # from here on the state changes (at least its offsets)
+            latest = state.last_event_ts
+            # Late before duplicate: ids are forgotten past the lateness, so this order gives
+            # the same verdict however records are batched.
+            if latest is not None and ts < latest - lateness_s:
+                error = InvalidEvent("late", f"occurred_at {event.occurred_at.isoformat()} is more than "
+                                             f"{lateness_days:g} days before the customer's latest event "
+                                             f"({datetime.fromtimestamp(latest, tz).isoformat()})")
+                dead_letters.append((record.key, dead_letter(record, error, now)))
+                reasons["late"] = reasons.get("late", 0) + 1
+                continue
+            day = int(ts // _DAY_S)
+            event_id = event.event_id
+            if seen_before(state, day, event_id):
+                result.duplicates += 1
+                continue
+            remember(state, day, event_id)
             fold(state, event, track, tz)
-            cause = Cause("transaction" if isinstance(event, Txn) else "interaction", event.event_id)
-            state.offsets[record.role] = record.offset
+            cause = Cause("transaction" if isinstance(event, Txn) else "interaction", event_id)
             assert state.last_event_ts is not None
             # Grades never go back in time: an older event is evaluated as of
             # the customer's latest event time, with the old event in its bucket.
@@ -153,9 +205,11 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
             for alert in alerts:
                 result.alerts.append((key, orjson.dumps(alert)))
             result.applied += 1
-            last_record = record
         if last_record is not None:
+            if state.seen and state.last_event_ts is not None:
+                forget_seen_before(state, int((state.last_event_ts - lateness_s) // _DAY_S))
             result.states[customer_id] = (state.to_bytes(), last_record)
+    result.dead = len(dead_letters)
     return result
 
 

@@ -20,7 +20,7 @@ from schemas.events import Alert, DeadLetter, GradeChange
 from streams.processor import INTERACTIONS, TRANSACTIONS, BatchResult, Record, process_batch
 
 RS = compile_ruleset(load("rfm-5"))
-NOW = datetime(2025, 7, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 7, 1, 12, 0, tzinfo=timezone.utc)  # wall clock: after every event (future-timestamp check)
 
 
 class DictStore(dict):
