@@ -31,7 +31,9 @@ def test_counters_of_the_grading_agent_are_exposed():
     text = metrics_text()
     assert 'gradeflow_events_consumed_total{topic="transactions"} 4.0' in text
     assert "gradeflow_events_dead_lettered_total 1.0" in text
-    assert "gradeflow_events_duplicate_total 1.0" in text
+    assert "gradeflow_events_replayed_total 1.0" in text
+    assert "gradeflow_events_duplicate_total" in text
+    assert "gradeflow_events_unreconciled 0.0" in text  # 5 = 3 applied + 1 replayed + 1 dead lettered
     assert "gradeflow_processing_latency_seconds_count 1.0" in text
     assert 'gradeflow_customers_by_grade{grade="B",ladder="value"} 2.0' in text
     assert 'gradeflow_alerts_sent_total{kind="trigger",sink="pagerduty"} 1.0' in text
