@@ -267,6 +267,13 @@ class Hysteresis(_Strict):
     margin: Decimal | None = Field(None, gt=0, description="In the decider's units: money in major units, points, days.")
 
 
+class Regrade(_Strict):
+    """A scheduled re-grade: the clock re-grades the ladder at every month end or year end (in the
+    ruleset's time zone), and only then; its own events still re-grade it at once (rules/README.md)."""
+
+    every: Literal["month_end", "year_end"]
+
+
 class Ladder(_Strict):
     """A ladder of grades, best first, with its key grades and how a grade is decided."""
 
@@ -275,6 +282,7 @@ class Ladder(_Strict):
     key: list[str] = Field(default_factory=list)
     decide: Decide
     hysteresis: Hysteresis | None = None
+    regrade: Regrade | None = None
 
     @model_validator(mode="after")
     def _known_grades(self) -> "Ladder":

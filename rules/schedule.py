@@ -1,0 +1,435 @@
+"""When time alone changes a customer's grade: the clock's pure part.
+
+Every metric of the catalogue is a step function of the local calendar day
+(in the ruleset's time zone): a bucket leaves a rolling window at a local
+midnight, "days since" grows by one at each local midnight, a calendar month
+starts at one. Only a minimum dwell time (hysteresis) ends at an arbitrary
+instant. So a customer's grades, with no new event, can only change at a
+small set of *candidate* instants, computed from their state:
+
+- a daily bucket (purchases, interactions, paid invoices, balance flows)
+  leaving each rolling window the ruleset uses: local midnight of
+  bucket day + N;
+- a "days since / until" metric (recency, tenure, interaction recency,
+  ``days_since`` / ``days_until`` of a date attribute, oldest open invoice)
+  crossing each bound the ruleset compares it with (also bound ± the
+  ladder's margin, and population thresholds when known);
+- the start of each calendar month / year while a calendar window is used;
+- the end of a minimum dwell time;
+- the scheduled re-grades a ladder declares (``regrade: {every: month_end}``).
+
+:func:`next_change_at` evaluates the grades at the candidates in ascending
+order and returns the first instant where one differs from the grade last
+emitted (``state.grades``). :func:`next_wake` is the same with a budget of
+evaluations, for the worker's hot path: when the budget runs out it returns
+the last instant examined, marked "no change", and the worker looks again
+from there. No clock is read here: callers pass the instants.
+
+A ladder with ``regrade: {every: month_end | year_end}`` is re-graded by time
+only at those instants (local midnight starting a month / a year): between
+them its grade waits, as a monthly review would; its own events still
+re-grade it at once. A ladder graded against the population (``top_percent``,
+``{quantile: q}``) cannot be predicted (the population moves without the
+customer), so its scheduled re-grades are always due; without ``regrade`` such
+a ladder is predicted with the thresholds known now.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from rules import windows
+from rules.changes import Cause, decide_changes
+from rules.engine import CompiledRuleset, Population, evaluate
+from rules.ruleset import Cond, Decide, convert
+from rules.state import CustomerState, prune
+
+CLOCK = Cause("clock", None)
+# Where the clock records the instant it last graded a customer (seconds), so that a schedule
+# rebuilt from the table resumes from there. A key of grade_since no ladder can have.
+GRADED_AT = "@clock"
+BUDGET = 64  # evaluations per next_wake call
+_ONE_US = timedelta(microseconds=1)
+
+
+# ---------------------------------------------------------------- what the ruleset makes time-sensitive
+
+
+@dataclass(slots=True)
+class Plan:
+    """Per ruleset, compiled once: which parts of a state have time-driven candidates."""
+
+    counters: dict[str, set[int]] = field(default_factory=dict)  # days metric → bounds it is compared with
+    rolling: dict[str, set[int]] = field(default_factory=dict)  # family → rolling window lengths
+    adb_rolling: set[int] = field(default_factory=set)
+    months: bool = False  # a calendar month window is used
+    years: bool = False
+    regrade: dict[str, str] = field(default_factory=dict)  # ladder → month_end | year_end
+    relative: set[str] = field(default_factory=set)  # ladders compared against the population
+    dwell: bool = False
+    horizon_days: int = 0
+
+
+_PLANS: dict[int, tuple[CompiledRuleset, Plan]] = {}
+
+
+def plan_of(rs: CompiledRuleset) -> Plan:
+    held = _PLANS.get(id(rs))
+    if held is not None and held[0] is rs:
+        return held[1]
+    p = _build_plan(rs)
+    _PLANS[id(rs)] = (rs, p)
+    return p
+
+
+def _build_plan(rs: CompiledRuleset) -> Plan:
+    p = Plan()
+    src = rs.source
+    defs = rs.defs or {}
+    for name, _ in rs.getters:
+        m = defs[name]
+        if m.kind == "days" and m.window is None:
+            p.counters.setdefault(name, set())
+        w = m.window
+        if w is None:
+            continue
+        if w.kind == "rolling":
+            fam = "purchases" if m.family in ("legacy", "purchases") else m.family
+            if fam == "balance":
+                p.adb_rolling.add(w.days)
+            else:
+                p.rolling.setdefault(fam, set()).add(w.days)
+        elif w.kind in ("month", "last_month"):
+            p.months = True
+        else:
+            p.years = True
+    if src is not None:
+        def bound(metric: str, raw: Any) -> None:
+            if metric is None or raw is None:
+                return
+            try:
+                m = src.metric(metric)
+            except ValueError:
+                return
+            if m.name not in p.counters or isinstance(raw, (dict, list)):
+                return
+            try:
+                p.counters[m.name].add(int(convert("days", raw, src.currency)))
+            except (ValueError, TypeError):
+                return
+
+        def cond(c: Cond) -> None:
+            for sub in [*(c.all or ()), *(c.any or ())]:
+                cond(sub)
+            if c.not_ is not None:
+                cond(c.not_)
+            if c.metric is not None:
+                for op, raw in c.ops():
+                    if op not in ("exists", "in", "not_in"):
+                        bound(c.metric, raw)
+                    elif op in ("in", "not_in"):
+                        for item in raw:
+                            bound(c.metric, item)
+
+        def decide(d: Decide, margin: int) -> None:
+            if d.metric is not None:
+                for b in d.bands or ():
+                    for delta in {0, margin, -margin}:
+                        bound(d.metric, int(b.bound) + delta if b.bound == int(b.bound) else b.bound)
+            for f in (d.scorecard or {}).values():
+                for pb in f.points:
+                    for op, raw in pb.ops():
+                        if op not in ("exists", "in", "not_in"):
+                            bound(f.metric, raw)
+            for r in d.rules or ():
+                if r.when is not None:
+                    cond(r.when)
+                if r.then is not None:
+                    decide(r.then, 0)
+
+        for score in src.scores.values():
+            for b in score.bands:
+                bound(score.metric, b.min if b.min is not None else b.max)
+        for name, ladder in src.ladders.items():
+            h = ladder.hysteresis
+            margin = int(h.margin) if h is not None and h.margin is not None and h.margin == int(h.margin) else 0
+            decide(ladder.decide, margin)
+            regrade = getattr(ladder, "regrade", None)
+            if regrade is not None:
+                p.regrade[name] = regrade.every
+    for ladder in rs.ladders:
+        if ladder.quantiles:
+            p.relative.add(ladder.name)
+        if ladder.dwell_s is not None:
+            p.dwell = True
+    longest_bound = max((max(b, default=0) for b in p.counters.values()), default=0)
+    p.horizon_days = max(rs.retention_days, longest_bound, 366) + 2
+    return p
+
+
+# ---------------------------------------------------------------- instants
+
+
+def midnight(day: int, tz: Any) -> datetime:
+    """The first instant of local day ``day`` (an ordinal) in ``tz``."""
+    d = date.fromordinal(day)
+    moment = datetime(d.year, d.month, d.day, tzinfo=tz)
+    # Where midnight does not exist (a DST gap), the day starts at the first instant that does.
+    while windows.local_day(moment, tz) < day:
+        moment += timedelta(minutes=30)
+    return moment
+
+
+def is_boundary(moment: datetime, every: str, tz: Any) -> bool:
+    """Whether ``moment`` is the instant a local month (``month_end``) or year (``year_end``) ends."""
+    local = moment.astimezone(tz)
+    day = local.toordinal()
+    if local != midnight(day, tz):
+        return False
+    return local.day == 1 and (every == "month_end" or local.month == 1)
+
+
+def _month_starts(first_day: int, last_day: int, years_only: bool) -> Iterable[int]:
+    d = date.fromordinal(first_day)
+    y, m = d.year, d.month
+    while True:
+        m += 1
+        if m == 13:
+            y, m = y + 1, 1
+        start = date(y, m, 1).toordinal()
+        if start > last_day:
+            return
+        if not years_only or m == 1:
+            yield start
+
+
+def _next_boundary(day: int, every: str) -> int:
+    return next(iter(_month_starts(day, day + 400, every == "year_end")))
+
+
+def candidate_days(rs: CompiledRuleset, state: CustomerState, after_day: int,
+                   population: Population | None = None) -> list[int]:
+    """Local days after ``after_day`` whose midnight may change a metric, ascending."""
+    p = plan_of(rs)
+    tz = rs.tz
+    last = after_day + p.horizon_days
+    days: set[int] = set()
+    add = days.add
+
+    def since(base: int | None, bounds: Iterable[int], falling: bool = False) -> None:
+        if base is None:
+            return
+        for k in bounds:
+            for d in ((base - k, base - k + 1) if falling else (base + k, base + k + 1)):
+                if after_day < d <= last:
+                    add(d)
+
+    def day_of(ts: float | None) -> int | None:
+        return None if ts is None else windows.day_of_ts(ts, tz)
+
+    for name, bounds in p.counters.items():
+        if population:
+            extra = {int(v) + d for (metric, _), v in population.items() if metric == name for d in (-1, 0, 1, 2)}
+            bounds = bounds | extra
+        if name == "recency_days":
+            since(day_of(state.last_purchase_ts), bounds)
+        elif name == "tenure_days":
+            since(day_of(state.first_purchase_ts), bounds)
+        elif name.startswith("interactions.recency_days"):
+            parts = name.split(".")
+            ts = state.last_interaction_ts if len(parts) == 2 else state.last_by_type.get(parts[2])
+            since(day_of(ts), bounds)
+        elif name.startswith("days_since.") or name.startswith("days_until."):
+            held = state.attrs.get(name.split(".", 1)[1])
+            if held is not None and isinstance(held[1], int):
+                since(held[1], bounds, falling=name.startswith("days_until."))
+        elif name == "invoices.oldest_open_days":
+            issued = [i for i, paid in state.invoices.values() if i is not None and paid is None]
+            if issued:
+                since(min(issued), bounds)
+    for family, lengths in p.rolling.items():
+        if family == "purchases":
+            data: Iterable[int] = state.buckets.keys()
+        elif family == "interactions":
+            data = state.ibuckets.keys()
+        else:  # invoices: the day each was paid
+            data = [paid for _, paid in state.invoices.values() if paid is not None]
+        for d in data:
+            for n in lengths:
+                if after_day < d + n <= last:
+                    add(d + n)
+    if p.adb_rolling and state.flows:
+        end = min(last, max(state.flows) + max(p.adb_rolling))
+        days.update(range(after_day + 1, end + 1))
+    if p.months or p.years:
+        days.update(_month_starts(after_day, last, not p.months))
+    if p.regrade:
+        every = set(p.regrade.values())
+        days.update(_month_starts(after_day, last, "month_end" not in every))
+    return sorted(days)
+
+
+def _dwell_ends(rs: CompiledRuleset, state: CustomerState, after: datetime) -> list[datetime]:
+    out = []
+    for ladder in rs.ladders:
+        since = state.grade_since.get(ladder.name)
+        if ladder.dwell_s is None or since is None:
+            continue
+        end = since + ladder.dwell_s
+        moment = datetime.fromtimestamp(end, rs.tz)
+        while moment.timestamp() - since < ladder.dwell_s:
+            moment += _ONE_US
+        if moment > after:
+            out.append(moment)
+    return out
+
+
+# ---------------------------------------------------------------- grades at an instant
+
+
+def grades_at(rs: CompiledRuleset, state: CustomerState, moment: datetime,
+              population: Population | None = None) -> dict[str, str]:
+    """The grades the clock would hold at ``moment`` with no new event (regrade ladders wait)."""
+    return _masked(rs, state, moment, evaluate(rs, state, moment, population).grades)
+
+
+def _masked(rs: CompiledRuleset, state: CustomerState, moment: datetime, grades: dict[str, str]) -> dict[str, str]:
+    regrade = plan_of(rs).regrade
+    if regrade:
+        for name, every in regrade.items():
+            held = state.grades.get(name)
+            if held is not None and not is_boundary(moment, every, rs.tz):
+                grades[name] = held
+    return grades
+
+
+def graded_at(state: CustomerState) -> float | None:
+    """The latest instant (seconds) the state was graded as of: its latest event or the clock."""
+    marks = [t for t in (state.last_event_ts, state.grade_since.get(GRADED_AT)) if t is not None]
+    return max(marks) if marks else None
+
+
+def next_wake(rs: CompiledRuleset, state: CustomerState, after: datetime, population: Population | None = None,
+              budget: int | None = BUDGET) -> tuple[datetime | None, bool]:
+    """The next instant to look at this customer, and whether their grade changes there.
+
+    ``(t, True)``: time alone changes a grade at ``t`` (or a scheduled re-grade of a
+    population-relative ladder is due). ``(t, False)``: ``budget`` evaluations found no
+    change up to ``t``; look again from ``t``. ``(None, False)``: nothing ever changes.
+    """
+    if not state.grades or state.last_event_ts is None:
+        return None, False
+    p = plan_of(rs)
+    tz = rs.tz
+    after = after.astimezone(tz)
+    after_day = windows.local_day(after, tz)
+    forced: datetime | None = None
+    for name in p.relative & set(p.regrade):
+        boundary = midnight(_next_boundary(after_day, p.regrade[name]), tz)
+        forced = boundary if forced is None or boundary < forced else forced
+    moments = [midnight(d, tz) for d in candidate_days(rs, state, after_day, population)]
+    if p.dwell:
+        moments = sorted(set(moments) | set(_dwell_ends(rs, state, after)))
+    current = state.grades
+    tried = 0
+    for moment in moments:
+        if moment <= after:
+            continue
+        if forced is not None and moment >= forced:
+            return forced, True
+        if budget is not None and tried >= budget:
+            return moment - _ONE_US, False
+        tried += 1
+        grades = grades_at(rs, state, moment, population)
+        if any(grades.get(k) != v for k, v in current.items()) or any(k not in current for k in grades):
+            return moment, True
+    return (forced, True) if forced is not None else (None, False)
+
+
+def next_change_at(rs: CompiledRuleset, state: CustomerState, after: datetime,
+                   population: Population | None = None) -> datetime | None:
+    """The next instant strictly after ``after`` at which time alone (no new event) changes one of
+    the customer's grades from those last emitted (``state.grades``), or None when none ever will.
+
+    Population-relative ladders with a scheduled re-grade: their next re-grade is returned
+    (their change cannot be foreseen). Pure: no clock, ``state`` is not modified.
+    """
+    moment, changed = next_wake(rs, state, after, population, budget=None)
+    return moment if changed else None
+
+
+# ---------------------------------------------------------------- the clock's re-grade
+
+
+def regrade(customer_id: str, rs: CompiledRuleset, state: CustomerState, as_of: datetime, emitted_at: datetime,
+            population: Population | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Re-grade ``state`` by time alone as of ``as_of``: the changes and alerts due (cause ``clock``,
+    deterministic ids from ``as_of``). Updates the state (pruned, grades, and the instant it was
+    graded as of, for a schedule rebuilt from the table)."""
+    as_of = as_of.astimezone(rs.tz)
+    prune(state, windows.local_day(as_of, rs.tz), rs.retention_days)
+    ev = evaluate(rs, state, as_of, population)
+    _masked(rs, state, as_of, ev.grades)
+    since = state.grade_since if rs.tracks_since else None
+    changes, alerts = decide_changes(customer_id, rs, state.grades, ev, as_of, CLOCK, emitted_at, since)
+    state.ruleset = rs.key
+    state.grade_since[GRADED_AT] = as_of.timestamp()
+    return changes, alerts
+
+
+# ---------------------------------------------------------------- a schedule (used by the worker)
+
+
+class Schedule:
+    """Due instants of customers: a heap of (due, key) with lazy deletion; one per partition."""
+
+    __slots__ = ("heap", "due")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, bytes]] = []
+        self.due: dict[bytes, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.due)
+
+    def set(self, key: bytes, due: float | None) -> None:
+        if due is None:
+            self.due.pop(key, None)
+            return
+        if self.due.get(key) == due:
+            return
+        self.due[key] = due
+        heapq.heappush(self.heap, (due, key))
+        if len(self.heap) > 4 * len(self.due) + 64:
+            self.heap = [(d, k) for k, d in self.due.items()]
+            heapq.heapify(self.heap)
+
+    def pop_due(self, now: float, limit: int) -> list[tuple[bytes, float]]:
+        out: list[tuple[bytes, float]] = []
+        heap, due = self.heap, self.due
+        while heap and heap[0][0] <= now and len(out) < limit:
+            d, key = heapq.heappop(heap)
+            if due.get(key) == d:
+                del due[key]
+                out.append((key, d))
+        return out
+
+    def next_due(self) -> float | None:
+        heap, due = self.heap, self.due
+        while heap and due.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+
+def due_of(rs: CompiledRuleset, state: CustomerState, population: Mapping | None = None,
+           after: float | None = None) -> float | None:
+    """The due instant (seconds) of a stored state: its next wake after it was last graded."""
+    start = graded_at(state) if after is None else after
+    if start is None:
+        return None
+    moment, _ = next_wake(rs, state, datetime.fromtimestamp(start, rs.tz), population)
+    return None if moment is None else moment.timestamp()

@@ -1,0 +1,213 @@
+"""rules/schedule.py: when time alone changes a grade, exactly."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rules import windows
+from rules.changes import Cause, grade
+from rules.engine import compile_ruleset
+from rules.ruleset import load, parse
+from rules.schedule import GRADED_AT, Schedule, grades_at, midnight, next_change_at, next_wake, regrade
+from rules.state import CustomerState, apply_interaction, apply_transaction, prune
+from schemas.errors import RulesetError
+from tests.rules.rulehelp import SHANGHAI, at
+
+NOW = datetime(2026, 11, 23, tzinfo=SHANGHAI)
+US = timedelta(microseconds=1)
+
+
+def live(rs, events, state=None):
+    """Fold purchases (moment, amount_minor) and grade after each, as the processor does."""
+    state = state or CustomerState()
+    for moment, amount in events:
+        apply_transaction(state, moment.timestamp(), windows.local_day(moment, rs.tz), amount < 0, abs(amount),
+                          rs.track.detail)
+        prune(state, windows.local_day(moment, rs.tz), rs.retention_days)
+        grade("c", rs, state, moment, Cause("transaction", "e"), NOW)
+    return state
+
+
+def day(d: date, n: int) -> int:
+    return d.toordinal() + n
+
+
+def test_recency_crossing_7_to_8_drops_a_to_b_at_that_midnight(rfm5):
+    d0 = date(2026, 3, 10)
+    state = live(rfm5, [(at(d0, 10), 250000), (at(d0, 11), 250000)])  # R5 F2 M3 = 10: A
+    assert state.grades == {"value": "A"}
+    due = next_change_at(rfm5, state, at(d0, 11))
+    assert due == midnight(day(d0, 8), SHANGHAI)  # 8 days ago: R4, 9: B
+    assert due.isoformat() == "2026-03-18T00:00:00+08:00"
+
+
+def test_recency_crossing_that_keeps_the_grade_is_skipped(rfm5):
+    d0 = date(2026, 3, 10)
+    state = live(rfm5, [(at(d0, 10), 6000000)])  # R5 F1 M5 = 11: A; day 8: R4 = 10, still A
+    assert state.grades == {"value": "A"}
+    assert next_change_at(rfm5, state, at(d0, 10)) == midnight(day(d0, 31), SHANGHAI)  # R3: 9 → B
+
+
+def test_a_big_purchase_rolls_off_at_day_365(rfm5):
+    d0 = date(2025, 1, 1)
+    state = live(rfm5, [(at(d0, 10), 6000000), (at(date.fromordinal(day(d0, 364)), 10), 10000)])
+    assert state.grades == {"value": "A"}  # R5 F2 M5 = 12
+    due = next_change_at(rfm5, state, at(date.fromordinal(day(d0, 364)), 10))
+    assert due == midnight(day(d0, 365), SHANGHAI)  # the 60000 leaves: R5 F1 M1 = 7 → B
+    assert grades_at(rfm5, state, due) == {"value": "B"}
+    assert grades_at(rfm5, state, due - US) == {"value": "A"}
+
+
+def test_no_purchase_ever_never_changes(rfm5):
+    state = CustomerState()
+    apply_interaction(state, at(date(2026, 1, 1)).timestamp(), "visit")
+    grade("c", rfm5, state, at(date(2026, 1, 1)), Cause("interaction", "i"), NOW)
+    assert state.grades == {"value": "D"}
+    assert next_change_at(rfm5, state, at(date(2026, 1, 1))) is None
+
+
+def test_the_lowest_grade_with_old_purchases_is_never_due(rfm5):
+    state = live(rfm5, [(at(date(2026, 1, 1)), 100)])  # R5 F1 M1 = 7: B
+    due = next_change_at(rfm5, state, at(date(2026, 1, 1)))
+    assert due == midnight(date(2026, 1, 1).toordinal() + 8, SHANGHAI)  # R4: 6 → C
+    state.grades["value"] = "D"  # as if the clock had already brought it down
+    assert next_change_at(rfm5, state, at(date(2026, 12, 1))) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 400), st.integers(1, 3000000)), min_size=1, max_size=12),
+       st.integers(0, 30))
+def test_property_the_grade_changes_exactly_at_next_change_at(rfm5, purchases, extra_days):
+    d0 = date(2025, 1, 1)
+    events = sorted((at(date.fromordinal(day(d0, offset)), 9 + i % 10), amount) for i, (offset, amount) in enumerate(purchases))
+    state = live(rfm5, events)
+    after = events[-1][0] + timedelta(days=extra_days, hours=3)
+    before = dict(state.grades)
+    # the state as graded as of `after` (the clock would have caught up)
+    t = next_change_at(rfm5, state, events[-1][0])
+    if t is not None and t <= after:
+        regrade("c", rfm5, state, t, NOW)
+        after = t
+        before = dict(state.grades)
+    due = next_change_at(rfm5, state, after)
+    last = due if due is not None else midnight(windows.local_day(after, SHANGHAI) + 400, SHANGHAI)
+    # brute force: no local midnight strictly between `after` and `due` changes the grade
+    d = windows.local_day(after, SHANGHAI) + 1
+    while midnight(d, SHANGHAI) < last:
+        assert grades_at(rfm5, state, midnight(d, SHANGHAI)) == before, date.fromordinal(d)
+        d += 1
+    if due is not None:
+        assert due > after
+        assert grades_at(rfm5, state, due - US) == before
+        assert grades_at(rfm5, state, due) != before
+
+
+def test_next_wake_with_a_budget_resumes_where_it_stopped(rfm5):
+    d0 = date(2025, 1, 1)
+    state = live(rfm5, [(at(date.fromordinal(day(d0, i)), 10), 100) for i in range(0, 40)])
+    exact = next_change_at(rfm5, state, at(date.fromordinal(day(d0, 39)), 10))
+    moment, changed = next_wake(rfm5, state, at(date.fromordinal(day(d0, 39)), 10), budget=1)
+    hops = 0
+    while not changed:
+        moment, changed = next_wake(rfm5, state, moment, budget=1)
+        hops += 1
+    assert moment == exact and hops >= 1
+
+
+def test_clock_regrade_emits_a_clock_change_and_alert_with_the_instant_as_of(rfm5):
+    d0 = date(2026, 3, 10)
+    state = live(rfm5, [(at(d0, 10), 250000), (at(d0, 11), 250000)])
+    due = next_change_at(rfm5, state, at(d0, 11))
+    changes, alerts = regrade("key", rfm5, state, due, NOW)
+    assert [(c["previous_grade"], c["grade"], c["direction"], c["as_of"], c["cause"]) for c in changes] == [
+        ("A", "B", "downgrade", "2026-03-18T00:00:00+08:00", {"kind": "clock", "event_id": None})]
+    assert [(a["previous_grade"], a["grade"], a["severity"]) for a in alerts] == [("A", "B", "critical")]
+    assert state.grade_since[GRADED_AT] == due.timestamp()
+    again = CustomerState.from_bytes(state.to_bytes())
+    assert regrade("key", rfm5, again, due, NOW) == ([], [])  # nothing changes: nothing emitted
+    # same instant, same id (a restart repeating it emits the same event_id)
+    state2 = live(rfm5, [(at(d0, 10), 250000), (at(d0, 11), 250000)])
+    assert regrade("key", rfm5, state2, due, NOW)[0][0]["event_id"] == changes[0]["event_id"]
+    # and the next change is computed from the clock's instant on
+    # R3 at day 31 (8) and R2 at day 61 (7) keep B; R1 at day 121: 6 → C
+    assert next_change_at(rfm5, state, due) == midnight(day(d0, 121), SHANGHAI)
+
+
+DWELL = """
+id: dwell
+version: "1"
+scores:
+  r: {metric: recency_days, bands: [{max: 7, score: 5}, {max: 30, score: 3}], else: 1}
+ladders:
+  value:
+    grades: [A, B, C]
+    hysteresis: {min_dwell_days: 10}
+    decide: {sum: [r], bands: [{min: 5, grade: A}, {min: 3, grade: B}], else: C}
+"""
+
+
+def test_dwell_holds_the_grade_and_its_end_is_the_change():
+    rs = compile_ruleset(parse(DWELL))
+    d0 = date(2026, 1, 1)
+    state = live(rs, [(at(d0, 10), 100)])
+    assert state.grades == {"value": "A"}
+    # A since d0 10:00 (the initial grading); recency 8 at day 8 would make B, but A is held
+    # for 10 days: the change is when the dwell ends
+    due = next_change_at(rs, state, at(d0, 10))
+    assert due == at(d0, 10) + timedelta(days=10)
+    assert grades_at(rs, state, due - US) == {"value": "A"}
+    regrade("c", rs, state, due, NOW)
+    assert state.grades == {"value": "B"}
+    # B since day 10 10:00; recency 31 at day 31 → C, and the dwell has ended by then
+    due = next_change_at(rs, state, due)
+    assert due == midnight(day(d0, 31), SHANGHAI)
+    # a dwell that has not ended holds the grade: the change comes when it ends
+    state.grade_since["value"] = midnight(day(d0, 30), SHANGHAI).timestamp() + 3600
+    due = next_change_at(rs, state, due)
+    assert due == midnight(day(d0, 40), SHANGHAI) + timedelta(hours=1)
+    assert grades_at(rs, state, due - US) == {"value": "B"} and grades_at(rs, state, due) == {"value": "C"}
+
+
+def test_b2b_pipeline_regrades_time_changes_at_month_end_only():
+    rs = compile_ruleset(load("b2b-pipeline-abcd"))
+    assert rs.source.ladders["pipeline"].regrade.every == "month_end"
+    state = CustomerState()
+    moment = at(date(2026, 1, 10))
+    apply_interaction(state, moment.timestamp(), "stage_update", attributes={"expected_close_at": "2026-06-10"},
+                      track=rs.track, tz=rs.tz)
+    grade("c", rs, state, moment, Cause("interaction", "i"), NOW)
+    assert state.grades == {"pipeline": "B"}  # 151 days to close
+    # 92 days before June 10 is March 10: A then without the month-end rule, at April 1 with it
+    assert next_change_at(rs, state, moment).isoformat() == "2026-04-01T00:00:00+08:00"
+    assert grades_at(rs, state, at(date(2026, 3, 20))) == {"pipeline": "B"}
+    assert grades_at(rs, state, midnight(date(2026, 4, 1).toordinal(), SHANGHAI)) == {"pipeline": "A"}
+
+
+def test_a_relative_ladder_with_month_end_regrade_is_due_at_every_month_end():
+    rs = compile_ruleset(load("key-account-abc"))
+    state = live(rs, [(at(date(2026, 1, 10)), 100)])
+    assert next_change_at(rs, state, at(date(2026, 1, 10))).isoformat() == "2026-02-01T00:00:00+08:00"
+
+
+def test_regrade_is_validated():
+    text = DWELL.replace("    hysteresis: {min_dwell_days: 10}\n", "    regrade: {every: weekly}\n")
+    with pytest.raises(RulesetError) as err:
+        parse(text, "bad.yaml")
+    assert "ladders.value.regrade.every" in str(err.value) and "month_end" in str(err.value)
+    assert compile_ruleset(parse(DWELL.replace("hysteresis: {min_dwell_days: 10}", "regrade: {every: year_end}")))
+
+
+def test_schedule_pops_only_due_and_current_entries():
+    s = Schedule()
+    s.set(b"a", 10.0)
+    s.set(b"b", 5.0)
+    s.set(b"a", 3.0)  # rescheduled earlier
+    s.set(b"c", 20.0)
+    s.set(b"c", None)  # nothing due any more
+    assert s.next_due() == 3.0
+    assert s.pop_due(9.0, 100) == [(b"a", 3.0), (b"b", 5.0)]
+    assert s.pop_due(100.0, 100) == [] and len(s) == 0
