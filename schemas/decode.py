@@ -94,6 +94,11 @@ def _key_matches(key: bytes | None, customer_id: str) -> None:
     # customer would update the wrong partition's state.
     if key is None or key != customer_id.encode():
         shown = "null" if key is None else repr(key[:64])
+        if key is not None:
+            try:
+                key.decode("utf-8")
+            except UnicodeDecodeError:
+                shown += " (not UTF-8)"
         raise InvalidEvent("key_mismatch", f"message key {shown} is not the event's customer_id {customer_id[:64]!r}")
 
 

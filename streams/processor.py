@@ -29,6 +29,13 @@ INTERACTIONS = "i"
 
 # Kafka's default message limit is 1 MiB; a dead letter must fit in it.
 DEAD_LETTER_MAX_BYTES = 256 * 1024
+# A dead letter longer than this (text with many characters JSON must escape) carries key and
+# value as base64 instead, which bounds it to 4/3 of the clipped bytes.
+_DEAD_LETTER_SOFT_LIMIT = 900_000
+# An input value longer than this is not an event (real ones are well under 4 KiB): it is a
+# dead letter ("too_large") without being parsed. The broker's default limit (1 MiB) refuses
+# larger ones before they reach gradeflow.
+MAX_EVENT_BYTES = 256 * 1024
 # Defaults of GRADEFLOW_MAX_FUTURE_SKEW_S; GRADEFLOW_ALLOWED_LATENESS_DAYS defaults to the
 # ruleset's retention (its longest window).
 MAX_FUTURE_SKEW_S = 86400.0
@@ -77,10 +84,12 @@ class BatchResult:
         return self.consumed == self.applied + self.duplicates + self.replayed + self.dead
 
 
-def _text_or_b64(raw: bytes | None) -> tuple[str | None, str | None]:
+def _text_or_b64(raw: bytes | None, force_b64: bool = False) -> tuple[str | None, str | None]:
     if raw is None:
         return None, None
     clipped = raw[:DEAD_LETTER_MAX_BYTES]
+    if force_b64:
+        return base64.b64encode(clipped).decode("ascii"), "base64"
     try:
         return clipped.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -107,7 +116,14 @@ def dead_letter(record: Record, error: InvalidEvent, now: datetime) -> bytes:
     }
     if record.value is not None and len(record.value) > DEAD_LETTER_MAX_BYTES:
         doc["error"] += f" (value truncated to {DEAD_LETTER_MAX_BYTES} of {len(record.value)} bytes)"
-    return orjson.dumps(doc)
+    if record.key is not None and len(record.key) > DEAD_LETTER_MAX_BYTES:
+        doc["error"] += f" (key truncated to {DEAD_LETTER_MAX_BYTES} of {len(record.key)} bytes)"
+    out = orjson.dumps(doc)
+    if len(out) > _DEAD_LETTER_SOFT_LIMIT:
+        doc["key"], doc["key_encoding"] = _text_or_b64(record.key, True)
+        doc["value"], doc["value_encoding"] = _text_or_b64(record.value, True)
+        out = orjson.dumps(doc)
+    return out
 
 
 def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader, now: datetime,
@@ -138,13 +154,17 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
     by_customer: dict[str, list[tuple[Record, Txn | Contact, float]]] = {}
     for record in records:
         try:
+            value = record.value
+            if value is not None and len(value) > MAX_EVENT_BYTES:
+                raise InvalidEvent("too_large", f"value of {len(value)} bytes is larger than an event may be "
+                                                f"({MAX_EVENT_BYTES} bytes)")
             if record.role == TRANSACTIONS:
-                event: Txn | Contact = decode_transaction(record.value, record.key, check_keys)
+                event: Txn | Contact = decode_transaction(value, record.key, check_keys)
                 if event.currency != rs.currency:
                     raise InvalidEvent("invalid_currency",
                                        f"currency {event.currency} is not the ruleset's currency {rs.currency}")
             else:
-                event = decode_interaction(record.value, record.key, check_keys)
+                event = decode_interaction(value, record.key, check_keys)
             ts = event.occurred_at.timestamp()
             if ts > future_limit:
                 raise InvalidEvent("future_timestamp",
