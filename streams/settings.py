@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     report_interval: float = Field(10.0, gt=0, description="Seconds between the worker's gradeflow-stats log lines.")
     log_level: str = "info"
     population_interval_s: float = Field(30.0, gt=0, description="Seconds between publications of the population sketches (relative grades).")
+    # Late and future events (issue 5; schemas/README.md, docs/guarantees.md).
+    allowed_lateness_days: float | None = Field(
+        None, gt=0, description="An event older than this many days before its customer's latest event goes to the "
+                                "dead-letter topic (reason late); default: the ruleset's retention (longest window).")
+    max_future_skew_s: float = Field(
+        86400.0, gt=0, description="An event whose occurred_at is more than this many seconds after the worker's wall "
+                                   "clock goes to the dead-letter topic (reason future_timestamp).")
 
     # Downstream (issue 6): Redis current grades, alerts to on-call, HTTP API, metrics.
     # See docs/downstream.md.
