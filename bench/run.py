@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from kafka import KafkaProducer
 
 from streams.local import WorkerProcess, unique_env
@@ -34,9 +34,9 @@ TZ = timezone(timedelta(hours=8))
 
 
 def generate(n: int, customers: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
-    """N transactions over a year for ``customers`` customers, ~3% refunds, in event-time order."""
+    """N transactions over the past year for ``customers`` customers, ~3% refunds, in event-time order."""
     rng = random.Random(seed)
-    start = datetime(2026, 1, 1, tzinfo=TZ)
+    start = (datetime.now(TZ) - timedelta(days=366)).replace(hour=0, minute=0, second=0, microsecond=0)
     step = 365 * 86400 / n
     out = []
     for i in range(n):
@@ -119,40 +119,160 @@ def run_worker(env: dict[str, str], n: int, timeout_s: float) -> tuple[float, in
     return eps, ready_kb, peak_kb, stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=500_000)
-    parser.add_argument("--customers", type=int, default=50_000)
-    parser.add_argument("--timeout", type=float, default=900)
-    args = parser.parse_args(argv)
-
-    settings = load_settings()
+def throughput(settings, events: int, customers: int, timeout_s: float) -> dict:
+    """One throughput run on a fresh topic: raw consumer, then the worker, same records."""
     env = unique_env("bench", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
     os.environ.update(env)
     create_topics(load_settings())
     topic = env["GRADEFLOW_TOPIC_TRANSACTIONS"]
-
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"date {datetime.now(timezone.utc):%Y-%m-%d}")
-    print(f"generating {args.events} transactions for {args.customers} customers...")
-    records = generate(args.events, args.customers)
+    print(f"generating {events} transactions for {customers} customers...")
+    records = generate(events, customers)
     took = produce(settings.kafka_bootstrap, topic, records)
     print(f"produced to {topic} in {took:.1f}s")
     del records
-
-    raw_s = asyncio.run(raw_consume(settings.kafka_bootstrap, topic, args.events))
-    raw_eps = args.events / raw_s
+    raw_s = asyncio.run(raw_consume(settings.kafka_bootstrap, topic, events))
+    raw_eps = events / raw_s
     print(f"raw aiokafka getmany consumer: {raw_eps:,.0f} events/s ({raw_s:.2f}s)")
-
-    worker_eps, ready_kb, peak_kb, stats = run_worker(env, args.events, args.timeout)
+    worker_eps, ready_kb, peak_kb, stats = run_worker(env, events, timeout_s)
     print(f"gradeflow worker: {worker_eps:,.0f} events/s; applied={stats['applied']} dead={stats['dead_lettered']} "
           f"grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
-    state_mb = max(0, peak_kb - ready_kb) / 1024
-    per_100k = state_mb / args.customers * 100_000
+    per_100k = max(0, peak_kb - ready_kb) / 1024 / customers * 100_000
     print(f"worker RSS: {ready_kb / 1024:.0f} MB when ready, peak {peak_kb / 1024:.0f} MB; "
           f"{per_100k:.0f} MB per 100k customers above the ready baseline")
-    print(f"throughput_ratio={worker_eps / raw_eps:.4f} worker_eps={worker_eps:.0f} raw_eps={raw_eps:.0f} "
-          f"rss_mb_per_100k={per_100k:.1f}")
+    return {"customers": customers, "events": events, "raw_eps": raw_eps, "worker_eps": worker_eps,
+            "ratio": worker_eps / raw_eps, "rss_mb_per_100k": per_100k, "peak_mb": peak_kb / 1024}
+
+
+async def _steady_produce(bootstrap: str, topic: str, rate: float, seconds: float, customers: int) -> int:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await producer.start()
+    rng = random.Random(5)
+    sent = 0
+    t0 = time.perf_counter()
+    try:
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            due = int(elapsed * rate)
+            batch = []
+            while sent < due:
+                cid = f"l{rng.randrange(customers):07d}"
+                doc = {"event_id": f"l{sent}", "customer_id": cid,
+                       "occurred_at": datetime.now(TZ).isoformat(), "type": "purchase",
+                       "amount": f"{rng.randint(1, 3000)}.00", "currency": "CNY"}
+                batch.append(await producer.send(topic, orjson.dumps(doc), key=cid.encode()))
+                sent += 1
+            await asyncio.sleep(0.002)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def _read_all(bootstrap: str, topic: str) -> list:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    out = []
+    try:
+        while True:
+            batches = await consumer.getmany(timeout_ms=2000, max_records=10000)
+            if not batches:
+                return out
+            for records in batches.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+
+
+def latency(settings, rate: float, seconds: float, customers: int) -> dict:
+    """p50/p99 from an input record's append to its grade change's append, at a steady offered rate.
+
+    Both topics use LogAppendTime, so both timestamps come from the broker's
+    clock at append: producer batching and consumer polling are inside the figure.
+    """
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    env = unique_env("lat", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
+    os.environ.update(env)
+    create_topics(load_settings())
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap.split(","))
+    admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, env[name], configs={
+        "message.timestamp.type": "LogAppendTime",
+        "cleanup.policy": "compact" if name.endswith("CHANGES") else "delete"})
+        for name in ("GRADEFLOW_TOPIC_TRANSACTIONS", "GRADEFLOW_TOPIC_GRADE_CHANGES")])
+    admin.close()
+    worker = WorkerProcess({**env, "GRADEFLOW_DOWNSTREAM": os.environ.get("GRADEFLOW_DOWNSTREAM", "false"),
+                            "GRADEFLOW_BATCH_WITHIN": "0.005"}, name="latency")
+    worker.start(ready_timeout=120)
+    try:
+        time.sleep(3)  # partitions assigned
+        sent = asyncio.run(_steady_produce(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"],
+                                           rate, seconds, customers))
+        time.sleep(3)
+    finally:
+        worker.stop()
+    inputs = asyncio.run(_read_all(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"]))
+    appended = {orjson.loads(r.value)["event_id"]: r.timestamp for r in inputs}
+    changes = asyncio.run(_read_all(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_GRADE_CHANGES"]))
+    lat = sorted(r.timestamp - appended[orjson.loads(r.value)["cause"]["event_id"]] for r in changes)
+    if not lat:
+        raise RuntimeError(f"no grade changes arrived:\n{worker.tail()}")
+    p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    print(f"latency at {rate:.0f} events/s offered ({sent} events, {len(lat)} grade changes): "
+          f"p50={p50} ms p99={p99} ms max={lat[-1]} ms")
+    return {"p50_ms": p50, "p99_ms": p99, "changes": len(lat)}
+
+
+def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot: str) -> None:
+    """Throughput and memory at several customer counts; a table and a PNG plot."""
+    rows = [throughput(settings, m * per_customer, m, timeout_s) for m in sizes]
+    print("\n| customers | events | worker events/s | raw events/s | ratio | RSS MB per 100k |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['customers']:,} | {r['events']:,} | {r['worker_eps']:,.0f} | {r['raw_eps']:,.0f} | "
+              f"{r['ratio']:.3f} | {r['rss_mb_per_100k']:.0f} |")
+    spread = max(r["worker_eps"] for r in rows) / min(r["worker_eps"] for r in rows) - 1
+    print(f"throughput spread across sizes: {spread:.0%}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["customers"] for r in rows], [r["worker_eps"] for r in rows], marker="o", label="worker events/s")
+    ax.set_xscale("log")
+    ax.set_xlabel("customers")
+    ax.set_ylabel("events/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"gradeflow throughput vs customers ({datetime.now(timezone.utc):%Y-%m-%d})")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plot, dpi=100)
+    print(f"plot written to {plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--customers", type=int, default=50_000)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--rate", type=float, default=5000, help="offered rate of the latency run")
+    parser.add_argument("--latency-seconds", type=float, default=20)
+    parser.add_argument("--growth", default="", help="comma-separated customer counts, e.g. 10000,100000,1000000")
+    parser.add_argument("--per-customer", type=int, default=5, help="events per customer in growth runs")
+    parser.add_argument("--plot", default="docs/bench-growth.png")
+    args = parser.parse_args(argv)
+
+    settings = load_settings()
+    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"date {datetime.now(timezone.utc):%Y-%m-%d}")
+    if args.growth:
+        growth(settings, [int(x) for x in args.growth.split(",")], args.per_customer, args.timeout, args.plot)
+        return 0
+    run = throughput(settings, args.events, args.customers, args.timeout)
+    lat = latency(settings, args.rate, args.latency_seconds, args.customers)
+    print(f"throughput_ratio={run['ratio']:.4f} worker_eps={run['worker_eps']:.0f} raw_eps={run['raw_eps']:.0f} "
+          f"rss_mb_per_100k={run['rss_mb_per_100k']:.1f} p99_ms={lat['p99_ms']}")
     return 0
 
 
