@@ -134,6 +134,15 @@ class Settings(BaseSettings):
     alerts_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the alerts topic.")
     dead_letters_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the dead-letter topic.")
 
+    # --- the clock: re-grading by time alone (streams/clock.py, docs/clock.md) ---------------
+    clock: Literal["wall", "event", "off"] = Field(
+        "wall", description="What time it is for re-grading without events: wall (now), event (per input "
+                            "partition, the highest event time applied: replay and backfill), off (events only).")
+    clock_tick_s: float = Field(1.0, gt=0, description="Seconds between wakes of the customers that are due.")
+    event_clock_idle_s: float | None = Field(
+        None, gt=0, description="With clock=event: after this many seconds of wall time without a new event on an "
+                                "input partition, its clock follows wall time (never, when unset).")
+
     @model_validator(mode="after")
     def _check_kafka(self) -> "Settings":
         if self.min_insync_replicas > self.replication_factor:

@@ -1,0 +1,313 @@
+"""The clock: re-grade customers when time alone changes their grade (cause ``clock``).
+
+See docs/clock.md. For each customer, :mod:`rules.schedule` computes the next
+instant at which time alone can change a grade (its *due* instant). The worker
+keeps, per input partition it owns, a heap of ``(due, customer)``:
+
+- rebuilt from the table after every rebalance's recovery, for the worker's
+  active partitions only (so with several workers each customer is woken by
+  exactly one of them);
+- updated after every batch for the customers the batch touched:
+  ``clock.note(result.states)`` in the handler only queues them (O(touched
+  customers), no decoding on the hot path); the timer schedules them;
+- every ``clock_tick_s`` a timer pops the customers whose due instant the
+  partition's clock has reached, re-grades each *as of its due instant* (so the
+  change's ``as_of`` and its deterministic ``event_id`` do not depend on when the
+  worker woke), sends and flushes the grade changes and alerts, then writes the
+  states (table and the changelog partition of the customer), then reschedules.
+  Customers not due are not touched: there is no sweep over all customers.
+
+Two clocks (``GRADEFLOW_CLOCK``): ``wall`` (now) and ``event`` (per partition:
+the highest event time applied on that input partition, restored from the
+table's states after a restart). ``off`` disables the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from rules.engine import CompiledRuleset
+from rules.schedule import Schedule, due_of, next_wake, regrade
+from rules.state import CustomerState
+from streams.population import partition_of
+from streams.processor import TRANSACTIONS, Record, utcnow
+
+log = logging.getLogger("gradeflow.clock")
+CHUNK = 500  # customers per step of a rebuild or a wake, between yields to the event loop
+MAX_STEPS = 32  # changes one customer may go through in one wake (one per due instant)
+
+
+class _Origin:
+    """Stands for an input record of ``partition`` (what table stores read of the current event)."""
+
+    __slots__ = ("topic", "partition", "__weakref__")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic, self.partition = topic, partition
+
+
+@dataclass
+class ClockStats:
+    woken: int = 0  # customers re-evaluated because they were due
+    changes: int = 0
+    alerts: int = 0
+    written: int = 0  # states written by the clock
+    skipped: int = 0  # states the handler changed meanwhile (rescheduled, not overwritten)
+    rebuilds: int = 0
+    scheduled: int = 0  # customers with a due instant, on this worker, after the last tick
+    stream_time: dict[int, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Clock:
+    """Per-partition schedules of due customers and the timer that wakes them."""
+
+    def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any) -> None:
+        self.app, self.settings, self.rs, self.table, self.store = app, settings, ruleset, table, store
+        self.mode = getattr(settings, "clock", "wall")
+        self.idle_s: float | None = getattr(settings, "event_clock_idle_s", None)
+        self.schedules: dict[int, Schedule] = {}
+        self.stream_time: dict[int, float] = {}  # partition → highest event time applied (event clock)
+        self.advanced_at: dict[int, float] = {}  # partition → wall time its stream time last moved
+        self.pending: dict[bytes, tuple[int, bytes]] = {}
+        self.active: set[int] | None = None  # None until the first recovery, and during a rebalance
+        self.generation = 0
+        self.started = time.time()
+        self.stats = ClockStats()
+        self.busy = asyncio.Lock()
+
+    # ------------------------------------------------------------ the handler's one call
+
+    def note(self, states: dict[str, tuple[bytes, Any]]) -> None:
+        """Queue the customers a batch just wrote: ``customer_id → (state bytes, record)``."""
+        if self.mode == "off":
+            return
+        pending = self.pending
+        for customer_id, (raw, record) in states.items():
+            pending[customer_id.encode()] = (record.partition, raw)
+
+    # ------------------------------------------------------------ time
+
+    def now(self, partition: int) -> float | None:
+        """The clock's time on ``partition`` (seconds), or None while it is unknown."""
+        wall = time.time()
+        if self.mode == "wall":
+            return wall
+        t = self.stream_time.get(partition)
+        if self.idle_s is not None and wall - self.advanced_at.get(partition, self.started) >= self.idle_s:
+            return wall if t is None else max(t, wall)
+        return t
+
+    def _advance(self, partition: int, ts: float | None) -> None:
+        if ts is not None and ts > self.stream_time.get(partition, float("-inf")):
+            self.stream_time[partition] = ts
+            self.advanced_at[partition] = time.time()
+
+    def _population(self) -> Any:
+        population = getattr(self.app, "gradeflow_population", None)
+        return population.thresholds if population is not None else None
+
+    def _schedule(self, partition: int) -> Schedule:
+        s = self.schedules.get(partition)
+        if s is None:
+            s = self.schedules[partition] = Schedule()
+        return s
+
+    # ------------------------------------------------------------ schedule upkeep
+
+    def absorb(self) -> int:
+        """Schedule the customers noted since the last call; return how many."""
+        if not self.pending or self.active is None:
+            return 0
+        pending, self.pending = self.pending, {}
+        rs, population, active = self.rs, self._population(), self.active
+        for key, (partition, raw) in pending.items():
+            if partition not in active:
+                continue
+            state = CustomerState.from_bytes(raw)
+            self._advance(partition, state.last_event_ts)
+            self._schedule(partition).set(key, due_of(rs, state, population))
+        return len(pending)
+
+    def active_partitions(self) -> set[int]:
+        inputs = self.settings.topics.transactions
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == inputs}
+
+    def revoked(self) -> None:
+        """A rebalance started: wake nobody until the tables are recovered and the schedule rebuilt."""
+        self.active = None
+        self.generation += 1
+
+    async def rebuild(self) -> None:
+        """After a recovery: the schedules of exactly the active partitions, from the table."""
+        generation = self.generation = self.generation + 1
+        async with self.busy:
+            if generation != self.generation:
+                return  # another rebalance came; its rebuild follows
+            active = self.active_partitions()
+            partitions = self.settings.partitions
+            rs, population = self.rs, self._population()
+            schedules: dict[int, Schedule] = {p: Schedule() for p in active}
+            stream_time: dict[int, float] = {}
+            keys = [k for k in list(self.table.keys()) if partition_of(k, partitions) in active]
+            for start in range(0, len(keys), CHUNK):
+                for key in keys[start:start + CHUNK]:
+                    raw = self.table.get(key)
+                    if raw is None:
+                        continue
+                    state = CustomerState.from_bytes(raw)
+                    p = partition_of(key, partitions)
+                    if state.last_event_ts is not None and state.last_event_ts > stream_time.get(p, float("-inf")):
+                        stream_time[p] = state.last_event_ts
+                    schedules[p].set(key, due_of(rs, state, population))
+                await asyncio.sleep(0)
+                if generation != self.generation:
+                    return
+            self.schedules = schedules
+            self.stream_time = {p: t for p, t in self.stream_time.items() if p in active}
+            for p, t in stream_time.items():
+                self._advance(p, t)
+            self.active = active
+            self.stats.rebuilds += 1
+            log.info("gradeflow: clock (%s) schedule rebuilt for partitions %s: %d customers due some day",
+                     self.mode, sorted(active), sum(len(s) for s in schedules.values()))
+
+    # ------------------------------------------------------------ waking
+
+    async def tick(self) -> int:
+        """Wake the customers that are due on every active partition; return how many."""
+        if self.mode == "off" or self.active is None or self.busy.locked():
+            return 0
+        async with self.busy:
+            self.absorb()
+            woken = 0
+            for partition in sorted(self.active):
+                schedule = self.schedules.get(partition)
+                now = self.now(partition)
+                if schedule is None or now is None:
+                    continue
+                while self.active is not None and partition in self.active:
+                    due = schedule.pop_due(now, CHUNK)
+                    if not due:
+                        break
+                    await self._wake(partition, schedule, due, now)
+                    woken += len(due)
+            self.stats.scheduled = sum(len(s) for s in self.schedules.values())
+            self.stats.stream_time = dict(self.stream_time)
+            return woken
+
+    async def _wake(self, partition: int, schedule: Schedule, due: list[tuple[bytes, float]], now: float) -> None:
+        rs, population, table = self.rs, self._population(), self.table
+        emitted_at = utcnow()
+        changes: list[tuple[bytes, bytes]] = []
+        alerts: list[tuple[bytes, bytes]] = []
+        writes: dict[bytes, tuple[bytes, bytes]] = {}
+        later: dict[bytes, float | None] = {}
+        for key, at in due:
+            raw = table.get(key)
+            if raw is None:
+                continue
+            state = CustomerState.from_bytes(raw)
+            if state.ruleset is not None and state.ruleset != rs.key:
+                later[key] = at  # graded by another ruleset version: streams/rules_start.py first
+                continue
+            customer_id = key.decode()
+            changed = False
+            nxt: float | None = at
+            for _ in range(MAX_STEPS):
+                moment = datetime.fromtimestamp(nxt, rs.tz)  # type: ignore[arg-type]
+                out, warn = regrade(customer_id, rs, state, moment, emitted_at, population)
+                if out:
+                    changed = True
+                    changes += [(key, orjson.dumps(c)) for c in out]
+                    alerts += [(key, orjson.dumps(a)) for a in warn]
+                follow, _ = next_wake(rs, state, moment, population)
+                nxt = None if follow is None else follow.timestamp()
+                if nxt is None or nxt > now:
+                    break
+            later[key] = nxt
+            if changed:
+                writes[key] = (raw, state.to_bytes())
+        self.stats.woken += len(due)
+        if changes or alerts:
+            names = self.settings.topics
+            producer = self.app.producer
+            for key, value in changes:
+                await producer.send(names.grade_changes, key, value, None, None, None)
+            for key, value in alerts:
+                await producer.send(names.alerts, key, value, None, None, None)
+            # Outputs first, durable; then state (as the handler does).
+            await producer.flush()
+            self.stats.changes += len(changes)
+            self.stats.alerts += len(alerts)
+            log.info("gradeflow: clock woke %d customers on partition %d: %d grade changes, %d alerts",
+                     len(due), partition, len(changes), len(alerts))
+        if writes and (self.active is None or partition not in self.active):
+            return  # revoked meanwhile: the partition's new owner re-grades (same ids)
+        if writes:
+            await self._write(partition, writes, later)
+        for key, when in later.items():
+            if key not in self.pending:  # a batch touched it meanwhile: absorb() schedules it
+                schedule.set(key, when)
+
+    async def _write(self, partition: int, writes: dict[bytes, tuple[bytes, bytes]],
+                     later: dict[bytes, float | None]) -> None:
+        topic = self.settings.topics.transactions
+        origin = _Origin(topic, partition)
+        states: dict[str, tuple[bytes, Record]] = {}
+        for key, (old, new) in writes.items():
+            if self.table.get(key) != old:
+                # The handler applied an event meanwhile; its state wins and is noted for scheduling.
+                self.stats.skipped += 1
+                later.pop(key, None)
+                continue
+            states[key.decode()] = (new, Record(role=TRANSACTIONS, topic=topic, partition=partition, offset=-1,
+                                                key=key, value=None, origin=origin))
+        if not states:
+            return
+        producer = self.app.producer
+        await self.store.write_many(producer, states)
+        await producer.flush()
+        self.stats.written += len(states)
+
+
+def attach_clock(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any) -> Clock:
+    """Create the worker's clock (``GRADEFLOW_CLOCK``), its timer and its rebuild after each recovery.
+
+    Wiring (streams/app.py): ``clock = attach_clock(app, settings, ruleset, table, store)`` after the
+    store, and ``clock.note(result.states)`` in the handler once the states are written.
+    """
+    clock = Clock(app, settings, ruleset, table, store)
+    app.gradeflow_clock = clock
+    if clock.mode == "off":
+        return clock
+    tasks: set[asyncio.Task] = set()
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(sender: Any = None, *args: Any, **kwargs: Any) -> None:
+        clock.revoked()
+
+    @app.on_rebalance_complete.connect
+    async def _recovered(sender: Any = None, **kwargs: Any) -> None:
+        task = asyncio.ensure_future(clock.rebuild())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    @app.timer(interval=float(getattr(settings, "clock_tick_s", 1.0)))
+    async def clock_tick() -> None:
+        try:
+            await clock.tick()
+        except Exception:  # noqa: BLE001 - the next tick retries; grading goes on
+            log.exception("gradeflow: clock tick failed")
+
+    return clock

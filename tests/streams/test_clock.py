@@ -1,0 +1,166 @@
+"""streams/clock.py without a broker: schedules per partition, wakes only the due, writes after sending."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date, datetime
+from types import SimpleNamespace
+
+import orjson
+import pytest
+
+from rules.engine import compile_ruleset
+from rules.ruleset import load
+from rules.schedule import midnight
+from streams.clock import Clock
+from streams.population import partition_of
+from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
+from streams.settings import Settings
+from tests.rules.rulehelp import SHANGHAI
+
+RS = compile_ruleset(load("rfm-5"))
+
+
+class FakeProducer:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    async def send(self, topic, key, value, partition, timestamp, headers):
+        self.log.append(("send", topic, key, orjson.loads(value) if topic != "changelog" else None))
+
+    async def flush(self):
+        self.log.append(("flush",))
+
+
+class FakeTable(dict):
+    pass
+
+
+class FakeStore:
+    def __init__(self, table: FakeTable, log: list) -> None:
+        self.table, self.log = table, log
+
+    def get(self, customer_id: str):
+        return self.table.get(customer_id.encode())
+
+    async def write_many(self, producer, states):
+        for customer_id, (raw, record) in states.items():
+            self.table[customer_id.encode()] = raw
+            self.log.append(("write", customer_id, record.partition))
+
+
+def make_clock(mode: str, partitions: int = 4, active=(0, 1, 2, 3)):
+    settings = Settings(clock=mode, partitions=partitions, app_id="t")
+    log: list = []
+    table = FakeTable()
+    store = FakeStore(table, log)
+    tps = [SimpleNamespace(topic=settings.topics.transactions, partition=p) for p in active]
+    app = SimpleNamespace(producer=FakeProducer(log), assignor=SimpleNamespace(assigned_actives=lambda: tps),
+                          gradeflow_population=None)
+    return Clock(app, settings, RS, table, store), table, store, log, settings
+
+
+def txn(settings, customer: str, at: str, amount: str, offset: int) -> Record:
+    doc = {"event_id": f"{customer}-{offset}", "customer_id": customer, "occurred_at": at, "type": "purchase",
+           "amount": amount, "currency": "CNY"}
+    key = customer.encode()
+    return Record(TRANSACTIONS, settings.topics.transactions, partition_of(key, settings.partitions), offset, key,
+                  orjson.dumps(doc))
+
+
+def feed(clock, table, store, settings, records):
+    result = process_batch(records, RS, store, utcnow())
+    for customer_id, (raw, _) in result.states.items():
+        table[customer_id.encode()] = raw
+    clock.note(result.states)
+    return result
+
+
+def customers_on(partition: int, n: int, partitions: int = 4) -> list[str]:
+    out, i = [], 0
+    while len(out) < n:
+        name = f"cust{i}"
+        if partition_of(name.encode(), partitions) == partition:
+            out.append(name)
+        i += 1
+    return out
+
+
+def test_event_clock_wakes_only_due_customers_of_their_partition():
+    clock, table, store, log, settings = make_clock("event")
+    asyncio.run(clock.rebuild())
+    key, pusher, idle = customers_on(0, 3)
+    other = customers_on(1, 1)[0]
+    # key: R5 F2 M3 = 10 → A; 8 days later R4 → B (due 2026-03-18 00:00 local)
+    feed(clock, table, store, settings, [txn(settings, key, "2026-03-10T10:00:00+08:00", "2500", 0),
+                                         txn(settings, key, "2026-03-10T11:00:00+08:00", "2500", 1),
+                                         txn(settings, idle, "2026-03-10T09:00:00+08:00", "1", 2)])
+    asyncio.run(clock.tick())
+    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 3, 18).toordinal(), SHANGHAI).timestamp()
+    log.clear()
+    # another partition's stream time passing the due instant does not wake it
+    feed(clock, table, store, settings, [txn(settings, other, "2026-04-01T10:00:00+08:00", "1", 3)])
+    assert asyncio.run(clock.tick()) == 0 and not log
+    # its own partition's stream time passing it does, with the exact instant as as_of
+    feed(clock, table, store, settings, [txn(settings, pusher, "2026-03-18T00:00:00+08:00", "1", 4)])
+    assert asyncio.run(clock.tick()) == 2  # key (due 03-18) and idle (B → C at 03-18 too)
+    sends = [e for e in log if e[0] == "send"]
+    mine = [e[3] for e in sends if e[2] == key.encode()]
+    assert [(c["previous_grade"], c["grade"], c["cause"]["kind"], c["as_of"]) for c in mine if "direction" in c] == [
+        ("A", "B", "clock", "2026-03-18T00:00:00+08:00")]
+    assert [a["grade_change_event_id"] for a in mine if "alert_id" in a] == [mine[0]["event_id"]]
+    # outputs, then a flush, then the state writes
+    first_write = next(i for i, e in enumerate(log) if e[0] == "write")
+    assert log[first_write - 1] == ("flush",) and all(e[0] != "send" for e in log[first_write:])
+    # nothing is due again until the next instant: no more wakes at the same stream time
+    log.clear()
+    assert asyncio.run(clock.tick()) == 0 and not log
+
+
+def test_a_rebuilt_schedule_resumes_after_the_clock_change_and_covers_only_active_partitions():
+    clock, table, store, log, settings = make_clock("event")
+    asyncio.run(clock.rebuild())
+    key, pusher = customers_on(0, 2)
+    other = customers_on(1, 1)[0]
+    feed(clock, table, store, settings, [txn(settings, key, "2026-03-10T10:00:00+08:00", "2500", 0),
+                                         txn(settings, key, "2026-03-10T11:00:00+08:00", "2500", 1),
+                                         txn(settings, other, "2026-03-10T11:00:00+08:00", "2500", 2),
+                                         txn(settings, pusher, "2026-03-20T00:00:00+08:00", "60000", 3)])
+    asyncio.run(clock.tick())
+    changes = [e for e in log if e[0] == "send" and e[2] == key.encode() and "direction" in e[3]]
+    assert len(changes) == 1
+    # a new worker that owns only partition 0 rebuilds from the same table: stream time and
+    # schedule come back; the change already made is not made again
+    clock2, _, _, log2, _ = make_clock("event", active=(0,))
+    clock2.table.update(table)
+    asyncio.run(clock2.rebuild())
+    assert set(clock2.schedules) == {0}
+    assert clock2.stream_time[0] == datetime.fromisoformat("2026-03-20T00:00:00+08:00").timestamp()
+    assert asyncio.run(clock2.tick()) == 0 and not log2
+    assert other.encode() not in clock2.schedules[0].due
+
+
+def test_wall_clock_catches_up_in_order_with_one_change_per_instant():
+    clock, table, store, log, settings = make_clock("wall")
+    asyncio.run(clock.rebuild())
+    key = customers_on(0, 1)[0]
+    feed(clock, table, store, settings, [txn(settings, key, "2025-03-10T10:00:00+08:00", "2500", 0),
+                                         txn(settings, key, "2025-03-10T11:00:00+08:00", "2500", 1)])
+    asyncio.run(clock.tick())
+    got = [(e[3]["previous_grade"], e[3]["grade"], e[3]["as_of"]) for e in log if e[0] == "send" and "direction" in e[3]]
+    # A → B at R4 (day 8), B → C at R1 (day 121: 1+2+3 = 6), C → D when both purchases leave the
+    # window (day 365: 1+1+1): every change at its own instant, in order, in one tick
+    assert got == [("A", "B", "2025-03-18T00:00:00+08:00"), ("B", "C", "2025-07-09T00:00:00+08:00"),
+                   ("C", "D", "2026-03-10T00:00:00+08:00")]
+    assert asyncio.run(clock.tick()) == 0
+
+
+def test_off_does_nothing():
+    clock, table, store, log, settings = make_clock("off")
+    clock.note({"x": (b"", SimpleNamespace(partition=0))})
+    assert not clock.pending and asyncio.run(clock.tick()) == 0
+
+
+@pytest.mark.parametrize("mode", ["wall", "event", "off"])
+def test_settings_accept_the_clocks(mode):
+    assert Settings(clock=mode).clock == mode
