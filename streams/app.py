@@ -25,6 +25,7 @@ from streams.downstream import attach_downstream, observe_batch
 from streams.processor import INTERACTIONS, TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
 from streams.batching import BatchingApp, deliver_in_batches
+from streams.clock import attach_clock
 from streams.population import attach_population
 from streams.rules_start import attach_rules_regrade
 from streams.tables import FaustStateStore
@@ -81,6 +82,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     table = app.Table("customer-state", partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)
     store = FaustStateStore(table)
+    clock = attach_clock(app, settings, ruleset, table, store)  # cause "clock": re-grading by time alone
     population = attach_population(app, settings, ruleset, table)  # None without relative grades
     attach_rules_regrade(app, settings, ruleset, table, population)  # cause "rules" after a version change
     out_changes = names.grade_changes
@@ -118,6 +120,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         if result.states:
             await store.write_many(producer, result.states)
             await producer.flush()
+            clock.note(result.states)
         app.consumer.ack_records(messages)
         counters.consumed += result.consumed
         counters.applied += result.applied
