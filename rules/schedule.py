@@ -52,7 +52,7 @@ CLOCK = Cause("clock", None)
 # Where the clock records the instant it last graded a customer (seconds), so that a schedule
 # rebuilt from the table resumes from there. A key of grade_since no ladder can have.
 GRADED_AT = "@clock"
-BUDGET = 64  # evaluations per next_wake call
+BUDGET = 16  # evaluations per next_wake call (the worker looks again from where it stopped)
 _ONE_US = timedelta(microseconds=1)
 
 
