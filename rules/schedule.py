@@ -331,9 +331,10 @@ def next_wake(rs: CompiledRuleset, state: CustomerState, after: datetime, popula
     for name in p.relative & set(p.regrade):
         boundary = midnight(_next_boundary(after_day, p.regrade[name]), tz)
         forced = boundary if forced is None or boundary < forced else forced
-    moments = [midnight(d, tz) for d in candidate_days(rs, state, after_day, population)]
+    days = candidate_days(rs, state, after_day, population)
+    moments: Iterable[datetime] = (midnight(d, tz) for d in days)  # converted only as far as needed
     if p.dwell:
-        moments = sorted(set(moments) | set(_dwell_ends(rs, state, after)))
+        moments = heapq.merge(moments, sorted(_dwell_ends(rs, state, after)))
     current = state.grades
     tried = 0
     for moment in moments:

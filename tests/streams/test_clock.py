@@ -164,3 +164,21 @@ def test_off_does_nothing():
 @pytest.mark.parametrize("mode", ["wall", "event", "off"])
 def test_settings_accept_the_clocks(mode):
     assert Settings(clock=mode).clock == mode
+
+
+def test_an_idle_partition_follows_wall_time_only_when_asked():
+    clock, table, store, log, settings = make_clock("event")
+    asyncio.run(clock.rebuild())
+    key = customers_on(0, 1)[0]
+    feed(clock, table, store, settings, [txn(settings, key, "2025-03-10T10:00:00+08:00", "2500", 0),
+                                         txn(settings, key, "2025-03-10T11:00:00+08:00", "2500", 1)])
+    clock.absorb()
+    stream = datetime.fromisoformat("2025-03-10T11:00:00+08:00").timestamp()
+    assert clock.now(0) == stream and clock.now(1) is None  # by design: no events, no time
+    assert asyncio.run(clock.tick()) == 0
+    clock.idle_s = 0.01  # GRADEFLOW_EVENT_CLOCK_IDLE_S
+    clock.advanced_at[0] -= 1.0
+    clock.started -= 1.0  # partition 1 never had an event since the worker started
+    assert clock.now(0) > stream + 365 * 86400 and clock.now(1) is not None
+    assert asyncio.run(clock.tick()) == 1  # the key customer, through every change up to now
+    assert [e[3]["grade"] for e in log if e[0] == "send" and "direction" in e[3]] == ["B", "C", "D"]
