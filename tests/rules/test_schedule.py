@@ -211,3 +211,50 @@ def test_schedule_pops_only_due_and_current_entries():
     assert s.next_due() == 3.0
     assert s.pop_due(9.0, 100) == [(b"a", 3.0), (b"b", 5.0)]
     assert s.pop_due(100.0, 100) == [] and len(s) == 0
+
+
+KINDS = ["visit", "quote_requested", "meeting", "trial_class", "referral", "call"]
+
+
+@pytest.mark.parametrize("preset", ["lifecycle", "loyalty", "rfm-8", "annual-sales-vip", "education-sadc"])
+@settings(max_examples=12, deadline=None)
+@given(events=st.lists(st.tuples(st.integers(0, 500), st.integers(-1, 5), st.integers(1, 3000000)),
+                       min_size=1, max_size=10))
+def test_property_exact_for_other_presets(preset, events):
+    """Purchases (kind -1) and interactions at random days: no midnight before next_change_at changes a
+    grade, and at next_change_at one changes."""
+    rs = _compiled(preset)
+    state = CustomerState()
+    d0 = date(2025, 1, 1)
+    moments = []
+    for i, (offset, kind, amount) in enumerate(sorted(events)):
+        moment = at(date.fromordinal(day(d0, offset)), 9 + i % 10)
+        if kind < 0:
+            apply_transaction(state, moment.timestamp(), windows.local_day(moment, rs.tz), False, amount,
+                              rs.track.detail)
+        else:
+            apply_interaction(state, moment.timestamp(), KINDS[kind], windows.local_day(moment, rs.tz),
+                              {"stage": "trial"} if kind == 3 else None, rs.track, rs.tz)
+        prune(state, windows.local_day(moment, rs.tz), rs.retention_days)
+        grade("c", rs, state, moment, Cause("transaction", "e"), NOW)
+        moments.append(moment)
+    after = moments[-1]
+    before = dict(state.grades)
+    due = next_change_at(rs, state, after)
+    last = due if due is not None else midnight(windows.local_day(after, SHANGHAI) + 400, SHANGHAI)
+    d = windows.local_day(after, SHANGHAI) + 1
+    while midnight(d, SHANGHAI) < last:
+        assert grades_at(rs, state, midnight(d, SHANGHAI)) == before, date.fromordinal(d)
+        d += 1
+    if due is not None:
+        assert grades_at(rs, state, due - US) == before
+        assert grades_at(rs, state, due) != before
+
+
+_CACHE: dict = {}
+
+
+def _compiled(name):
+    if name not in _CACHE:
+        _CACHE[name] = compile_ruleset(load(name))
+    return _CACHE[name]

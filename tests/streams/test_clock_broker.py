@@ -57,8 +57,8 @@ PHASE3 = [txn("p3", PUSHER, "2026-03-25T10:00:00+08:00", "1")]
 
 
 def env_for(**extra: str) -> dict[str, str]:
-    return unique_env("clock", GRADEFLOW_CLOCK="event", GRADEFLOW_CLOCK_TICK_S="0.2",
-                      GRADEFLOW_PARTITIONS=str(PARTITIONS), GRADEFLOW_DOWNSTREAM="false", **extra)
+    return unique_env("clock", **{"GRADEFLOW_CLOCK": "event", "GRADEFLOW_CLOCK_TICK_S": "0.2",
+                                   "GRADEFLOW_PARTITIONS": str(PARTITIONS), "GRADEFLOW_DOWNSTREAM": "false", **extra})
 
 
 def read(bootstrap: str, env: dict[str, str], until: int | None = None, idle_s: float = 4.0) -> tuple[list, list]:
@@ -152,3 +152,27 @@ def test_a_restarted_worker_rebuilds_the_schedule_from_the_changelog(worker_fact
     assert clock_changes(changes) == [(KEY, "A", "B", DUE)]
     assert [(a["customer_id"], a["grade"]) for a in alerts] == [(KEY, "B")]
     assert final(changes) == offline(PHASE1 + PHASE2 + PHASE3)
+
+
+def test_wall_clock_brings_an_old_history_up_to_now(worker_factory, bootstrap):
+    from rules.schedule import next_change_at, regrade
+    from rules.state import CustomerState
+
+    env = env_for(GRADEFLOW_CLOCK="wall")
+    worker_factory(env=env)
+    history = PHASE1[:2]
+    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], history)
+    # expected: every change time alone made between the last purchase and now, each at its instant
+    store: dict[str, bytes] = {}
+    result = process_batch([Record(TRANSACTIONS, "t", 0, i, k, v) for i, (k, v) in enumerate(history)], RS, store,
+                           utcnow())
+    state = CustomerState.from_bytes(result.states[KEY][0])
+    want, after = [], datetime.fromisoformat("2026-03-10T11:00:00+08:00")
+    while (due := next_change_at(RS, state, after)) is not None and due.timestamp() < time.time():
+        for c in regrade(KEY, RS, state, due, utcnow())[0]:
+            want.append((KEY, c["previous_grade"], c["grade"], c["as_of"]))
+        after = due
+    assert want[:1] == [(KEY, "A", "B", DUE)]
+    changes, _ = read(bootstrap, env, until=2 + len(want), idle_s=20)
+    changes, _ = read(bootstrap, env, idle_s=3)
+    assert clock_changes(changes) == want
