@@ -37,6 +37,7 @@ a ladder is predicted with the thresholds known now.
 from __future__ import annotations
 
 import heapq
+from functools import lru_cache
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -44,7 +45,7 @@ from typing import Any
 
 from rules import windows
 from rules.changes import Cause, decide_changes
-from rules.engine import CompiledRuleset, Population, evaluate
+from rules.engine import CompiledRuleset, Population, _hysteresis, _score, evaluate
 from rules.ruleset import Cond, Decide, convert
 from rules.state import CustomerState, prune
 
@@ -174,6 +175,7 @@ def _build_plan(rs: CompiledRuleset) -> Plan:
 # ---------------------------------------------------------------- instants
 
 
+@lru_cache(maxsize=8192)
 def midnight(day: int, tz: Any) -> datetime:
     """The first instant of local day ``day`` (an ordinal) in ``tz``."""
     d = date.fromordinal(day)
@@ -293,8 +295,23 @@ def _dwell_ends(rs: CompiledRuleset, state: CustomerState, after: datetime) -> l
 
 def grades_at(rs: CompiledRuleset, state: CustomerState, moment: datetime,
               population: Population | None = None) -> dict[str, str]:
-    """The grades the clock would hold at ``moment`` with no new event (regrade ladders wait)."""
-    return _masked(rs, state, moment, evaluate(rs, state, moment, population).grades)
+    """The grades the clock would hold at ``moment`` with no new event (regrade ladders wait).
+
+    The grades :func:`rules.engine.evaluate` decides, without building an evaluation (no
+    reasons, no traces): the schedule evaluates a few instants per customer per batch."""
+    day = windows.local_day(moment, rs.tz)
+    ts = moment.timestamp()
+    cache: dict[Any, Any] = {}
+    values = {name: get(state, day, ts, cache) for name, get in rs.getters}
+    scores = {score.name: _score(score, values[score.metric])[0] for score in rs.scores}
+    env = (values, scores, population)
+    grades: dict[str, str] = {}
+    for ladder in rs.ladders:
+        grade, _ = ladder.decider.decide(env)
+        if ladder.dwell_s is not None or ladder.margin is not None:
+            grade, _ = _hysteresis(ladder, state, moment, grade, env)
+        grades[ladder.name] = grade
+    return _masked(rs, state, moment, grades)
 
 
 def _masked(rs: CompiledRuleset, state: CustomerState, moment: datetime, grades: dict[str, str]) -> dict[str, str]:

@@ -125,18 +125,25 @@ class Clock:
 
     # ------------------------------------------------------------ schedule upkeep
 
-    def absorb(self) -> int:
-        """Schedule the customers noted since the last call; return how many."""
+    async def absorb(self) -> int:
+        """Schedule the customers noted since the last call (yielding to the event loop every
+        CHUNK customers); return how many."""
         if not self.pending or self.active is None:
             return 0
         pending, self.pending = self.pending, {}
         rs, population, active = self.rs, self._population(), self.active
-        for key, (partition, raw) in pending.items():
+        for n, (key, (partition, raw)) in enumerate(pending.items(), 1):
             if partition not in active:
                 continue
+            if key in self.pending:
+                continue  # noted again meanwhile: the newer state is scheduled next time
             state = CustomerState.from_bytes(raw)
             self._advance(partition, state.last_event_ts)
             self._schedule(partition).set(key, due_of(rs, state, population))
+            if n % CHUNK == 0:
+                await asyncio.sleep(0)
+                if self.active is None:
+                    return n  # a rebalance began: the rebuild reads the table
         return len(pending)
 
     def active_partitions(self) -> set[int]:
@@ -189,8 +196,10 @@ class Clock:
         if self.mode == "off" or self.active is None or self.busy.locked():
             return 0
         async with self.busy:
-            self.absorb()
+            await self.absorb()
             woken = 0
+            if self.active is None:
+                return 0
             for partition in sorted(self.active):
                 schedule = self.schedules.get(partition)
                 now = self.now(partition)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from rules import windows
 from rules.changes import Cause, grade
-from rules.engine import compile_ruleset
+from rules.engine import compile_ruleset, evaluate
 from rules.ruleset import load, parse
 from rules.schedule import GRADED_AT, Schedule, grades_at, midnight, next_change_at, next_wake, regrade
 from rules.state import CustomerState, apply_interaction, apply_transaction, prune
@@ -249,6 +249,10 @@ def test_property_exact_for_other_presets(preset, events):
     if due is not None:
         assert grades_at(rs, state, due - US) == before
         assert grades_at(rs, state, due) != before
+    # the schedule's quick grades are the engine's
+    for n in (0, 1, 8, 31, 91, 181, 366, 400):
+        moment = after + timedelta(days=n, hours=n % 5)
+        assert grades_at(rs, state, moment) == evaluate(rs, state, moment).grades
 
 
 _CACHE: dict = {}

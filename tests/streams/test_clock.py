@@ -172,7 +172,7 @@ def test_an_idle_partition_follows_wall_time_only_when_asked():
     key = customers_on(0, 1)[0]
     feed(clock, table, store, settings, [txn(settings, key, "2025-03-10T10:00:00+08:00", "2500", 0),
                                          txn(settings, key, "2025-03-10T11:00:00+08:00", "2500", 1)])
-    clock.absorb()
+    asyncio.run(clock.absorb())
     stream = datetime.fromisoformat("2025-03-10T11:00:00+08:00").timestamp()
     assert clock.now(0) == stream and clock.now(1) is None  # by design: no events, no time
     assert asyncio.run(clock.tick()) == 0
