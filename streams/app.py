@@ -35,10 +35,11 @@ log = logging.getLogger("gradeflow")
 
 @dataclass
 class Counters:
-    """Running totals; ``consumed == applied + replayed + dead_lettered`` always holds."""
+    """Running totals; ``consumed == applied + duplicates + replayed + dead_lettered`` always holds."""
 
     consumed: int = 0
     applied: int = 0
+    duplicates: int = 0
     replayed: int = 0
     dead_lettered: int = 0
     grade_changes: int = 0
@@ -100,7 +101,9 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
             records.append(Record(roles[topic], topic, m.partition, m.offset, m.key, m.value, m.timestamp, m))
             by_topic[topic] = by_topic.get(topic, 0) + 1
         result = process_batch(records, ruleset, store, utcnow(),
-                               population=population.thresholds if population else None)
+                               population=population.thresholds if population else None,
+                               allowed_lateness_days=settings.allowed_lateness_days,
+                               max_future_skew_s=settings.max_future_skew_s)
         producer = app.producer
         sent = False
         for key, value in result.dead_letters:
@@ -124,6 +127,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         app.consumer.ack_records(messages)
         counters.consumed += result.consumed
         counters.applied += result.applied
+        counters.duplicates += result.duplicates
         counters.replayed += result.replayed
         counters.dead_lettered += result.dead
         counters.grade_changes += len(result.grade_changes)
