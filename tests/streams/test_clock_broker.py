@@ -176,3 +176,34 @@ def test_wall_clock_brings_an_old_history_up_to_now(worker_factory, bootstrap):
     changes, _ = read(bootstrap, env, until=2 + len(want), idle_s=20)
     changes, _ = read(bootstrap, env, idle_s=3)
     assert clock_changes(changes) == want
+
+
+def test_two_workers_each_wake_only_their_own_partitions(worker_factory, bootstrap):
+    import re
+
+    env = env_for(GRADEFLOW_KAFKA_SESSION_TIMEOUT_S="10", GRADEFLOW_KAFKA_HEARTBEAT_INTERVAL_S="1")
+    workers = [worker_factory(env={**env, "GRADEFLOW_DATA_DIR": env["GRADEFLOW_DATA_DIR"] + f"-{n}"}, name=f"w{n}")
+               for n in (1, 2)]
+    keys = [f"key{i}" for i in range(8)]
+    pushers = {}
+    for i in range(200):
+        pushers.setdefault(partition_of(f"push{i}".encode(), PARTITIONS), f"push{i}")
+    assert len(pushers) == PARTITIONS
+    first = [r for k in keys for r in (txn(f"{k}-1", k, "2026-03-10T10:00:00+08:00", "2500"),
+                                         txn(f"{k}-2", k, "2026-03-10T11:00:00+08:00", "2500"))]
+    first += [txn(f"{p}-1", p, "2026-03-12T10:00:00+08:00", "1") for p in pushers.values()]
+    time.sleep(3)  # let the group settle with both members
+    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], first)
+    changes, _ = read(bootstrap, env, until=2 * len(keys) + len(pushers), idle_s=30)
+    assert clock_changes(changes) == []
+    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"],
+            [txn(f"{p}-2", p, "2026-03-19T10:00:00+08:00", "1") for p in pushers.values()])
+    want = 2 * len(keys) + len(pushers) + 2 * len(keys)  # + one clock downgrade and one alert per key customer
+    changes, alerts = read(bootstrap, env, until=want, idle_s=30)
+    time.sleep(2)
+    changes, alerts = read(bootstrap, env, idle_s=3)
+    assert sorted(clock_changes(changes)) == sorted((k, "A", "B", DUE) for k in keys)
+    assert sorted(a["customer_id"] for a in alerts) == sorted(keys)
+    # each partition's customers were woken by one worker
+    woke = [set(re.findall(r"clock woke \d+ customers on partition (\d+)", w.log_path.read_text())) for w in workers]
+    assert all(woke) and not (woke[0] & woke[1]), woke
