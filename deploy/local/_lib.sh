@@ -69,6 +69,22 @@ use_default() {
   LOG_DIR="$LOCAL/logs"
 }
 
+# use_selected: the set GRADEFLOW_KAFKA_BOOTSTRAP names (call parse_kafka first): the cluster in
+# $CLUSTERS_DIR/<port> if there is one, else the default set, but only if its Kafka runs (or
+# last ran) on that port or it has no Kafka. Returns 1 when the env names neither, so that a
+# `down` for a cluster already gone never stops the default servers others use.
+use_selected() {
+  if [[ -d "$CLUSTERS_DIR/$KAFKA_PORT" ]]; then
+    use_cluster "$KAFKA_PORT"
+    return 0
+  fi
+  use_default
+  local info="$RUN_DIR/kafka.info" addr
+  [[ -f "$info" ]] || return 0
+  addr="$(cut -d' ' -f2 "$info" 2>/dev/null)"
+  [[ "${addr##*:}" == "$KAFKA_PORT" ]]
+}
+
 # cluster_ports: the ports keying existing cluster dirs, one a line.
 cluster_ports() {
   local d

@@ -1,13 +1,19 @@
 """Extra local Kafka clusters for tests: `deploy/local/up --brokers N [--sasl-ssl]` on their own ports.
 
-A cluster a test starts is stopped by that test (``with LocalCluster(...) as c``); a cluster that
-was already running (a developer's) is left running.
+A cluster a test starts is stopped, and its directory removed, by that test
+(``with LocalCluster(...) as c``); a cluster that was already running (a developer's, on ports
+given by the environment) is left running. Without a port from the environment each test run
+picks free ports of its own, so that several runs of the suite in one checkout (several
+engineers, CI jobs) never share, stop or wipe each other's cluster.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,6 +23,26 @@ from streams.local import ROOT
 UP = ROOT / "deploy" / "local" / "up"
 DOWN = ROOT / "deploy" / "local" / "down"
 PS = ROOT / "deploy" / "local" / "ps"
+
+
+def free_base_port(count: int, tries: int = 50) -> int:
+    """A port P such that P .. P+count-1 are free on 127.0.0.1 right now."""
+    for _ in range(tries):
+        base = random.randrange(20000, 45000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def port_from_env(name: str, servers: int) -> int:
+    """The port in ``name`` if set (a cluster one keeps running), else free ports for this run."""
+    value = os.environ.get(name)
+    return int(value) if value else free_base_port(servers)
 
 
 @dataclass
@@ -48,10 +74,12 @@ class LocalCluster:
     def ps(self) -> dict[str, tuple[int, str]]:
         """name → (pid, address) of this cluster's live servers."""
         out = subprocess.run([str(PS)], env=self._script_env(), capture_output=True, text=True, check=True).stdout
+        ours = {f"127.0.0.1:{p}" for p in range(self.port, self.port + self.brokers + 1)}  # brokers + controller
         servers = {}
         for line in out.splitlines():
             name, pid, addr = line.split()
-            servers[name] = (int(pid), addr)
+            if addr in ours:  # `ps` lists the default set when this cluster has no directory yet
+                servers[name] = (int(pid), addr)
         return servers
 
     def kill(self, name: str) -> None:
@@ -74,3 +102,4 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         if self.started:
             self.down()
+            shutil.rmtree(ROOT / ".local" / "clusters" / str(self.port), ignore_errors=True)

@@ -9,7 +9,6 @@ through :func:`streams.processor.process_batch`, the code the worker runs.
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -25,10 +24,10 @@ from streams.local import WorkerProcess, consume, kafka_options, unique_env
 from streams.processor import TRANSACTIONS, Record, process_batch
 from streams.settings import load_settings
 from streams.topics import check_topics, create_topics
-from tests.deploy.localcluster import LocalCluster
+from tests.deploy.localcluster import LocalCluster, port_from_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(400)]  # its own cluster (deploy/local/up)
-PORT = int(os.environ.get("GRADEFLOW_TEST_CLUSTER_PORT", "19092"))
+PORT = port_from_env("GRADEFLOW_TEST_CLUSTER_PORT", 4)  # free ports of this run unless set
 CUSTOMERS = 120
 EVENTS = 2400
 

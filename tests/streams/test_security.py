@@ -16,10 +16,10 @@ import orjson
 import pytest
 
 from streams.local import ROOT, WorkerProcess, consume, produce, unique_env
-from tests.deploy.localcluster import LocalCluster
+from tests.deploy.localcluster import LocalCluster, port_from_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]  # starts its own broker with deploy/local/up
-PORT = int(os.environ.get("GRADEFLOW_TEST_SASL_PORT", "29092"))
+PORT = port_from_env("GRADEFLOW_TEST_SASL_PORT", 2)  # free ports of this run unless set
 
 
 @pytest.fixture(scope="module")
