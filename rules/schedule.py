@@ -451,3 +451,24 @@ def due_of(rs: CompiledRuleset, state: CustomerState, population: Mapping | None
         return None
     moment, _ = next_wake(rs, state, datetime.fromtimestamp(start, rs.tz), population)
     return None if moment is None else moment.timestamp()
+
+
+def first_look(rs: CompiledRuleset, state: CustomerState, population: Population | None = None,
+               after: float | None = None) -> float | None:
+    """A cheap lower bound of :func:`due_of` (no evaluation): the first candidate instant after the
+    state was last graded, or None when time can change nothing. Looking there with
+    :func:`next_wake` finds the real due instant, which is never earlier."""
+    start = graded_at(state) if after is None else after
+    if start is None or not state.grades:
+        return None
+    p = plan_of(rs)
+    tz = rs.tz
+    moment = datetime.fromtimestamp(start, tz)
+    after_day = windows.local_day(moment, tz)
+    days = candidate_days(rs, state, after_day, population)
+    found = [midnight(days[0], tz).timestamp()] if days else []
+    if p.dwell:
+        found += [m.timestamp() for m in _dwell_ends(rs, state, moment)]
+    for name in p.relative & set(p.regrade):
+        found.append(midnight(_next_boundary(after_day, p.regrade[name]), tz).timestamp())
+    return min(found) if found else None

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from rules.engine import CompiledRuleset
-from rules.schedule import Schedule, due_of, next_wake, regrade
+from rules.schedule import Schedule, first_look, graded_at, next_wake, regrade
 from rules.state import CustomerState
 from streams.population import partition_of
 from streams.processor import TRANSACTIONS, Record, utcnow
@@ -80,6 +80,9 @@ class Clock:
         self.stream_time: dict[int, float] = {}  # partition → highest event time applied (event clock)
         self.advanced_at: dict[int, float] = {}  # partition → wall time its stream time last moved
         self.pending: dict[bytes, tuple[int, bytes]] = {}
+        # Customers scheduled at a cheap lower bound (rules.schedule.first_look), not yet at their
+        # real due instant: when the clock gets there, next_wake finds the real one.
+        self.unverified: set[bytes] = set()
         self.active: set[int] | None = None  # None until the first recovery, and during a rebalance
         self.generation = 0
         self.started = time.time()
@@ -139,7 +142,8 @@ class Clock:
                 continue  # noted again meanwhile: the newer state is scheduled next time
             state = CustomerState.from_bytes(raw)
             self._advance(partition, state.last_event_ts)
-            self._schedule(partition).set(key, due_of(rs, state, population))
+            self._schedule(partition).set(key, first_look(rs, state, population))
+            self.unverified.add(key)
             if n % CHUNK == 0:
                 await asyncio.sleep(0)
                 if self.active is None:
@@ -176,7 +180,8 @@ class Clock:
                     p = partition_of(key, partitions)
                     if state.last_event_ts is not None and state.last_event_ts > stream_time.get(p, float("-inf")):
                         stream_time[p] = state.last_event_ts
-                    schedules[p].set(key, due_of(rs, state, population))
+                    schedules[p].set(key, first_look(rs, state, population))
+                    self.unverified.add(key)
                 await asyncio.sleep(0)
                 if generation != self.generation:
                     return
@@ -233,6 +238,14 @@ class Clock:
             customer_id = key.decode()
             changed = False
             nxt: float | None = at
+            if key in self.unverified:
+                self.unverified.discard(key)
+                start = graded_at(state)
+                follow, _ = next_wake(rs, state, datetime.fromtimestamp(start, rs.tz), population)  # type: ignore[arg-type]
+                nxt = None if follow is None else follow.timestamp()
+                if nxt is None or nxt > now:
+                    later[key] = nxt  # not due yet: now at its real due instant
+                    continue
             for _ in range(MAX_STEPS):
                 moment = datetime.fromtimestamp(nxt, rs.tz)  # type: ignore[arg-type]
                 out, warn = regrade(customer_id, rs, state, moment, emitted_at, population)

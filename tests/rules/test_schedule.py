@@ -12,7 +12,8 @@ from rules import windows
 from rules.changes import Cause, grade
 from rules.engine import compile_ruleset, evaluate
 from rules.ruleset import load, parse
-from rules.schedule import GRADED_AT, Schedule, grades_at, midnight, next_change_at, next_wake, regrade
+from rules.schedule import (GRADED_AT, Schedule, first_look, grades_at, midnight, next_change_at, next_wake,
+                            regrade)
 from rules.state import CustomerState, apply_interaction, apply_transaction, prune
 from schemas.errors import RulesetError
 from tests.rules.rulehelp import SHANGHAI, at
@@ -94,6 +95,8 @@ def test_property_the_grade_changes_exactly_at_next_change_at(rfm5, purchases, e
         after = t
         before = dict(state.grades)
     due = next_change_at(rfm5, state, after)
+    look = first_look(rfm5, state, after=after.timestamp())
+    assert due is None or (look is not None and after.timestamp() < look <= due.timestamp())
     last = due if due is not None else midnight(windows.local_day(after, SHANGHAI) + 400, SHANGHAI)
     # brute force: no local midnight strictly between `after` and `due` changes the grade
     d = windows.local_day(after, SHANGHAI) + 1
@@ -241,6 +244,8 @@ def test_property_exact_for_other_presets(preset, events):
     after = moments[-1]
     before = dict(state.grades)
     due = next_change_at(rs, state, after)
+    look = first_look(rs, state, after=after.timestamp())
+    assert due is None or (look is not None and after.timestamp() < look <= due.timestamp())
     last = due if due is not None else midnight(windows.local_day(after, SHANGHAI) + 400, SHANGHAI)
     d = windows.local_day(after, SHANGHAI) + 1
     while midnight(d, SHANGHAI) < last:

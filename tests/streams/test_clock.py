@@ -96,7 +96,8 @@ def test_event_clock_wakes_only_due_customers_of_their_partition():
                                          txn(settings, key, "2026-03-10T11:00:00+08:00", "2500", 1),
                                          txn(settings, idle, "2026-03-10T09:00:00+08:00", "1", 2)])
     asyncio.run(clock.tick())
-    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 3, 18).toordinal(), SHANGHAI).timestamp()
+    # scheduled at a cheap lower bound (the first candidate: recency 7 days), not later than its change
+    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 3, 17).toordinal(), SHANGHAI).timestamp()
     log.clear()
     # another partition's stream time passing the due instant does not wake it
     feed(clock, table, store, settings, [txn(settings, other, "2026-04-01T10:00:00+08:00", "1", 3)])
@@ -182,3 +183,18 @@ def test_an_idle_partition_follows_wall_time_only_when_asked():
     assert clock.now(0) > stream + 365 * 86400 and clock.now(1) is not None
     assert asyncio.run(clock.tick()) == 1  # the key customer, through every change up to now
     assert [e[3]["grade"] for e in log if e[0] == "send" and "direction" in e[3]] == ["B", "C", "D"]
+
+
+def test_a_customer_scheduled_at_the_lower_bound_is_moved_to_its_real_due_instant_without_a_change():
+    clock, table, store, log, settings = make_clock("event")
+    asyncio.run(clock.rebuild())
+    key, pusher = customers_on(0, 2)
+    feed(clock, table, store, settings, [txn(settings, key, "2026-03-10T10:00:00+08:00", "2500", 0),
+                                         txn(settings, key, "2026-03-10T11:00:00+08:00", "2500", 1)])
+    asyncio.run(clock.tick())
+    log.clear()
+    feed(clock, table, store, settings, [txn(settings, pusher, "2026-03-17T12:00:00+08:00", "1", 2)])
+    asyncio.run(clock.tick())  # the key customer is looked at (03-17 00:00) but not re-graded
+    assert not [e for e in log if e[0] == "send" and e[2] == key.encode()]
+    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 3, 18).toordinal(), SHANGHAI).timestamp()
+    assert key.encode() not in clock.unverified
