@@ -16,7 +16,6 @@ letters ``late``; duplicates count once. Each worker alive at the end reports
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -24,13 +23,13 @@ import pytest
 from streams.local import WorkerProcess, free_port, unique_env
 from streams.settings import load_settings
 from streams.topics import create_topics
-from tests.deploy.localcluster import LocalCluster
+from tests.deploy.localcluster import LocalCluster, port_from_env
 from tests.faults.faulthelp import EVENTS, Offline, PacedProducer, history, scrape, wait_for_outputs
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(300)]
 
-# The separate cluster of the broker-restart test; 19092 is test_cluster.py's.
-CLUSTER_PORT = int(os.environ.get("GRADEFLOW_TEST_FAULTS_PORT", "19292"))
+# The separate cluster of the broker-restart test: free ports of this run unless set.
+CLUSTER_PORT = port_from_env("GRADEFLOW_TEST_FAULTS_PORT", 3)  # two brokers and a controller
 FINAL: dict[str, dict] = {}  # run → final grade per (customer, ladder), compared across runs at the end
 
 
