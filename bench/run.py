@@ -144,7 +144,7 @@ def throughput(settings, events: int, customers: int, timeout_s: float) -> dict:
 
 
 async def _steady_produce(bootstrap: str, topic: str, rate: float, seconds: float, customers: int) -> int:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
     rng = random.Random(5)
     sent = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from typing import Any
 
 import faust
@@ -90,7 +91,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     out_alerts = names.alerts
     out_dead = names.dead_letters
 
-    async def grade(messages: list[Any]) -> None:  # aiokafka ConsumerRecords of one fetch
+    async def grade(messages: list[Any]) -> Awaitable[None]:  # aiokafka ConsumerRecords of one fetch
         """One fetch of input records: decode, grade, send, then store state, then ack."""
         if counters.first_batch_at is None:
             counters.first_batch_at = time.time()
@@ -122,9 +123,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
             await producer.flush()
         if result.states:
             await store.write_many(producer, result.states)
-            await producer.flush()
             clock.note(result.states)
-        app.consumer.ack_records(messages)
         counters.consumed += result.consumed
         counters.applied += result.applied
         counters.duplicates += result.duplicates
@@ -134,6 +133,17 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         counters.alerts += len(result.alerts)
         observe_batch(app, records)
         counters.last_batch_at = time.time()
+        wrote_state = bool(result.states)
+
+        async def settle() -> None:
+            # Faust may commit past these offsets only once the new states are
+            # on the changelog. This runs while the next batch is graded (the
+            # next batch's first flush usually covers it already).
+            if wrote_state:
+                await producer.flush()
+            app.consumer.ack_records(messages)
+
+        return settle()
 
     deliver_in_batches(app, inputs, grade)
 

@@ -32,7 +32,10 @@ from faust.types.tuples import ack_lock
 from mode import Service
 from mode.utils.futures import notify
 
-BatchHandler = Callable[[list[Any]], Awaitable[None]]
+# A handler grades a batch and returns what remains to settle it (waiting for
+# its state on the changelog, then acking): the consumer runs that while the
+# next batch is graded, at most one batch behind.
+BatchHandler = Callable[[list[Any]], Awaitable[Awaitable[None] | None]]
 
 
 class _InFlight:
@@ -80,6 +83,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
         acks_enabled_for = self.app.topics.acks_enabled_for
         unacked = self._unacked_messages
         monitor = self.app.monitor
+        settling: asyncio.Future[None] | None = None
         try:
             while not (consumer_stopped() or fetcher_stopped()):
                 await self.sleep(0)
@@ -128,13 +132,23 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 marker = _InFlight()
                 unacked.add(marker)  # type: ignore[arg-type]
                 try:
-                    await handler(batch)
-                finally:
-                    marker.acked = True
-                    unacked.discard(marker)  # type: ignore[arg-type]
+                    tail = await handler(batch)
+                except BaseException:
+                    _release(marker, unacked)
+                    raise
+                if settling is not None:
+                    await settling  # at most one batch settles behind the one being graded
+                    settling = None
+                if tail is None:
+                    _release(marker, unacked)
+                else:
+                    settling = asyncio.ensure_future(tail)
+                    settling.add_done_callback(lambda _f, m=marker: _release(m, unacked))
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
                     self._n_acked = 0
                     await self.commit()
+            if settling is not None:
+                await settling
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 return
@@ -143,6 +157,11 @@ class BatchConsumer(aiokafka_driver.Consumer):
             if self.transport.app.should_stop:
                 return
             raise
+
+
+def _release(marker: _InFlight, unacked: Any) -> None:
+    marker.acked = True
+    unacked.discard(marker)
 
 
 class BatchTransport(aiokafka_driver.Transport):
