@@ -274,3 +274,39 @@ def _compiled(name):
     if name not in _CACHE:
         _CACHE[name] = compile_ruleset(load(name))
     return _CACHE[name]
+
+
+MARGIN = """
+id: margin
+version: "1"
+ladders:
+  value:
+    grades: [A, B, C]
+    hysteresis: {margin: 3, min_dwell_days: 2}
+    decide: {metric: recency_days, bands: [{max: 7, grade: A}, {max: 30, grade: B}], else: C}
+  spend:
+    grades: [big, small]
+    decide: {metric: purchases.net.30d, bands: [{min: 1000, grade: big}], else: small}
+"""
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 120), st.integers(1, 200000)), min_size=1, max_size=8))
+def test_property_exact_with_margin_dwell_and_two_ladders(purchases):
+    rs = _CACHE.get("margin") or _CACHE.setdefault("margin", compile_ruleset(parse(MARGIN)))
+    d0 = date(2026, 1, 1)
+    state = live(rs, sorted((at(date.fromordinal(day(d0, o)), 9 + i % 10), a) for i, (o, a) in enumerate(purchases)))
+    after = datetime.fromtimestamp(state.last_event_ts, SHANGHAI)
+    for _ in range(3):  # follow the clock through successive changes
+        before = dict(state.grades)
+        due = next_change_at(rs, state, after)
+        last = due if due is not None else midnight(windows.local_day(after, SHANGHAI) + 200, SHANGHAI)
+        d = windows.local_day(after, SHANGHAI) + 1
+        while midnight(d, SHANGHAI) < last:
+            assert grades_at(rs, state, midnight(d, SHANGHAI)) == before, date.fromordinal(d)
+            d += 1
+        if due is None:
+            break
+        assert grades_at(rs, state, due - US) == before and grades_at(rs, state, due) != before
+        regrade("c", rs, state, due, NOW)
+        after = due
