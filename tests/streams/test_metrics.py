@@ -12,7 +12,7 @@ from streams.metrics import Metrics, observe_batch
 
 
 def metrics_text() -> str:
-    counters = Counters(consumed=5, applied=3, replayed=1, dead_lettered=1, grade_changes=2, alerts=1,
+    counters = Counters(consumed=7, applied=3, duplicates=2, replayed=1, dead_lettered=1, grade_changes=2, alerts=1,
                         by_topic={"transactions": 4, "interactions": 1})
     app = SimpleNamespace(gradeflow_counters=counters)
     m = Metrics(app)
@@ -32,13 +32,20 @@ def test_counters_of_the_grading_agent_are_exposed():
     assert 'gradeflow_events_consumed_total{topic="transactions"} 4.0' in text
     assert "gradeflow_events_dead_lettered_total 1.0" in text
     assert "gradeflow_events_replayed_total 1.0" in text
-    assert "gradeflow_events_duplicate_total" in text
-    assert "gradeflow_events_unreconciled 0.0" in text  # 5 = 3 applied + 1 replayed + 1 dead lettered
+    assert "gradeflow_events_duplicate_total 2.0" in text
+    assert "gradeflow_events_unreconciled 0.0" in text  # 7 = 3 applied + 2 duplicates + 1 replayed + 1 dead lettered
     assert "gradeflow_processing_latency_seconds_count 1.0" in text
     assert 'gradeflow_customers_by_grade{grade="B",ladder="value"} 2.0' in text
     assert 'gradeflow_alerts_sent_total{kind="trigger",sink="pagerduty"} 1.0' in text
     assert 'gradeflow_alerts_failed_total{sink="slack"} 1.0' in text
     assert 'gradeflow_grade_changes_total{direction="downgrade",ladder="value"} 1.0' in text
+
+
+def test_unreconciled_counts_records_in_none_of_the_four_outcomes():
+    from streams.metrics import unreconciled
+
+    assert unreconciled(Counters(consumed=10, applied=5, duplicates=2, replayed=2, dead_lettered=1)) == 0
+    assert unreconciled(Counters(consumed=10, applied=5, duplicates=2, replayed=1, dead_lettered=1)) == 1
 
 
 def test_the_dashboard_charts_only_exported_metrics():
