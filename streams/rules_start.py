@@ -119,7 +119,7 @@ class RulesRegrade:
                     continue  # the agent graded this customer meanwhile, with the new rules
                 at = _At(self.settings.topics.transactions, partition_of(key, partitions))
                 var.set(weakref.ref(at))
-                self.table[key] = new
+                self.table[key] = bytes(memoryview(new))  # right-sized: see streams/tables.py
         finally:
             var.set(previous)
 

@@ -51,7 +51,9 @@ class FaustStateStore:
                 # it through the current event.
                 shim = _PartitionOnly(record.origin)
                 var.set(weakref.ref(shim))
-                data[key] = raw
+                # orjson's output keeps a 4 KiB allocation whatever its length;
+                # a right-sized copy is what the table holds for a long time.
+                data[key] = bytes(memoryview(raw))
                 futures.append(await producer.send(changelog, key, raw, record.partition, None, None))
         finally:
             var.set(previous)
