@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = load_settings()
-    env = unique_env("demo", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
+    # The history is replayed fast: the event clock lets the key customers who
+    # stop buying be downgraded when the history's own time comes.
+    env = unique_env("demo", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap, GRADEFLOW_CLOCK="event",
+                     GRADEFLOW_CLOCK_TICK_S="0.2")
     history = build_history(args.customers, args.seed)
     bad = [b'{"event_id": "broken-1", "customer_id": ', b'{"event_id":"bad-2","customer_id":"cust-0001",'
            b'"occurred_at":"2026-01-01T10:00:00","type":"purchase","amount":"10","currency":"CNY"}']

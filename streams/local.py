@@ -142,8 +142,10 @@ def consume(bootstrap: str, topics: list[str], until: int | None = None, idle_s:
 
     Stops after ``until`` records, after ``idle_s`` without a record, or at ``timeout_s``.
     """
+    # kafka-python caps a network frame at 1 MiB by default while one fetch can
+    # return far more: raise the cap to the fetch size.
     consumer = KafkaConsumer(*topics, **kafka_options(bootstrap, env), auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=None)
+                             enable_auto_commit=False, group_id=None, receive_message_max_bytes=64 * 1024 * 1024)
     seen = 0
     started = last = time.monotonic()
     try:
