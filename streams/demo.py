@@ -152,6 +152,10 @@ def _produce(bootstrap: str, env: dict[str, str], history: list[Any], bad: list[
     p.close()
 
 
+def _cause(cause: dict[str, Any]) -> str:
+    return cause["kind"] if cause["event_id"] is None else f"{cause['kind']} {cause['event_id']}"
+
+
 def _watch(bootstrap: str, env: dict[str, str], totals: Counter[str], grades: dict[str, str],
            done: threading.Event) -> None:
     topics = [env["GRADEFLOW_TOPIC_GRADE_CHANGES"], env["GRADEFLOW_TOPIC_ALERTS"], env["GRADEFLOW_TOPIC_DEAD_LETTERS"]]
@@ -168,7 +172,7 @@ def _watch(bootstrap: str, env: dict[str, str], totals: Counter[str], grades: di
                     m = doc["metrics"]
                     print(f"{arrow} {doc['as_of'][:10]} {doc['customer_id']} {doc['previous_grade']} → {doc['grade']}"
                           f"  RFM {m['code']}  {m['frequency']} buys, net {m['monetary']} CNY, "
-                          f"last buy {m['recency_days']} d ago  ({doc['cause']['kind']} {doc['cause']['event_id']})")
+                          f"last buy {m['recency_days']} d ago  ({_cause(doc['cause'])})")
             elif topic == topics[1]:
                 totals["alerts"] += 1
                 print(_paint(RED, f"ALERT [{doc['severity']}] {doc['summary'].split('. ')[0]}."))
