@@ -74,6 +74,9 @@ class CustomerState:
     # (a list; a set once long). Pruned by the processor past the allowed lateness: an older
     # event is refused as late, so its id need not be remembered. Kept as ext "se".
     seen: dict[int, Any] = field(default_factory=dict)
+    # ladder → the instant (seconds) of the clock downgrade an at-risk warning was emitted for
+    # (rules/risk.py): one warning per drop instant. Kept as ext "wr".
+    warned: dict[str, float] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         """Serialize to the changelog format (a JSON array, versioned)."""
@@ -96,6 +99,8 @@ class CustomerState:
             ext["rs"] = self.ruleset
         if self.seen:
             ext["se"] = [[d, ids if type(ids) is list else sorted(ids)] for d, ids in self.seen.items()]
+        if self.warned:
+            ext["wr"] = self.warned
         return orjson.dumps([
             _FORMAT,
             self.last_event_ts,
@@ -134,6 +139,7 @@ class CustomerState:
             grade_since=ext.get("gs", {}),
             ruleset=ext.get("rs"),
             seen={d: ids for d, ids in ext.get("se", ())},
+            warned=ext.get("wr", {}),
         )
 
 

@@ -212,18 +212,27 @@ class GradeChange(_Output):
 
 
 class Alert(_Output):
-    """Emitted on ``grade-alerts`` when a customer in a key grade is downgraded."""
+    """Emitted on ``grade-alerts`` when a customer in a key grade is downgraded (kind ``downgrade``),
+    or will be by time alone within the at-risk horizon (kind ``at_risk``, a warning before it)."""
 
     alert_id: str
     customer_id: str
     ladder: str
     severity: Literal["info", "warning", "critical"]
     summary: str
-    previous_grade: str
-    grade: str
-    grade_change_event_id: str
-    as_of: datetime
-    dedup_key: str = Field(description="Stable per customer and ladder: alert tools group on it.")
+    previous_grade: str = Field(description="The grade before the drop (at_risk: the grade held now).")
+    grade: str = Field(description="The grade after the drop (at_risk: the grade it will drop to at due_at).")
+    grade_change_event_id: str = Field(
+        description="The grade change of the downgrade (at_risk: the id the clock's downgrade at due_at will carry "
+                    "if it happens as predicted).")
+    as_of: datetime = Field(description="downgrade: when the grade changed; at_risk: when the warning became due "
+                                        "(due_at minus the horizon, or later if the state was graded later).")
+    dedup_key: str = Field(description="Stable per customer, ladder and kind: alert tools group on it.")
+    kind: Literal["downgrade", "at_risk"] = Field(
+        "downgrade", description="downgrade: a key customer was downgraded; at_risk: one will be by time alone "
+                                 "at due_at unless something changes (added in 1, optional: absent means downgrade).")
+    due_at: datetime | None = Field(
+        None, description="at_risk only: the instant time alone will lower the grade (null or absent otherwise).")
 
 
 class DeadLetter(_Output):
