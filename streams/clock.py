@@ -29,13 +29,14 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 
 from rules.engine import CompiledRuleset
-from rules.schedule import Schedule, first_look, graded_at, next_wake, regrade
+from rules import risk
+from rules.schedule import Schedule, graded_at, next_wake, regrade
 from rules.state import CustomerState
 from streams.population import partition_of
 from streams.processor import TRANSACTIONS, Record, utcnow
@@ -59,6 +60,7 @@ class ClockStats:
     woken: int = 0  # customers re-evaluated because they were due
     changes: int = 0
     alerts: int = 0
+    at_risk: int = 0  # at-risk warnings emitted (also counted in alerts)
     written: int = 0  # states written by the clock
     skipped: int = 0  # states the handler changed meanwhile (rescheduled, not overwritten)
     rebuilds: int = 0
@@ -76,12 +78,17 @@ class Clock:
         self.app, self.settings, self.rs, self.table, self.store = app, settings, ruleset, table, store
         self.mode = getattr(settings, "clock", "wall")
         self.idle_s: float | None = getattr(settings, "event_clock_idle_s", None)
+        # At-risk warnings (rules/risk.py): a key customer is also woken a horizon before time
+        # alone lowers their grade. 0 disables.
+        self.horizon = timedelta(days=float(getattr(settings, "at_risk_horizon_days", 0) or 0))
+        self.at_risk_severity: str = getattr(settings, "at_risk_severity", risk.SEVERITY)
         self.schedules: dict[int, Schedule] = {}
         self.stream_time: dict[int, float] = {}  # partition → highest event time applied (event clock)
         self.advanced_at: dict[int, float] = {}  # partition → wall time its stream time last moved
         self.pending: dict[bytes, tuple[int, bytes]] = {}
         # Customers scheduled at a cheap lower bound (rules.schedule.first_look), not yet at their
         # real due instant: when the clock gets there, next_wake finds the real one.
+        # Also customers scheduled at the instant an at-risk warning becomes due (not a change).
         self.unverified: set[bytes] = set()
         self.active: set[int] | None = None  # None until the first recovery, and during a rebalance
         self.generation = 0
@@ -142,7 +149,7 @@ class Clock:
                 continue  # noted again meanwhile: the newer state is scheduled next time
             state = CustomerState.from_bytes(raw)
             self._advance(partition, state.last_event_ts)
-            self._schedule(partition).set(key, first_look(rs, state, population))
+            self._schedule(partition).set(key, risk.first_look(rs, state, self.horizon, population))
             self.unverified.add(key)
             if n % CHUNK == 0:
                 await asyncio.sleep(0)
@@ -180,7 +187,7 @@ class Clock:
                     p = partition_of(key, partitions)
                     if state.last_event_ts is not None and state.last_event_ts > stream_time.get(p, float("-inf")):
                         stream_time[p] = state.last_event_ts
-                    schedules[p].set(key, first_look(rs, state, population))
+                    schedules[p].set(key, risk.first_look(rs, state, self.horizon, population))
                     self.unverified.add(key)
                 await asyncio.sleep(0)
                 if generation != self.generation:
@@ -227,6 +234,9 @@ class Clock:
         alerts: list[tuple[bytes, bytes]] = []
         writes: dict[bytes, tuple[bytes, bytes]] = {}
         later: dict[bytes, float | None] = {}
+        recheck: set[bytes] = set()  # scheduled at a warning instant or a lower bound: look again there
+        now_dt = datetime.fromtimestamp(now, rs.tz)
+        warned = 0
         for key, at in due:
             raw = table.get(key)
             if raw is None:
@@ -244,7 +254,12 @@ class Clock:
                 follow, _ = next_wake(rs, state, datetime.fromtimestamp(start, rs.tz), population)  # type: ignore[arg-type]
                 nxt = None if follow is None else follow.timestamp()
                 if nxt is None or nxt > now:
-                    later[key] = nxt  # not due yet: now at its real due instant
+                    # not due yet: now at its real due instant (or its at-risk warning's, if earlier)
+                    warn = self._at_risk(customer_id, state, now_dt, now, nxt, key, later, recheck, population)
+                    if warn:
+                        warned += len(warn)
+                        alerts += [(key, orjson.dumps(a)) for a in warn]
+                        writes[key] = (raw, state.to_bytes())
                     continue
             for _ in range(MAX_STEPS):
                 moment = datetime.fromtimestamp(nxt, rs.tz)  # type: ignore[arg-type]
@@ -258,7 +273,12 @@ class Clock:
                 if nxt is None or nxt > now:
                     break
             later[key] = nxt
-            if changed:
+            warn: list[dict[str, Any]] = []
+            if nxt is None or nxt > now:  # graded up to now: warn about what comes within the horizon
+                warn = self._at_risk(customer_id, state, now_dt, now, nxt, key, later, recheck, population)
+                warned += len(warn)
+                alerts += [(key, orjson.dumps(a)) for a in warn]
+            if changed or warn:
                 writes[key] = (raw, state.to_bytes())
         self.stats.woken += len(due)
         if changes or alerts:
@@ -272,8 +292,9 @@ class Clock:
             await producer.flush()
             self.stats.changes += len(changes)
             self.stats.alerts += len(alerts)
-            log.info("gradeflow: clock woke %d customers on partition %d: %d grade changes, %d alerts",
-                     len(due), partition, len(changes), len(alerts))
+            self.stats.at_risk += warned
+            log.info("gradeflow: clock woke %d customers on partition %d: %d grade changes, %d alerts "
+                     "(%d at-risk warnings)", len(due), partition, len(changes), len(alerts), warned)
         if writes and (self.active is None or partition not in self.active):
             return  # revoked meanwhile: the partition's new owner re-grades (same ids)
         if writes:
@@ -281,6 +302,25 @@ class Clock:
         for key, when in later.items():
             if key not in self.pending:  # a batch touched it meanwhile: absorb() schedules it
                 schedule.set(key, when)
+                if key in recheck:
+                    self.unverified.add(key)
+
+    def _at_risk(self, customer_id: str, state: CustomerState, now_dt: datetime, now: float, nxt: float | None,
+                 key: bytes, later: dict[bytes, float | None], recheck: set[bytes],
+                 population: Any) -> list[dict[str, Any]]:
+        """The at-risk warnings of a customer graded up to ``now`` (records them in ``state``), and
+        their next wake: the earlier of the next change ``nxt`` and the next warning's instant."""
+        later[key] = nxt
+        if self.horizon <= timedelta(0):
+            return []
+        warn, look = risk.warnings(customer_id, self.rs, state, now_dt, self.horizon, population,
+                                   self.at_risk_severity)
+        if look is not None:
+            when = max(look.timestamp(), now + 1e-3)  # strictly later: never woken twice in one tick
+            if nxt is None or when < nxt:
+                later[key] = when
+                recheck.add(key)
+        return warn
 
     async def _write(self, partition: int, writes: dict[bytes, tuple[bytes, bytes]],
                      later: dict[bytes, float | None]) -> None:

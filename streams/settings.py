@@ -139,6 +139,12 @@ class Settings(BaseSettings):
         "wall", description="What time it is for re-grading without events: wall (now), event (per input "
                             "partition, the highest event time applied: replay and backfill), off (events only).")
     clock_tick_s: float = Field(1.0, gt=0, description="Seconds between wakes of the customers that are due.")
+    at_risk_horizon_days: float = Field(
+        7.0, ge=0, description="At-risk warning: a key customer whose grade time alone will lower within this many "
+                               "days gets one warning (kind at_risk on the alerts topic) before it happens; 0: none. "
+                               "Needs the clock (not off).")
+    at_risk_severity: Literal["info", "warning", "critical"] = Field(
+        "info", description="Severity of at-risk warnings (GRADEFLOW_ALERT_ROUTES sends them to that severity's sinks).")
     event_clock_idle_s: float | None = Field(
         None, gt=0, description="With clock=event: after this many seconds of wall time without a new event on an "
                                 "input partition, its clock follows wall time (never, when unset).")

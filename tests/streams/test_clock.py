@@ -49,8 +49,9 @@ class FakeStore:
             self.log.append(("write", customer_id, record.partition))
 
 
-def make_clock(mode: str, partitions: int = 4, active=(0, 1, 2, 3)):
-    settings = Settings(clock=mode, partitions=partitions, app_id="t")
+def make_clock(mode: str, partitions: int = 4, active=(0, 1, 2, 3), horizon: float = 0):
+    # horizon 0: no at-risk warnings (their own tests below ask for them)
+    settings = Settings(clock=mode, partitions=partitions, app_id="t", at_risk_horizon_days=horizon)
     log: list = []
     table = FakeTable()
     store = FakeStore(table, log)
@@ -198,3 +199,75 @@ def test_a_customer_scheduled_at_the_lower_bound_is_moved_to_its_real_due_instan
     assert not [e for e in log if e[0] == "send" and e[2] == key.encode()]
     assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 3, 18).toordinal(), SHANGHAI).timestamp()
     assert key.encode() not in clock.unverified
+
+
+# ---------------------------------------------------------------- at-risk warnings (rules/risk.py)
+
+
+def at_risk(log: list, customer: str) -> list[dict]:
+    return [e[3] for e in log if e[0] == "send" and e[2] == customer.encode() and e[3].get("kind") == "at_risk"]
+
+
+def test_a_key_customer_is_warned_once_a_horizon_before_the_clock_downgrades_them():
+    from schemas.events import Alert
+
+    clock, table, store, log, settings = make_clock("event", horizon=7)
+    asyncio.run(clock.rebuild())
+    key, pusher, small = customers_on(0, 3)
+    feed(clock, table, store, settings, [txn(settings, key, "2026-03-10T10:00:00+08:00", "2500", 0),
+                                         txn(settings, key, "2026-03-10T11:00:00+08:00", "2500", 1),
+                                         txn(settings, small, "2026-03-10T09:00:00+08:00", "1", 2)])
+    asyncio.run(clock.tick())
+    # the drop (03-18 00:00) is more than 7 days ahead: none yet; woken again when it enters the horizon
+    assert at_risk(log, key) == []
+    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 3, 11).toordinal(), SHANGHAI).timestamp()
+    log.clear()
+    feed(clock, table, store, settings, [txn(settings, pusher, "2026-03-12T10:00:00+08:00", "1", 3)])
+    asyncio.run(clock.tick())
+    [warning] = at_risk(log, key)
+    Alert.model_validate(warning)
+    assert (warning["previous_grade"], warning["grade"], warning["due_at"], warning["as_of"], warning["severity"]) == (
+        "A", "B", "2026-03-18T00:00:00+08:00", "2026-03-11T00:00:00+08:00", "info")
+    assert not [e for e in log if e[0] == "send" and e[2] == key.encode() and "direction" in e[3]]  # no change yet
+    assert at_risk(log, small) == [] and at_risk(log, pusher) == []  # not key customers
+    # sent and flushed, then the state (with the mark) written
+    first_write = next(i for i, e in enumerate(log) if e[0] == "write")
+    assert log[first_write - 1] == ("flush",) and ("write", key, 0) in log
+    assert clock.stats.at_risk == 1
+    # more stream time, a restart (rebuild from the table): no second warning; then the downgrade
+    log.clear()
+    clock2, _, _, log2, _ = make_clock("event", horizon=7)
+    clock2.table.update(table)
+    asyncio.run(clock2.rebuild())
+    asyncio.run(clock2.tick())
+    feed(clock2, clock2.table, clock2.store, settings, [txn(settings, pusher, "2026-03-16T10:00:00+08:00", "1", 4)])
+    asyncio.run(clock2.tick())
+    assert at_risk(log2, key) == []
+    feed(clock2, clock2.table, clock2.store, settings, [txn(settings, pusher, "2026-03-19T10:00:00+08:00", "1", 5)])
+    asyncio.run(clock2.tick())
+    mine = [e[3] for e in log2 if e[0] == "send" and e[2] == key.encode()]
+    assert [(d.get("kind"), d.get("grade")) for d in mine if "alert_id" in d] == [(None, "B")]  # the downgrade
+    [change] = [d for d in mine if "direction" in d]
+    assert change["event_id"] == warning["grade_change_event_id"]
+
+
+def test_a_purchase_within_the_horizon_moves_the_drop_and_warns_again_only_when_the_new_one_is_near():
+    clock, table, store, log, settings = make_clock("event", horizon=7)
+    asyncio.run(clock.rebuild())
+    key, pusher = customers_on(0, 2)
+    feed(clock, table, store, settings, [txn(settings, key, "2026-03-10T10:00:00+08:00", "2500", 0),
+                                         txn(settings, key, "2026-03-10T11:00:00+08:00", "2500", 1),
+                                         txn(settings, pusher, "2026-03-12T10:00:00+08:00", "1", 2)])
+    asyncio.run(clock.tick())
+    assert [w["due_at"] for w in at_risk(log, key)] == ["2026-03-18T00:00:00+08:00"]
+    log.clear()
+    # bought again: A (R5 F3 M3); the next drop is when recency passes 30 days (R3: 9, B) on 04-16
+    feed(clock, table, store, settings, [txn(settings, key, "2026-03-16T09:00:00+08:00", "100", 3)])
+    asyncio.run(clock.tick())
+    assert at_risk(log, key) == []
+    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 4, 9).toordinal(), SHANGHAI).timestamp()
+    feed(clock, table, store, settings, [txn(settings, pusher, "2026-04-10T10:00:00+08:00", "1", 4)])
+    asyncio.run(clock.tick())
+    assert [(w["due_at"], w["as_of"]) for w in at_risk(log, key)] == [
+        ("2026-04-16T00:00:00+08:00", "2026-04-09T00:00:00+08:00")]
+    assert not [e for e in log if e[0] == "send" and e[2] == key.encode() and "direction" in e[3]]
