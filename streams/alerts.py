@@ -11,6 +11,13 @@ topics are not ordered with respect to each other, which the Redis
 ``recovered`` marker below settles (a trigger older than a recovery already
 seen is superseded and not sent).
 
+At-risk warnings (``"kind": "at_risk"``, from the clock, rules/risk.py) travel
+the same way but are not downgrades: they keep their own severity (routed like
+any alert of that severity), have their own ``dedup_key`` (``…/at-risk``: their
+cooldown and ``open`` marks never touch the downgrade's incident, and a
+recovery never resolves them), PagerDuty ``class`` ``key-customer-at-risk`` and
+Alertmanager ``alertname`` ``GradeflowKeyCustomerAtRisk`` ending at ``due_at``.
+
 Once-only delivery, per sink, in Redis (``P`` the key prefix):
 
 ``P:alert:sent:<sink>:<id>``        delivered (id: alert_id, or the recovery's change event id)
@@ -101,6 +108,11 @@ def dedup_key(ladder: str, customer_id: str) -> str:
     return f"gradeflow/{ladder}/{customer_id}/key-downgrade"
 
 
+def is_at_risk(alert: dict[str, Any]) -> bool:
+    """Whether ``alert`` is an at-risk warning (kind ``at_risk``, rules/risk.py), not a downgrade."""
+    return alert.get("kind") == "at_risk"
+
+
 def recovery_of(change: dict[str, Any], ruleset: CompiledRuleset) -> dict[str, Any] | None:
     """A recovery if ``change`` is an upgrade into a key grade, else None."""
     if change.get("direction") != "upgrade":
@@ -173,9 +185,13 @@ class SlackSink(Sink):
         self.url = url
 
     def trigger(self, alert: dict[str, Any]) -> Request:
-        head = (f"{self.ICON.get(alert['severity'], '')} [{alert['severity'].upper()}] "
-                f"Customer {alert['customer_id']}: {alert['previous_grade']} → {alert['grade']} "
-                f"on ladder '{alert['ladder']}'").strip()
+        if is_at_risk(alert):
+            head = (f":hourglass: [AT RISK] Customer {alert['customer_id']}: {alert['previous_grade']} → "
+                    f"{alert['grade']} on ladder '{alert['ladder']}' at {alert.get('due_at')} unless something changes")
+        else:
+            head = (f"{self.ICON.get(alert['severity'], '')} [{alert['severity'].upper()}] "
+                    f"Customer {alert['customer_id']}: {alert['previous_grade']} → {alert['grade']} "
+                    f"on ladder '{alert['ladder']}'").strip()
         body = {
             "text": head,
             "blocks": [
@@ -229,7 +245,7 @@ class PagerDutySink(Sink):
                 "timestamp": alert["as_of"],
                 "component": f"customer/{alert['customer_id']}"[:255],
                 "group": f"ladder/{alert['ladder']}",
-                "class": "key-customer-downgrade",
+                "class": "key-customer-at-risk" if is_at_risk(alert) else "key-customer-downgrade",
                 "custom_details": {k: alert[k] for k in (
                     "alert_id", "customer_id", "ladder", "previous_grade", "grade", "grade_change_event_id", "as_of")},
             },
@@ -260,15 +276,21 @@ class AlertmanagerSink(Sink):
         self.source = source
         self.active_s = active_s
 
-    def labels(self, ladder: str, customer_id: str) -> dict[str, str]:
-        return {"alertname": "GradeflowKeyCustomerDowngrade", "ladder": ladder, "customer_id": customer_id,
-                "service": self.source}
+    def labels(self, ladder: str, customer_id: str, name: str = "GradeflowKeyCustomerDowngrade") -> dict[str, str]:
+        return {"alertname": name, "ladder": ladder, "customer_id": customer_id, "service": self.source}
 
     def trigger(self, alert: dict[str, Any]) -> Request:
         starts = datetime.fromisoformat(alert["as_of"]).astimezone(timezone.utc)
+        name = "GradeflowKeyCustomerDowngrade"
         ends = max(starts, datetime.now(timezone.utc)) + timedelta(seconds=self.active_s)
+        if is_at_risk(alert) and alert.get("due_at"):
+            # A warning is moot once the drop is due (the downgrade alert, or none if they bought):
+            # it ends then (a few minutes ahead at least, so that a late delivery still shows).
+            name = "GradeflowKeyCustomerAtRisk"
+            due = datetime.fromisoformat(alert["due_at"]).astimezone(timezone.utc)
+            ends = max(due, datetime.now(timezone.utc) + timedelta(minutes=5))
         item = {
-            "labels": {**self.labels(alert["ladder"], alert["customer_id"]), "severity": alert["severity"]},
+            "labels": {**self.labels(alert["ladder"], alert["customer_id"], name), "severity": alert["severity"]},
             "annotations": {
                 "summary": alert["summary"],
                 "previous_grade": alert["previous_grade"],
@@ -405,7 +427,9 @@ class Dispatcher:
             self._count("expired", sink="-")
             return
         ladder = self.ladders.get(alert.get("ladder", ""))
-        if ladder is not None:
+        if ladder is not None and not is_at_risk(alert):
+            # A downgrade's severity follows the drop; an at-risk warning keeps its own
+            # (GRADEFLOW_AT_RISK_SEVERITY, set by the clock), whatever the drop it warns about.
             alert = {**alert, "severity": severity(ladder, alert["previous_grade"], alert["grade"],
                                                    self.rules[ladder.name])}
         await asyncio.gather(*(self.deliver(TRIGGER, name, alert, 0) for name in self.routes(alert["severity"])))

@@ -447,3 +447,69 @@ def test_an_alert_produced_long_ago_is_not_sent(standin, prefix):
 
     asyncio.run(run())
     assert {b["alert_id"] for b in standin.delivered("/hook")} == {fresh["alert_id"]}
+
+
+def at_risk_doc(customer: str, previous: str = "A", grade: str = "B") -> dict:
+    """An at-risk warning as rules/risk.py writes it on grade-alerts."""
+    from rules import risk
+    from rules.state import CustomerState, apply_transaction
+    from rules import windows
+    from rules.engine import evaluate
+    from datetime import timedelta
+
+    rs = compile_ruleset(load("rfm-5"))
+    state = CustomerState()
+    for hour in (10, 11):
+        moment = datetime.fromisoformat(f"2026-03-10T{hour}:00:00+08:00")
+        apply_transaction(state, moment.timestamp(), windows.local_day(moment, rs.tz), False, 250000)
+    state.grades = dict(evaluate(rs, state, moment).grades)
+    [doc], _ = risk.warnings(customer, rs, state, datetime.fromisoformat("2026-03-15T00:00:00+08:00"),
+                             timedelta(days=7))
+    assert (doc["previous_grade"], doc["grade"]) == (previous, grade)
+    return doc
+
+
+def test_an_at_risk_warning_keeps_its_severity_and_is_not_a_downgrade_incident(standin, prefix):
+    settings = settings_for(standin)
+    warning = at_risk_doc("gus")
+    Alert.model_validate(warning)
+    down = alert_doc("gus", "A", "B", "2026-03-18T00:00:00+08:00")
+    assert Alert.model_validate(down).kind == "downgrade"  # absent: a downgrade, as before
+
+    async def run() -> None:
+        async with Harness(settings, prefix) as h:
+            await h.dispatcher.on_alert(warning)
+            await h.dispatcher.on_alert(warning)  # a repeat (same id) is delivered once
+            await h.dispatcher.on_alert(down)  # not held back by the warning's cooldown
+            await h.dispatcher.on_change(upgrade_doc("gus", "B", "A", "2026-03-20T10:00:00+08:00"))
+            assert h.retries == []
+
+    asyncio.run(run())
+    hooks = standin.delivered("/hook")
+    assert [(b["alert_id"], b["severity"], b.get("kind")) for b in hooks] == [
+        (warning["alert_id"], "info", "at_risk"), (down["alert_id"], "critical", None)]
+    Alert.model_validate(hooks[0])
+    # info goes to the webhook and Alertmanager only (default routes): PagerDuty gets the downgrade
+    # and its resolve, with the downgrade's dedup_key
+    pd = standin.delivered("/pagerduty/v2/enqueue")
+    assert [(b["event_action"], b["dedup_key"]) for b in pd] == [("trigger", down["dedup_key"]),
+                                                                ("resolve", down["dedup_key"])]
+    am = standin.delivered("/am/api/v2/alerts")
+    for body in am:
+        jsonschema.validate(body, AM_ALERTS)
+    names = [b[0]["labels"]["alertname"] for b in am]
+    assert names == ["GradeflowKeyCustomerAtRisk", "GradeflowKeyCustomerDowngrade", "GradeflowKeyCustomerDowngrade"]
+    assert rfc3339(am[0][0]["endsAt"]) >= rfc3339(warning["due_at"])
+    assert standin.delivered("/slack/T000/B000/XXX")[0]["text"].count("AT RISK") == 0  # slack: critical only
+
+
+def test_an_at_risk_warning_routed_to_slack_and_pagerduty_reads_as_one():
+    from streams.alerts import PagerDutySink, SlackSink
+
+    warning = at_risk_doc("hal")
+    slack = SlackSink("http://x").trigger(warning).body
+    jsonschema.validate(slack, SLACK)
+    assert "AT RISK" in slack["text"] and "A → B" in slack["text"] and warning["due_at"] in slack["text"]
+    pd = PagerDutySink("http://x", "R0UT1NGKEY0000000000000000000000", "gradeflow").trigger(warning).body
+    jsonschema.validate(pd, PD_TRIGGER)
+    assert pd["payload"]["class"] == "key-customer-at-risk" and pd["dedup_key"] == warning["dedup_key"]
