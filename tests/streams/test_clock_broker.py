@@ -57,8 +57,10 @@ PHASE3 = [txn("p3", PUSHER, "2026-03-25T10:00:00+08:00", "1")]
 
 
 def env_for(**extra: str) -> dict[str, str]:
+    # No at-risk warnings unless a test asks (test_a_key_customer_is_warned_once_before_the_downgrade).
     return unique_env("clock", **{"GRADEFLOW_CLOCK": "event", "GRADEFLOW_CLOCK_TICK_S": "0.2",
-                                   "GRADEFLOW_PARTITIONS": str(PARTITIONS), "GRADEFLOW_DOWNSTREAM": "false", **extra})
+                                   "GRADEFLOW_PARTITIONS": str(PARTITIONS), "GRADEFLOW_DOWNSTREAM": "false",
+                                   "GRADEFLOW_AT_RISK_HORIZON_DAYS": "0", **extra})
 
 
 def read(bootstrap: str, env: dict[str, str], until: int | None = None, idle_s: float = 4.0) -> tuple[list, list]:
@@ -207,3 +209,34 @@ def test_two_workers_each_wake_only_their_own_partitions(worker_factory, bootstr
     # each partition's customers were woken by one worker
     woke = [set(re.findall(r"clock woke \d+ customers on partition (\d+)", w.log_path.read_text())) for w in workers]
     assert all(woke) and not (woke[0] & woke[1]), woke
+
+
+def test_a_key_customer_is_warned_once_before_the_downgrade_even_across_a_restart(worker_factory, bootstrap):
+    from schemas.events import Alert
+
+    env = env_for(GRADEFLOW_AT_RISK_HORIZON_DAYS="7", GRADEFLOW_KAFKA_SESSION_TIMEOUT_S="10",
+                  GRADEFLOW_KAFKA_HEARTBEAT_INTERVAL_S="1")
+    first = worker_factory(env=env)
+    # stream time of the key customer's partition reaches 03-12 (the pusher): the drop at 03-18 is
+    # within 7 days
+    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], PHASE1)
+    changes, alerts = read(bootstrap, env, until=5, idle_s=30)  # 4 changes and the warning
+    changes, alerts = read(bootstrap, env, idle_s=2)
+    assert clock_changes(changes) == []
+    [warning] = alerts
+    Alert.model_validate(warning)
+    assert (warning["kind"], warning["customer_id"], warning["previous_grade"], warning["grade"], warning["due_at"],
+            warning["as_of"], warning["severity"]) == ("at_risk", KEY, "A", "B", DUE, "2026-03-11T00:00:00+08:00",
+                                                        "info"), first.tail()
+    time.sleep(1.0)  # the state (with the warning's mark) is on the changelog before the crash
+    first.kill()
+
+    second = worker_factory(env=env, name="restarted")
+    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], PHASE2)
+    changes, alerts = read(bootstrap, env, until=7, idle_s=40)  # + the downgrade and its alert
+    changes, alerts = read(bootstrap, env, idle_s=3)
+    assert clock_changes(changes) == [(KEY, "A", "B", DUE)], second.tail()
+    [down] = [c for c in changes if c["cause"]["kind"] == "clock"]
+    assert [(a.get("kind", "downgrade"), a["alert_id"]) for a in alerts] == [
+        ("at_risk", warning["alert_id"]), ("downgrade", alerts[1]["alert_id"])], second.tail()
+    assert alerts[1]["grade_change_event_id"] == warning["grade_change_event_id"] == down["event_id"]
