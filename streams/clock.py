@@ -16,6 +16,11 @@ keeps, per input partition it owns, a heap of ``(due, customer)``:
   worker woke), sends and flushes the grade changes and alerts, then writes the
   states (table and the changelog partition of the customer), then reschedules.
   Customers not due are not touched: there is no sweep over all customers.
+- at-risk warnings (``GRADEFLOW_AT_RISK_HORIZON_DAYS``, rules/risk.py): a key
+  customer is due at the earlier of their next change and the instant their
+  next drop by time enters the horizon; a customer graded up to the clock is
+  scanned and gets one warning per drop (sent with the other outputs, marked
+  in their state, written after).
 
 Two clocks (``GRADEFLOW_CLOCK``): ``wall`` (now) and ``event`` (per partition:
 the highest event time applied on that input partition, restored from the
