@@ -67,14 +67,17 @@ def is_key(rs: CompiledRuleset, state: CustomerState) -> bool:
 
 
 def scan(rs: CompiledRuleset, state: CustomerState, now: datetime, horizon: timedelta,
-         population: Population | None = None) -> tuple[list[Drop], datetime | None]:
+         population: Population | None = None,
+         first: tuple[datetime | None, bool] | None = None) -> tuple[list[Drop], datetime | None]:
     """Drops from a key grade that time alone makes in ``(now, now + horizon]`` (the first of each
     ladder), and the instant to look again: when the next drop after that enters the horizon (or
     a lower bound of it: look again then), or None when no later drop can come.
 
     ``state`` must be graded up to ``now`` (every change time makes at or before ``now`` applied);
     it is not modified. Evaluations: those ``next_wake`` makes over the candidate instants up to
-    ``now + horizon``, plus one budget (rules.schedule.BUDGET) beyond."""
+    ``now + horizon``, plus one budget (rules.schedule.BUDGET) beyond. ``first``: what
+    ``next_wake(rs, state, t)`` returned for an instant ``t <= now`` the state is graded up to, when
+    the caller has it and it lies after ``now`` (the worker's: saves that evaluation)."""
     if horizon <= timedelta(0) or not _key_ladders(rs, state.grades):
         return [], None
     now = now.astimezone(rs.tz)
@@ -84,9 +87,14 @@ def scan(rs: CompiledRuleset, state: CustomerState, now: datetime, horizon: time
     sim.grade_since = dict(state.grade_since)
     drops: dict[str, Drop] = {}
     after = now
+    if first is not None and first[0] is not None and first[0] <= now:
+        first = None
     while True:
         beyond = after >= end
-        moment, changed = next_wake(rs, sim, after, population)
+        if first is not None:
+            (moment, changed), first = first, None
+        else:
+            moment, changed = next_wake(rs, sim, after, population)
         if moment is None:
             return list(drops.values()), None
         if not changed:
@@ -166,13 +174,13 @@ def alert_of(customer_id: str, rs: CompiledRuleset, state: CustomerState, drop: 
 
 def warnings(customer_id: str, rs: CompiledRuleset, state: CustomerState, now: datetime, horizon: timedelta,
              population: Population | None = None, severity: str = SEVERITY,
-             ) -> tuple[list[dict[str, Any]], datetime | None]:
+             first: tuple[datetime | None, bool] | None = None) -> tuple[list[dict[str, Any]], datetime | None]:
     """The at-risk warnings due at ``now`` (one per ladder and drop instant, never one already
     emitted for the same instant) and the instant to look again (see :func:`scan`).
 
     Records each warning in ``state.warned`` (ladder → drop instant) and forgets marks whose
     instant has passed; the caller writes the state when warnings were returned."""
-    drops, look = scan(rs, state, now, horizon, population)
+    drops, look = scan(rs, state, now, horizon, population, first)
     if not drops:
         return [], look
     for name in [n for n, t in state.warned.items() if t <= now.timestamp()]:

@@ -256,11 +256,12 @@ class Clock:
             if key in self.unverified:
                 self.unverified.discard(key)
                 start = graded_at(state)
-                follow, _ = next_wake(rs, state, datetime.fromtimestamp(start, rs.tz), population)  # type: ignore[arg-type]
+                follow, changes_there = next_wake(rs, state, datetime.fromtimestamp(start, rs.tz), population)  # type: ignore[arg-type]
                 nxt = None if follow is None else follow.timestamp()
                 if nxt is None or nxt > now:
                     # not due yet: now at its real due instant (or its at-risk warning's, if earlier)
-                    warn = self._at_risk(customer_id, state, now_dt, now, nxt, key, later, recheck, population)
+                    warn = self._at_risk(customer_id, state, now_dt, now, (follow, changes_there), key, later,
+                                         recheck, population)
                     if warn:
                         warned += len(warn)
                         alerts += [(key, orjson.dumps(a)) for a in warn]
@@ -273,14 +274,15 @@ class Clock:
                     changed = True
                     changes += [(key, orjson.dumps(c)) for c in out]
                     alerts += [(key, orjson.dumps(a)) for a in warn]
-                follow, _ = next_wake(rs, state, moment, population)
+                follow, changes_there = next_wake(rs, state, moment, population)
                 nxt = None if follow is None else follow.timestamp()
                 if nxt is None or nxt > now:
                     break
             later[key] = nxt
             warn: list[dict[str, Any]] = []
             if nxt is None or nxt > now:  # graded up to now: warn about what comes within the horizon
-                warn = self._at_risk(customer_id, state, now_dt, now, nxt, key, later, recheck, population)
+                warn = self._at_risk(customer_id, state, now_dt, now, (follow, changes_there), key, later, recheck,
+                                     population)
                 warned += len(warn)
                 alerts += [(key, orjson.dumps(a)) for a in warn]
             if changed or warn:
@@ -310,16 +312,18 @@ class Clock:
                 if key in recheck:
                     self.unverified.add(key)
 
-    def _at_risk(self, customer_id: str, state: CustomerState, now_dt: datetime, now: float, nxt: float | None,
-                 key: bytes, later: dict[bytes, float | None], recheck: set[bytes],
-                 population: Any) -> list[dict[str, Any]]:
+    def _at_risk(self, customer_id: str, state: CustomerState, now_dt: datetime, now: float,
+                 following: tuple[datetime | None, bool], key: bytes, later: dict[bytes, float | None],
+                 recheck: set[bytes], population: Any) -> list[dict[str, Any]]:
         """The at-risk warnings of a customer graded up to ``now`` (records them in ``state``), and
-        their next wake: the earlier of the next change ``nxt`` and the next warning's instant."""
+        their next wake: the earlier of the next change (``following``: what next_wake found after
+        the state's last grading, later than ``now``) and the next warning's instant."""
+        nxt = None if following[0] is None else following[0].timestamp()
         later[key] = nxt
         if self.horizon <= timedelta(0):
             return []
         warn, look = risk.warnings(customer_id, self.rs, state, now_dt, self.horizon, population,
-                                   self.at_risk_severity)
+                                   self.at_risk_severity, following)
         if look is not None:
             when = max(look.timestamp(), now + 1e-3)  # strictly later: never woken twice in one tick
             if nxt is None or when < nxt:
