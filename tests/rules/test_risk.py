@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import pytest
+
 from rules import risk, windows
 from rules.changes import Cause, change_id
 from rules.engine import compile_ruleset, evaluate
@@ -108,3 +110,74 @@ def test_a_drop_within_the_key_grades_warns_too_and_the_next_one_is_found_after_
     # after S → A at T (R4 F3 M5 = 12), A → B comes when recency passes 120 days (R1: 9): the
     # instant to look again is a horizon before it
     assert look == at("2026-07-09T00:00:00+08:00") - H
+
+
+# ---------------------------------------------------------------- property: scan agrees with the clock
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from rules.ruleset import parse  # noqa: E402
+from rules.schedule import next_change_at as _next  # noqa: E402
+from tests.rules.rulehelp import SHANGHAI  # noqa: E402
+from tests.rules.test_schedule import NOW, live  # noqa: E402
+
+KEYED = compile_ruleset(parse("""
+id: keyed
+version: "1"
+ladders:
+  value:
+    grades: [A, B, C]
+    key: [A, B]
+    hysteresis: {margin: 3, min_dwell_days: 2}
+    decide: {metric: recency_days, bands: [{max: 7, grade: A}, {max: 30, grade: B}], else: C}
+  spend:
+    grades: [big, small]
+    key: [big]
+    decide: {metric: purchases.net.30d, bands: [{min: 1000, grade: big}], else: small}
+"""))
+
+
+def truth(rs, state, after: datetime, horizon: timedelta):
+    """Follow the clock itself (next_change_at, regrade): the first drop from a key grade of each
+    ladder within the horizon, and the first drop after it."""
+    state = CustomerState.from_bytes(state.to_bytes())
+    end = after + horizon
+    within: dict[str, tuple] = {}
+    for _ in range(40):
+        due = _next(rs, state, after)
+        if due is None:
+            return within, None
+        before = dict(state.grades)
+        regrade("c", rs, state, due, NOW)
+        for ladder in rs.ladders:
+            held, now = before.get(ladder.name), state.grades.get(ladder.name)
+            if held in ladder.key and now != held and ladder.rank[now] > ladder.rank[held]:
+                if due > end:
+                    return within, due
+                within.setdefault(ladder.name, (held, now, due))
+        after = due
+    raise AssertionError("too many changes")
+
+
+@pytest.mark.parametrize("rs", [KEYED, RS, compile_ruleset(load("rfm-8"))], ids=["keyed", "rfm-5", "rfm-8"])
+@settings(max_examples=25, deadline=None)
+@given(purchases=st.lists(st.tuples(st.integers(0, 120), st.integers(1, 3000000)), min_size=1, max_size=8),
+       wait=st.integers(0, 40), horizon_days=st.integers(1, 45))
+def test_property_scan_finds_exactly_the_drops_the_clock_makes(rs, purchases, wait, horizon_days):
+    state = live(rs, sorted((datetime(2026, 1, 1, 9 + i % 10, tzinfo=SHANGHAI) + timedelta(days=o), a)
+                            for i, (o, a) in enumerate(purchases)))
+    start = datetime.fromtimestamp(state.last_event_ts, SHANGHAI)
+    # bring the state up to `now` as the clock would
+    now = start + timedelta(days=wait, hours=3)
+    while (due := _next(rs, state, start)) is not None and due <= now:
+        regrade("c", rs, state, due, NOW)
+        start = due
+    horizon = timedelta(days=horizon_days)
+    within, beyond = truth(rs, state, now, horizon)
+    drops, look = risk.scan(rs, state, now, horizon)
+    assert {d.ladder: (d.grade, d.to, d.at) for d in drops} == within
+    if beyond is not None:
+        assert look is not None and now < look <= beyond - horizon
+    if not risk.is_key(rs, state):
+        assert (drops, look) == ([], None)
