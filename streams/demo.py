@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  events produced:     {len(history) + len(bad)} ({len(bad)} of them malformed)")
         print(f"  grade changes:       {totals['changes']} ({totals['initial']} initial, {totals['upgrade']} up, "
               f"{totals['downgrade']} down)")
-        print(f"  key-customer alerts: {totals['alerts']}")
+        print(f"  key-customer alerts: {totals['alerts']} downgrades, {totals['at_risk']} at-risk warnings")
         print(f"  dead letters:        {totals['dead']}")
         print("  grades now:          " + "  ".join(f"{g}={distribution.get(g, 0)}" for g in "SABCD"))
         return 0 if totals["dead"] == len(bad) and totals["changes"] > 0 else 1
@@ -174,7 +174,7 @@ def _watch(bootstrap: str, env: dict[str, str], totals: Counter[str], grades: di
                           f"  RFM {m['code']}  {m['frequency']} buys, net {m['monetary']} CNY, "
                           f"last buy {m['recency_days']} d ago  ({_cause(doc['cause'])})")
             elif topic == topics[1]:
-                totals["alerts"] += 1
+                totals["at_risk" if doc.get("kind") == "at_risk" else "alerts"] += 1
                 print(_paint(RED, f"ALERT [{doc['severity']}] {doc['summary'].split('. ')[0]}."))
             else:
                 totals["dead"] += 1
