@@ -166,7 +166,9 @@ def regrade_for_rules(customer_id: str, rs: CompiledRuleset, state: CustomerStat
         state.grade_since.pop(name, None)
     if state.last_event_ts is None:
         return [], []
-    as_of = datetime.fromtimestamp(state.last_event_ts, rs.tz)
+    from rules.schedule import graded_at  # schedule builds on this module
+
+    as_of = datetime.fromtimestamp(graded_at(state) or state.last_event_ts, rs.tz)
     prune(state, local_day(as_of, rs.tz), rs.retention_days)
     evaluation = evaluate(rs, state, as_of, population, hysteresis=False)
     return decide_changes(customer_id, rs, state.grades, evaluation, as_of, Cause("rules", None), emitted_at,

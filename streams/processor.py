@@ -18,6 +18,7 @@ import orjson
 
 from rules import windows
 from rules.changes import Cause, grade
+from rules.schedule import graded_at
 from rules.engine import CompiledRuleset, Population
 from rules.state import CustomerState, fold, forget_seen_before, prune, remember, seen_before
 from schemas import SCHEMA_VERSION
@@ -217,7 +218,10 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
             assert state.last_event_ts is not None
             # Grades never go back in time: an older event is evaluated as of
             # the customer's latest event time, with the old event in its bucket.
-            as_of = event.occurred_at if ts >= state.last_event_ts else datetime.fromtimestamp(state.last_event_ts, tz)
+            # Nor behind the clock: a clock change already graded the customer
+            # as of a later instant, which an older event must not undo.
+            graded = graded_at(state)
+            as_of = event.occurred_at if graded is None or ts >= graded else datetime.fromtimestamp(graded, tz)
             prune(state, windows.local_day(as_of, tz), longest)
             changes, alerts = grade(customer_id, rs, state, as_of, cause, now, population)
             for change in changes:

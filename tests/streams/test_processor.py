@@ -265,3 +265,45 @@ def test_final_grade_does_not_depend_on_event_order(events, seed, size) -> None:
     assert sa.grades == ea.grades
     assert ea.frequency == sum(1 for _, kind, _ in events if kind == "purchase")
     assert ea.monetary_minor == sum(f if k == "purchase" else -f for _, k, f in events if k != "visit")
+
+
+def test_an_event_older_than_a_clock_regrade_does_not_undo_it():
+    """After the clock graded a customer as of T, an older (late, allowed) event is applied in its
+    bucket but graded as of T: the clock's downgrade is not flipped back by stale time."""
+    from datetime import datetime, timezone
+
+    import orjson
+
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from rules.schedule import regrade
+    from rules.state import CustomerState
+    from streams.processor import TRANSACTIONS, Record, process_batch
+
+    rs = compile_ruleset(load("rfm-5"))
+    now = datetime(2026, 11, 23, tzinfo=timezone.utc)
+    store: dict[str, bytes] = {}
+
+    def txn(offset: int, at: str, amount: str) -> Record:
+        doc = {"event_id": f"e{offset}", "customer_id": "kim", "occurred_at": at, "type": "purchase",
+               "amount": amount, "currency": "CNY"}
+        return Record(TRANSACTIONS, "t", 0, offset, b"kim", orjson.dumps(doc))
+
+    # Six purchases of 5000 in six days: R5 F4 M4 = 13 → S.
+    first = process_batch([txn(i, f"2026-03-0{i + 1}T10:00:00+08:00", "5000") for i in range(6)], rs, store, now)
+    store["kim"] = first.states["kim"][0]
+    assert orjson.loads(first.grade_changes[-1][1])["grade"] == "S"
+
+    # The clock, 40 days after the last purchase: R3 F4 M4 = 11 → A.
+    state = CustomerState.from_bytes(store["kim"])
+    clock_time = datetime(2026, 4, 15, tzinfo=rs.tz)
+    changes, _ = regrade("kim", rs, state, clock_time, now)
+    assert [(c["previous_grade"], c["grade"]) for c in changes] == [("S", "A")]
+    store["kim"] = state.to_bytes()
+
+    # A small purchase that happened before the clock's instant arrives late.
+    late = process_batch([txn(6, "2026-03-07T10:00:00+08:00", "1")], rs, store, now)
+    after = [orjson.loads(v) for _, v in late.grade_changes]
+    # Graded as of the clock's instant (39 days since the last purchase → still R3): no change back to S.
+    assert after == []
+    assert late.applied == 1
