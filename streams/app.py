@@ -71,6 +71,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         broker_max_poll_records=settings.batch_size,
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         consumer_auto_offset_reset="earliest",
+        table_standby_replicas=settings.standby_replicas,
         **faust_broker_options(settings),
     )
     app.conf.gradeflow_settings = settings  # type: ignore[attr-defined]

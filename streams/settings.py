@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     replication_factor: int = Field(1, ge=1, description="Replication factor of the topics gradeflow creates.")
     data_dir: Path = Field(Path(".local/worker"), description="Worker state directory (table offsets, RocksDB).")
     store: str = Field("memory://", description="Faust table store: memory:// or rocksdb://.")
+    standby_replicas: int = Field(0, ge=0, description="Warm copies of each table partition kept by other workers (Faust table_standby_replicas), for faster failover.")
     web_port: int = Field(6066, description="Port of the worker's HTTP server (bound to web_host).")
     web_host: str = Field("127.0.0.1", description="Address the worker's HTTP server binds to.")
     batch_size: int = Field(2000, ge=1, description="Most records the agent takes per batch.")
