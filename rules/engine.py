@@ -179,17 +179,15 @@ class Decider:
         raise NotImplementedError
 
 
-class SumBands(Decider):
-    """Grade by the sum of scores against ``min`` bands (rfm-5)."""
+class _TotalBands(Decider):
+    """A decider that computes a total (``value``) and grades it against ``min`` bands, best first."""
 
     banded = True
+    bands: tuple[tuple[Any, str], ...]
+    otherwise: str
 
-    def __init__(self, summed: tuple[str, ...], bands: tuple[tuple[int, str], ...], otherwise: str) -> None:
-        self.summed, self.bands, self.otherwise = summed, bands, otherwise
-
-    def value(self, env: Env) -> int:
-        scores = env[1]
-        return sum(scores[n] for n in self.summed)
+    def value(self, env: Env) -> Any:
+        raise NotImplementedError
 
     def grade_for(self, total: Any) -> tuple[str, Any]:
         for minimum, grade in self.bands:
@@ -201,6 +199,20 @@ class SumBands(Decider):
         total = self.value(env)
         grade, floor = self.grade_for(total)
         return grade, (total, floor)
+
+
+class SumBands(_TotalBands):
+    """Grade by the sum of scores against ``min`` bands (rfm-5)."""
+
+    banded = True
+
+    def __init__(self, summed: tuple[str, ...], bands: tuple[tuple[int, str], ...], otherwise: str) -> None:
+        self.summed, self.bands, self.otherwise = summed, bands, otherwise
+
+    def value(self, env: Env) -> int:
+        scores = env[1]
+        return sum(scores[n] for n in self.summed)
+
 
     def explain(self, env: Env, trace: Any) -> list[str]:
         total, floor = trace
@@ -244,7 +256,7 @@ class MetricBands(Decider):
         return [f"{what} ({why}): grade {{grade}}."]
 
 
-class Scorecard(Decider):
+class Scorecard(_TotalBands):
     """A weighted scorecard: each factor's first matching point band, times its weight; total against bands."""
 
     banded = True
@@ -268,16 +280,6 @@ class Scorecard(Decider):
     def value(self, env: Env) -> float:
         return sum(self._points(env[0], env[2]))
 
-    def grade_for(self, total: Any) -> tuple[str, Any]:
-        for minimum, grade in self.bands:
-            if total >= minimum:
-                return grade, minimum
-        return self.otherwise, None
-
-    def decide(self, env: Env) -> tuple[str, Any]:
-        total = self.value(env)
-        grade, floor = self.grade_for(total)
-        return grade, (total, floor)
 
     def explain(self, env: Env, trace: Any) -> list[str]:
         values, _, pop = env
