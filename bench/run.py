@@ -15,6 +15,7 @@ The last line is machine-readable:
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import asyncio
 import os
 import platform
@@ -96,34 +97,39 @@ def _last_stats(worker: WorkerProcess) -> dict | None:
     return stats
 
 
-def run_worker(env: dict[str, str], n: int, timeout_s: float) -> tuple[float, int, int, dict]:
-    """Worker events/s over the backlog, its RSS when ready and its peak RSS (kB)."""
+def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1) -> tuple[float, int, int, dict]:
+    """Events/s of ``workers`` worker processes (one group) over the backlog, their RSS when ready
+    and at peak (kB, summed over workers), and their summed stats."""
     # A backlog is a replay: the event clock re-grades customers as the
     # history's own time passes, as a backfill would.
-    worker = WorkerProcess({**env, "GRADEFLOW_REPORT_INTERVAL": "0.5", "GRADEFLOW_LOG_LEVEL": "info",
+    procs = [WorkerProcess({**env, "GRADEFLOW_REPORT_INTERVAL": "0.5", "GRADEFLOW_LOG_LEVEL": "info",
                             "GRADEFLOW_CLOCK": os.environ.get("GRADEFLOW_CLOCK", "event"),
                             "GRADEFLOW_DOWNSTREAM": os.environ.get("GRADEFLOW_DOWNSTREAM", "false")},
-                           name="bench")
-    worker.start(ready_timeout=120)
-    assert worker.proc is not None
-    ready_kb = _status_kb(worker.proc.pid, "VmRSS")
-    deadline = time.monotonic() + timeout_s
+                           name=f"bench{i + 1}") for i in range(workers)]
     try:
+        # Started together, so that the group forms once instead of rebalancing mid-backlog.
+        with ThreadPoolExecutor(len(procs)) as pool:
+            list(pool.map(lambda w: w.start(ready_timeout=120), procs))
+        ready_kb = sum(_status_kb(w.proc.pid, "VmRSS") for w in procs if w.proc is not None)
+        deadline = time.monotonic() + timeout_s
         while True:
-            stats = _last_stats(worker)
-            if stats and stats["consumed"] >= n:
+            every = [_last_stats(w) for w in procs]
+            stats = [st for st in every if st]
+            if sum(st["consumed"] for st in stats) >= n:
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"worker consumed {stats and stats['consumed']} of {n}:\n{worker.tail()}")
+                raise TimeoutError(f"workers consumed {sum(st['consumed'] for st in stats)} of {n}:\n{procs[0].tail()}")
             time.sleep(0.5)
-        peak_kb = _status_kb(worker.proc.pid, "VmHWM")
+        peak_kb = sum(_status_kb(w.proc.pid, "VmHWM") for w in procs if w.proc is not None)
     finally:
-        worker.stop()
-    eps = stats["consumed"] / (stats["last_batch_at"] - stats["first_batch_at"])
-    return eps, ready_kb, peak_kb, stats
+        for worker in procs:
+            worker.stop()
+    total = {k: sum(st[k] for st in stats) for k in ("consumed", "applied", "dead_lettered", "grade_changes", "alerts")}
+    span = max(st["last_batch_at"] for st in stats) - min(st["first_batch_at"] for st in stats)
+    return total["consumed"] / span, ready_kb, peak_kb, total
 
 
-def throughput(settings, events: int, customers: int, timeout_s: float) -> dict:
+def throughput(settings, events: int, customers: int, timeout_s: float, workers: int = 1) -> dict:
     """One throughput run on a fresh topic: raw consumer, then the worker, same records."""
     env = unique_env("bench", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
     os.environ.update(env)
@@ -137,8 +143,8 @@ def throughput(settings, events: int, customers: int, timeout_s: float) -> dict:
     raw_s = asyncio.run(raw_consume(settings.kafka_bootstrap, topic, events))
     raw_eps = events / raw_s
     print(f"raw aiokafka getmany consumer: {raw_eps:,.0f} events/s ({raw_s:.2f}s)")
-    worker_eps, ready_kb, peak_kb, stats = run_worker(env, events, timeout_s)
-    print(f"gradeflow worker: {worker_eps:,.0f} events/s; applied={stats['applied']} dead={stats['dead_lettered']} "
+    worker_eps, ready_kb, peak_kb, stats = run_worker(env, events, timeout_s, workers)
+    print(f"gradeflow worker{'s' if workers > 1 else ''} (x{workers}): {worker_eps:,.0f} events/s; applied={stats['applied']} dead={stats['dead_lettered']} "
           f"grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
     per_100k = max(0, peak_kb - ready_kb) / 1024 / customers * 100_000
     print(f"worker RSS: {ready_kb / 1024:.0f} MB when ready, peak {peak_kb / 1024:.0f} MB; "
@@ -265,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--growth", default="", help="comma-separated customer counts, e.g. 10000,100000,1000000")
     parser.add_argument("--per-customer", type=int, default=5, help="events per customer in growth runs")
     parser.add_argument("--plot", default="docs/bench-growth.png")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes in the throughput run (one group)")
     args = parser.parse_args(argv)
 
     settings = load_settings()
@@ -273,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.growth:
         growth(settings, [int(x) for x in args.growth.split(",")], args.per_customer, args.timeout, args.plot)
         return 0
-    run = throughput(settings, args.events, args.customers, args.timeout)
+    run = throughput(settings, args.events, args.customers, args.timeout, args.workers)
     lat = latency(settings, args.rate, args.latency_seconds, args.customers)
     print(f"throughput_ratio={run['ratio']:.4f} worker_eps={run['worker_eps']:.0f} raw_eps={run['raw_eps']:.0f} "
           f"rss_mb_per_100k={run['rss_mb_per_100k']:.1f} p99_ms={lat['p99_ms']}")
