@@ -235,6 +235,18 @@ def _purchase_basic(state: Any, first: int, last: int) -> tuple[int, int]:
     return count, net
 
 
+def _basic_getter(win: Any, index: int) -> Getter:
+    """Purchase count (index 0) or net (1) in ``win``; one bucket scan per window and evaluation, shared via ``c``."""
+
+    def basic(s: Any, day: int, ts: float, c: dict) -> Any:
+        bounds = ("pb", *win.bounds(day))
+        agg = c.get(bounds)
+        if agg is None:
+            agg = c[bounds] = _purchase_basic(s, bounds[1], bounds[2])
+        return agg[index]
+    return basic
+
+
 def _days_between(ts: float | None, day: int, tz: Any) -> int | None:
     if ts is None:
         return None
@@ -249,29 +261,13 @@ def getter(m: MetricDef, tz: Any) -> Getter:
             return lambda s, day, ts, c: _days_between(s.first_purchase_ts, day, tz)
         if name == "recency_days":
             return lambda s, day, ts, c: _days_between(s.last_purchase_ts, day, tz)
-        index = 0 if name == "frequency" else 1
         assert win is not None
-
-        def legacy(s: Any, day: int, ts: float, c: dict) -> Any:
-            bounds = ("pb", *win.bounds(day))
-            agg = c.get(bounds)
-            if agg is None:
-                agg = c[bounds] = _purchase_basic(s, bounds[1], bounds[2])
-            return agg[index]
-        return legacy
+        return _basic_getter(win, 0 if name == "frequency" else 1)
     if m.family == "purchases":
         assert win is not None
 
         if op in ("count", "net"):
-            index = 0 if op == "count" else 1
-
-            def basic(s: Any, day: int, ts: float, c: dict) -> Any:
-                bounds = ("pb", *win.bounds(day))
-                agg = c.get(bounds)
-                if agg is None:
-                    agg = c[bounds] = _purchase_basic(s, bounds[1], bounds[2])
-                return agg[index]
-            return basic
+            return _basic_getter(win, 0 if op == "count" else 1)
 
         def purchases(s: Any, day: int, ts: float, c: dict) -> Any:
             bounds = ("p", *win.bounds(day))
