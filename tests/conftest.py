@@ -45,10 +45,15 @@ def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
 
 
+# Fixtures that need a local server: `bootstrap` (Kafka) and `prefix` (the Redis key prefix of
+# the downstream tests, which talk to the real Redis).
+SERVER_FIXTURES = frozenset({"bootstrap", "prefix"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Broker tests are marked so that `pytest -m "not broker"` runs the fast set alone.
+    # Tests that need the local servers are marked so that `pytest -m "not broker"` runs the fast set alone.
     for item in items:
-        if "bootstrap" in getattr(item, "fixturenames", ()):
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.broker)
 
 
