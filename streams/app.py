@@ -11,6 +11,7 @@ finds its effects complete; it never records state whose outputs were lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from streams.batching import BatchingApp, deliver_in_batches
 from streams.clock import attach_clock
 from streams.population import attach_population
 from streams.rules_start import attach_rules_regrade
+from streams.outbox import MAX_BATCH_BYTES, Outbox
 from streams.tables import FaustStateStore
 
 log = logging.getLogger("gradeflow")
@@ -68,6 +70,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         web_port=settings.web_port,
         web_bind=settings.web_host,
         producer_acks=-1,
+        producer_max_batch_size=MAX_BATCH_BYTES,
         broker_max_poll_records=settings.batch_size,
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         consumer_auto_offset_reset="earliest",
@@ -106,24 +109,20 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
                                population=population.thresholds if population else None,
                                allowed_lateness_days=settings.allowed_lateness_days,
                                max_future_skew_s=settings.max_future_skew_s)
-        producer = app.producer
-        sent = False
-        for key, value in result.dead_letters:
-            await producer.send(out_dead, key, value, None, None, None)
-            sent = True
-        for key, value in result.grade_changes:
-            await producer.send(out_changes, key, value, None, None, None)
-            sent = True
-        for key, value in result.alerts:
-            await producer.send(out_alerts, key, value, None, None, None)
-            sent = True
+        producer = app.producer._ensure_producer()
+        outbox = Outbox()
+        outbox.extend(out_dead, result.dead_letters)
+        outbox.extend(out_changes, result.grade_changes)
+        outbox.extend(out_alerts, result.alerts)
         # Outputs first, durable; then state. A crash in between replays the
         # batch with the same deterministic outputs; the reverse order could
         # record state whose grade changes were never delivered.
-        if sent:
-            await producer.flush()
+        if outbox:
+            await asyncio.gather(*await outbox.send(producer))
+        written: list[asyncio.Future[Any]] = []
         if result.states:
-            await store.write_many(producer, result.states)
+            store.write_many(outbox, result.states)
+            written = await outbox.send(producer)
             clock.note(result.states)
         counters.consumed += result.consumed
         counters.applied += result.applied
@@ -134,14 +133,12 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         counters.alerts += len(result.alerts)
         observe_batch(app, records)
         counters.last_batch_at = time.time()
-        wrote_state = bool(result.states)
 
         async def settle() -> None:
             # Faust may commit past these offsets only once the new states are
-            # on the changelog. This runs while the next batch is graded (the
-            # next batch's first flush usually covers it already).
-            if wrote_state:
-                await producer.flush()
+            # on the changelog. This runs while the next batch is graded.
+            if written:
+                await asyncio.gather(*written)
             app.consumer.ack_records(messages)
 
         return settle()

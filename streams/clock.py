@@ -43,6 +43,7 @@ from rules.engine import CompiledRuleset
 from rules import risk
 from rules.schedule import Schedule, graded_at, next_wake, regrade
 from rules.state import CustomerState
+from streams.outbox import Outbox, deliver
 from streams.population import partition_of
 from streams.processor import TRANSACTIONS, Record, utcnow
 
@@ -346,9 +347,9 @@ class Clock:
                                                 key=key, value=None, origin=origin))
         if not states:
             return
-        producer = self.app.producer
-        await self.store.write_many(producer, states)
-        await producer.flush()
+        outbox = Outbox()
+        self.store.write_many(outbox, states)
+        await deliver(self.app.producer, outbox)
         self.stats.written += len(states)
 
 

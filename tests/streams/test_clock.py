@@ -43,7 +43,7 @@ class FakeStore:
     def get(self, customer_id: str):
         return self.table.get(customer_id.encode())
 
-    async def write_many(self, producer, states):
+    def write_many(self, outbox, states):
         for customer_id, (raw, record) in states.items():
             self.table[customer_id.encode()] = raw
             self.log.append(("write", customer_id, record.partition))
