@@ -210,8 +210,7 @@ class SumBands(_TotalBands):
         self.summed, self.bands, self.otherwise = summed, bands, otherwise
 
     def value(self, env: Env) -> int:
-        scores = env[1]
-        return sum(scores[n] for n in self.summed)
+        return sum(map(env[1].__getitem__, self.summed))
 
 
     def explain(self, env: Env, trace: Any) -> list[str]:
@@ -581,10 +580,13 @@ def _metric_sentence(rs: CompiledRuleset, score: CompiledScore, value: Any, poin
 _LEGACY = ("recency_days", "frequency", "monetary")
 
 
-def metric_values(rs: CompiledRuleset, state: CustomerState, as_of: datetime) -> dict[str, Any]:
-    """Every metric the ruleset uses, as of ``as_of`` (money in minor units)."""
-    as_of_day = windows.local_day(as_of, rs.tz)
-    ts = as_of.timestamp()
+def metric_values(rs: CompiledRuleset, state: CustomerState, as_of: datetime,
+                  as_of_ts: float | None = None) -> dict[str, Any]:
+    """Every metric the ruleset uses, as of ``as_of`` (money in minor units).
+
+    ``as_of_ts`` is ``as_of.timestamp()`` when the caller has it (it costs most of a microsecond)."""
+    ts = as_of.timestamp() if as_of_ts is None else as_of_ts
+    as_of_day = windows.day_of_ts(ts, rs.tz)
     cache: dict[Any, Any] = {}
     return {name: get(state, as_of_day, ts, cache) for name, get in rs.getters}
 
@@ -599,15 +601,16 @@ def _legacy(rs: CompiledRuleset, state: CustomerState, as_of: datetime) -> tuple
 
 
 def evaluate(rs: CompiledRuleset, state: CustomerState, as_of: datetime, population: Population | None = None,
-             hysteresis: bool = True) -> Evaluation:
+             hysteresis: bool = True, as_of_ts: float | None = None) -> Evaluation:
     """Grade ``state`` on every ladder of ``rs`` as of the aware datetime ``as_of``.
 
     ``population`` holds the thresholds of relative comparisons (see
     rules/population.py); without it they do not hold. ``hysteresis`` applies
     each ladder's dwell time and margin against the grade last emitted
-    (``state.grades``); a ruleset change re-grades without it.
+    (``state.grades``); a ruleset change re-grades without it. ``as_of_ts``:
+    ``as_of.timestamp()``, when the caller has it.
     """
-    values = metric_values(rs, state, as_of)
+    values = metric_values(rs, state, as_of, as_of_ts)
     scores: dict[str, int] = {}
     bounds: dict[str, Any] = {}
     for score in rs.scores:

@@ -238,6 +238,19 @@ def _purchase_basic(state: Any, first: int, last: int) -> tuple[int, int]:
 def _basic_getter(win: Any, index: int) -> Getter:
     """Purchase count (index 0) or net (1) in ``win``; one bucket scan per window and evaluation, shared via ``c``."""
 
+    if win.kind == "rolling":
+        # One evaluation has one day, so a rolling window's bounds are known by its length:
+        # a constant cache key, and no tuple built per call.
+        span = win.days - 1
+        key = ("pb", win.days)
+
+        def rolling(s: Any, day: int, ts: float, c: dict) -> Any:
+            agg = c.get(key)
+            if agg is None:
+                agg = c[key] = _purchase_basic(s, day - span, day)
+            return agg[index]
+        return rolling
+
     def basic(s: Any, day: int, ts: float, c: dict) -> Any:
         bounds = ("pb", *win.bounds(day))
         agg = c.get(bounds)

@@ -120,27 +120,31 @@ class CustomerState:
         doc = orjson.loads(raw)
         if doc[0] not in (1, _FORMAT):
             raise ValueError(f"unknown customer state format {doc[0]!r}")
-        ext = doc[9] if len(doc) > 9 else {}
-        return cls(
-            last_event_ts=doc[1],
-            last_purchase_ts=doc[2],
-            first_purchase_ts=doc[3],
-            buckets={b[0]: b[1:] for b in doc[4]},
-            last_interaction_ts=doc[5],
-            interaction_counts=doc[6],
-            grades=doc[7],
-            offsets=doc[8],
-            last_by_type=ext.get("lt", {}),
-            ibuckets={d: c for d, c in ext.get("ib", ())},
-            attrs=ext.get("at", {}),
-            flows={d: v for d, v in ext.get("fl", ())},
-            balance_base=ext.get("bb", 0),
-            invoices=ext.get("iv", {}),
-            grade_since=ext.get("gs", {}),
-            ruleset=ext.get("rs"),
-            seen={d: ids for d, ids in ext.get("se", ())},
-            warned=ext.get("wr", {}),
-        )
+        state = cls(doc[1], doc[2], doc[3], {b[0]: b[1:] for b in doc[4]}, doc[5], doc[6], doc[7], doc[8])
+        ext = doc[9] if len(doc) > 9 else None
+        if ext:  # most rulesets use few of these: look up only the keys present
+            for name, value in ext.items():
+                if name == "se":
+                    state.seen = {d: ids for d, ids in value}
+                elif name == "rs":
+                    state.ruleset = value
+                elif name == "gs":
+                    state.grade_since = value
+                elif name == "lt":
+                    state.last_by_type = value
+                elif name == "ib":
+                    state.ibuckets = {d: c for d, c in value}
+                elif name == "at":
+                    state.attrs = value
+                elif name == "fl":
+                    state.flows = {d: v for d, v in value}
+                elif name == "bb":
+                    state.balance_base = value
+                elif name == "iv":
+                    state.invoices = value
+                elif name == "wr":
+                    state.warned = value
+        return state
 
 
 # Past this many ids on one day, a day's ids are checked as a set (O(1)) rather than a list.
@@ -329,9 +333,9 @@ def prune(state: CustomerState, as_of_day: int, retention_days: int) -> None:
 
 def fold(state: CustomerState, event: Any, track: Tracking, tz: ZoneInfo) -> None:
     """Fold one decoded event (``schemas.decode.Txn`` or ``Contact``) into ``state`` as ``track`` asks."""
-    ts = event.occurred_at.timestamp()
+    ts = event.ts
     if hasattr(event, "amount_minor"):
-        day = windows.local_day(event.occurred_at, tz)
+        day = windows.day_of_ts(ts, tz)
         kind = event.kind
         if kind == "purchase" or kind == "refund":
             apply_transaction(state, ts, day, event.refund, event.amount_minor, track.detail)
@@ -340,5 +344,5 @@ def fold(state: CustomerState, event: Any, track: Tracking, tz: ZoneInfo) -> Non
         else:
             apply_invoice(state, ts, day, event.invoice_id, kind == "payment")
         return
-    day = windows.local_day(event.occurred_at, tz) if track.interaction_days else None
+    day = windows.day_of_ts(ts, tz) if track.interaction_days else None
     apply_interaction(state, ts, event.type, day, event.attributes, track, tz)

@@ -17,9 +17,37 @@ from zoneinfo import ZoneInfo
 Buckets = dict[int, list[int]]
 
 
+_EPOCH_ORDINAL = 719163  # date(1970, 1, 1).toordinal()
+_HOUR_S = 3600
+# (zone, Unix hour) → the zone's UTC offset in seconds throughout that hour. Converting with
+# astimezone() costs about a microsecond per call and the hot path needs several per event;
+# offsets change only at a zone's transitions, so one lookup per hour is exact.
+_OFFSETS: dict[tuple[object, int], int] = {}
+_OFFSETS_MAX = 100_000
+
+
+def _offset_s(ts: float, tz: ZoneInfo) -> int:
+    hour = int(ts // _HOUR_S)
+    key = (tz, hour)
+    offset = _OFFSETS.get(key)
+    if offset is not None:
+        return offset
+    at_start = datetime.fromtimestamp(hour * _HOUR_S, tz).utcoffset()
+    at_end = datetime.fromtimestamp(hour * _HOUR_S + _HOUR_S - 1, tz).utcoffset()
+    assert at_start is not None and at_end is not None
+    if at_start != at_end:  # a transition inside this hour: no shortcut
+        moment = datetime.fromtimestamp(ts, tz).utcoffset()
+        assert moment is not None
+        return int(moment.total_seconds())
+    if len(_OFFSETS) >= _OFFSETS_MAX:
+        _OFFSETS.clear()
+    offset = _OFFSETS[key] = int(at_start.total_seconds())
+    return offset
+
+
 def local_day(moment: datetime, tz: ZoneInfo) -> int:
     """The proleptic Gregorian ordinal of ``moment``'s calendar date in ``tz``."""
-    return moment.astimezone(tz).toordinal()
+    return day_of_ts(moment.timestamp(), tz)
 
 
 def add(buckets: Buckets, day: int, purchases: int, net_minor: int) -> None:
@@ -52,8 +80,13 @@ def prune(buckets: Buckets, as_of_day: int, days: int) -> None:
 
 
 def day_of_ts(ts: float, tz: ZoneInfo) -> int:
-    """The local day ordinal of a Unix timestamp in ``tz``."""
-    return datetime.fromtimestamp(ts, tz).toordinal()
+    """The local day ordinal of a Unix timestamp in ``tz`` (as ``datetime.fromtimestamp(ts, tz)`` has it)."""
+    secs = int(ts // 1)
+    frac = ts - secs
+    # datetime rounds to the microsecond, half to even: 23:59:59.9999996 is already tomorrow.
+    if frac > 0.999999 and round(frac * 1e6) >= 1_000_000:
+        secs += 1
+    return (secs + _offset_s(secs, tz)) // 86400 + _EPOCH_ORDINAL
 
 
 def average_daily_balance(base: int, flows: dict[int, int], first: int, last: int) -> int:

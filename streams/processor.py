@@ -166,7 +166,7 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                                        f"currency {event.currency} is not the ruleset's currency {rs.currency}")
             else:
                 event = decode_interaction(value, record.key, check_keys)
-            ts = event.occurred_at.timestamp()
+            ts = event.ts
             if ts > future_limit:
                 raise InvalidEvent("future_timestamp",
                                    f"occurred_at {event.occurred_at.isoformat()} is more than {max_future_skew_s:g} s "
@@ -214,16 +214,18 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                 continue
             remember(state, day, event_id)
             fold(state, event, track, tz)
-            cause = Cause("transaction" if isinstance(event, Txn) else "interaction", event_id)
-            assert state.last_event_ts is not None
+            cause = Cause("transaction" if role == TRANSACTIONS else "interaction", event_id)
             # Grades never go back in time: an older event is evaluated as of
             # the customer's latest event time, with the old event in its bucket.
             # Nor behind the clock: a clock change already graded the customer
             # as of a later instant, which an older event must not undo.
             graded = graded_at(state)
-            as_of = event.occurred_at if graded is None or ts >= graded else datetime.fromtimestamp(graded, tz)
-            prune(state, windows.local_day(as_of, tz), longest)
-            changes, alerts = grade(customer_id, rs, state, as_of, cause, now, population)
+            if graded is None or ts >= graded:
+                as_of, as_of_ts = event.occurred_at, ts
+            else:
+                as_of, as_of_ts = datetime.fromtimestamp(graded, tz), graded
+            prune(state, windows.day_of_ts(as_of_ts, tz), longest)
+            changes, alerts = grade(customer_id, rs, state, as_of, cause, now, population, as_of_ts)
             for change in changes:
                 result.grade_changes.append((key, orjson.dumps(change)))
             for alert in alerts:

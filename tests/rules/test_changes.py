@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from rules.changes import Cause, decide_changes
 from rules.engine import evaluate
 from schemas.events import Alert, GradeChange
@@ -129,3 +132,13 @@ def test_alert_fields_link_to_the_change(rfm5) -> None:
     assert again["alert_id"] == alert["alert_id"]
     [_], [someone_else] = _decide(rfm5, {"value": "A"}, "B", customer_id="客户-8")
     assert someone_else["dedup_key"] != alert["dedup_key"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(max_size=200))
+def test_change_ids_are_the_standard_uuid5_of_their_name(name: str) -> None:
+    import uuid
+
+    from rules.changes import _NAMESPACE, uuid5
+
+    assert uuid5(name) == str(uuid.uuid5(_NAMESPACE, name))

@@ -129,3 +129,33 @@ def test_bucket_count_stays_bounded_by_the_window() -> None:
     assert most == 365
     assert len(buckets) == 365
     assert windows.totals(buckets, X + 3 * 365, 365) == (365, 365_00)
+
+
+_ZONES = ["Asia/Shanghai", "America/New_York", "Europe/London", "Australia/Lord_Howe", "Asia/Kolkata",
+          "Pacific/Chatham", "America/St_Johns", "UTC"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(zone=st.sampled_from(_ZONES), ts=st.floats(min_value=-2.5e9, max_value=4.2e9, allow_nan=False))
+def test_day_of_ts_agrees_with_datetime_in_every_zone(zone: str, ts: float) -> None:
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo(zone)
+    assert windows.day_of_ts(ts, tz) == datetime.fromtimestamp(ts, tz).toordinal()
+
+
+def test_day_of_ts_is_exact_around_dst_transitions_and_odd_historic_offsets() -> None:
+    from zoneinfo import ZoneInfo
+
+    # New York's 2026 spring-forward (07:00 UTC) and fall-back (06:00 UTC), Lord Howe's
+    # half-hour shift, and Shanghai's 1901 LMT → CST change at an odd second.
+    cases = [("America/New_York", datetime(2026, 3, 8, 7, tzinfo=timezone.utc)),
+             ("America/New_York", datetime(2026, 11, 1, 6, tzinfo=timezone.utc)),
+             ("Australia/Lord_Howe", datetime(2026, 4, 4, 15, tzinfo=timezone.utc)),
+             ("Asia/Shanghai", datetime(1900, 12, 31, 15, 54, 17, tzinfo=timezone.utc))]
+    for zone, moment in cases:
+        tz = ZoneInfo(zone)
+        base = moment.timestamp()
+        for delta in range(-7200, 7201, 17):
+            ts = base + delta
+            assert windows.day_of_ts(ts, tz) == datetime.fromtimestamp(ts, tz).toordinal(), (zone, delta)
