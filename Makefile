@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 WITH_SERVERS := deploy/local/with-servers
 
-.PHONY: venv up down test test-fast demo bench schemas clean
+.PHONY: venv up down test test-fast demo bench bench-hot schemas clean
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ demo: venv
 
 bench: venv
 	$(WITH_SERVERS) $(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-hot: venv
+	$(BIN)/python -m bench.hotpath $(BENCH_ARGS)
 
 schemas: venv
 	$(BIN)/python -m schemas.generate

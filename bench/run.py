@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-customer", type=int, default=5, help="events per customer in growth runs")
     parser.add_argument("--plot", default="docs/bench-growth.png")
     parser.add_argument("--workers", type=int, default=1, help="worker processes in the throughput run (one group)")
+    parser.add_argument("--latency-only", action="store_true", help="only the latency run (prints p50/p99, no last line)")
     args = parser.parse_args(argv)
 
     settings = load_settings()
@@ -279,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
           f"date {datetime.now(timezone.utc):%Y-%m-%d}")
     if args.growth:
         growth(settings, [int(x) for x in args.growth.split(",")], args.per_customer, args.timeout, args.plot)
+        return 0
+    if args.latency_only:
+        latency(settings, args.rate, args.latency_seconds, args.customers)
         return 0
     run = throughput(settings, args.events, args.customers, args.timeout, args.workers)
     lat = latency(settings, args.rate, args.latency_seconds, args.customers)

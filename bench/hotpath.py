@@ -1,0 +1,67 @@
+"""`make bench-hot`: the pure hot path alone (process_batch), no broker, in CPU time.
+
+The worker's throughput is this path plus Kafka I/O and Faust; this isolates
+the part gradeflow's own code decides, so that a change to decoding, folding,
+rules or change building can be judged in seconds. Same records as
+`make bench` (bench/run.py:generate), batches of ``--batch`` records, states
+kept in a dict as the memory store keeps them. CPU time, not wall time: other
+work on the machine changes it less.
+
+    python -m bench.hotpath --events 200000 --customers 20000 [--ruleset rfm-5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+import zlib
+from datetime import datetime
+
+from bench.run import generate
+from rules.engine import CompiledRuleset, compile_ruleset
+from rules.ruleset import load
+from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
+
+
+def run(records: list[Record], rs: CompiledRuleset, batch: int, now: datetime) -> tuple[int, int]:
+    """Grade every record in batches; return (grade changes, bytes of state at the end)."""
+    states: dict[str, bytes] = {}
+    changes = 0
+    for i in range(0, len(records), batch):
+        result = process_batch(records[i:i + batch], rs, states, now)
+        for customer_id, (raw, _) in result.states.items():
+            states[customer_id] = raw
+        changes += len(result.grade_changes)
+    return changes, sum(len(v) for v in states.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--customers", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--ruleset", default="rfm-5")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one more run")
+    args = parser.parse_args(argv)
+
+    rs = compile_ruleset(load(args.ruleset))
+    records = [Record(TRANSACTIONS, "transactions", zlib.crc32(key) % 4, offset, key, value)
+               for offset, (key, value) in enumerate(generate(args.events, args.customers))]
+    now = utcnow()
+    started = time.process_time()
+    changes, state_bytes = run(records, rs, args.batch, now)
+    cpu = time.process_time() - started
+    print(f"{args.events} events, {args.customers} customers, {args.ruleset}: {cpu:.2f} s CPU, "
+          f"{cpu / args.events * 1e6:.1f} µs/event ({args.events / cpu:,.0f} events/s on one core); "
+          f"{changes} grade changes ({changes / args.events:.0%}), state {state_bytes / args.customers:.0f} B/customer")
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(run, records, rs, args.batch, now)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
