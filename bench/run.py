@@ -21,7 +21,9 @@ import os
 import platform
 import random
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -97,9 +99,11 @@ def _last_stats(worker: WorkerProcess) -> dict | None:
     return stats
 
 
-def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1) -> tuple[float, int, int, dict]:
+def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1,
+               then: Callable[[], Any] | None = None) -> tuple[float, int, int, dict, Any]:
     """Events/s of ``workers`` worker processes (one group) over the backlog, their RSS when ready
-    and at peak (kB, summed over workers), and their summed stats."""
+    and at peak (kB, summed over workers), their summed stats, and what ``then`` returned: it runs
+    after the backlog, while the workers (and the state they hold) are still up."""
     # A backlog is a replay: the event clock re-grades customers as the
     # history's own time passes, as a backfill would.
     procs = [WorkerProcess({**env, "GRADEFLOW_REPORT_INTERVAL": "0.5", "GRADEFLOW_LOG_LEVEL": "info",
@@ -121,16 +125,23 @@ def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1) 
                 raise TimeoutError(f"workers consumed {sum(st['consumed'] for st in stats)} of {n}:\n{procs[0].tail()}")
             time.sleep(0.5)
         peak_kb = sum(_status_kb(w.proc.pid, "VmHWM") for w in procs if w.proc is not None)
+        final = [_last_stats(w) for w in procs]
+        after = then() if then is not None else None
     finally:
         for worker in procs:
             worker.stop()
+    stats = [st for st in final if st]
     total = {k: sum(st[k] for st in stats) for k in ("consumed", "applied", "dead_lettered", "grade_changes", "alerts")}
     span = max(st["last_batch_at"] for st in stats) - min(st["first_batch_at"] for st in stats)
-    return total["consumed"] / span, ready_kb, peak_kb, total
+    return total["consumed"] / span, ready_kb, peak_kb, total, after
 
 
-def throughput(settings, events: int, customers: int, timeout_s: float, workers: int = 1) -> dict:
-    """One throughput run on a fresh topic: raw consumer, then the worker, same records."""
+def throughput(settings, events: int, customers: int, timeout_s: float, workers: int = 1,
+               latency_rate: float = 0, latency_seconds: float = 10) -> dict:
+    """One throughput run on a fresh topic: raw consumer, then the worker, same records.
+
+    With ``latency_rate``, the worker then gets that steady rate of new events for the same
+    customers (whose state it now holds) for ``latency_seconds``, and their latency is measured."""
     env = unique_env("bench", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
     os.environ.update(env)
     create_topics(load_settings())
@@ -143,17 +154,27 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
     raw_s = asyncio.run(raw_consume(settings.kafka_bootstrap, topic, events))
     raw_eps = events / raw_s
     print(f"raw aiokafka getmany consumer: {raw_eps:,.0f} events/s ({raw_s:.2f}s)")
-    worker_eps, ready_kb, peak_kb, stats = run_worker(env, events, timeout_s, workers)
+    then = None
+    if latency_rate:
+        def then() -> dict:
+            _log_append_time(settings, env)
+            sent = asyncio.run(_steady_produce(settings.kafka_bootstrap, topic, latency_rate, latency_seconds,
+                                               customers, customer_prefix="c", event_prefix="g"))
+            time.sleep(3)
+            return _latencies(settings, env, "g", latency_rate, sent)
+    worker_eps, ready_kb, peak_kb, stats, lat = run_worker(env, events, timeout_s, workers, then)
     print(f"gradeflow worker{'s' if workers > 1 else ''} (x{workers}): {worker_eps:,.0f} events/s; applied={stats['applied']} dead={stats['dead_lettered']} "
           f"grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
     per_100k = max(0, peak_kb - ready_kb) / 1024 / customers * 100_000
     print(f"worker RSS: {ready_kb / 1024:.0f} MB when ready, peak {peak_kb / 1024:.0f} MB; "
           f"{per_100k:.0f} MB per 100k customers above the ready baseline")
     return {"customers": customers, "events": events, "raw_eps": raw_eps, "worker_eps": worker_eps,
-            "ratio": worker_eps / raw_eps, "rss_mb_per_100k": per_100k, "peak_mb": peak_kb / 1024}
+            "ratio": worker_eps / raw_eps, "rss_mb_per_100k": per_100k, "peak_mb": peak_kb / 1024,
+            **(lat or {})}
 
 
-async def _steady_produce(bootstrap: str, topic: str, rate: float, seconds: float, customers: int) -> int:
+async def _steady_produce(bootstrap: str, topic: str, rate: float, seconds: float, customers: int,
+                          customer_prefix: str = "l", event_prefix: str = "l") -> int:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
     rng = random.Random(5)
@@ -164,8 +185,8 @@ async def _steady_produce(bootstrap: str, topic: str, rate: float, seconds: floa
             due = int(elapsed * rate)
             batch = []
             while sent < due:
-                cid = f"l{rng.randrange(customers):07d}"
-                doc = {"event_id": f"l{sent}", "customer_id": cid,
+                cid = f"{customer_prefix}{rng.randrange(customers):07d}"
+                doc = {"event_id": f"{event_prefix}{sent}", "customer_id": cid,
                        "occurred_at": datetime.now(TZ).isoformat(), "type": "purchase",
                        "amount": f"{rng.randint(1, 3000)}.00", "currency": "CNY"}
                 batch.append(await producer.send(topic, orjson.dumps(doc), key=cid.encode()))
@@ -193,23 +214,53 @@ async def _read_all(bootstrap: str, topic: str) -> list:
         await consumer.stop()
 
 
+def _log_append_time(settings, env: dict[str, str]) -> None:
+    """Input and grade-change topics stamp records with the broker's clock at append from now on."""
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap.split(","))
+    # alter_configs replaces a topic's whole dynamic config: restate the cleanup policies.
+    admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, env[name], configs={
+        "message.timestamp.type": "LogAppendTime",
+        "cleanup.policy": "compact" if name.endswith("CHANGES") else "delete"})
+        for name in ("GRADEFLOW_TOPIC_TRANSACTIONS", "GRADEFLOW_TOPIC_GRADE_CHANGES")])
+    admin.close()
+
+
+def _latencies(settings, env: dict[str, str], event_prefix: str, rate: float, sent: int) -> dict:
+    """p50/p99/max (ms) from the append of each input event whose id starts with ``event_prefix``
+    to the append of the grade changes it caused."""
+    inputs = asyncio.run(_read_all(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"]))
+    appended = {}
+    for r in inputs:
+        event_id = orjson.loads(r.value)["event_id"]
+        if event_id.startswith(event_prefix):
+            appended[event_id] = r.timestamp
+    changes = asyncio.run(_read_all(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_GRADE_CHANGES"]))
+    lat = []
+    for r in changes:
+        cause = orjson.loads(r.value)["cause"]["event_id"]
+        if cause in appended:
+            lat.append(r.timestamp - appended[cause])
+    lat.sort()
+    if not lat:
+        raise RuntimeError("no grade changes arrived for the latency run's events")
+    p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    print(f"latency at {rate:.0f} events/s offered ({sent} events, {len(lat)} grade changes): "
+          f"p50={p50} ms p99={p99} ms max={lat[-1]} ms")
+    return {"p50_ms": p50, "p99_ms": p99, "max_ms": lat[-1], "changes": len(lat)}
+
+
 def latency(settings, rate: float, seconds: float, customers: int) -> dict:
     """p50/p99 from an input record's append to its grade change's append, at a steady offered rate.
 
     Both topics use LogAppendTime, so both timestamps come from the broker's
     clock at append: producer batching and consumer polling are inside the figure.
     """
-    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
-
     env = unique_env("lat", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
     os.environ.update(env)
     create_topics(load_settings())
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap.split(","))
-    admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, env[name], configs={
-        "message.timestamp.type": "LogAppendTime",
-        "cleanup.policy": "compact" if name.endswith("CHANGES") else "delete"})
-        for name in ("GRADEFLOW_TOPIC_TRANSACTIONS", "GRADEFLOW_TOPIC_GRADE_CHANGES")])
-    admin.close()
+    _log_append_time(settings, env)
     worker = WorkerProcess({**env, "GRADEFLOW_DOWNSTREAM": os.environ.get("GRADEFLOW_DOWNSTREAM", "false"),
                             "GRADEFLOW_CLOCK": os.environ.get("GRADEFLOW_CLOCK", "wall")}, name="latency")
     worker.start(ready_timeout=120)
@@ -220,26 +271,26 @@ def latency(settings, rate: float, seconds: float, customers: int) -> dict:
         time.sleep(3)
     finally:
         worker.stop()
-    inputs = asyncio.run(_read_all(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"]))
-    appended = {orjson.loads(r.value)["event_id"]: r.timestamp for r in inputs}
-    changes = asyncio.run(_read_all(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_GRADE_CHANGES"]))
-    lat = sorted(r.timestamp - appended[orjson.loads(r.value)["cause"]["event_id"]] for r in changes)
-    if not lat:
-        raise RuntimeError(f"no grade changes arrived:\n{worker.tail()}")
-    p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-    print(f"latency at {rate:.0f} events/s offered ({sent} events, {len(lat)} grade changes): "
-          f"p50={p50} ms p99={p99} ms max={lat[-1]} ms")
-    return {"p50_ms": p50, "p99_ms": p99, "changes": len(lat)}
+    try:
+        return _latencies(settings, env, "l", rate, sent)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}:\n{worker.tail()}") from None
 
 
-def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot: str) -> None:
-    """Throughput and memory at several customer counts; a table and a PNG plot."""
-    rows = [throughput(settings, m * per_customer, m, timeout_s) for m in sizes]
-    print("\n| customers | events | worker events/s | raw events/s | ratio | RSS MB per 100k |")
-    print("|---|---|---|---|---|---|")
+def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot: str,
+           rate: float = 5000, latency_seconds: float = 10) -> None:
+    """Throughput, memory and latency at several customer counts; a table and a PNG plot.
+
+    Latency is measured on the worker that has just graded the backlog, so it holds every
+    customer's state: ``rate`` events/s for ``latency_seconds`` to those same customers."""
+    rows = [throughput(settings, m * per_customer, m, timeout_s, latency_rate=rate, latency_seconds=latency_seconds)
+            for m in sizes]
+    print(f"\n| customers | events | worker events/s | raw events/s | ratio | RSS MB per 100k | "
+          f"p50 / p99 ms at {rate:,.0f}/s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['customers']:,} | {r['events']:,} | {r['worker_eps']:,.0f} | {r['raw_eps']:,.0f} | "
-              f"{r['ratio']:.3f} | {r['rss_mb_per_100k']:.0f} |")
+              f"{r['ratio']:.3f} | {r['rss_mb_per_100k']:.0f} | {r['p50_ms']} / {r['p99_ms']} |")
     spread = max(r["worker_eps"] for r in rows) / min(r["worker_eps"] for r in rows) - 1
     print(f"throughput spread across sizes: {spread:.0%}")
     import matplotlib
@@ -247,15 +298,23 @@ def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["customers"] for r in rows], [r["worker_eps"] for r in rows], marker="o", label="worker events/s")
+    customers = [r["customers"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(customers, [r["worker_eps"] for r in rows], marker="o", color="tab:blue", label="worker events/s")
     ax.set_xscale("log")
     ax.set_xlabel("customers")
-    ax.set_ylabel("events/s")
+    ax.set_ylabel("events/s (backlog)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"gradeflow throughput vs customers ({datetime.now(timezone.utc):%Y-%m-%d})")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    lat = ax.twinx()
+    lat.plot(customers, [r["p50_ms"] for r in rows], marker="s", color="tab:orange", label=f"p50 ms at {rate:,.0f}/s")
+    lat.plot(customers, [r["p99_ms"] for r in rows], marker="^", color="tab:red", label=f"p99 ms at {rate:,.0f}/s")
+    lat.set_ylabel("latency, ms (append to append)")
+    lat.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()
+    more = lat.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower left", fontsize=8)
+    ax.set_title(f"gradeflow: throughput and latency vs customers ({datetime.now(timezone.utc):%Y-%m-%d})")
     fig.tight_layout()
     fig.savefig(plot, dpi=100)
     print(f"plot written to {plot}")
@@ -279,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"date {datetime.now(timezone.utc):%Y-%m-%d}")
     if args.growth:
-        growth(settings, [int(x) for x in args.growth.split(",")], args.per_customer, args.timeout, args.plot)
+        growth(settings, [int(x) for x in args.growth.split(",")], args.per_customer, args.timeout, args.plot,
+               args.rate, min(args.latency_seconds, 10))
         return 0
     if args.latency_only:
         latency(settings, args.rate, args.latency_seconds, args.customers)
