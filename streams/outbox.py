@@ -16,6 +16,8 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+from schemas.errors import ConfigurationError
+
 # The producer's record batch size for gradeflow (Faust's producer_max_batch_size; aiokafka's
 # default is 16 KiB). Under the broker's default message.max.bytes (1 MiB) with room for a
 # cluster that lowered it a little; a batch that outgrows it is sent and another one started.
@@ -75,7 +77,9 @@ class Outbox:
                     futures.append(await producer.send_batch(batch, topic, partition=partition))
                     batch = producer.create_batch()
                     if batch.append(timestamp=None, key=key, value=value) is None:
-                        raise ValueError(f"a record of {len(value or b'')} bytes does not fit a record batch")
+                        # Only a misconfiguration gets here: gradeflow's records are far smaller.
+                        raise ConfigurationError(f"a record of {len(value or b'')} bytes for {topic} does not fit "
+                                                 f"a {MAX_BATCH_BYTES}-byte record batch")
             futures.append(await producer.send_batch(batch, topic, partition=partition))
         self._by_tp = {}
         self.count = 0
