@@ -165,3 +165,74 @@ def consume(bootstrap: str, topics: list[str], until: int | None = None, idle_s:
                         return
     finally:
         consumer.close()
+
+
+def group_assignment(bootstrap: str, group: str, env: Mapping[str, str] | None = None,
+                     ) -> tuple[str, dict[str, dict[str, set[int]]]]:
+    """The consumer group's state and, per member client id, the partitions the coordinator gave it.
+
+    Faust assigns a worker the changelog partitions of its active partitions *and* of its
+    standby partitions, so a member whose changelog partitions exceed its input partitions
+    holds standby copies. Give each worker its own ``GRADEFLOW_KAFKA_CLIENT_ID`` to tell them apart.
+    """
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(**kafka_options(bootstrap, env))
+    try:
+        [info] = admin.describe_consumer_groups([group])
+    finally:
+        admin.close()
+    members: dict[str, dict[str, set[int]]] = {}
+    for member in info.members:
+        topics: dict[str, set[int]] = {}
+        if member.member_assignment is not None:
+            for topic, partitions in member.member_assignment.assignment:
+                topics.setdefault(topic, set()).update(partitions)
+        members[member.client_id] = topics
+    return info.state, members
+
+
+def wait_group(bootstrap: str, group: str, members: int, topic: str, timeout_s: float = 60.0,
+               env: Mapping[str, str] | None = None) -> dict[str, dict[str, set[int]]]:
+    """Wait until ``group`` is stable with ``members`` members, each owning partitions of ``topic``."""
+    deadline = time.monotonic() + timeout_s
+    state, assignment = "", {}
+    while time.monotonic() < deadline:
+        state, assignment = group_assignment(bootstrap, group, env)
+        if state == "Stable" and len(assignment) == members and all(a.get(topic) for a in assignment.values()):
+            return assignment
+        time.sleep(0.3)
+    raise TimeoutError(f"group {group} not stable with {members} members owning {topic}: {state} {assignment}")
+
+
+def faust_log_tables(text: str, title: str) -> list[tuple[float, dict[tuple[str, int], int]]]:
+    """Every table titled ``title`` that Faust logged (e.g. ``Reading Starts At - Active``), in order.
+
+    Each is (wall time of its log line, {(topic, partition): value}). Faust's recovery states where
+    it starts reading each changelog partition, and its highwater, only in these log tables.
+    """
+    from datetime import datetime
+
+    found: list[tuple[float, dict[tuple[str, int], int]]] = []
+    lines = text.splitlines()
+    stamp = 0.0
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("[") and len(line) > 24 and line[24] == "]":
+            try:
+                stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                pass
+        if line.startswith(f"+{title}-"):
+            rows: dict[tuple[str, int], int] = {}
+            topic = ""
+            i += 3  # the title border, the header row, the rule below it
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                topic = topic if cells[0] == "〃" else cells[0]  # Faust writes a ditto mark for a repeat
+                rows[(topic, int(cells[1]))] = int(cells[2])
+                i += 1
+            found.append((stamp, rows))
+        i += 1
+    return found
