@@ -33,12 +33,13 @@ from streams.alerts import Dispatcher, check_settings
 from streams.metrics import Metrics, observe_batch
 from streams.redis_grades import RESULT_NAMES, AsyncGrades, parse_change
 from streams.settings import Settings, alert_retries_topic, redis_prefix
+from streams.topics import ALERT_RETRIES_RETENTION_S
 
 log = logging.getLogger("gradeflow.downstream")
 
 __all__ = ["attach_downstream", "observe_batch", "Downstream"]
 
-RETRY_RETENTION_S = 14 * 24 * 3600
+RETRY_RETENTION_S = ALERT_RETRIES_RETENTION_S  # the layout `gradeflow topics` declares
 _TRANSIENT = (RedisError, KafkaError, OSError, asyncio.TimeoutError)
 
 

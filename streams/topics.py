@@ -6,6 +6,8 @@ Layout, from settings (all ``GRADEFLOW_*``):
   or the broker's default;
 * grade changes: ``grade_changes_cleanup_policy`` (compact by default);
 * alerts and dead letters: delete with ``alerts_retention_ms`` / ``dead_letters_retention_ms``;
+* the alert retry topic (``<app id>-alert-retries`` or ``topic_alert_retries``), when the
+  worker runs the downstream agents: ``partitions``, delete after 14 days;
 * each table's changelog (``<app id>-<table>-changelog``): compact, and exactly
   as many partitions as the inputs: Faust restores partition *n* of a table
   from partition *n* of its changelog, for the worker that owns partition *n*
@@ -29,7 +31,7 @@ from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
 
 from schemas.errors import ConfigurationError, ServerUnavailable
 from streams.kafka_config import bootstrap_list, check_tls, kafka_python_options, tcp_answers, unreachable_message
-from streams.settings import Settings
+from streams.settings import Settings, alert_retries_topic
 
 __all__ = ["TABLES", "TopicSpec", "Problem", "topic_specs", "bootstrap_list", "unreachable_message",
            "admin_client", "create_topics", "check_topics"]
@@ -37,13 +39,19 @@ __all__ = ["TABLES", "TopicSpec", "Problem", "topic_specs", "bootstrap_list", "u
 # The Faust tables of streams/app.py; each has a changelog topic (a test keeps this in step with the app).
 TABLES = ("customer-state",)
 
-INPUT, OUTPUT, CHANGELOG = "input", "output", "changelog"
+INPUT, OUTPUT, CHANGELOG, INTERNAL = "input", "output", "changelog", "internal"
+
+# How long an alert waiting for another delivery attempt stays on the retry topic: far longer
+# than the retry schedule (capped at GRADEFLOW_ALERT_RETRY_MAX_DELAY_S between rounds), short
+# enough that an alert nobody could deliver does not linger for ever. streams/downstream.py
+# declares the topic with the same value.
+ALERT_RETRIES_RETENTION_S = 14 * 24 * 3600
 
 
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
-    role: str  # INPUT | OUTPUT | CHANGELOG
+    role: str  # INPUT | OUTPUT | CHANGELOG | INTERNAL
     partitions: int
     replication_factor: int
     config: dict[str, str] = field(default_factory=dict)
@@ -86,6 +94,13 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     for table in TABLES:
         specs.append(TopicSpec(settings.changelog_topic(table), CHANGELOG, n, rf,
                                {**common, "cleanup.policy": "compact"}))
+    if settings.downstream:
+        # The alert dispatcher's retry topic (streams/downstream.py). Faust would declare it at
+        # start, but only a principal allowed to create topics can; `topics create` provisions it
+        # with the rest when the workers may not (GRADEFLOW_CREATE_TOPICS=false).
+        specs.append(TopicSpec(alert_retries_topic(settings), INTERNAL, n, rf,
+                               {**common, "cleanup.policy": "delete",
+                                "retention.ms": str(ALERT_RETRIES_RETENTION_S * 1000)}))
     return specs
 
 

@@ -9,8 +9,9 @@ import sys
 from kafka.admin import NewTopic
 
 from streams.local import ROOT, unique_env
-from streams.settings import load_settings
-from streams.topics import TABLES, admin_client, check_topics, create_topics, topic_specs
+from streams.settings import alert_retries_topic, load_settings
+from streams.topics import (ALERT_RETRIES_RETENTION_S, INTERNAL, TABLES, admin_client, check_topics, create_topics,
+                            topic_specs)
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -36,6 +37,47 @@ def test_the_tables_listed_are_the_apps_tables():
         sorted(s.changelog_topic(t) for t in TABLES)
 
 
+def test_the_layout_has_the_alert_retry_topic_and_every_name_carries_the_prefix():
+    s = load_settings(topic_prefix="team-risk.", app_id="gf")
+    specs = {spec.name: spec for spec in topic_specs(s)}
+    assert all(name.startswith("team-risk.") for name in specs), sorted(specs)
+    retries = specs["team-risk.gf-alert-retries"]
+    assert retries.role == INTERNAL and retries.partitions == s.partitions
+    assert retries.cleanup_policy == "delete" and retries.config["retention.ms"] == str(14 * 24 * 3600 * 1000)
+
+    # A name of its own keeps the prefix, like every other topic name.
+    named = load_settings(topic_prefix="team-risk.", topic_alert_retries="alert-redelivery")
+    assert "team-risk.alert-redelivery" in {spec.name for spec in topic_specs(named)}
+    # Without the downstream agents no worker reads or writes it, so it is not required.
+    assert not [spec for spec in topic_specs(load_settings(downstream=False)) if spec.role == INTERNAL]
+
+
+def test_the_alert_retry_topic_of_the_layout_is_the_one_the_app_declares():
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.app import create_app
+
+    s = load_settings(app_id="layout-probe", topic_prefix="team-risk.")
+    app = create_app(s, compile_ruleset(load("rfm-5")))
+    declared = app.gradeflow_downstream.retry_topic
+    [spec] = [spec for spec in topic_specs(s) if spec.role == INTERNAL]
+    assert declared.get_topic_name() == spec.name == alert_retries_topic(s) == "team-risk.layout-probe-alert-retries"
+    assert declared.partitions == spec.partitions and declared.replicas == spec.replication_factor
+    assert declared.retention == ALERT_RETRIES_RETENTION_S  # seconds, as Faust takes it
+
+
+def test_the_population_topic_carries_the_prefix():
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.population import Population
+
+    ruleset = compile_ruleset(load("key-account-abc"))
+    assert ruleset.quantiles, "the preset must grade against the population"
+    assert Population(load_settings(topic_prefix="team-risk.", app_id="gf"), ruleset, table=None).topic == \
+        "team-risk.gf-population"
+    assert Population(load_settings(), ruleset, table=None).topic == "gradeflow-population"
+
+
 def test_create_is_idempotent_and_check_passes(bootstrap):
     env = unique_env("topics", GRADEFLOW_KAFKA_BOOTSTRAP=bootstrap)
     first = cli(env, "topics", "create")
@@ -45,7 +87,8 @@ def test_create_is_idempotent_and_check_passes(bootstrap):
     assert again.returncode == 0 and again.stdout.strip() == "all topics already exist"
     check = cli(env, "topics", "check")
     assert check.returncode == 0, check.stdout + check.stderr
-    assert check.stdout.startswith("ok: 6 topics match")
+    assert check.stdout.startswith(f"ok: {len(topic_specs(settings_of(env)))} topics match")
+    assert env["GRADEFLOW_APP_ID"] + "-alert-retries" in first.stdout
 
     # The declared configs are on the cluster.
     from kafka.admin import ConfigResource, ConfigResourceType
@@ -54,7 +97,8 @@ def test_create_is_idempotent_and_check_passes(bootstrap):
     admin = admin_client(s)
     try:
         [resp] = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.topics.grade_changes),
-                                         ConfigResource(ConfigResourceType.TOPIC, s.topics.alerts)])
+                                         ConfigResource(ConfigResourceType.TOPIC, s.topics.alerts),
+                                         ConfigResource(ConfigResourceType.TOPIC, alert_retries_topic(s))])
         got = {r[3]: {e[0]: e[1] for e in r[4]} for r in resp.resources}
     finally:
         admin.close()
@@ -62,6 +106,8 @@ def test_create_is_idempotent_and_check_passes(bootstrap):
     assert got[s.topics.alerts]["cleanup.policy"] == "delete"
     assert got[s.topics.alerts]["retention.ms"] == str(28 * 24 * 3600 * 1000)
     assert got[s.topics.alerts]["min.insync.replicas"] == "1"
+    assert got[alert_retries_topic(s)]["cleanup.policy"] == "delete"
+    assert got[alert_retries_topic(s)]["retention.ms"] == str(ALERT_RETRIES_RETENTION_S * 1000)
 
 
 def test_check_names_each_difference_of_a_broken_layout_and_the_worker_refuses_it(bootstrap):
