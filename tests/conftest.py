@@ -45,9 +45,9 @@ def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
 
 
-# Fixtures that need a local server: `bootstrap` (Kafka) and `prefix` (the Redis key prefix of
-# the downstream tests, which talk to the real Redis).
-SERVER_FIXTURES = frozenset({"bootstrap", "prefix"})
+# Fixtures that need a local server: `bootstrap` (Kafka) and `redis_prefix` (the Redis key prefix
+# of the downstream tests in tests/streams, which talk to the real Redis).
+SERVER_FIXTURES = frozenset({"bootstrap", "redis_prefix"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,7 +1,8 @@
-"""Helpers for the rules tests: local times and states built from purchases."""
+"""Helpers for the rules tests: local times, states built from purchases, the shared two-ladder ruleset."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -33,3 +34,36 @@ def customer(rs: CompiledRuleset, as_of: datetime, recency_days: int | None, pur
         share = net_minor // purchases + (net_minor % purchases if i == 0 else 0)
         buy(state, at(day, 10, i % 60, rs.tz), share, rs)
     return state
+
+
+def two_ladder_ruleset(ruleset_id: str, intent_rules: Sequence[str], *, attributes: str = "{stage: text}",
+                       intent_hysteresis: str | None = None) -> str:
+    """YAML of the two-ladder ruleset the multi-ladder tests share, side by side for the same customers.
+
+    ``value`` (from transactions): VIP above 10,000 of 365-day net spend, A from 5,000, B from
+    1,000, else C; VIP and A are key grades. ``intent`` (from interactions): S, A, B, C, D, the
+    first of ``intent_rules`` that holds (flow-style rule mappings), else D; S and A are key
+    grades; ``intent_hysteresis`` is its ``hysteresis:`` mapping, if any. ``attributes`` declares
+    the interaction attributes the rules read.
+    """
+    rules = "".join(f"        - {rule}\n" for rule in intent_rules)
+    hysteresis = f"    hysteresis: {intent_hysteresis}\n" if intent_hysteresis else ""
+    return f"""\
+id: {ruleset_id}
+version: "1"
+attributes: {attributes}
+ladders:
+  value:
+    grades: [VIP, A, B, C]
+    key: [VIP, A]
+    decide:
+      metric: purchases.net.365d
+      bands: [{{above: 10000, grade: VIP}}, {{min: 5000, grade: A}}, {{min: 1000, grade: B}}]
+      else: C
+  intent:
+    grades: [S, A, B, C, D]
+    key: [S, A]
+{hysteresis}    decide:
+      rules:
+{rules}      else: D
+"""

@@ -13,31 +13,17 @@ from rules.ruleset import parse
 from streams.processor import INTERACTIONS, TRANSACTIONS, Record, process_batch
 
 from presethelp import contact, local, txn
+from rulehelp import two_ladder_ruleset
 
-RS = compile_ruleset(parse("""
-id: multi
-version: "1"
-attributes: {stage: text, probability: number}
-ladders:
-  value:
-    grades: [VIP, A, B, C]
-    key: [VIP, A]
-    decide:
-      metric: purchases.net.365d
-      bands: [{above: 10000, grade: VIP}, {min: 5000, grade: A}, {min: 1000, grade: B}]
-      else: C
-  intent:
-    grades: [S, A, B, C, D]
-    key: [S, A]
-    hysteresis: {min_dwell_days: 2}
-    decide:
-      rules:
-        - {grade: S, when: {all: [{metric: attribute.stage, eq: negotiating}, {metric: attribute.probability, ge: 0.5}]}}
-        - {grade: A, when: {metric: interactions.count.meeting.30d, ge: 1}}
-        - {grade: B, when: {metric: interactions.count.trial_class.60d, ge: 1}}
-        - {grade: C, when: {metric: interactions.count.visit.180d, ge: 1}}
-      else: D
-"""))
+RS = compile_ruleset(parse(two_ladder_ruleset(
+    "multi",
+    ["{grade: S, when: {all: [{metric: attribute.stage, eq: negotiating}, {metric: attribute.probability, ge: 0.5}]}}",
+     "{grade: A, when: {metric: interactions.count.meeting.30d, ge: 1}}",
+     "{grade: B, when: {metric: interactions.count.trial_class.60d, ge: 1}}",
+     "{grade: C, when: {metric: interactions.count.visit.180d, ge: 1}}"],
+    attributes="{stage: text, probability: number}",
+    # Hysteresis makes a grade depend on earlier ones: batching must not change that either.
+    intent_hysteresis="{min_dwell_days: 2}")))
 NOW = datetime(2026, 7, 1, tzinfo=timezone.utc)
 START = local("2026-01-01")
 

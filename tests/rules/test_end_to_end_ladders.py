@@ -13,30 +13,15 @@ import orjson
 
 from streams.local import consume, produce
 
-RULESET = """
-id: e2e-multi
-version: "1"
-attributes: {stage: text}
-ladders:
-  value:
-    grades: [VIP, A, B, C]
-    key: [VIP, A]
-    decide:
-      metric: purchases.net.365d
-      bands: [{above: 10000, grade: VIP}, {min: 5000, grade: A}, {min: 1000, grade: B}]
-      else: C
-  intent:
-    grades: [S, A, B, C, D]
-    key: [S, A]
-    decide:
-      rules:
-        - {grade: D, because: no need, when: {metric: attribute.stage, eq: no_need}}
-        - {grade: S, because: negotiating, when: {metric: attribute.stage, eq: negotiating}}
-        - {grade: A, because: met, when: {metric: interactions.count.meeting.30d, ge: 1}}
-        - {grade: B, because: trying, when: {metric: interactions.count.trial_class.60d, ge: 1}}
-        - {grade: C, because: visited, when: {metric: interactions.count.visit.180d, ge: 1}}
-      else: D
-"""
+from rulehelp import two_ladder_ruleset
+
+RULESET = two_ladder_ruleset("e2e-multi", [
+    "{grade: D, because: no need, when: {metric: attribute.stage, eq: no_need}}",
+    "{grade: S, because: negotiating, when: {metric: attribute.stage, eq: negotiating}}",
+    "{grade: A, because: met, when: {metric: interactions.count.meeting.30d, ge: 1}}",
+    "{grade: B, because: trying, when: {metric: interactions.count.trial_class.60d, ge: 1}}",
+    "{grade: C, because: visited, when: {metric: interactions.count.visit.180d, ge: 1}}",
+])
 
 
 def interaction(event_id: str, customer: str, day: int, kind: str, **attributes) -> tuple[bytes, bytes]:

@@ -19,6 +19,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import jsonschema
@@ -115,7 +116,8 @@ def rfc3339(value: str) -> datetime:
 
 
 @pytest.fixture
-def prefix():
+def redis_prefix() -> Iterator[str]:
+    """A Redis key prefix no other test uses; its keys are deleted afterwards (tests/conftest.py marks users broker)."""
     name = f"test-alerts-{uuid.uuid4().hex[:8]}"
     yield name
     delete_prefix(name, REDIS_URL)
@@ -193,13 +195,13 @@ class Harness:
                 await self.dispatcher.on_retry(doc)
 
 
-def test_payloads_follow_the_published_formats(standin, prefix):
+def test_payloads_follow_the_published_formats(standin, redis_prefix):
     settings = settings_for(standin)
     alert = alert_doc("carol", "A", "B")
     Alert.model_validate(alert)
 
     async def run() -> None:
-        async with Harness(settings, prefix) as h:
+        async with Harness(settings, redis_prefix) as h:
             await h.dispatcher.on_alert(alert)
             await h.dispatcher.on_change(upgrade_doc("carol", "B", "A", "2026-01-05T10:00:00+08:00"))
             assert h.retries == []
@@ -255,7 +257,7 @@ def test_severity_from_drop_and_grade_left_is_configurable_per_ladder():
         SeverityRule.from_config({"critical_drop": 1})
 
 
-def test_routes_by_severity_and_cooldown_holds_back_flapping(standin, prefix):
+def test_routes_by_severity_and_cooldown_holds_back_flapping(standin, redis_prefix):
     # warnings go to the webhook only; a second drop of the same customer within the cooldown waits.
     settings = settings_for(standin, alert_routes={"critical": ["webhook", "pagerduty"], "warning": ["webhook"]},
                             alert_cooldown_s=1.5)
@@ -265,7 +267,7 @@ def test_routes_by_severity_and_cooldown_holds_back_flapping(standin, prefix):
     fourth = alert_doc("erin", "A", "B", "2026-01-02T10:00:00+08:00")  # same severity, within cooldown
 
     async def run() -> None:
-        async with Harness(settings, prefix) as h:
+        async with Harness(settings, redis_prefix) as h:
             for doc in (first, second, third, fourth):
                 await h.dispatcher.on_alert(doc)
             assert [d["item"]["alert_id"] for d in h.retries] == [fourth["alert_id"]] * 2  # webhook and pagerduty
@@ -280,12 +282,12 @@ def test_routes_by_severity_and_cooldown_holds_back_flapping(standin, prefix):
     assert pd == [second["alert_id"], third["alert_id"], fourth["alert_id"]]
 
 
-def test_a_trigger_older_than_a_seen_recovery_is_not_sent(standin, prefix):
+def test_a_trigger_older_than_a_seen_recovery_is_not_sent(standin, redis_prefix):
     settings = settings_for(standin)
     alert = alert_doc("fay", "A", "B", "2026-01-01T10:00:00+08:00")
 
     async def run() -> None:
-        async with Harness(settings, prefix) as h:
+        async with Harness(settings, redis_prefix) as h:
             # grade-changes and grade-alerts are not ordered with each other: the recovery came first.
             await h.dispatcher.on_change(upgrade_doc("fay", "B", "A", "2026-01-02T10:00:00+08:00"))
             await h.dispatcher.on_alert(alert)
@@ -294,7 +296,7 @@ def test_a_trigger_older_than_a_seen_recovery_is_not_sent(standin, prefix):
     assert standin.all() == []
 
 
-def test_a_sink_failing_five_times_then_succeeding_delivers_once_in_process(prefix):
+def test_a_sink_failing_five_times_then_succeeding_delivers_once_in_process(redis_prefix):
     server = StandIn(fail_first=5).start()
     try:
         settings = load_settings(alert_webhook_url=server.url("/hook"), alert_attempts=3, alert_backoff_s=0.01,
@@ -302,7 +304,7 @@ def test_a_sink_failing_five_times_then_succeeding_delivers_once_in_process(pref
         alert = alert_doc("gus", "A", "B")
 
         async def run() -> None:
-            async with Harness(settings, prefix) as h:
+            async with Harness(settings, redis_prefix) as h:
                 await h.dispatcher.on_alert(alert)
                 assert len(h.retries) == 1 and h.retries[0]["round"] == 1
                 await h.drain_retries()
@@ -435,13 +437,13 @@ def test_bad_alert_settings_stop_the_worker_at_start():
             check_settings(load_settings(**bad), rs)
 
 
-def test_an_alert_produced_long_ago_is_not_sent(standin, prefix):
+def test_an_alert_produced_long_ago_is_not_sent(standin, redis_prefix):
     """A new deployment reads grade-alerts from its beginning: last month's alerts must not page now."""
     settings = settings_for(standin, alert_max_age_s=3600)
     old, fresh = alert_doc("hal", "A", "B"), alert_doc("ivy", "A", "B")
 
     async def run() -> None:
-        async with Harness(settings, prefix) as h:
+        async with Harness(settings, redis_prefix) as h:
             await h.dispatcher.on_alert(old, produced_at=time.time() - 7200)
             await h.dispatcher.on_alert(fresh, produced_at=time.time() - 60)
 
@@ -469,7 +471,7 @@ def at_risk_doc(customer: str, previous: str = "A", grade: str = "B") -> dict:
     return doc
 
 
-def test_an_at_risk_warning_keeps_its_severity_and_is_not_a_downgrade_incident(standin, prefix):
+def test_an_at_risk_warning_keeps_its_severity_and_is_not_a_downgrade_incident(standin, redis_prefix):
     settings = settings_for(standin)
     warning = at_risk_doc("gus")
     Alert.model_validate(warning)
@@ -477,7 +479,7 @@ def test_an_at_risk_warning_keeps_its_severity_and_is_not_a_downgrade_incident(s
     assert Alert.model_validate(down).kind == "downgrade"  # absent: a downgrade, as before
 
     async def run() -> None:
-        async with Harness(settings, prefix) as h:
+        async with Harness(settings, redis_prefix) as h:
             await h.dispatcher.on_alert(warning)
             await h.dispatcher.on_alert(warning)  # a repeat (same id) is delivered once
             await h.dispatcher.on_alert(down)  # not held back by the warning's cooldown

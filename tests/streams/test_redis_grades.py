@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -24,7 +25,8 @@ REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture
-def prefix():
+def redis_prefix() -> Iterator[str]:
+    """A Redis key prefix no other test uses; its keys are deleted afterwards (tests/conftest.py marks users broker)."""
     name = f"test-redis-{uuid.uuid4().hex[:8]}"
     yield name
     delete_prefix(name, REDIS_URL)
@@ -74,7 +76,7 @@ def counts(client: redis.Redis, prefix: str, ladder: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items() if int(v)}
 
 
-def test_out_of_order_and_repeated_writes_never_go_backwards(prefix):
+def test_out_of_order_and_repeated_writes_never_go_backwards(redis_prefix):
     hist = scripted_history()
     want = expected(hist)
     client = redis.Redis.from_url(REDIS_URL)
@@ -84,27 +86,27 @@ def test_out_of_order_and_repeated_writes_never_go_backwards(prefix):
             shuffled = hist + rng.sample(hist, 150)  # every change, some twice
             rng.shuffle(shuffled)
             for i in range(0, len(shuffled), 37):
-                apply_sync(client, prefix, shuffled[i:i + 37])
-            state = redis_state(client, prefix, {c for c, _ in want}, {lad for _, lad in want})
+                apply_sync(client, redis_prefix, shuffled[i:i + 37])
+            state = redis_state(client, redis_prefix, {c for c, _ in want}, {lad for _, lad in want})
             assert state == want, f"round {round_}"
             for ladder in ("value", "loyalty"):
                 truth = Counter(grade for (c, lad), (grade, _) in want.items() if lad == ladder)
-                assert counts(client, prefix, ladder) == dict(truth)
+                assert counts(client, redis_prefix, ladder) == dict(truth)
         # Replaying the whole topic again changes nothing and reports duplicates/stale only.
-        results = apply_sync(client, prefix, hist)
+        results = apply_sync(client, redis_prefix, hist)
         assert APPLIED not in results and set(results) <= {DUPLICATE, STALE}
     finally:
         client.close()
 
 
-def test_concurrent_writers_agree(prefix):
+def test_concurrent_writers_agree(redis_prefix):
     """Two clients (two workers during a rebalance) writing interleaved batches end at the last change."""
     hist = scripted_history()
     want = expected(hist)
 
     async def writer(seed: int) -> None:
         client = aioredis.Redis.from_url(REDIS_URL)
-        grades = AsyncGrades(client, prefix)
+        grades = AsyncGrades(client, redis_prefix)
         items = list(hist)
         random.Random(seed).shuffle(items)
         for i in range(0, len(items), 25):
@@ -118,22 +120,22 @@ def test_concurrent_writers_agree(prefix):
     asyncio.run(main())
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        assert redis_state(client, prefix, {c for c, _ in want}, {"value", "loyalty"}) == want
+        assert redis_state(client, redis_prefix, {c for c, _ in want}, {"value", "loyalty"}) == want
         truth = Counter(grade for (c, lad), (grade, _) in want.items() if lad == "value")
-        assert counts(client, prefix, "value") == dict(truth)
+        assert counts(client, redis_prefix, "value") == dict(truth)
     finally:
         client.close()
 
 
-def test_equal_as_of_is_ordered_by_topic_offset(prefix):
+def test_equal_as_of_is_ordered_by_topic_offset(redis_prefix):
     """A late refund is graded as of the customer's latest event: same as_of, later offset wins."""
     client = redis.Redis.from_url(REDIS_URL)
     try:
         first = change("late", 1, "A", "2026-01-10T10:00:00+08:00")
         second = change("late", 2, "B", "2026-01-10T10:00:00+08:00")
-        assert apply_sync(client, prefix, [(second, 20), (first, 10)]) == [APPLIED, STALE]
-        assert orjson.loads(client.hget(customer_key(prefix, "late"), "value"))["grade"] == "B"
-        assert counts(client, prefix, "value") == {"B": 1}
+        assert apply_sync(client, redis_prefix, [(second, 20), (first, 10)]) == [APPLIED, STALE]
+        assert orjson.loads(client.hget(customer_key(redis_prefix, "late"), "value"))["grade"] == "B"
+        assert counts(client, redis_prefix, "value") == {"B": 1}
     finally:
         client.close()
 
