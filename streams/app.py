@@ -31,7 +31,7 @@ from streams.clock import attach_clock
 from streams.population import attach_population
 from streams.rules_start import attach_rules_regrade
 from streams.outbox import MAX_BATCH_BYTES, Outbox
-from streams.tables import FaustStateStore
+from streams.tables import FaustStateStore, store_url
 
 log = logging.getLogger("gradeflow")
 
@@ -60,7 +60,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     app = BatchingApp(
         settings.group_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_list(settings)],
-        store=settings.store,
+        store=store_url(settings.store),
         datadir=str(settings.data_dir),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
@@ -120,9 +120,11 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         if outbox:
             await asyncio.gather(*await outbox.send(producer))
         written: list[asyncio.Future[Any]] = []
+        counts: list[int] = []
         if result.states:
             store.write_many(outbox, result.states)
             written = await outbox.send(producer)
+            counts = outbox.counts
             clock.note(result.states)
         counters.consumed += result.consumed
         counters.applied += result.applied
@@ -138,7 +140,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
             # Faust may commit past these offsets only once the new states are
             # on the changelog. This runs while the next batch is graded.
             if written:
-                await asyncio.gather(*written)
+                store.mark_written(await asyncio.gather(*written), counts)
             app.consumer.ack_records(messages)
 
         return settle()

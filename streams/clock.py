@@ -349,7 +349,9 @@ class Clock:
             return
         outbox = Outbox()
         self.store.write_many(outbox, states)
-        await deliver(self.app.producer, outbox)
+        results = await deliver(self.app.producer, outbox)
+        if results:
+            self.store.mark_written(results, outbox.counts)
         self.stats.written += len(states)
 
 

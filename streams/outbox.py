@@ -27,12 +27,15 @@ MAX_BATCH_BYTES = 512 * 1024
 class Outbox:
     """Records to send, grouped by ``(topic, partition)`` in the order they were added."""
 
-    __slots__ = ("_by_tp", "_unplaced", "count")
+    __slots__ = ("_by_tp", "_unplaced", "count", "counts")
 
     def __init__(self) -> None:
         self._by_tp: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
         self._unplaced: dict[str, list[tuple[bytes | None, bytes | None]]] = {}
         self.count = 0
+        # Records in each record batch of the last send, in the order of its futures: with a
+        # batch's base offset, the offset of its last record.
+        self.counts: list[int] = []
 
     def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         """Queue one record; ``partition=None`` lets the producer's partitioner place it by key."""
@@ -70,23 +73,33 @@ class Outbox:
                 by_tp.setdefault((topic, place(key, every, available)), []).append((key, value))
         self._unplaced = {}
         futures: list[asyncio.Future[Any]] = []
+        counts: list[int] = []
         for (topic, partition), records in by_tp.items():
             batch = producer.create_batch()
+            n = 0
             for key, value in records:
                 if batch.append(timestamp=None, key=key, value=value) is None:
                     futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    counts.append(n)
                     batch = producer.create_batch()
+                    n = 0
                     if batch.append(timestamp=None, key=key, value=value) is None:
                         # Only a misconfiguration gets here: gradeflow's records are far smaller.
                         raise ConfigurationError(f"a record of {len(value or b'')} bytes for {topic} does not fit "
                                                  f"a {MAX_BATCH_BYTES}-byte record batch")
+                n += 1
             futures.append(await producer.send_batch(batch, topic, partition=partition))
+            counts.append(n)
         self._by_tp = {}
         self.count = 0
+        self.counts = counts
         return futures
 
 
-async def deliver(producer: Any, outbox: Outbox) -> None:
-    """Send ``outbox`` through Faust's ``producer`` and wait until the broker has every record."""
-    if outbox:
-        await asyncio.gather(*await outbox.send(producer._ensure_producer()))
+async def deliver(producer: Any, outbox: Outbox) -> list[Any]:
+    """Send ``outbox`` through Faust's ``producer``, wait until the broker has every record and
+    return the record batches' metadata (``outbox.counts`` gives their sizes)."""
+    if not outbox:
+        outbox.counts = []
+        return []
+    return list(await asyncio.gather(*await outbox.send(producer._ensure_producer())))

@@ -6,11 +6,10 @@ keeps the wait short), and the survivor grades new events of the customers it to
 their previous state: no "initial" change, the previous grade is the one the dead worker emitted,
 the metrics count both purchases.
 
-What a standby does *not* buy with the memory store (the default) is time: Faust 0.15.3 promotes
-a standby partition by replaying its changelog from the beginning, because the memory store
-reports no persisted offset (``Store.persisted_offset`` returns None) and its recovery does not
-carry the standby's position over to the active one. The strict xfail below states what should
-hold and turns red once it does (docs/deploy.md, "Recovery time").
+A standby also buys time: Faust 0.15.3's memory store reports no persisted offset, so a promoted
+standby replayed its changelog from the beginning; gradeflow's OffsetMemoryStore
+(streams/tables.py) remembers how far each partition's data goes, so the promoted standby reads
+only the tail (docs/deploy.md, "Recovery time").
 """
 
 from __future__ import annotations
@@ -127,8 +126,6 @@ def test_the_survivor_grades_the_customers_it_took_over_from_their_previous_stat
     assert {d["customer_id"] for d in failover.changes if d["direction"] != "initial"} == set(failover.probes)
 
 
-@pytest.mark.xfail(strict=True, reason="faust-streaming 0.15.3 memory store: a promoted standby replays its "
-                                       "changelog from the beginning (persisted_offset is always None)")
 def test_the_promoted_standby_resumes_its_changelog_where_it_was(failover: Failover) -> None:
     changelog = f"{failover.env['GRADEFLOW_APP_ID']}-customer-state-changelog"
     after = [rows for stamp, rows in faust_log_tables(failover.survivor_log, "Reading Starts At - Active")
