@@ -76,6 +76,11 @@ class RulesRegrade:
         self.again = False
         self.regraded = 0
         self.sweeps = 0
+        # Input partitions this process has swept and owned ever since: everything written on them
+        # since was graded here, by this ruleset, so the next rebalance need not read them again.
+        # A partition lost and regained (or promoted from a standby, whose copy another worker
+        # wrote, maybe with older rules) is not in it.
+        self.swept: set[int] = set()
 
     def active_partitions(self) -> set[int]:
         inputs = self.settings.topics.transactions
@@ -84,8 +89,18 @@ class RulesRegrade:
     async def sweep(self) -> int:
         """Re-grade every customer of this worker's partitions not graded by this ruleset."""
         active = self.active_partitions()
+        todo = active - self.swept
+        self.swept &= active
+        if not todo:
+            self.sweeps += 1
+            return 0
         partitions = self.settings.partitions
-        keys = [k for k in list(self.table.keys()) if partition_of(k, partitions) in active]
+        # The memory store knows each key's partition; murmur2 in Python costs seconds per million.
+        known = getattr(self.table.data, "_key_partition", None)
+        if known is not None:
+            keys = [k for k, p in list(known.items()) if p in todo]
+        else:
+            keys = [k for k in list(self.table.keys()) if partition_of(k, partitions) in todo]
         names = self.settings.topics
         thresholds = self.population.thresholds if self.population is not None else None
         done = 0
@@ -106,6 +121,7 @@ class RulesRegrade:
             done += len(states)
         self.regraded += done
         self.sweeps += 1
+        self.swept |= todo & self.active_partitions()
         if done:
             log.info("gradeflow: re-graded %d customers for ruleset %s", done, self.rs.key)
         return done
