@@ -278,13 +278,23 @@ def latency(settings, rate: float, seconds: float, customers: int) -> dict:
 
 
 def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot: str,
-           rate: float = 5000, latency_seconds: float = 10) -> None:
-    """Throughput, memory and latency at several customer counts; a table and a PNG plot.
+           rate: float = 5000, latency_seconds: float = 10, min_events: int = 0) -> None:
+    """Throughput, memory and latency at several customer counts; a table, a PNG plot and the
+    rows as JSON beside it (``--replot`` draws the plot again from them).
 
     Latency is measured on the worker that has just graded the backlog, so it holds every
-    customer's state: ``rate`` events/s for ``latency_seconds`` to those same customers."""
-    rows = [throughput(settings, m * per_customer, m, timeout_s, latency_rate=rate, latency_seconds=latency_seconds)
-            for m in sizes]
+    customer's state: ``rate`` events/s for ``latency_seconds`` to those same customers. A size
+    gets at least ``min_events`` events: a run of a few seconds measures start-up, not grading."""
+    rows = [throughput(settings, max(m * per_customer, min_events), m, timeout_s, latency_rate=rate,
+                       latency_seconds=latency_seconds) for m in sizes]
+    with open(os.path.splitext(plot)[0] + ".json", "wb") as fh:
+        fh.write(orjson.dumps({"rate": rate, "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "rows": rows},
+                              option=orjson.OPT_INDENT_2))
+    draw(rows, plot, rate)
+
+
+def draw(rows: list[dict], plot: str, rate: float, date: str | None = None) -> None:
+    """The growth table (printed) and plot (PNG) of ``rows``."""
     print(f"\n| customers | events | worker events/s | raw events/s | ratio | RSS MB per 100k | "
           f"p50 / p99 ms at {rate:,.0f}/s |")
     print("|---|---|---|---|---|---|---|")
@@ -314,7 +324,7 @@ def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot
     lines = ax.get_legend_handles_labels()
     more = lat.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower left", fontsize=8)
-    ax.set_title(f"gradeflow: throughput and latency vs customers ({datetime.now(timezone.utc):%Y-%m-%d})")
+    ax.set_title(f"gradeflow: throughput and latency vs customers ({date or f'{datetime.now(timezone.utc):%Y-%m-%d}'})")
     fig.tight_layout()
     fig.savefig(plot, dpi=100)
     print(f"plot written to {plot}")
@@ -328,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=5000, help="offered rate of the latency run")
     parser.add_argument("--latency-seconds", type=float, default=20)
     parser.add_argument("--growth", default="", help="comma-separated customer counts, e.g. 10000,100000,1000000")
-    parser.add_argument("--per-customer", type=int, default=5, help="events per customer in growth runs")
+    parser.add_argument("--per-customer", type=int, default=3, help="events per customer in growth runs")
+    parser.add_argument("--min-events", type=int, default=300_000, help="fewest events of a growth run's size")
+    parser.add_argument("--replot", default="", help="draw the growth table and plot again from a growth JSON")
     parser.add_argument("--plot", default="docs/bench-growth.png")
     parser.add_argument("--workers", type=int, default=1, help="worker processes in the throughput run (one group)")
     parser.add_argument("--latency-only", action="store_true", help="only the latency run (prints p50/p99, no last line)")
@@ -337,9 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"date {datetime.now(timezone.utc):%Y-%m-%d}")
+    if args.replot:
+        with open(args.replot, "rb") as fh:
+            saved = orjson.loads(fh.read())
+        draw(saved["rows"], args.plot, saved["rate"], saved.get("date"))
+        return 0
     if args.growth:
         growth(settings, [int(x) for x in args.growth.split(",")], args.per_customer, args.timeout, args.plot,
-               args.rate, min(args.latency_seconds, 10))
+               args.rate, min(args.latency_seconds, 10), args.min_events)
         return 0
     if args.latency_only:
         latency(settings, args.rate, args.latency_seconds, args.customers)
