@@ -31,6 +31,10 @@ import orjson
 from rules import windows
 
 _FORMAT = 2
+# ext key → (CustomerState field, stored as [[key, value], …] pairs rather than an object)
+_EXT = {"se": ("seen", True), "rs": ("ruleset", False), "gs": ("grade_since", False), "lt": ("last_by_type", False),
+        "ib": ("ibuckets", True), "at": ("attrs", False), "fl": ("flows", True), "bb": ("balance_base", False),
+        "iv": ("invoices", False), "wr": ("warned", False)}
 # Invoices kept per customer (paid ones leave with the retention window);
 # beyond this, a new invoice replaces the earliest paid one, or is not tracked.
 MAX_INVOICES = 500
@@ -122,28 +126,11 @@ class CustomerState:
             raise ValueError(f"unknown customer state format {doc[0]!r}")
         state = cls(doc[1], doc[2], doc[3], {b[0]: b[1:] for b in doc[4]}, doc[5], doc[6], doc[7], doc[8])
         ext = doc[9] if len(doc) > 9 else None
-        if ext:  # most rulesets use few of these: look up only the keys present
+        if ext:  # most rulesets use few of these: look only at the keys present
             for name, value in ext.items():
-                if name == "se":
-                    state.seen = {d: ids for d, ids in value}
-                elif name == "rs":
-                    state.ruleset = value
-                elif name == "gs":
-                    state.grade_since = value
-                elif name == "lt":
-                    state.last_by_type = value
-                elif name == "ib":
-                    state.ibuckets = {d: c for d, c in value}
-                elif name == "at":
-                    state.attrs = value
-                elif name == "fl":
-                    state.flows = {d: v for d, v in value}
-                elif name == "bb":
-                    state.balance_base = value
-                elif name == "iv":
-                    state.invoices = value
-                elif name == "wr":
-                    state.warned = value
+                part = _EXT.get(name)
+                if part is not None:  # a key a newer format added is left alone
+                    setattr(state, part[0], dict(value) if part[1] else value)
         return state
 
 
