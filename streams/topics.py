@@ -221,13 +221,22 @@ def _wait_visible(admin: KafkaAdminClient, names: list[str], timeout_s: float = 
             time.sleep(0.1)
 
 
-def check_topics(settings: Settings, admin: KafkaAdminClient | None = None) -> list[Problem]:
-    """Every difference between the cluster's topics and the layout gradeflow needs; [] when fine."""
+def check_topics(settings: Settings, admin: KafkaAdminClient | None = None, settle_s: float = 3.0) -> list[Problem]:
+    """Every difference between the cluster's topics and the layout gradeflow needs; [] when fine.
+
+    A topic seen missing is looked up again for up to ``settle_s``: each broker learns of a new
+    topic on its own time, so right after ``topics create`` another broker may not know it yet.
+    """
     own = admin is None
     admin = admin or admin_client(settings)
     try:
         specs = topic_specs(settings)
-        found = _describe(admin, [s.name for s in specs])
+        names = [s.name for s in specs]
+        found = _describe(admin, names)
+        deadline = time.monotonic() + settle_s
+        while len(found) < len(names) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            found = _describe(admin, names)
     finally:
         if own:
             admin.close()
