@@ -41,10 +41,9 @@ def test_a_new_store_holds_nothing_and_recovery_batches_move_its_offsets() -> No
     assert store.persisted_offset(TP(CHANGELOG, 0)) == 6
     assert store.persisted_offset(TP(CHANGELOG, 1)) == 3
     assert dict(store.data) == {b"a": b"1", b"b": b"2", b"c": b"3"}
-    store.set_persisted_offset(TP(CHANGELOG, 0), 4)  # never backwards
-    assert store.persisted_offset(TP(CHANGELOG, 0)) == 6
+    # Its own writes do not move them: records of another worker may sit below their offsets.
     store.set_persisted_offset(TP(CHANGELOG, 0), 9)
-    assert store.persisted_offset(TP(CHANGELOG, 0)) == 9
+    assert store.persisted_offset(TP(CHANGELOG, 0)) == 6
 
 
 def test_after_recovery_standby_partitions_are_kept_and_partitions_no_longer_held_are_forgotten() -> None:
@@ -60,13 +59,13 @@ def test_after_recovery_standby_partitions_are_kept_and_partitions_no_longer_hel
 
 
 def test_written_batches_record_the_offset_of_their_last_record() -> None:
-    store = _store()
-    states = FaustStateStore(SimpleNamespace(data=store))
+    seen: list[tuple[TP, int]] = []
+    data = SimpleNamespace(set_persisted_offset=lambda tp, offset: seen.append((tp, offset)))
+    states = FaustStateStore(SimpleNamespace(data=data))
     metadata = [SimpleNamespace(topic=CHANGELOG, partition=2, offset=100),
                 SimpleNamespace(topic=CHANGELOG, partition=3, offset=7), None]  # None: acks=0
     states.mark_written(metadata, [25, 1, 4])
-    assert store.persisted_offset(TP(CHANGELOG, 2)) == 124
-    assert store.persisted_offset(TP(CHANGELOG, 3)) == 7
+    assert seen == [(TP(CHANGELOG, 2), 124), (TP(CHANGELOG, 3), 7)]
 
 
 def _purchase(customer: str, event_id: str, day: int, amount: str) -> tuple[bytes, bytes]:
