@@ -190,23 +190,23 @@ def test_calendar_windows() -> None:
         - {grade: a, when: {metric: purchases.count.month, ge: 1}}
       else: b
 """, head="")
-    rs2 = compile_ruleset(parse(f"""id: t
+    rs2 = compile_ruleset(parse("""id: t
 version: "1"
 ladders:
   v:
     grades: [a, b]
     decide:
       scorecard:
-        m: {{metric: purchases.count.month, points: [{{ge: 0, points: 0}}]}}
-        y: {{metric: purchases.count.year, points: [{{ge: 0, points: 0}}]}}
-        lm: {{metric: purchases.count.last_month, points: [{{ge: 0, points: 0}}]}}
-        ly: {{metric: purchases.count.last_year, points: [{{ge: 0, points: 0}}]}}
-        d: {{metric: purchases.days.365d, points: [{{ge: 0, points: 0}}]}}
-        mx: {{metric: purchases.max.365d, points: [{{ge: 0, points: 0}}]}}
-        avg: {{metric: purchases.avg.365d, points: [{{ge: 0, points: 0}}]}}
-        rf: {{metric: purchases.refunds.365d, points: [{{ge: 0, points: 0}}]}}
-        t: {{metric: tenure_days, points: [{{ge: 0, points: 0}}]}}
-      bands: [{{min: 0, grade: a}}]
+        m: {metric: purchases.count.month, points: [{ge: 0, points: 0}]}
+        y: {metric: purchases.count.year, points: [{ge: 0, points: 0}]}
+        lm: {metric: purchases.count.last_month, points: [{ge: 0, points: 0}]}
+        ly: {metric: purchases.count.last_year, points: [{ge: 0, points: 0}]}
+        d: {metric: purchases.days.365d, points: [{ge: 0, points: 0}]}
+        mx: {metric: purchases.max.365d, points: [{ge: 0, points: 0}]}
+        avg: {metric: purchases.avg.365d, points: [{ge: 0, points: 0}]}
+        rf: {metric: purchases.refunds.365d, points: [{ge: 0, points: 0}]}
+        t: {metric: tenure_days, points: [{ge: 0, points: 0}]}
+      bands: [{min: 0, grade: a}]
       else: b
 """))
     assert rs2.retention_days == 731
