@@ -294,6 +294,9 @@ def main() -> int:
     if args.failover:
         for store in args.stores.split(","):
             for standby in (int(s) for s in args.standbys.split(",")):
+                if standby and store.startswith("memory"):
+                    print(f"failover store={store} standby={standby}: skipped (standbys need rocksdb://)", flush=True)
+                    continue
                 for how in args.stops.split(","):
                     result = measure_failover(store, standby, args.customers, bootstrap, args.session_timeout, how)
                     print("failover " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)

@@ -11,7 +11,6 @@ finds its effects complete; it never records state whose outputs were lost.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from streams.clock import attach_clock
 from streams.population import attach_population
 from streams.rules_start import attach_rules_regrade
 from streams.outbox import MAX_BATCH_BYTES, Outbox
-from streams.tables import FaustStateStore, store_url
+from streams.tables import FaustStateStore
 
 log = logging.getLogger("gradeflow")
 
@@ -60,7 +59,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     app = BatchingApp(
         settings.group_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_list(settings)],
-        store=store_url(settings.store),
+        store=settings.store,
         datadir=str(settings.data_dir),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
@@ -90,7 +89,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     store = FaustStateStore(table)
     clock = attach_clock(app, settings, ruleset, table, store)  # cause "clock": re-grading by time alone
     population = attach_population(app, settings, ruleset, table)  # None without relative grades
-    attach_rules_regrade(app, settings, ruleset, table, population)  # cause "rules" after a version change
+    attach_rules_regrade(app, settings, ruleset, table, store, population)  # cause "rules" after a version change
     out_changes = names.grade_changes
     out_alerts = names.alerts
     out_dead = names.dead_letters
@@ -118,13 +117,12 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         # batch with the same deterministic outputs; the reverse order could
         # record state whose grade changes were never delivered.
         if outbox:
-            await asyncio.gather(*await outbox.send(producer))
-        written: list[asyncio.Future[Any]] = []
-        counts: list[int] = []
+            await (await outbox.send(producer)).acked()
+        written = None
         if result.states:
-            store.write_many(outbox, result.states)
+            store.write_many(outbox, ((cid.encode(), raw, record.partition)
+                                      for cid, (raw, record) in result.states.items()))
             written = await outbox.send(producer)
-            counts = outbox.counts
             clock.note(result.states)
         counters.consumed += result.consumed
         counters.applied += result.applied
@@ -139,8 +137,8 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         async def settle() -> None:
             # Faust may commit past these offsets only once the new states are
             # on the changelog. This runs while the next batch is graded.
-            if written:
-                store.mark_written(await asyncio.gather(*written), counts)
+            if written is not None:
+                await store.settle(written)
             app.consumer.ack_records(messages)
 
         return settle()

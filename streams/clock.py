@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -43,22 +42,13 @@ from rules.engine import CompiledRuleset
 from rules import risk
 from rules.schedule import Schedule, graded_at, next_wake, regrade
 from rules.state import CustomerState
-from streams.outbox import Outbox, deliver
+from streams.outbox import Outbox
 from streams.population import partition_of
-from streams.processor import TRANSACTIONS, Record, utcnow
+from streams.processor import utcnow
 
 log = logging.getLogger("gradeflow.clock")
 CHUNK = 500  # customers per step of a rebuild or a wake, between yields to the event loop
 MAX_STEPS = 32  # changes one customer may go through in one wake (one per due instant)
-
-
-class _Origin:
-    """Stands for an input record of ``partition`` (what table stores read of the current event)."""
-
-    __slots__ = ("topic", "partition", "__weakref__")
-
-    def __init__(self, topic: str, partition: int) -> None:
-        self.topic, self.partition = topic, partition
 
 
 @dataclass
@@ -334,24 +324,19 @@ class Clock:
 
     async def _write(self, partition: int, writes: dict[bytes, tuple[bytes, bytes]],
                      later: dict[bytes, float | None]) -> None:
-        topic = self.settings.topics.transactions
-        origin = _Origin(topic, partition)
-        states: dict[str, tuple[bytes, Record]] = {}
+        states: list[tuple[bytes, bytes, int]] = []
         for key, (old, new) in writes.items():
             if self.table.get(key) != old:
                 # The handler applied an event meanwhile; its state wins and is noted for scheduling.
                 self.stats.skipped += 1
                 later.pop(key, None)
                 continue
-            states[key.decode()] = (new, Record(role=TRANSACTIONS, topic=topic, partition=partition, offset=-1,
-                                                key=key, value=None, origin=origin))
+            states.append((key, new, partition))
         if not states:
             return
         outbox = Outbox()
         self.store.write_many(outbox, states)
-        results = await deliver(self.app.producer, outbox)
-        if results:
-            self.store.mark_written(results, outbox.counts)
+        await self.store.settle(await outbox.send(self.app.producer._ensure_producer()))
         self.stats.written += len(states)
 
 

@@ -27,15 +27,12 @@ MAX_BATCH_BYTES = 512 * 1024
 class Outbox:
     """Records to send, grouped by ``(topic, partition)`` in the order they were added."""
 
-    __slots__ = ("_by_tp", "_unplaced", "count", "counts")
+    __slots__ = ("_by_tp", "_unplaced", "count")
 
     def __init__(self) -> None:
         self._by_tp: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
         self._unplaced: dict[str, list[tuple[bytes | None, bytes | None]]] = {}
         self.count = 0
-        # Records in each record batch of the last send, in the order of its futures: with a
-        # batch's base offset, the offset of its last record.
-        self.counts: list[int] = []
 
     def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         """Queue one record; ``partition=None`` lets the producer's partitioner place it by key."""
@@ -55,11 +52,11 @@ class Outbox:
     def __bool__(self) -> bool:
         return self.count > 0
 
-    async def send(self, producer: Any) -> list[asyncio.Future[Any]]:
-        """Hand every queued record to ``producer`` (an ``AIOKafkaProducer``); return the batches' futures.
+    async def send(self, producer: Any) -> Sent:
+        """Hand every queued record to ``producer`` (an ``AIOKafkaProducer``) and empty the outbox.
 
-        The futures complete when the broker has acknowledged the batches
-        (with the producer's ``acks``); awaiting them is the flush.
+        The returned record batches complete when the broker has acknowledged them (with the
+        producer's ``acks``); awaiting :meth:`Sent.acked` is the flush.
         """
         by_tp = self._by_tp
         for topic, records in self._unplaced.items():
@@ -92,14 +89,22 @@ class Outbox:
             counts.append(n)
         self._by_tp = {}
         self.count = 0
+        return Sent(futures, counts)
+
+
+class Sent:
+    """Record batches handed to the producer: one future and one record count per batch."""
+
+    __slots__ = ("futures", "counts")
+
+    def __init__(self, futures: list[asyncio.Future[Any]], counts: list[int]) -> None:
+        self.futures = futures
+        # With a batch's base offset (its future's result), the offset of its last record.
         self.counts = counts
-        return futures
 
+    def __bool__(self) -> bool:
+        return bool(self.futures)
 
-async def deliver(producer: Any, outbox: Outbox) -> list[Any]:
-    """Send ``outbox`` through Faust's ``producer``, wait until the broker has every record and
-    return the record batches' metadata (``outbox.counts`` gives their sizes)."""
-    if not outbox:
-        outbox.counts = []
-        return []
-    return list(await asyncio.gather(*await outbox.send(producer._ensure_producer())))
+    async def acked(self) -> list[Any]:
+        """Wait until the broker has every batch; their metadata (base offsets), in order."""
+        return list(await asyncio.gather(*self.futures)) if self.futures else []

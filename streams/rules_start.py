@@ -10,8 +10,9 @@ event time), so a sweep cut short by a crash and repeated emits the same ids.
 
 Wiring (streams/app.py, in create_app, after the table and the store)::
 
-    attach_rules_regrade(app, settings, ruleset, table, population)
+    attach_rules_regrade(app, settings, ruleset, table, store, population)
 
+``store`` is the table's :class:`streams.tables.FaustStateStore` (its one write path);
 ``population`` is the object attach_population returned (or None). The sweep
 starts after each rebalance has recovered the tables (Faust's
 ``on_rebalance_complete``), runs in chunks that yield to the event loop, and
@@ -23,27 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from typing import Any
 
 import orjson
-from faust import streams as faust_streams
 
 from rules.changes import regrade_for_rules
 from rules.engine import CompiledRuleset
 from rules.state import CustomerState
+from streams.outbox import Outbox
 from streams.population import partition_of
 from streams.processor import utcnow
 
 log = logging.getLogger("gradeflow.rules")
 CHUNK = 500
-
-
-class _At:
-    """Stands for the current event so that a table write goes to ``partition``'s changelog."""
-
-    def __init__(self, topic: str, partition: int) -> None:
-        self.message = type("M", (), {"topic": topic, "partition": partition})()
 
 
 def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population: Any = None
@@ -70,8 +63,10 @@ def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population:
 
 
 class RulesRegrade:
-    def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, population: Any = None) -> None:
+    def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
+                 population: Any = None) -> None:
         self.app, self.settings, self.rs, self.table, self.population = app, settings, ruleset, table, population
+        self.store = store
         self.running = False
         self.again = False
         self.regraded = 0
@@ -117,7 +112,7 @@ class RulesRegrade:
                 await producer.send(names.alerts, key, value, None, None, None)
             if changes or alerts:
                 await producer.flush()
-            self._write(states, partitions)
+            await self._write(states, partitions)
             done += len(states)
         self.regraded += done
         self.sweeps += 1
@@ -126,18 +121,13 @@ class RulesRegrade:
             log.info("gradeflow: re-graded %d customers for ruleset %s", done, self.rs.key)
         return done
 
-    def _write(self, states: dict[bytes, tuple[bytes, bytes]], partitions: int) -> None:
-        var = faust_streams._current_event
-        previous = var.get(None)
-        try:
-            for key, (old, new) in states.items():
-                if self.table.get(key) != old:
-                    continue  # the agent graded this customer meanwhile, with the new rules
-                at = _At(self.settings.topics.transactions, partition_of(key, partitions))
-                var.set(weakref.ref(at))
-                self.table[key] = bytes(memoryview(new))  # right-sized: see streams/tables.py
-        finally:
-            var.set(previous)
+    async def _write(self, states: dict[bytes, tuple[bytes, bytes]], partitions: int) -> None:
+        fresh = [(key, new, partition_of(key, partitions)) for key, (old, new) in states.items()
+                 if self.table.get(key) == old]  # else the agent graded it meanwhile, with the new rules
+        if fresh:
+            outbox = Outbox()
+            self.store.write_many(outbox, fresh)
+            await self.store.settle(await outbox.send(self.app.producer._ensure_producer()))
 
     async def run(self) -> None:
         if self.running:
@@ -157,10 +147,10 @@ class RulesRegrade:
             self.running = False
 
 
-def attach_rules_regrade(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any,
+def attach_rules_regrade(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
                          population: Any = None) -> RulesRegrade:
     """Sweep after every rebalance's recovery; return the sweeper (counters for tests and metrics)."""
-    regrade = RulesRegrade(app, settings, ruleset, table, population)
+    regrade = RulesRegrade(app, settings, ruleset, table, store, population)
     app.gradeflow_rules_regrade = regrade
     tasks: set[asyncio.Task] = set()
 

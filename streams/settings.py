@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     replication_factor: int = Field(1, ge=1, description="Replication factor of the topics gradeflow creates.")
     data_dir: Path = Field(Path(".local/worker"), description="Worker state directory (table offsets, RocksDB).")
     store: str = Field("memory://", description="Faust table store: memory:// or rocksdb://.")
-    standby_replicas: int = Field(0, ge=0, description="Warm copies of each table partition kept by other workers (Faust table_standby_replicas), for faster failover.")
+    standby_replicas: int = Field(0, ge=0, description="Warm copies of each table partition kept by other workers (Faust table_standby_replicas), for faster failover; needs rocksdb://.")
     web_port: int = Field(6066, description="Port of the worker's HTTP server (bound to web_host).")
     web_host: str = Field("127.0.0.1", description="Address the worker's HTTP server binds to.")
     batch_size: int = Field(2000, ge=1, description="Most records the agent takes per batch.")
@@ -167,6 +167,11 @@ class Settings(BaseSettings):
             raise ValueError("kafka_heartbeat_interval_s must be at most a third of kafka_session_timeout_s")
         if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
             raise ValueError("GRADEFLOW_KAFKA_SSL_CERT_FILE and GRADEFLOW_KAFKA_SSL_KEY_FILE go together")
+        if self.standby_replicas and self.store.split(":", 1)[0] == "memory":
+            # Faust's memory store drops standby copies after every rebalance and replays a promoted
+            # one from the beginning: the standby would cost a second copy and buy nothing.
+            raise ValueError("GRADEFLOW_STANDBY_REPLICAS needs GRADEFLOW_STORE=rocksdb:// (the memory store "
+                             "keeps no standby copy across a rebalance)")
         return self
 
     @property

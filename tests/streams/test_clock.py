@@ -31,6 +31,9 @@ class FakeProducer:
     async def flush(self):
         self.log.append(("flush",))
 
+    def _ensure_producer(self):
+        return self
+
 
 class FakeTable(dict):
     pass
@@ -44,9 +47,12 @@ class FakeStore:
         return self.table.get(customer_id.encode())
 
     def write_many(self, outbox, states):
-        for customer_id, (raw, record) in states.items():
-            self.table[customer_id.encode()] = raw
-            self.log.append(("write", customer_id, record.partition))
+        for key, raw, partition in states:
+            self.table[key] = raw
+            self.log.append(("write", key.decode(), partition))
+
+    async def settle(self, sent):
+        assert not sent  # these writes queued no record: the fake table is the changelog
 
 
 def make_clock(mode: str, partitions: int = 4, active=(0, 1, 2, 3), horizon: float = 0):

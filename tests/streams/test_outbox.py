@@ -46,10 +46,11 @@ async def _send(bootstrap: str, fill) -> tuple[list, int]:
         outbox = Outbox()
         fill(outbox)
         queued = outbox.count
-        futures = await outbox.send(producer)
-        await asyncio.gather(*futures)
+        sent = await outbox.send(producer)
+        batches = await sent.acked()
         assert not outbox and outbox.count == 0  # sent once, not again
-        return futures, queued
+        assert len(batches) == len(sent.counts) and sum(sent.counts) == queued
+        return batches, queued
     finally:
         await producer.stop()
 
@@ -81,8 +82,8 @@ def test_explicit_partitions_are_kept_and_a_batch_larger_than_a_record_batch_is_
         for p, k, v in records:
             outbox.add(topic, k, v, p)
 
-    futures, _ = asyncio.run(_send(bootstrap, fill))
-    assert len(futures) >= 2 * 3  # split into several record batches per partition
+    batches, _ = asyncio.run(_send(bootstrap, fill))
+    assert len(batches) >= 2 * 3  # split into several record batches per partition
 
     got = asyncio.run(_read(bootstrap, topic, len(records)))
     assert {r.partition for r in got} == {0, 3}

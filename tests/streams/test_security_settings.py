@@ -100,12 +100,18 @@ def test_ssl_only_and_sasl_plaintext(clean_env, ca_file):
     ({"kafka_sasl_password": SECRET, "kafka_sasl_password_file": "/x", "kafka_sasl_username": "u"}, "not both"),
     ({"kafka_ssl_cert_file": "/c.pem"}, "go together"),
     ({"replication_factor": 1, "min_insync_replicas": 2}, "cannot exceed"),
+    ({"standby_replicas": 1}, "GRADEFLOW_STANDBY_REPLICAS needs GRADEFLOW_STORE=rocksdb://"),
 ])
 def test_invalid_settings_say_what_in_one_line_without_secrets(clean_env, overrides, words):
     with pytest.raises(ConfigurationError) as info:
         load_settings(**overrides)
     message = str(info.value)
     assert words in message and "\n" not in message and SECRET not in message
+
+
+def test_standby_replicas_go_with_rocksdb(clean_env):
+    assert load_settings(standby_replicas=1, store="rocksdb://").standby_replicas == 1
+    assert load_settings(standby_replicas=0).store == "memory://"
 
 
 def test_unreadable_files_are_named(clean_env, tmp_path):

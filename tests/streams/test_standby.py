@@ -6,10 +6,10 @@ keeps the wait short), and the survivor grades new events of the customers it to
 their previous state: no "initial" change, the previous grade is the one the dead worker emitted,
 the metrics count both purchases.
 
-A standby also buys time: Faust 0.15.3's memory store reports no persisted offset, so a promoted
-standby replayed its changelog from the beginning; gradeflow's OffsetMemoryStore
-(streams/tables.py) remembers how far each partition's data goes, so the promoted standby reads
-only the tail (docs/deploy.md, "Recovery time").
+Standbys need the RocksDB store (the settings refuse them with the memory store, which drops
+standby copies after each rebalance). A standby also buys time: the store records how far the
+changelog holds its data (streams/tables.py), so the promoted standby reads only the tail
+(docs/deploy.md, "Recovery time").
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Failover:
 @pytest.fixture(scope="module")
 def failover(bootstrap: str) -> Failover:
     env = unique_env("standby", GRADEFLOW_KAFKA_BOOTSTRAP=bootstrap, GRADEFLOW_STANDBY_REPLICAS="1",
+                     GRADEFLOW_STORE="rocksdb://",
                      GRADEFLOW_KAFKA_SESSION_TIMEOUT_S=str(SESSION_TIMEOUT_S),
                      GRADEFLOW_KAFKA_HEARTBEAT_INTERVAL_S="1", GRADEFLOW_DOWNSTREAM="false",
                      GRADEFLOW_PARTITIONS=str(PARTITIONS))

@@ -1,4 +1,4 @@
-"""The table stores' offsets (streams/tables.py), without a broker; and a RocksDB restart with one."""
+"""State writes and changelog offsets (streams/tables.py), without a broker; a RocksDB restart with one."""
 
 from __future__ import annotations
 
@@ -11,60 +11,44 @@ import pytest
 from faust.types import TP
 
 from streams.local import consume, faust_log_tables, produce, unique_env
-from streams.tables import MEMORY_SCHEME, FaustStateStore, OffsetMemoryStore, store_url
+from streams.outbox import Outbox, Sent
+from streams.tables import FaustStateStore
 
 CHANGELOG = "t-customer-state-changelog"
 
 
-def _store() -> OffsetMemoryStore:
-    app = faust.App("t", store=store_url("memory://"))
-    table = app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
-    assert isinstance(table.data, OffsetMemoryStore)
-    return table.data
+def _memory_table() -> tuple[faust.App, object]:
+    app = faust.App("t", store="memory://")
+    return app, app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
 
 
-def _event(partition: int, offset: int, key: bytes, value: bytes | None) -> SimpleNamespace:
-    message = SimpleNamespace(tp=TP(CHANGELOG, partition), partition=partition, offset=offset, value=value)
-    return SimpleNamespace(message=message, key=key, value=value)
+def test_written_states_are_read_back_queued_per_changelog_partition_and_dropped_with_their_partition() -> None:
+    _app, table = _memory_table()
+    store = FaustStateStore(table)
+    outbox = Outbox()
+    raw = orjson.dumps({"v": 1})
+    store.write_many(outbox, [(b"a", raw, 2), (b"b", b"2", 0), (b"c", b"3", 2)])
+    assert store.get("a") == raw and store.get("b") == b"2" and store.get("zzz") is None
+    assert outbox._by_tp == {(CHANGELOG, 2): [(b"a", raw), (b"c", b"3")], (CHANGELOG, 0): [(b"b", b"2")]}
+    # Faust's memory store forgets, after a recovery, the keys of partitions no longer active here.
+    asyncio.run(table.data.on_recovery_completed({TP(CHANGELOG, 2)}, set()))
+    assert store.get("a") == raw and store.get("c") == b"3" and store.get("b") is None
 
 
-def test_memory_url_selects_the_offset_keeping_store_and_others_pass_through() -> None:
-    assert store_url("memory://") == f"{MEMORY_SCHEME}://"
-    assert store_url("rocksdb://") == "rocksdb://"
-
-
-def test_a_new_store_holds_nothing_and_recovery_batches_move_its_offsets() -> None:
-    store = _store()
-    assert store.persisted_offset(TP(CHANGELOG, 0)) is None  # a new process reads from the beginning
-    store.apply_changelog_batch([_event(0, 5, b"a", b"1"), _event(0, 6, b"b", b"2"), _event(1, 3, b"c", b"3")],
-                                to_key=lambda k: k, to_value=lambda v: v)
-    assert store.persisted_offset(TP(CHANGELOG, 0)) == 6
-    assert store.persisted_offset(TP(CHANGELOG, 1)) == 3
-    assert dict(store.data) == {b"a": b"1", b"b": b"2", b"c": b"3"}
-    # Its own writes do not move them: records of another worker may sit below their offsets.
-    store.set_persisted_offset(TP(CHANGELOG, 0), 9)
-    assert store.persisted_offset(TP(CHANGELOG, 0)) == 6
-
-
-def test_after_recovery_standby_partitions_are_kept_and_partitions_no_longer_held_are_forgotten() -> None:
-    store = _store()
-    store.apply_changelog_batch([_event(p, 10 + p, f"k{p}".encode(), b"v") for p in range(4)],
-                                to_key=lambda k: k, to_value=lambda v: v)
-    asyncio.run(store.on_recovery_completed({TP(CHANGELOG, 0)}, {TP(CHANGELOG, 2)}))
-    assert set(store.data) == {b"k0", b"k2"}  # Faust's own memory store would drop k2 (a standby)
-    assert store.persisted_offset(TP(CHANGELOG, 2)) == 12
-    # A partition dropped here must be read from the beginning if it comes back.
-    assert store.persisted_offset(TP(CHANGELOG, 1)) is None
-    assert store.persisted_offset(TP(CHANGELOG, 3)) is None
-
-
-def test_written_batches_record_the_offset_of_their_last_record() -> None:
+def test_settled_batches_record_the_offset_of_their_last_record() -> None:
     seen: list[tuple[TP, int]] = []
     data = SimpleNamespace(set_persisted_offset=lambda tp, offset: seen.append((tp, offset)))
-    states = FaustStateStore(SimpleNamespace(data=data))
+    store = FaustStateStore(SimpleNamespace(data=data))
     metadata = [SimpleNamespace(topic=CHANGELOG, partition=2, offset=100),
                 SimpleNamespace(topic=CHANGELOG, partition=3, offset=7), None]  # None: acks=0
-    states.mark_written(metadata, [25, 1, 4])
+
+    async def settle() -> None:
+        futures = [asyncio.get_running_loop().create_future() for _ in metadata]
+        for future, result in zip(futures, metadata):
+            future.set_result(result)
+        await store.settle(Sent(futures, [25, 1, 4]))
+
+    asyncio.run(settle())
     assert seen == [(TP(CHANGELOG, 2), 124), (TP(CHANGELOG, 3), 7)]
 
 
