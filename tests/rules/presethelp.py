@@ -50,12 +50,7 @@ def state_of(rs: CompiledRuleset, events: list[dict[str, Any]]) -> CustomerState
     """Fold ``events`` (in the given order) into a fresh state, pruning as the processor does."""
     state = CustomerState()
     for doc in events:
-        raw = orjson.dumps(doc)
-        event = decode_interaction(raw, check_key=False) if doc["type"] in INTERACTION_TYPES and "amount" not in doc \
-            else decode_transaction(raw, check_key=False)
-        fold(state, event, rs.track, rs.tz)
-        assert state.last_event_ts is not None
-        prune(state, windows.day_of_ts(state.last_event_ts, rs.tz), rs.retention_days)
+        fold_one(rs, state, doc)
     return state
 
 

@@ -1,7 +1,6 @@
 """End to end on the broker: a new ruleset version re-grades every customer at start, cause `rules`, no more.
 
-Needs streams/rules_start.py's ``attach_rules_regrade`` in streams/app.py;
-skipped until create_app attaches it. ``plan`` (the pure step) is tested here too.
+``plan`` (the pure step of streams/rules_start.py) is tested here too.
 """
 
 from __future__ import annotations
@@ -10,17 +9,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import orjson
-import pytest
 
 from rules.changes import Cause, grade
 from rules.engine import compile_ruleset
 from rules.ruleset import PRESETS_DIR, parse
-from streams.local import ROOT, consume, produce
+from streams.local import consume, produce
 from streams.rules_start import plan
 
 from presethelp import local, state_of, txn
 
-WIRED = "attach_rules_regrade" in (ROOT / "streams" / "app.py").read_text(encoding="utf-8")
 RFM5 = (PRESETS_DIR / "rfm-5.yaml").read_text(encoding="utf-8")
 # Version 2: A needs 11 points instead of 10.
 V2 = RFM5.replace('version: "1"', 'version: "2"').replace("{min: 10, grade: A}", "{min: 11, grade: A}")
@@ -54,7 +51,6 @@ def purchase(event_id: str, customer: str, day: int, amount: str) -> tuple[bytes
                                             "currency": "CNY"})
 
 
-@pytest.mark.skipif(not WIRED, reason="streams/app.py does not attach_rules_regrade yet")
 def test_new_version_regrades_on_start_with_cause_rules(worker_factory, bootstrap, tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RFM5, encoding="utf-8")

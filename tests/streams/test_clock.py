@@ -17,6 +17,7 @@ from streams.population import partition_of
 from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
 from tests.rules.rulehelp import SHANGHAI
+from tests.streams.partitionhelp import customers_on
 
 RS = compile_ruleset(load("rfm-5"))
 
@@ -81,16 +82,6 @@ def feed(clock, table, store, settings, records):
         table[customer_id.encode()] = raw
     clock.note(result.states)
     return result
-
-
-def customers_on(partition: int, n: int, partitions: int = 4) -> list[str]:
-    out, i = [], 0
-    while len(out) < n:
-        name = f"cust{i}"
-        if partition_of(name.encode(), partitions) == partition:
-            out.append(name)
-        i += 1
-    return out
 
 
 def test_event_clock_wakes_only_due_customers_of_their_partition():

@@ -13,22 +13,12 @@ from rules.ruleset import load
 from streams.local import consume, produce, unique_env
 from streams.population import partition_of
 from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
+from tests.streams.partitionhelp import customers_on
 
 pytestmark = pytest.mark.slow
 RS = compile_ruleset(load("rfm-5"))
 PARTITIONS = 4
 DUE = "2026-03-18T00:00:00+08:00"  # key: A (R5 F2 M3) until recency reaches 8 days: R4, 9 → B
-
-
-def same_partition(name: str, n: int) -> list[str]:
-    want = partition_of(name.encode(), PARTITIONS)
-    out, i = [], 0
-    while len(out) < n:
-        c = f"pusher{i}"
-        if partition_of(c.encode(), PARTITIONS) == want:
-            out.append(c)
-        i += 1
-    return out
 
 
 def other_partition(name: str) -> str:
@@ -39,7 +29,7 @@ def other_partition(name: str) -> str:
 
 
 KEY = "keycust"
-[PUSHER] = same_partition(KEY, 1)
+[PUSHER] = customers_on(partition_of(KEY.encode(), PARTITIONS), 1, PARTITIONS, prefix="pusher")
 OTHER = other_partition(KEY)
 
 
