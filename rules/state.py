@@ -99,12 +99,12 @@ class CustomerState:
             ext["iv"] = self.invoices
         if self.grade_since:
             ext["gs"] = self.grade_since
-        if self.ruleset is not None:
-            ext["rs"] = self.ruleset
         if self.seen:
             ext["se"] = [[d, ids if type(ids) is list else sorted(ids)] for d, ids in self.seen.items()]
         if self.warned:
             ext["wr"] = self.warned
+        if self.ruleset is not None:
+            ext["rs"] = self.ruleset  # last, always: see graded_by
         return orjson.dumps([
             _FORMAT,
             self.last_event_ts,
@@ -117,6 +117,19 @@ class CustomerState:
             self.offsets,
             ext,
         ])
+
+    @staticmethod
+    def graded_by(raw: bytes, ruleset: str) -> bool:
+        """Whether the state ``raw`` (from :meth:`to_bytes`) was last graded by ``ruleset``, without decoding it.
+
+        Exact: ``"rs"`` is the last key of the last element, so the state ends with
+        ``"rs":"<ruleset>"}]``. Inside a JSON string a quote is escaped, and an object nested
+        in the state (customer attributes) closes with one more brace, so nothing else can
+        end that way. A state written before ``"rs"`` moved last reads False: the caller
+        decodes it, as it would have anyway.
+        """
+        tail = b'"rs":' + orjson.dumps(ruleset) + b"}]"
+        return raw.endswith(tail) and raw[-len(tail) - 1:-len(tail)] in (b",", b"{")
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "CustomerState":

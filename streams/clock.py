@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from itertools import islice
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,7 +44,6 @@ from rules import risk
 from rules.schedule import Schedule, graded_at, next_wake, regrade
 from rules.state import CustomerState
 from streams.outbox import Outbox
-from streams.population import partition_of
 from streams.processor import utcnow
 
 log = logging.getLogger("gradeflow.clock")
@@ -169,25 +169,21 @@ class Clock:
             if generation != self.generation:
                 return  # another rebalance came; its rebuild follows
             active = self.active_partitions()
-            partitions = self.settings.partitions
             rs, population = self.rs, self._population()
             schedules: dict[int, Schedule] = {p: Schedule() for p in active}
             stream_time: dict[int, float] = {}
-            keys = [k for k in list(self.table.keys()) if partition_of(k, partitions) in active]
-            for start in range(0, len(keys), CHUNK):
-                for key in keys[start:start + CHUNK]:
-                    raw = self.table.get(key)
-                    if raw is None:
-                        continue
-                    state = CustomerState.from_bytes(raw)
-                    p = partition_of(key, partitions)
-                    if state.last_event_ts is not None and state.last_event_ts > stream_time.get(p, float("-inf")):
-                        stream_time[p] = state.last_event_ts
-                    schedules[p].set(key, risk.first_look(rs, state, self.horizon, population))
-                    self.unverified.add(key)
-                await asyncio.sleep(0)
-                if generation != self.generation:
-                    return
+            for p in active:
+                held = iter(self.store.partition_items((p,)))
+                while chunk := list(islice(held, CHUNK)):
+                    for key, raw in chunk:
+                        state = CustomerState.from_bytes(raw)
+                        if state.last_event_ts is not None and state.last_event_ts > stream_time.get(p, float("-inf")):
+                            stream_time[p] = state.last_event_ts
+                        schedules[p].set(key, risk.first_look(rs, state, self.horizon, population))
+                        self.unverified.add(key)
+                    await asyncio.sleep(0)
+                    if generation != self.generation:
+                        return
             self.schedules = schedules
             self.stream_time = {p: t for p, t in self.stream_time.items() if p in active}
             for p, t in stream_time.items():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -52,6 +53,8 @@ def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population:
     states: dict[bytes, tuple[bytes, bytes]] = {}
     key_of = ruleset.key
     for key, raw in items:
+        if CustomerState.graded_by(raw, key_of):
+            continue  # most customers after a rebalance: no decode
         state = CustomerState.from_bytes(raw)
         if state.ruleset == key_of:
             continue
@@ -90,17 +93,11 @@ class RulesRegrade:
             self.sweeps += 1
             return 0
         partitions = self.settings.partitions
-        # The memory store knows each key's partition; murmur2 in Python costs seconds per million.
-        known = getattr(self.table.data, "_key_partition", None)
-        if known is not None:
-            keys = [k for k, p in list(known.items()) if p in todo]
-        else:
-            keys = [k for k in list(self.table.keys()) if partition_of(k, partitions) in todo]
         names = self.settings.topics
         thresholds = self.population.thresholds if self.population is not None else None
         done = 0
-        for start in range(0, len(keys), CHUNK):
-            items = [(k, raw) for k in keys[start:start + CHUNK] if (raw := self.table.get(k)) is not None]
+        held = iter(self.store.partition_items(todo))
+        while items := list(islice(held, CHUNK)):
             changes, alerts, states = plan(self.rs, items, thresholds)
             if not states:
                 await asyncio.sleep(0)

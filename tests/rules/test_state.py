@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rules.state import CustomerState
 
@@ -33,3 +35,32 @@ def test_optional_parts_a_newer_writer_added_are_ignored_not_refused() -> None:
     doc = orjson.loads(_full().to_bytes())
     doc[9]["zz"] = {"something": "new"}
     assert CustomerState.from_bytes(orjson.dumps(doc)) == _full()
+
+
+_text = st.text(max_size=12)
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | _text,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+                     max_leaves=8)
+_rulesets = st.sampled_from(["rfm-5@1", "rfm-5@2", 'odd "quoted"}]@1', "rs"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(ruleset=st.none() | _rulesets, asked=_rulesets, attrs=st.dictionaries(_text, _json, max_size=3),
+       seen=st.dictionaries(st.integers(0, 99999), st.lists(_text, max_size=3), max_size=2),
+       warned=st.dictionaries(st.sampled_from(["value", "rs"]), st.floats(0, 2e9), max_size=2))
+def test_graded_by_reads_the_ruleset_without_decoding_whatever_else_the_state_holds(ruleset, asked, attrs, seen,
+                                                                                   warned) -> None:
+    # Attributes are customers' own JSON: they may hold {"rs": "<a ruleset>"} and must not fool it.
+    attrs = {**attrs, "rs": asked} if len(attrs) % 2 else attrs
+    state = CustomerState(attrs={"crm": attrs}, seen=seen, warned=warned, ruleset=ruleset)
+    raw = state.to_bytes()
+    assert CustomerState.graded_by(raw, asked) == (CustomerState.from_bytes(raw).ruleset == asked)
+
+
+def test_graded_by_is_false_for_a_state_written_with_the_ruleset_elsewhere() -> None:
+    # Before "rs" moved last: such a state is decoded by the caller, not misread.
+    doc = orjson.loads(_full().to_bytes())
+    doc[9] = {"rs": "rfm-5@1", **{k: v for k, v in doc[9].items() if k != "rs"}}
+    raw = orjson.dumps(doc)
+    assert CustomerState.from_bytes(raw).ruleset == "rfm-5@1" and not CustomerState.graded_by(raw, "rfm-5@1")
+    assert CustomerState.graded_by(_full().to_bytes(), "rfm-5@1")

@@ -41,8 +41,11 @@ class FakeTable(dict):
 
 
 class FakeStore:
-    def __init__(self, table: FakeTable, log: list) -> None:
-        self.table, self.log = table, log
+    def __init__(self, table: FakeTable, log: list, partitions: int) -> None:
+        self.table, self.log, self.partitions = table, log, partitions
+
+    def partition_items(self, partitions):
+        return [(k, v) for k, v in self.table.items() if partition_of(k, self.partitions) in partitions]
 
     def get(self, customer_id: str):
         return self.table.get(customer_id.encode())
@@ -61,7 +64,7 @@ def make_clock(mode: str, partitions: int = 4, active=(0, 1, 2, 3), horizon: flo
     settings = Settings(clock=mode, partitions=partitions, app_id="t", at_risk_horizon_days=horizon)
     log: list = []
     table = FakeTable()
-    store = FakeStore(table, log)
+    store = FakeStore(table, log, partitions)
     tps = [SimpleNamespace(topic=settings.topics.transactions, partition=p) for p in active]
     app = SimpleNamespace(producer=FakeProducer(log), assignor=SimpleNamespace(assigned_actives=lambda: tps),
                           gradeflow_population=None)

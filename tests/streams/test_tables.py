@@ -87,3 +87,15 @@ def test_a_rocksdb_worker_restarted_on_its_volume_reads_only_the_changelog_tail(
     for p in partitions:
         # -1 would be "from the beginning"; the store knows it holds everything up to the highwater.
         assert start[(changelog, p)] >= high[(changelog, p)], (p, start, high)
+
+
+@pytest.mark.parametrize("store_url", ["memory://", "rocksdb://"])
+def test_partition_items_are_exactly_the_states_held_for_those_partitions(store_url: str, tmp_path) -> None:
+    app = faust.App("t", store=store_url, datadir=str(tmp_path))
+    table = app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
+    store = FaustStateStore(table)
+    written = {f"c{i:03d}".encode(): (f"state-{i}".encode(), i % 4) for i in range(40)}
+    store.write_many(Outbox(), [(key, raw, partition) for key, (raw, partition) in written.items()])
+    for wanted in ({1}, {0, 3}, set()):
+        got = dict(store.partition_items(wanted))
+        assert got == {key: raw for key, (raw, partition) in written.items() if partition in wanted}
