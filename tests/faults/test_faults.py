@@ -3,7 +3,8 @@ customer the same grade changes as an offline run of the worker's code, and the 
 as every other run.
 
 - a worker SIGKILLed mid-stream and restarted;
-- two workers, then a third added and the first killed mid-stream (rebalances, table recovery);
+- two workers, then a third added and the first killed mid-stream (rebalances, table recovery),
+  with the memory store and with RocksDB and a standby;
 - every broker of a separate cluster (never the shared one at 9092) killed mid-stream and
   restarted: the workers recover without a person.
 
@@ -101,8 +102,12 @@ def test_worker_killed_mid_stream_and_restarted(bootstrap, records, offline) -> 
         run.stop()
 
 
-def test_workers_added_and_killed_mid_stream(bootstrap, records, offline) -> None:
-    run = Run(bootstrap, "scale")
+@pytest.mark.parametrize("store", ["memory", "rocksdb-standby"])
+def test_workers_added_and_killed_mid_stream(bootstrap, records, offline, store) -> None:
+    # RocksDB with a standby: the store that trusts the offsets of its own writes, and copies
+    # promoted at the kill, under the same rebalances as the memory store.
+    extra = {"GRADEFLOW_STORE": "rocksdb://", "GRADEFLOW_STANDBY_REPLICAS": "1"} if store != "memory" else {}
+    run = Run(bootstrap, f"scale-{store}", **extra)
     try:
         run.start("w1")
         run.start("w2")
@@ -114,7 +119,7 @@ def test_workers_added_and_killed_mid_stream(bootstrap, records, offline) -> Non
         run.workers["w1"].kill()  # w2 and w3 take its partitions after the session timeout
         producer.wait_for(EVENTS, timeout_s=180)
         got = wait_for_outputs(bootstrap, run.env, offline, describe=run.logs)
-        FINAL["scale"] = got.final
+        FINAL[f"scale-{store}"] = got.final
         run.check_counters()
     finally:
         run.stop()
