@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from streams.local import ROOT
-from streams.settings import Settings
+from streams.settings import Settings, load_settings
 
 K8S = ROOT / "deploy" / "k8s"
 COMPOSE = ROOT / "deploy" / "compose" / "docker-compose.yml"
@@ -55,6 +55,9 @@ def test_statefulset_wiring():
     config = docs[("ConfigMap", "gradeflow-config")]["data"]
     assert mounts[claim["metadata"]["name"]] == config["GRADEFLOW_DATA_DIR"]
     assert config["GRADEFLOW_STORE"] == "rocksdb://"
+    # The settings a worker would read from it pass validation (a standby needs RocksDB, ...).
+    settings = load_settings(**{k.removeprefix("GRADEFLOW_").lower(): v for k, v in config.items()})
+    assert settings.standby_replicas == 1 and settings.partitions == 12
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["rules"]["configMap"]["name"] == "gradeflow-rules"
     assert config["GRADEFLOW_RULESET"] == mounts["rules"] + "/ruleset.yaml"
