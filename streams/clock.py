@@ -43,7 +43,6 @@ from rules.engine import CompiledRuleset
 from rules import risk
 from rules.schedule import Schedule, graded_at, next_wake, regrade
 from rules.state import CustomerState
-from streams.outbox import Outbox
 from streams.processor import utcnow
 
 log = logging.getLogger("gradeflow.clock")
@@ -320,20 +319,13 @@ class Clock:
 
     async def _write(self, partition: int, writes: dict[bytes, tuple[bytes, bytes]],
                      later: dict[bytes, float | None]) -> None:
-        states: list[tuple[bytes, bytes, int]] = []
-        for key, (old, new) in writes.items():
-            if self.table.get(key) != old:
-                # The handler applied an event meanwhile; its state wins and is noted for scheduling.
-                self.stats.skipped += 1
-                later.pop(key, None)
-                continue
-            states.append((key, new, partition))
-        if not states:
-            return
-        outbox = Outbox()
-        self.store.write_many(outbox, states)
-        await self.store.settle(await outbox.send(self.app.producer._ensure_producer()))
-        self.stats.written += len(states)
+        skipped = await self.store.replace(self.app.producer._ensure_producer(),
+                                           ((key, old, new, partition) for key, (old, new) in writes.items()))
+        for key in skipped:
+            # The handler applied an event meanwhile; its state wins and is noted for scheduling.
+            later.pop(key, None)
+        self.stats.skipped += len(skipped)
+        self.stats.written += len(writes) - len(skipped)
 
 
 def attach_clock(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any) -> Clock:

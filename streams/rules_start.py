@@ -32,7 +32,6 @@ import orjson
 from rules.changes import regrade_for_rules
 from rules.engine import CompiledRuleset
 from rules.state import CustomerState
-from streams.outbox import Outbox
 from streams.population import partition_of
 from streams.processor import utcnow
 
@@ -109,7 +108,10 @@ class RulesRegrade:
                 await producer.send(names.alerts, key, value, None, None, None)
             if changes or alerts:
                 await producer.flush()
-            await self._write(states, partitions)
+            # A customer the handler graded meanwhile was graded with the new rules: skipped.
+            await self.store.replace(self.app.producer._ensure_producer(),
+                                     ((key, old, new, partition_of(key, partitions))
+                                      for key, (old, new) in states.items()))
             done += len(states)
         self.regraded += done
         self.sweeps += 1
@@ -117,14 +119,6 @@ class RulesRegrade:
         if done:
             log.info("gradeflow: re-graded %d customers for ruleset %s", done, self.rs.key)
         return done
-
-    async def _write(self, states: dict[bytes, tuple[bytes, bytes]], partitions: int) -> None:
-        fresh = [(key, new, partition_of(key, partitions)) for key, (old, new) in states.items()
-                 if self.table.get(key) == old]  # else the agent graded it meanwhile, with the new rules
-        if fresh:
-            outbox = Outbox()
-            self.store.write_many(outbox, fresh)
-            await self.store.settle(await outbox.send(self.app.producer._ensure_producer()))
 
     async def run(self) -> None:
         if self.running:

@@ -133,6 +133,28 @@ class FaustStateStore:
         finally:
             var.set(previous)
 
+    async def replace(self, producer: Any, writes: Iterable[tuple[bytes, bytes, bytes, int]]) -> list[bytes]:
+        """Write each ``(key, old, new, input partition)`` whose state is still ``old``, then settle.
+
+        For the writers beside the batch handler (the clock, the rules sweep): they read states,
+        wait on the broker, and must not overwrite what the handler applied meanwhile. Returns
+        the keys skipped for that reason. ``producer`` is the ``AIOKafkaProducer``.
+        """
+        memory = self._memory()
+        fresh: list[tuple[bytes, bytes, int]] = []
+        skipped: list[bytes] = []
+        for key, old, new, partition in writes:
+            current = memory.get(key) if memory is not None else self.table.get(key)
+            if current == old:
+                fresh.append((key, new, partition))
+            else:
+                skipped.append(key)
+        if fresh:
+            outbox = Outbox()
+            self.write_many(outbox, fresh)
+            await self.settle(await outbox.send(producer))
+        return skipped
+
     async def settle(self, sent: Sent) -> None:
         """Wait until the broker has ``sent`` (an outbox with state written by :meth:`write_many`),
         then record how far the changelog holds this store's data.

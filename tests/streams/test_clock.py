@@ -50,13 +50,15 @@ class FakeStore:
     def get(self, customer_id: str):
         return self.table.get(customer_id.encode())
 
-    def write_many(self, outbox, states):
-        for key, raw, partition in states:
-            self.table[key] = raw
+    async def replace(self, producer, writes):
+        skipped = []
+        for key, old, new, partition in writes:
+            if self.table.get(key) != old:
+                skipped.append(key)
+                continue
+            self.table[key] = new
             self.log.append(("write", key.decode(), partition))
-
-    async def settle(self, sent):
-        assert not sent  # these writes queued no record: the fake table is the changelog
+        return skipped
 
 
 def make_clock(mode: str, partitions: int = 4, active=(0, 1, 2, 3), horizon: float = 0):

@@ -99,3 +99,32 @@ def test_partition_items_are_exactly_the_states_held_for_those_partitions(store_
     for wanted in ({1}, {0, 3}, set()):
         got = dict(store.partition_items(wanted))
         assert got == {key: raw for key, (raw, partition) in written.items() if partition in wanted}
+
+
+class _RecordingProducer:
+    """Just enough of AIOKafkaProducer for Outbox.send: batches of placed records, acked at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, list[tuple[bytes, bytes]]]] = []
+
+    def create_batch(self):
+        records: list[tuple[bytes, bytes]] = []
+        return SimpleNamespace(records=records, append=lambda timestamp, key, value: records.append((key, value)) or 1)
+
+    async def send_batch(self, batch, topic, partition):
+        self.sent.append((topic, partition, batch.records))
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(SimpleNamespace(topic=topic, partition=partition, offset=0))
+        return future
+
+
+def test_replace_writes_only_states_nobody_changed_meanwhile_and_puts_them_on_the_changelog() -> None:
+    _app, table = _memory_table()
+    store = FaustStateStore(table)
+    store.write_many(Outbox(), [(b"a", b"a1", 1), (b"b", b"b2", 2)])  # b: the handler moved on to b2
+    producer = _RecordingProducer()
+    skipped = asyncio.run(store.replace(producer, [(b"a", b"a1", b"a-new", 1), (b"b", b"b1", b"b-new", 2),
+                                                   (b"c", None, b"c-new", 3)]))
+    assert skipped == [b"b"]
+    assert (store.get("a"), store.get("b"), store.get("c")) == (b"a-new", b"b2", b"c-new")
+    assert sorted(producer.sent) == [(CHANGELOG, 1, [(b"a", b"a-new")]), (CHANGELOG, 3, [(b"c", b"c-new")])]
