@@ -98,7 +98,17 @@ class BatchConsumer(aiokafka_driver.Consumer):
                     # and rewind, as Faust does; nothing here was acked.
                     await self.perform_seek()
                     continue
+                # A fetch that spans a rebalance is dropped whole, before it moves any read
+                # offset, and every partition is sought back to its committed offset: whether
+                # these records came before or after the rebalance's own seek, they are fetched
+                # again. (Moving the read offset past that seek made the consumer skip records
+                # as "delivered before a seek"; dropping them without a seek of our own lost
+                # those fetched after it.)
+                if self.app.consumer_generation_id != generation:
+                    await self.perform_seek()
+                    continue
                 batch: list[Any] = []
+                stale = False
                 now = monotonic()
                 for tp, records in records_by_tp.items():
                     if active is not None and tp not in active and tp not in self._buffered_partitions:
@@ -116,18 +126,22 @@ class BatchConsumer(aiokafka_driver.Consumer):
                             # Compaction and transaction markers leave holes;
                             # Faust must know them or commits stop advancing.
                             await self._add_gap(tp, last + 1, offset)
+                        if not mine:
+                            message = self._to_message(tp, record)
+                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                        if self.app.consumer_generation_id != generation:
+                            stale = True  # a rebalance came during an await above
+                            break
                         last = offset
                         if mine:
                             batch.append(record)
-                        else:
-                            message = self._to_message(tp, record)
-                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                    if stale:
+                        break
                     read_offset[tp] = last
-                if not batch:
+                if stale:
+                    await self.perform_seek()
                     continue
-                if self.app.consumer_generation_id != generation:
-                    # A rebalance happened during the fetch: these partitions
-                    # may be someone else's now; they will be fetched again.
+                if not batch:
                     continue
                 marker = _InFlight()
                 unacked.add(marker)  # type: ignore[arg-type]

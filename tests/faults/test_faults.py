@@ -4,7 +4,7 @@ as every other run.
 
 - a worker SIGKILLed mid-stream and restarted;
 - two workers, then a third added and the first killed mid-stream (rebalances, table recovery),
-  with the memory store, and with RocksDB and a standby (a known defect there: marked xfail);
+  with the memory store and with RocksDB and a standby;
 - every broker of a separate cluster (never the shared one at 9092) killed mid-stream and
   restarted: the workers recover without a person.
 
@@ -102,9 +102,7 @@ def test_worker_killed_mid_stream_and_restarted(bootstrap, records, offline) -> 
         run.stop()
 
 
-@pytest.mark.parametrize("store", ["memory", pytest.param("rocksdb-standby", marks=pytest.mark.xfail(
-    strict=False, reason="known defect, cause open: 1 of 7 runs (a fresh-ci, 2026-11-23) found 18 customers graded "
-                         "on states missing events with RocksDB and a standby (docs/deploy.md, 'Recovery time')"))])
+@pytest.mark.parametrize("store", ["memory", "rocksdb-standby"])
 def test_workers_added_and_killed_mid_stream(bootstrap, records, offline, store) -> None:
     # RocksDB with a standby: the store that trusts the offsets of its own writes, and copies
     # promoted at the kill, under the same rebalances as the memory store.
