@@ -70,6 +70,16 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 self._n_acked += len(fresh)
             notify(self._waiting_for_ack)
 
+    async def _seek_back(self) -> None:
+        """Seek every partition back to its committed offset (the input partitions: changelogs
+        have none), so that the records of a dropped fetch are fetched again."""
+        try:
+            await self.perform_seek()
+        except Exception as exc:  # noqa: BLE001 - as Faust's getmany: the drain loop must live on
+            # Nothing is assigned right now: a rebalance is under way, and its recovery ends
+            # with the same seek.
+            self.log.warning("gradeflow: seek to the committed offsets failed: %r", exc)
+
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by broker tests
         handler: BatchHandler | None = getattr(self.app, "_gradeflow_batch_handler", None)
         batch_topics: frozenset[str] = getattr(self.app, "_gradeflow_batch_topics", frozenset())
@@ -94,30 +104,34 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 if not records_by_tp or self.should_stop:
                     continue
                 if not self.flow_active:
-                    # Tables are recovering after a rebalance: drop the fetch
-                    # and rewind, as Faust does; nothing here was acked.
-                    await self.perform_seek()
+                    # Tables are recovering after a rebalance: drop the fetch and rewind, as Faust does;
+                    # nothing here was acked.
+                    await self._seek_back()
                     continue
-                # A fetch that spans a rebalance is dropped whole, before it moves any read
-                # offset, and every partition is sought back to its committed offset: whether
-                # these records came before or after the rebalance's own seek, they are fetched
-                # again. (Moving the read offset past that seek made the consumer skip records
-                # as "delivered before a seek"; dropping them without a seek of our own lost
-                # those fetched after it.)
-                if self.app.consumer_generation_id != generation:
-                    await self.perform_seek()
-                    continue
+                # The records of the batch topics in a fetch that spans a rebalance are dropped before
+                # they move any read offset, and every partition is sought back to its committed
+                # offset: whether they came before or after the rebalance's own seek, they are
+                # fetched again. (Moving the read offset past that seek made the consumer skip records
+                # as "delivered before a seek"; dropping them without a seek of our own lost those
+                # fetched after it.) Every other record, the tables' changelogs above all, is delivered
+                # as Faust delivers it: the new generation's recovery may be reading those, from its
+                # own positions, and nothing would fetch a dropped changelog record again.
+                spanned = self.app.consumer_generation_id != generation
+                generation = self.app.consumer_generation_id
                 batch: list[Any] = []
-                stale = False
+                stale = dropped = False
                 now = monotonic()
                 for tp, records in records_by_tp.items():
                     if active is not None and tp not in active and tp not in self._buffered_partitions:
+                        continue
+                    mine = tp.topic in batch_topics
+                    if mine and spanned:
+                        dropped = True
                         continue
                     if monitor is not None:
                         monitor.track_tp_end_offset(tp, self.highwater(tp))
                         monitor.stream_inbound_time[tp] = now
                     last = read_offset[tp]
-                    mine = tp.topic in batch_topics
                     for record in records:
                         offset = record.offset
                         if last is not None and offset < last:
@@ -138,8 +152,8 @@ class BatchConsumer(aiokafka_driver.Consumer):
                     if stale:
                         break
                     read_offset[tp] = last
-                if stale:
-                    await self.perform_seek()
+                if stale or dropped:
+                    await self._seek_back()
                     continue
                 if not batch:
                     continue
