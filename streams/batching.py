@@ -70,6 +70,21 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 self._n_acked += len(fresh)
             notify(self._waiting_for_ack)
 
+    async def _unread(self, tp: TP, records: Sequence[Any]) -> None:
+        """Put back ``records`` (a fetch's records of ``tp``, in order), fetched but not delivered
+        (docs/guarantees.md, "Across a rebalance")."""
+        if not records:
+            return
+        first, after = records[0].offset, records[-1].offset + 1
+        thread = self._thread
+
+        async def in_thread() -> bool:  # aiokafka runs in Faust's consumer thread
+            return put_back(thread._ensure_consumer(), tp, first, after)
+
+        if await thread.call_thread(in_thread):
+            self.log.info("gradeflow: %d records of %s:%d fetched during a rebalance are read again from %d",
+                          len(records), tp.topic, tp.partition, first)
+
     async def _seek_back(self) -> None:
         """Seek every partition back to its committed offset (the input partitions: changelogs
         have none), so that the records of a dropped fetch are fetched again."""
@@ -104,8 +119,12 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 if not records_by_tp or self.should_stop:
                     continue
                 if not self.flow_active:
-                    # Tables are recovering after a rebalance: drop the fetch and rewind, as Faust does;
-                    # nothing here was acked.
+                    # A rebalance is under way: drop the fetch and rewind, as Faust does; nothing here
+                    # was acked. The changelog records are put back: the recovery may have set their
+                    # positions already, and its seek will not come again.
+                    for tp, records in records_by_tp.items():
+                        if tp.topic not in batch_topics:
+                            await self._unread(tp, records)
                     await self._seek_back()
                     continue
                 # The records of the batch topics in a fetch that spans a rebalance are dropped before
@@ -114,25 +133,33 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 # fetched again. (Moving the read offset past that seek made the consumer skip records
                 # as "delivered before a seek"; dropping them without a seek of our own lost those
                 # fetched after it.) Every other record, the tables' changelogs above all, is delivered
-                # as Faust delivers it: the new generation's recovery may be reading those, from its
-                # own positions, and nothing would fetch a dropped changelog record again.
+                # as Faust delivers it: the new generation's recovery may be reading those, from the
+                # positions it set; one that is not delivered is put back (:meth:`_unread`).
                 spanned = self.app.consumer_generation_id != generation
                 generation = self.app.consumer_generation_id
                 batch: list[Any] = []
                 stale = dropped = False
                 now = monotonic()
                 for tp, records in records_by_tp.items():
-                    if active is not None and tp not in active and tp not in self._buffered_partitions:
-                        continue
                     mine = tp.topic in batch_topics
-                    if mine and spanned:
-                        dropped = True
+                    paused = active is not None and tp not in active and tp not in self._buffered_partitions
+                    if stale or paused or (mine and spanned):
+                        # Not taken now: a rebalance came during delivery (stale), the partition was
+                        # paused since the fetch (a rebalance pauses the input until the tables are
+                        # recovered), or input records of a fetch that spans a rebalance. The fetch has
+                        # moved the position past them all the same: input records are fetched again
+                        # after the seek below (else they came back only after the next fetch's
+                        # records, graded ahead of them); the others are put back.
+                        if mine:
+                            dropped = True
+                        else:
+                            await self._unread(tp, records)
                         continue
                     if monitor is not None:
                         monitor.track_tp_end_offset(tp, self.highwater(tp))
                         monitor.stream_inbound_time[tp] = now
                     last = read_offset[tp]
-                    for record in records:
+                    for i, record in enumerate(records):
                         offset = record.offset
                         if last is not None and offset < last:
                             continue  # delivered before a seek
@@ -145,13 +172,14 @@ class BatchConsumer(aiokafka_driver.Consumer):
                             await self.wait_first(callback(message), self.suspend_flow.wait())
                         if self.app.consumer_generation_id != generation:
                             stale = True  # a rebalance came during an await above
+                            if not mine:
+                                await self._unread(tp, records[i + 1:])
                             break
                         last = offset
                         if mine:
                             batch.append(record)
-                    if stale:
-                        break
-                    read_offset[tp] = last
+                    if not stale:
+                        read_offset[tp] = last
                 if stale or dropped:
                     await self._seek_back()
                     continue
@@ -185,6 +213,21 @@ class BatchConsumer(aiokafka_driver.Consumer):
             if self.transport.app.should_stop:
                 return
             raise
+
+
+def put_back(consumer: Any, tp: Any, first: int, after: int) -> bool:
+    """Seek ``tp`` back to ``first`` if ``consumer`` (an ``AIOKafkaConsumer``) still stands at
+    ``after``, right past the records a fetch returned; True if it did.
+
+    A seek since the fetch (a recovery's, a rebalance's) has already said where to read from,
+    and wins.
+    """
+    subscription = consumer._subscription.subscription
+    state = subscription.assignment.state_value(tp) if subscription is not None else None
+    if state is None or not state.has_valid_position or state.position != after:
+        return False
+    consumer.seek(tp, first)
+    return True
 
 
 def _release(marker: _InFlight, unacked: Any) -> None:
