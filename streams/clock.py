@@ -13,7 +13,8 @@ keeps, per input partition it owns, a heap of ``(due, customer)``:
 - every ``clock_tick_s`` a timer pops the customers whose due instant the
   partition's clock has reached, re-grades each *as of its due instant* (so the
   change's ``as_of`` and its deterministic ``event_id`` do not depend on when the
-  worker woke), sends and flushes the grade changes and alerts, then writes the
+  worker woke), sends the grade changes and alerts and waits for the broker to
+  have them (one Outbox, as the batch handler), then writes the
   states (table and the changelog partition of the customer), then reschedules.
   Customers not due are not touched: there is no sweep over all customers.
 - at-risk warnings (``GRADEFLOW_AT_RISK_HORIZON_DAYS``, rules/risk.py): a key
@@ -43,6 +44,7 @@ from rules.engine import CompiledRuleset
 from rules import risk
 from rules.schedule import Schedule, graded_at, next_wake, regrade
 from rules.state import CustomerState
+from streams.outbox import Outbox
 from streams.processor import utcnow
 
 log = logging.getLogger("gradeflow.clock")
@@ -276,13 +278,11 @@ class Clock:
         self.stats.woken += len(due)
         if changes or alerts:
             names = self.settings.topics
-            producer = self.app.producer
-            for key, value in changes:
-                await producer.send(names.grade_changes, key, value, None, None, None)
-            for key, value in alerts:
-                await producer.send(names.alerts, key, value, None, None, None)
+            outbox = Outbox()
+            outbox.extend(names.grade_changes, changes)
+            outbox.extend(names.alerts, alerts)
             # Outputs first, durable; then state (as the handler does).
-            await producer.flush()
+            await (await outbox.send(self.app.producer._ensure_producer())).acked()
             self.stats.changes += len(changes)
             self.stats.alerts += len(alerts)
             self.stats.at_risk += warned

@@ -32,6 +32,7 @@ import orjson
 from rules.changes import regrade_for_rules
 from rules.engine import CompiledRuleset
 from rules.state import CustomerState
+from streams.outbox import Outbox
 from streams.population import partition_of
 from streams.processor import utcnow
 
@@ -101,13 +102,11 @@ class RulesRegrade:
             if not states:
                 await asyncio.sleep(0)
                 continue
-            producer = self.app.producer
-            for key, value in changes:
-                await producer.send(names.grade_changes, key, value, None, None, None)
-            for key, value in alerts:
-                await producer.send(names.alerts, key, value, None, None, None)
-            if changes or alerts:
-                await producer.flush()
+            outbox = Outbox()
+            outbox.extend(names.grade_changes, changes)
+            outbox.extend(names.alerts, alerts)
+            if outbox:  # durable before the states that record them
+                await (await outbox.send(self.app.producer._ensure_producer())).acked()
             # A customer the handler graded meanwhile was graded with the new rules: skipped.
             await self.store.replace(self.app.producer._ensure_producer(),
                                      ((key, old, new, partition_of(key, partitions))

@@ -18,22 +18,9 @@ from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
 from tests.rules.rulehelp import SHANGHAI
 from tests.streams.partitionhelp import customers_on
+from tests.streams.producerhelp import RecordingProducer
 
 RS = compile_ruleset(load("rfm-5"))
-
-
-class FakeProducer:
-    def __init__(self, log: list) -> None:
-        self.log = log
-
-    async def send(self, topic, key, value, partition, timestamp, headers):
-        self.log.append(("send", topic, key, orjson.loads(value) if topic != "changelog" else None))
-
-    async def flush(self):
-        self.log.append(("flush",))
-
-    def _ensure_producer(self):
-        return self
 
 
 class FakeTable(dict):
@@ -61,6 +48,15 @@ class FakeStore:
         return skipped
 
 
+def assert_outputs_durable_before_state(log: list) -> None:
+    """Every output was sent and acked before the first state write (as the batch handler does)."""
+    first_write = next(i for i, e in enumerate(log) if e[0] == "write")
+    before, after = log[:first_write], log[first_write:]
+    assert any(e[0] == "send" for e in before) and all(e[0] not in ("send", "ack") for e in after)
+    sent = {(e[1], partition_of(e[2], 4)) for e in before if e[0] == "send"}
+    assert sent == {(e[1], e[2]) for e in before if e[0] == "ack"}  # every batch sent was acked
+
+
 def make_clock(mode: str, partitions: int = 4, active=(0, 1, 2, 3), horizon: float = 0):
     # horizon 0: no at-risk warnings (their own tests below ask for them)
     settings = Settings(clock=mode, partitions=partitions, app_id="t", at_risk_horizon_days=horizon)
@@ -68,7 +64,7 @@ def make_clock(mode: str, partitions: int = 4, active=(0, 1, 2, 3), horizon: flo
     table = FakeTable()
     store = FakeStore(table, log, partitions)
     tps = [SimpleNamespace(topic=settings.topics.transactions, partition=p) for p in active]
-    app = SimpleNamespace(producer=FakeProducer(log), assignor=SimpleNamespace(assigned_actives=lambda: tps),
+    app = SimpleNamespace(producer=RecordingProducer(log, partitions, decode=orjson.loads), assignor=SimpleNamespace(assigned_actives=lambda: tps),
                           gradeflow_population=None)
     return Clock(app, settings, RS, table, store), table, store, log, settings
 
@@ -113,9 +109,8 @@ def test_event_clock_wakes_only_due_customers_of_their_partition():
     assert [(c["previous_grade"], c["grade"], c["cause"]["kind"], c["as_of"]) for c in mine if "direction" in c] == [
         ("A", "B", "clock", "2026-03-18T00:00:00+08:00")]
     assert [a["grade_change_event_id"] for a in mine if "alert_id" in a] == [mine[0]["event_id"]]
-    # outputs, then a flush, then the state writes
-    first_write = next(i for i, e in enumerate(log) if e[0] == "write")
-    assert log[first_write - 1] == ("flush",) and all(e[0] != "send" for e in log[first_write:])
+    # outputs, acked by the broker, then the state writes
+    assert_outputs_durable_before_state(log)
     # nothing is due again until the next instant: no more wakes at the same stream time
     log.clear()
     assert asyncio.run(clock.tick()) == 0 and not log
@@ -232,9 +227,9 @@ def test_a_key_customer_is_warned_once_a_horizon_before_the_clock_downgrades_the
         "A", "B", "2026-03-18T00:00:00+08:00", "2026-03-11T00:00:00+08:00", "info")
     assert not [e for e in log if e[0] == "send" and e[2] == key.encode() and "direction" in e[3]]  # no change yet
     assert at_risk(log, small) == [] and at_risk(log, pusher) == []  # not key customers
-    # sent and flushed, then the state (with the mark) written
-    first_write = next(i for i, e in enumerate(log) if e[0] == "write")
-    assert log[first_write - 1] == ("flush",) and ("write", key, 0) in log
+    # sent and acked, then the state (with the mark) written
+    assert_outputs_durable_before_state(log)
+    assert ("write", key, 0) in log
     assert clock.stats.at_risk == 1
     # more stream time, a restart (rebuild from the table): no second warning; then the downgrade
     log.clear()

@@ -13,6 +13,7 @@ from faust.types import TP
 from streams.local import consume, faust_log_tables, produce, unique_env
 from streams.outbox import Outbox, Sent
 from streams.tables import FaustStateStore
+from tests.streams.producerhelp import RecordingProducer
 
 CHANGELOG = "t-customer-state-changelog"
 
@@ -101,28 +102,11 @@ def test_partition_items_are_exactly_the_states_held_for_those_partitions(store_
         assert got == {key: raw for key, (raw, partition) in written.items() if partition in wanted}
 
 
-class _RecordingProducer:
-    """Just enough of AIOKafkaProducer for Outbox.send: batches of placed records, acked at once."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, int, list[tuple[bytes, bytes]]]] = []
-
-    def create_batch(self):
-        records: list[tuple[bytes, bytes]] = []
-        return SimpleNamespace(records=records, append=lambda timestamp, key, value: records.append((key, value)) or 1)
-
-    async def send_batch(self, batch, topic, partition):
-        self.sent.append((topic, partition, batch.records))
-        future = asyncio.get_running_loop().create_future()
-        future.set_result(SimpleNamespace(topic=topic, partition=partition, offset=0))
-        return future
-
-
 def test_replace_writes_only_states_nobody_changed_meanwhile_and_puts_them_on_the_changelog() -> None:
     _app, table = _memory_table()
     store = FaustStateStore(table)
     store.write_many(Outbox(), [(b"a", b"a1", 1), (b"b", b"b2", 2)])  # b: the handler moved on to b2
-    producer = _RecordingProducer()
+    producer = RecordingProducer()
     skipped = asyncio.run(store.replace(producer, [(b"a", b"a1", b"a-new", 1), (b"b", b"b1", b"b-new", 2),
                                                    (b"c", None, b"c-new", 3)]))
     assert skipped == [b"b"]
