@@ -57,7 +57,7 @@ def test_statefulset_wiring():
     assert config["GRADEFLOW_STORE"] == "rocksdb://"
     # The settings a worker would read from it pass validation (a standby needs RocksDB, ...).
     settings = load_settings(**{k.removeprefix("GRADEFLOW_").lower(): v for k, v in config.items()})
-    assert settings.standby_replicas == 0 and settings.partitions == 12
+    assert settings.standby_replicas == 1 and settings.store == "rocksdb://" and settings.partitions == 12
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["rules"]["configMap"]["name"] == "gradeflow-rules"
     assert config["GRADEFLOW_RULESET"] == mounts["rules"] + "/ruleset.yaml"
