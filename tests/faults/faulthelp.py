@@ -72,12 +72,19 @@ def summary(doc: dict[str, Any]) -> tuple:
 
 
 class Offline:
-    """The history through process_batch (the worker's code) over a dict store, one record per batch."""
+    """The history through process_batch (the worker's code) over a dict store, one record per batch.
 
-    def __init__(self, records: list[tuple[bytes, bytes]]) -> None:
+    ``changes``: per customer, ``summarize(change)`` of each grade change in order; ``dead``: the
+    dead letters in order; ``late``: the event ids dead-lettered as late.
+    """
+
+    def __init__(self, records: list[tuple[bytes | None, bytes | None]],
+                 summarize: Callable[[dict[str, Any]], tuple] | None = None) -> None:
         rs = compile_ruleset(load("rfm-5"))
+        summarize = summarize or summary
         store: dict[str, bytes] = {}
         self.changes: dict[str, list[tuple]] = {}
+        self.dead: list[dict[str, Any]] = []
         self.late: set[str] = set()
         self.totals = {"applied": 0, "duplicates": 0, "replayed": 0, "dead": 0}
         for offset, (key, value) in enumerate(records):
@@ -89,11 +96,12 @@ class Offline:
                 store[customer] = raw
             for _key, doc in result.grade_changes:
                 change = orjson.loads(doc)
-                self.changes.setdefault(change["customer_id"], []).append(summary(change))
+                self.changes.setdefault(change["customer_id"], []).append(summarize(change))
             for _key, doc in result.dead_letters:
                 dead = orjson.loads(doc)
-                assert dead["reason"] == "late", dead
-                self.late.add(orjson.loads(dead["value"])["event_id"])
+                self.dead.append(dead)
+                if dead["reason"] == "late":
+                    self.late.add(orjson.loads(dead["value"])["event_id"])
         self.final = final_grades(self.changes)
 
 

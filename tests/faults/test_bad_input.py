@@ -9,7 +9,6 @@ with Kafka's defaults; the largest value the broker takes (under 1 MiB) is a ``t
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 
 import orjson
 import pytest
@@ -17,9 +16,8 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from streams.local import free_port, kafka_options, produce
-from streams.processor import TRANSACTIONS, Record, process_batch
-from tests.faults.faulthelp import read_all, scrape, summary
-from tests.streams.test_processor_input import CATALOGUE, RS, txn_doc
+from tests.faults.faulthelp import Offline, read_all, scrape, summary
+from tests.streams.test_processor_input import CATALOGUE, txn_doc
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -48,20 +46,6 @@ def catalogue_records() -> tuple[list[tuple[bytes | None, bytes | None]], list[s
     return records, reasons
 
 
-def offline(records: list[tuple[bytes | None, bytes | None]]) -> dict[str, list[tuple]]:
-    store: dict[str, bytes] = {}
-    now = datetime.now(timezone.utc)
-    out: dict[str, list[tuple]] = {}
-    for offset, (key, value) in enumerate(records):
-        result = process_batch([Record(TRANSACTIONS, "t", 0, offset, key, value)], RS, store, now)
-        for customer, (raw, _r) in result.states.items():
-            store[customer] = raw
-        for _k, doc in result.grade_changes:
-            change = orjson.loads(doc)
-            out.setdefault(change["customer_id"], []).append(summary(change))
-    return out
-
-
 def test_the_whole_catalogue_between_good_events(worker_factory, bootstrap) -> None:
     port = free_port()
     worker = worker_factory(GRADEFLOW_WEB_PORT=str(port), GRADEFLOW_DOWNSTREAM="false")
@@ -82,7 +66,7 @@ def test_the_whole_catalogue_between_good_events(worker_factory, bootstrap) -> N
 
     records, reasons = catalogue_records()
     produce(bootstrap, topic, records, env=env)
-    expected = offline(records)
+    expected = Offline(records).changes
     assert sum(len(v) for v in expected.values()) >= 6
 
     changes: dict[str, list[tuple]] = {}

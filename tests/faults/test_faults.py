@@ -42,6 +42,7 @@ def records() -> list[tuple[bytes, bytes]]:
 @pytest.fixture(scope="module")
 def offline(records) -> Offline:
     expected = Offline(records)
+    assert all(dead["reason"] == "late" for dead in expected.dead)  # the history's only bad events
     # The history exercises what it should: refunds, downgrades, duplicates and late events.
     assert expected.totals["duplicates"] > 50 and expected.totals["dead"] > 10 and len(expected.late) > 10
     assert sum(1 for seq in expected.changes.values() for s in seq if s[4] == "downgrade") > 50

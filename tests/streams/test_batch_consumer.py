@@ -19,7 +19,7 @@ CHANGELOG = TP("t-customer-state-changelog", 2)
 class _Harness(BatchConsumer):
     """A BatchConsumer with just the state `_drain_messages` reads, fed scripted fetches."""
 
-    def __init__(self, fetches: list[Any], handler) -> None:  # no Service.__init__: nothing runs
+    def __init__(self, fetches: list[Any]) -> None:  # no Service.__init__: nothing runs
         self._stopped = asyncio.Event()
         self._crashed = asyncio.Event()
         self._fetches = fetches
@@ -32,9 +32,13 @@ class _Harness(BatchConsumer):
         self.delivered: list[tuple[str, int]] = []  # what took Faust's path (changelogs, other topics)
         self.seeks = 0
         self.unread: list[tuple[str, int, int]] = []  # records put back: (topic, first, last offset)
-        self.app = SimpleNamespace(_gradeflow_batch_handler=handler, _gradeflow_batch_topics=frozenset({TOPIC}),
+        self.graded: list[int] = []  # the offsets the batch handler got, in order
+        self.app = SimpleNamespace(_gradeflow_batch_handler=self._grade, _gradeflow_batch_topics=frozenset({TOPIC}),
                                    consumer_generation_id=1, monitor=None,
                                    topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
+
+    async def _grade(self, batch: list[Any]) -> None:
+        self.graded.extend(r.offset for r in batch)
 
     async def callback(self, message: Any) -> None:
         self.delivered.append((message.topic, message.offset))
@@ -74,17 +78,19 @@ class _Harness(BatchConsumer):
         return got if isinstance(got, tuple) else (got, {TPART, CHANGELOG})
 
 
+def _drain(harness: type[_Harness], fetches: list[Any]) -> _Harness:
+    """Run the drain loop over the scripted ``fetches``; the harness tells what it did."""
+    consumer = harness(fetches)
+    asyncio.run(consumer._drain_messages(SimpleNamespace(_stopped=asyncio.Event())))
+    return consumer
+
+
 def _records(first: int, last: int, tp: TP = TPART) -> list[Any]:
     return [SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=o, key=b"k", value=b"v")
             for o in range(first, last + 1)]
 
 
 def test_a_fetch_that_spans_a_rebalance_is_dropped_without_skipping_its_records_afterwards() -> None:
-    graded: list[int] = []
-
-    async def handler(batch: list[Any]) -> None:
-        graded.extend(r.offset for r in batch)
-
     def across_a_rebalance(consumer: _Harness) -> dict:
         # While this fetch was in flight the group rebalanced, the partition stayed here and was
         # sought back to its committed offset (5).
@@ -101,10 +107,8 @@ def test_a_fetch_that_spans_a_rebalance_is_dropped_without_skipping_its_records_
     def after_the_seek(consumer: _Harness) -> dict:
         return {TPART: _records(5, 12)}
 
-    fetcher = SimpleNamespace(_stopped=asyncio.Event())
-    consumer = _Harness([across_a_rebalance, after_the_rebalance_seek, after_the_seek], handler)
-    asyncio.run(consumer._drain_messages(fetcher))
-    assert graded == list(range(5, 13))  # each record once, none skipped as "delivered before a seek"
+    consumer = _drain(_Harness, [across_a_rebalance, after_the_rebalance_seek, after_the_seek])
+    assert consumer.graded == list(range(5, 13))  # each record once, none skipped as "delivered before a seek"
     assert consumer.seeks == 2  # every dropped fetch is fetched again from the committed offsets
 
 
@@ -113,11 +117,6 @@ def test_changelog_records_of_a_fetch_that_spans_a_rebalance_reach_the_recovery(
     # the new generation's recovery asked for returns to a loop that began before the rebalance:
     # its changelog records must be delivered all the same (nothing would fetch them again, and
     # the customers in them would look new), while the input records are fetched again.
-    graded: list[int] = []
-
-    async def handler(batch: list[Any]) -> None:
-        graded.extend(r.offset for r in batch)
-
     def recovery_fetch(consumer: _Harness) -> dict:
         consumer.app.consumer_generation_id += 1
         return {CHANGELOG: _records(0, 40, CHANGELOG), TPART: _records(5, 9)}
@@ -125,22 +124,15 @@ def test_changelog_records_of_a_fetch_that_spans_a_rebalance_reach_the_recovery(
     def after_the_seek(consumer: _Harness) -> dict:
         return {CHANGELOG: _records(41, 44, CHANGELOG), TPART: _records(5, 12)}
 
-    fetcher = SimpleNamespace(_stopped=asyncio.Event())
-    consumer = _Harness([recovery_fetch, after_the_seek], handler)
-    asyncio.run(consumer._drain_messages(fetcher))
+    consumer = _drain(_Harness, [recovery_fetch, after_the_seek])
     assert consumer.delivered == [(CHANGELOG.topic, o) for o in range(45)]
-    assert graded == list(range(5, 13))
+    assert consumer.graded == list(range(5, 13))
     assert consumer.seeks == 1
 
 
 def test_a_rebalance_during_delivery_drops_the_rest_of_the_fetch_and_seeks_back() -> None:
     # A rebalance while Faust's path takes a changelog record: the input records already put in
     # the batch are not graded (the partition may have moved); they come again after the seek.
-    graded: list[int] = []
-
-    async def handler(batch: list[Any]) -> None:
-        graded.extend(r.offset for r in batch)
-
     class _Rebalancing(_Harness):
         async def callback(self, message: Any) -> None:
             await super().callback(message)
@@ -153,12 +145,10 @@ def test_a_rebalance_during_delivery_drops_the_rest_of_the_fetch_and_seeks_back(
     def after_the_seek(consumer: _Harness) -> dict:
         return {TPART: _records(5, 7)}
 
-    fetcher = SimpleNamespace(_stopped=asyncio.Event())
-    consumer = _Rebalancing([mixed, after_the_seek], handler)
-    asyncio.run(consumer._drain_messages(fetcher))
+    consumer = _drain(_Rebalancing, [mixed, after_the_seek])
     assert consumer.delivered == [(CHANGELOG.topic, o) for o in range(3)]
     assert consumer.unread == [(CHANGELOG.topic, 3, 4)]  # not delivered: put back for the recovery
-    assert graded == [5, 6, 7]
+    assert consumer.graded == [5, 6, 7]
     assert consumer.seeks == 1
 
 
@@ -167,11 +157,6 @@ def test_input_records_of_a_partition_paused_since_the_fetch_are_fetched_again_i
     # returns its records then (the partition was paused after the fetch began) must not leave
     # a hole that the next fetch's records jump over: 10-12 graded before 5-9 would grade
     # customers on their events out of order.
-    graded: list[int] = []
-
-    async def handler(batch: list[Any]) -> None:
-        graded.extend(r.offset for r in batch)
-
     def while_paused(consumer: _Harness) -> tuple:
         return {TPART: _records(5, 9)}, {CHANGELOG}
 
@@ -179,10 +164,8 @@ def test_input_records_of_a_partition_paused_since_the_fetch_are_fetched_again_i
         # From the committed offset after a seek; else from where the dropped fetch left off.
         return {TPART: _records(5, 12)} if consumer.seeks else {TPART: _records(10, 12)}
 
-    fetcher = SimpleNamespace(_stopped=asyncio.Event())
-    consumer = _Harness([while_paused, next_fetch], handler)
-    asyncio.run(consumer._drain_messages(fetcher))
-    assert graded == list(range(5, 13))
+    consumer = _drain(_Harness, [while_paused, next_fetch])
+    assert consumer.graded == list(range(5, 13))
     assert consumer.seeks == 1
 
 
@@ -190,11 +173,6 @@ def test_changelog_records_fetched_while_the_flow_is_stopped_are_put_back() -> N
     # A fetch that returns while a rebalance has stopped the flow is dropped whole, as Faust drops
     # it; its changelog records may come from positions the recovery has already set, and the
     # recovery will not seek again: they are put back. The input records come again after a seek.
-    graded: list[int] = []
-
-    async def handler(batch: list[Any]) -> None:
-        graded.extend(r.offset for r in batch)
-
     def stopped(consumer: _Harness) -> dict:
         consumer.flow_active = False
         return {CHANGELOG: _records(0, 199, CHANGELOG), TPART: _records(5, 9)}
@@ -203,26 +181,17 @@ def test_changelog_records_fetched_while_the_flow_is_stopped_are_put_back() -> N
         consumer.flow_active = True
         return {TPART: _records(5, 9)}
 
-    fetcher = SimpleNamespace(_stopped=asyncio.Event())
-    consumer = _Harness([stopped, resumed], handler)
-    asyncio.run(consumer._drain_messages(fetcher))
+    consumer = _drain(_Harness, [stopped, resumed])
     assert consumer.delivered == []
     assert consumer.unread == [(CHANGELOG.topic, 0, 199)]
-    assert graded == list(range(5, 10))
+    assert consumer.graded == list(range(5, 10))
     assert consumer.seeks == 1
 
 
 def test_changelog_records_of_a_paused_partition_are_put_back() -> None:
-    graded: list[int] = []
-
-    async def handler(batch: list[Any]) -> None:
-        graded.extend(r.offset for r in batch)
-
     def paused(consumer: _Harness) -> tuple:
         return {CHANGELOG: _records(0, 9, CHANGELOG), TPART: _records(5, 6)}, {TPART}
 
-    fetcher = SimpleNamespace(_stopped=asyncio.Event())
-    consumer = _Harness([paused], handler)
-    asyncio.run(consumer._drain_messages(fetcher))
+    consumer = _drain(_Harness, [paused])
     assert consumer.delivered == [] and consumer.unread == [(CHANGELOG.topic, 0, 9)]
-    assert graded == [5, 6] and consumer.seeks == 0
+    assert consumer.graded == [5, 6] and consumer.seeks == 0

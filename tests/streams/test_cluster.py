@@ -18,13 +18,11 @@ import orjson
 import pytest
 from kafka import KafkaProducer
 
-from rules.engine import compile_ruleset
-from rules.ruleset import load
 from streams.local import WorkerProcess, consume, kafka_options, unique_env
-from streams.processor import TRANSACTIONS, Record, process_batch
 from streams.settings import load_settings
 from streams.topics import check_topics, create_topics
 from tests.deploy.localcluster import LocalCluster, port_from_env
+from tests.faults.faulthelp import Offline
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(400)]  # its own cluster (deploy/local/up)
 PORT = port_from_env("GRADEFLOW_TEST_CLUSTER_PORT", 4)  # free ports of this run unless set
@@ -46,26 +44,6 @@ def history(seed: int = 7) -> list[tuple[bytes, bytes]]:
                "type": "refund" if refund else "purchase", "amount": amount, "currency": "CNY"}
         out.append((customer.encode(), orjson.dumps(doc)))
     return out
-
-
-def offline_changes(records: list[tuple[bytes, bytes]]) -> dict[str, list[tuple]]:
-    """Grade changes per customer from process_batch over a dict store, one event per batch."""
-    rs = compile_ruleset(load("rfm-5"))
-
-    class DictStore(dict):
-        def get(self, customer_id: str) -> bytes | None:  # type: ignore[override]
-            return super().get(customer_id)
-
-    store = DictStore()
-    now = datetime.now(timezone.utc)
-    changes: dict[str, list[tuple]] = {}
-    for offset, (key, value) in enumerate(records):
-        result = process_batch([Record(TRANSACTIONS, "t", 0, offset, key, value)], rs, store, now)
-        for customer, (raw, _record) in result.states.items():
-            store[customer] = raw
-        for _key, doc in result.grade_changes:
-            changes.setdefault(orjson.loads(doc)["customer_id"], []).append(summary(orjson.loads(doc)))
-    return changes
 
 
 def summary(doc: dict) -> tuple:
@@ -95,7 +73,7 @@ def test_workers_and_brokers_fail_and_every_grade_change_arrives(cluster):
     create_topics(settings)
     assert check_topics(settings) == []
     records = history()
-    expected = offline_changes(records)
+    expected = Offline(records, summarize=summary).changes
     assert sum(len(v) for v in expected.values()) > CUSTOMERS  # upgrades and downgrades, not only initials
 
     workers: list[WorkerProcess] = []
