@@ -167,7 +167,11 @@ class Settings(BaseSettings):
             raise ValueError("kafka_heartbeat_interval_s must be at most a third of kafka_session_timeout_s")
         if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
             raise ValueError("GRADEFLOW_KAFKA_SSL_CERT_FILE and GRADEFLOW_KAFKA_SSL_KEY_FILE go together")
-        if self.standby_replicas and self.store.split(":", 1)[0] == "memory":
+        scheme, sep, _rest = self.store.partition("://")
+        if not sep or scheme not in ("memory", "rocksdb"):
+            # Faust would only say, deep in its start, that it cannot import a driver module.
+            raise ValueError(f"GRADEFLOW_STORE must be memory:// or rocksdb:// (got {self.store!r})")
+        if self.standby_replicas and scheme == "memory":
             # Faust's memory store drops standby copies after every rebalance and replays a promoted
             # one from the beginning: the standby would cost a second copy and buy nothing.
             raise ValueError("GRADEFLOW_STANDBY_REPLICAS needs GRADEFLOW_STORE=rocksdb:// (the memory store "

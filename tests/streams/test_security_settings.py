@@ -101,6 +101,8 @@ def test_ssl_only_and_sasl_plaintext(clean_env, ca_file):
     ({"kafka_ssl_cert_file": "/c.pem"}, "go together"),
     ({"replication_factor": 1, "min_insync_replicas": 2}, "cannot exceed"),
     ({"standby_replicas": 1}, "GRADEFLOW_STANDBY_REPLICAS needs GRADEFLOW_STORE=rocksdb://"),
+    ({"store": "rocksdb"}, "GRADEFLOW_STORE must be memory:// or rocksdb:// (got 'rocksdb')"),
+    ({"store": "redis://localhost"}, "GRADEFLOW_STORE must be memory:// or rocksdb://"),
 ])
 def test_invalid_settings_say_what_in_one_line_without_secrets(clean_env, overrides, words):
     with pytest.raises(ConfigurationError) as info:
