@@ -81,7 +81,12 @@ class BatchConsumer(aiokafka_driver.Consumer):
         async def in_thread() -> bool:  # aiokafka runs in Faust's consumer thread
             return put_back(thread._ensure_consumer(), tp, first, after)
 
-        if await thread.call_thread(in_thread):
+        try:
+            moved = await thread.call_thread(in_thread)
+        except Exception as exc:  # noqa: BLE001 - the drain loop must live on (a consumer stopping)
+            self.log.warning("gradeflow: could not put back records of %s:%d: %r", tp.topic, tp.partition, exc)
+            return
+        if moved:
             self.log.info("gradeflow: %d records of %s:%d fetched during a rebalance are read again from %d",
                           len(records), tp.topic, tp.partition, first)
 
