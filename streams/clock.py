@@ -44,7 +44,7 @@ from rules.engine import CompiledRuleset
 from rules import risk
 from rules.schedule import Schedule, graded_at, next_wake, regrade
 from rules.state import CustomerState
-from streams.outbox import Outbox
+from streams.outbox import publish
 from streams.processor import utcnow
 
 log = logging.getLogger("gradeflow.clock")
@@ -278,11 +278,8 @@ class Clock:
         self.stats.woken += len(due)
         if changes or alerts:
             names = self.settings.topics
-            outbox = Outbox()
-            outbox.extend(names.grade_changes, changes)
-            outbox.extend(names.alerts, alerts)
             # Outputs first, durable; then state (as the handler does).
-            await (await outbox.send(self.app.producer._ensure_producer())).acked()
+            await publish(self.app.producer._ensure_producer(), {names.grade_changes: changes, names.alerts: alerts})
             self.stats.changes += len(changes)
             self.stats.alerts += len(alerts)
             self.stats.at_risk += warned

@@ -13,7 +13,7 @@ customer's grade changes land where ``producer.send()`` would have put them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from schemas.errors import ConfigurationError
@@ -90,6 +90,17 @@ class Outbox:
         self._by_tp = {}
         self.count = 0
         return Sent(futures, counts)
+
+
+async def publish(producer: Any, by_topic: Mapping[str, Iterable[tuple[bytes | None, bytes | None]]]) -> None:
+    """Send each topic's records (placed by key) through one outbox and wait until the broker has
+    them all: for the writers beside the batch handler, whose outputs must be durable before the
+    states that record them."""
+    outbox = Outbox()
+    for topic, records in by_topic.items():
+        outbox.extend(topic, records)
+    if outbox:
+        await (await outbox.send(producer)).acked()
 
 
 class Sent:

@@ -32,7 +32,7 @@ import orjson
 from rules.changes import regrade_for_rules
 from rules.engine import CompiledRuleset
 from rules.state import CustomerState
-from streams.outbox import Outbox
+from streams.outbox import publish
 from streams.population import partition_of
 from streams.processor import utcnow
 
@@ -102,13 +102,10 @@ class RulesRegrade:
             if not states:
                 await asyncio.sleep(0)
                 continue
-            outbox = Outbox()
-            outbox.extend(names.grade_changes, changes)
-            outbox.extend(names.alerts, alerts)
-            if outbox:  # durable before the states that record them
-                await (await outbox.send(self.app.producer._ensure_producer())).acked()
+            producer = self.app.producer._ensure_producer()
+            await publish(producer, {names.grade_changes: changes, names.alerts: alerts})  # before the states
             # A customer the handler graded meanwhile was graded with the new rules: skipped.
-            await self.store.replace(self.app.producer._ensure_producer(),
+            await self.store.replace(producer,
                                      ((key, old, new, partition_of(key, partitions))
                                       for key, (old, new) in states.items()))
             done += len(states)

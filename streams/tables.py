@@ -25,7 +25,6 @@ from faust.stores.memory import Store as MemoryStore
 from faust.types import TP
 
 from streams.outbox import Outbox, Sent
-from streams.population import partition_of
 
 
 class _CurrentEvent:
@@ -89,14 +88,9 @@ class FaustStateStore:
             for key, partition in list(data._key_partition.items()):
                 if partition in wanted and (raw := memory.get(key)) is not None:
                     yield key, raw
-        elif hasattr(data, "_db_for_partition") and hasattr(data, "_visible_items"):
+        else:  # RocksDB (the settings allow no third store): one database per partition
             for partition in sorted(partitions):
                 yield from data._visible_items(data._db_for_partition(partition))
-        else:
-            count = self.table.partitions
-            for key, raw in list(self.table.items()):
-                if partition_of(key, count) in partitions:
-                    yield key, raw
 
     def write_many(self, outbox: Outbox, states: Iterable[tuple[bytes, bytes, int]]) -> None:
         """Store each ``(key, state bytes, input partition)`` and queue it for that partition's changelog.
