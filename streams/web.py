@@ -18,7 +18,6 @@ import hmac
 from datetime import datetime
 from typing import Any
 
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 from faust.web import Request, Response, View
 
@@ -27,13 +26,9 @@ from rules.state import CustomerState
 from schemas.api import CustomerGrades, Error, GradeCounts, Health
 from schemas.money import format_minor
 from streams import __version__
+from streams.population import partition_of
 
 OPEN_PATHS = ("/healthz", "/readyz")
-
-
-def key_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner gives ``key`` (murmur2, as Java and kafka-python)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def authorized(header: str | None, token: str) -> bool:
@@ -164,7 +159,7 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
     @app.page("/customers/{customer_id}", base=Guarded, name="gradeflow-customer")
     async def customer(self: View, request: Request, customer_id: str) -> Response:
         key = customer_id.encode()
-        partition = key_partition(key, settings.partitions)
+        partition = partition_of(key, settings.partitions)
         ready, _ = is_ready(app)
         local = ready and TP(settings.topics.transactions, partition) in app.consumer.assignment()
         if local:

@@ -15,7 +15,8 @@ from downstream_helpers import delete_prefix, free_port, wait_until
 from rules.state import CustomerState
 from streams.local import produce
 from streams.redis_grades import customer_key
-from streams.web import authorized, key_partition
+from streams.population import partition_of
+from streams.web import authorized
 from test_end_to_end import EXPECTED_CHANGES, history
 
 REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -42,7 +43,7 @@ def test_key_partition_matches_kafka_default_partitioner():
     from kafka.partitioner.default import DefaultPartitioner
 
     for key in (b"alice", b"bob", b"carol", "客户-1".encode()):
-        assert key_partition(key, 4) == DefaultPartitioner()(key, [0, 1, 2, 3], [0, 1, 2, 3])
+        assert partition_of(key, 4) == DefaultPartitioner()(key, [0, 1, 2, 3], [0, 1, 2, 3])
 
 
 def test_http_api_answers_refuses_a_missing_token_and_matches_the_tables(worker_factory, bootstrap):
@@ -91,7 +92,7 @@ def test_http_api_answers_refuses_a_missing_token_and_matches_the_tables(worker_
             assert sources == ["redis", "table"], answers  # one worker owns the partition
             for a in answers:
                 assert a["customer_id"] == customer
-                assert a["partition"] == key_partition(customer.encode(), 4)
+                assert a["partition"] == partition_of(customer.encode(), 4)
                 assert a["grades"]["value"]["grade"] == grade
                 assert a["grades"]["value"]["metrics"]["code"]
             from_table = next(a for a in answers if a["source"] == "table")
