@@ -29,7 +29,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from kafka import KafkaProducer
 
-from streams.local import WorkerProcess, unique_env
+from streams.local import WorkerProcess, drop_run, unique_env
 from streams.settings import load_settings
 from streams.topics import create_topics
 
@@ -162,7 +162,10 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
                                                customers, customer_prefix="c", event_prefix="g"))
             time.sleep(3)
             return _latencies(settings, env, "g", latency_rate, sent)
-    worker_eps, ready_kb, peak_kb, stats, lat = run_worker(env, events, timeout_s, workers, then)
+    try:
+        worker_eps, ready_kb, peak_kb, stats, lat = run_worker(env, events, timeout_s, workers, then)
+    finally:
+        drop_run(settings.kafka_bootstrap, env)
     print(f"gradeflow worker{'s' if workers > 1 else ''} (x{workers}): {worker_eps:,.0f} events/s; applied={stats['applied']} dead={stats['dead_lettered']} "
           f"grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
     per_100k = max(0, peak_kb - ready_kb) / 1024 / customers * 100_000
@@ -275,6 +278,8 @@ def latency(settings, rate: float, seconds: float, customers: int) -> dict:
         return _latencies(settings, env, "l", rate, sent)
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}:\n{worker.tail()}") from None
+    finally:
+        drop_run(settings.kafka_bootstrap, env)
 
 
 def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot: str,

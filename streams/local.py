@@ -8,6 +8,7 @@ kill one with SIGKILL.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +41,37 @@ def unique_env(prefix: str = "gf", **extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+_RUN_TAG = re.compile(r"[a-z0-9-]+-[0-9a-f]{8}")
+
+
+def drop_run(bootstrap: str, env: Mapping[str, str]) -> list[str]:
+    """Delete the topics and the data directory of a run made with :func:`unique_env`; return the topics.
+
+    Every topic of the run starts with its app id: the ones ``unique_env`` names and Faust's own
+    (changelogs, the assignor's). A broker that keeps every run's topics slows down: after a day of
+    benchmark and test runs (~1,300 partitions, 6.5 GB) the benchmark's latency run went from a p99
+    of ~0.1 s to ~2 s on this VM, so runs that measure clean up after themselves.
+    """
+    import shutil
+
+    from kafka.admin import KafkaAdminClient
+
+    tag = env["GRADEFLOW_APP_ID"]
+    if not _RUN_TAG.fullmatch(tag):
+        raise ValueError(f"{tag!r} is not an app id made by unique_env: refusing to delete its topics")
+    admin = KafkaAdminClient(**kafka_options(bootstrap, env))
+    try:
+        names = sorted(t for t in admin.list_topics() if t.startswith(f"{tag}-"))
+        if names:
+            admin.delete_topics(names)
+    finally:
+        admin.close()
+    data_dir = env.get("GRADEFLOW_DATA_DIR")
+    if data_dir:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return names
 
 
 @dataclass

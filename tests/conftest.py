@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from streams.local import WorkerProcess, unique_env
+from streams.local import WorkerProcess, drop_run, unique_env
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,7 @@ def bootstrap() -> str:
 
 @pytest.fixture
 def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start workers on unique topics; every worker started is stopped at teardown.
+    """Start workers on unique topics; at teardown every worker started is stopped and its topics deleted.
 
     Call ``worker_factory()`` for a fresh set of names, or pass ``env=`` of an
     earlier worker to join the same app (a second worker, a restart).
@@ -43,6 +44,11 @@ def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
     yield start
     for worker in started:
         worker.stop()
+    for env in {w.env["GRADEFLOW_APP_ID"]: w.env for w in started}.values():
+        try:
+            drop_run(bootstrap, env)
+        except Exception as exc:  # a test's outcome does not depend on the clean-up
+            warnings.warn(f"could not delete the topics of {env['GRADEFLOW_APP_ID']}: {exc!r}")
 
 
 # Fixtures that need a local server: `bootstrap` (Kafka) and `redis_prefix` (the Redis key prefix
