@@ -21,7 +21,7 @@ def _topics(bootstrap: str) -> set[str]:
 def test_drop_run_deletes_the_runs_topics_and_data_and_nothing_else(bootstrap: str, tmp_path: Path) -> None:
     env = unique_env("droptest", GRADEFLOW_DATA_DIR=str(tmp_path / "data"))
     other = unique_env("droptest")
-    tag, other_tag = env["GRADEFLOW_APP_ID"], other["GRADEFLOW_APP_ID"]
+    tag = env["GRADEFLOW_APP_ID"]
     mine = [env["GRADEFLOW_TOPIC_TRANSACTIONS"], f"{tag}-customer-state-changelog", f"{tag}-__assignor-__leader"]
     # A topic whose name only starts like the tag (no dash after it) is another run's.
     theirs = [other["GRADEFLOW_TOPIC_TRANSACTIONS"], f"{tag}x"]
