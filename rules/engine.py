@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -366,18 +366,15 @@ class CompiledRuleset:
     source: Ruleset | None = None
     legacy_used: bool = False  # the ruleset itself uses recency_days, frequency and monetary
 
-    @property
-    def retention_days(self) -> int:
-        return self.track.retention_days
+    # Derived once here: the hot path reads them for every event.
+    retention_days: int = field(init=False)
+    key: str = field(init=False)  # "id@version"
+    tracks_since: bool = field(init=False)  # a ladder has a minimum dwell time (needs when each grade was emitted)
 
-    @property
-    def key(self) -> str:
-        return f"{self.id}@{self.version}"
-
-    @property
-    def tracks_since(self) -> bool:
-        """Whether any ladder has a minimum dwell time (which needs when each grade was emitted)."""
-        return any(ladder.dwell_s is not None for ladder in self.ladders)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "retention_days", self.track.retention_days)
+        object.__setattr__(self, "key", f"{self.id}@{self.version}")
+        object.__setattr__(self, "tracks_since", any(ladder.dwell_s is not None for ladder in self.ladders))
 
 
 class Evaluation:

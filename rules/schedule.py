@@ -326,8 +326,11 @@ def _masked(rs: CompiledRuleset, state: CustomerState, moment: datetime, grades:
 
 def graded_at(state: CustomerState) -> float | None:
     """The latest instant (seconds) the state was graded as of: its latest event or the clock."""
-    marks = [t for t in (state.last_event_ts, state.grade_since.get(GRADED_AT)) if t is not None]
-    return max(marks) if marks else None
+    latest = state.last_event_ts
+    clock = state.grade_since.get(GRADED_AT) if state.grade_since else None
+    if clock is None:
+        return latest
+    return clock if latest is None or clock > latest else latest
 
 
 def next_wake(rs: CompiledRuleset, state: CustomerState, after: datetime, population: Population | None = None,

@@ -79,14 +79,25 @@ def prune(buckets: Buckets, as_of_day: int, days: int) -> None:
         del buckets[day]
 
 
+# The last (ts, tz, day) day_of_ts computed: one event asks for the day of the same instant
+# several times (folding it, pruning, every window and recency as of it).
+_LAST: tuple[float, object, int] = (float("nan"), None, 0)
+
+
 def day_of_ts(ts: float, tz: ZoneInfo) -> int:
     """The local day ordinal of a Unix timestamp in ``tz`` (as ``datetime.fromtimestamp(ts, tz)`` has it)."""
+    global _LAST
+    last = _LAST
+    if last[0] == ts and last[1] is tz:
+        return last[2]
     secs = int(ts // 1)
     frac = ts - secs
     # datetime rounds to the microsecond, half to even: 23:59:59.9999996 is already tomorrow.
     if frac > 0.999999 and round(frac * 1e6) >= 1_000_000:
         secs += 1
-    return (secs + _offset_s(secs, tz)) // 86400 + _EPOCH_ORDINAL
+    day = (secs + _offset_s(secs, tz)) // 86400 + _EPOCH_ORDINAL
+    _LAST = (ts, tz, day)
+    return day
 
 
 def average_daily_balance(base: int, flows: dict[int, int], first: int, last: int) -> int:

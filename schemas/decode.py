@@ -23,6 +23,7 @@ from schemas.timestamps import parse_rfc3339
 _INTERACTION_TYPES = frozenset(INTERACTION_TYPES)
 _TRANSACTION_TYPES = frozenset(TRANSACTION_TYPES)
 _MAX_ID = 256
+_REQUIRED_TXN_FIELDS = 6  # event_id, customer_id, occurred_at, type, currency, amount
 
 
 # Not frozen: a frozen dataclass's __init__ goes through object.__setattr__ per field, which
@@ -124,10 +125,13 @@ def decode_transaction(raw: bytes | None, key: bytes | None = None, check_key: b
     if "amount" not in doc:
         raise InvalidEvent("invalid_field", "field 'amount' is missing")
     amount_minor = to_minor(doc["amount"], currency)
-    _optional(doc, "order_id", str)
-    _optional(doc, "channel", str)
-    _optional(doc, "attributes", dict)
-    invoice_id = _optional(doc, "invoice_id", str)
+    invoice_id = None
+    # The six fields above are all there, so a document of six has none of the optional ones.
+    if len(doc) > _REQUIRED_TXN_FIELDS:
+        _optional(doc, "order_id", str)
+        _optional(doc, "channel", str)
+        _optional(doc, "attributes", dict)
+        invoice_id = _optional(doc, "invoice_id", str)
     if (kind == "invoice" or kind == "payment") and not invoice_id:
         raise InvalidEvent("invalid_field", f"a {kind} needs a non-empty 'invoice_id'")
     if check_key:
