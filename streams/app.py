@@ -77,6 +77,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         **faust_broker_options(settings),
     )
     app.conf.gradeflow_settings = settings  # type: ignore[attr-defined]
+    app.fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms
     counters = Counters()
     app.gradeflow_counters = counters  # type: ignore[attr-defined]
 

@@ -48,8 +48,33 @@ class _InFlight:
         self.refcount = 1
 
 
+class BatchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
+    """Faust's consumer thread, with the app's ``fetch_max_wait_ms``.
+
+    Faust builds the worker's aiokafka consumer with ``fetch_max_wait_ms=1500``.
+    aiokafka keeps one fetch in flight per broker and does not fetch a partition
+    whose records are still buffered, so while the input partitions' records are
+    graded it sends a fetch for the rest alone (the idle ``interactions``
+    partitions, the assignor's): the broker holds that one for the whole wait, and
+    input partitions drained meanwhile cannot be fetched until it returns. Two
+    workers spent half their time there (docs/performance.md §10).
+    """
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        wait = cast(BatchingApp, self.app).fetch_max_wait_ms
+        if wait is not None:
+            # Read by AIOKafkaConsumer.start(), which builds the fetcher; there is no public
+            # setter and Faust passes a constant (tests/streams/test_batching_fetch.py guards this).
+            consumer._fetch_max_wait_ms = wait
+        return consumer
+
+
 class BatchConsumer(aiokafka_driver.Consumer):
     """Faust's aiokafka consumer with a batch path for selected topics."""
+
+    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
+        return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def ack_records(self, records: Sequence[Any]) -> None:
         """Mark processed records as acked, so that Faust commits past them."""
@@ -248,6 +273,9 @@ class BatchTransport(aiokafka_driver.Transport):
 
 class BatchingApp(faust.App):
     """A Faust app whose consumer can deliver chosen topics in batches."""
+
+    #: The worker consumer's fetch.max.wait.ms (see :class:`BatchConsumerThread`); None: Faust's.
+    fetch_max_wait_ms: int | None = None
 
     def _new_transport(self) -> Any:
         return BatchTransport(self.conf.broker_consumer, self)

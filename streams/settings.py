@@ -121,6 +121,9 @@ class Settings(BaseSettings):
         60.0, ge=1, le=90, description="Consumer group session timeout: how long a crashed worker's partitions wait "
                                        "before another worker takes them over.")
     kafka_heartbeat_interval_s: float = Field(3.0, gt=0, description="Consumer group heartbeat interval.")
+    kafka_fetch_max_wait_ms: int = Field(
+        20, ge=0, le=10_000, description="Longest a fetch waits at the broker for data (the consumer's fetch.max.wait.ms; "
+                                         "Faust's 1,500 ms let idle partitions stall busy ones: docs/performance.md §10).")
     topic_prefix: str = Field(
         "", description="Prepended to every topic name and to the app id (so also to changelog topics and the "
                         "consumer group), for clusters with prefixed ACLs, e.g. 'team-risk.'.")
