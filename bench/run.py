@@ -4,10 +4,12 @@ Produces N transactions for M customers to a fresh topic on the local broker,
 then, in one run:
 - a raw aiokafka consumer reads the topic with ``getmany()`` and no decoding,
   timed from its start to the N-th record;
-- a gradeflow worker consumes the same backlog; its throughput is events/s
-  from the first batch taken to the last batch's grades decided and written
-  (from the worker's own ``gradeflow-stats`` log lines);
-- the worker's peak RSS (VmHWM) above its RSS when ready, per 100k customers.
+- gradeflow workers, one per core as deployed (``--workers``), consume the same
+  backlog in one group; their throughput is events/s to the last batch's grades
+  decided and written (from the workers' own ``gradeflow-stats`` log lines), from
+  the first batch taken for one worker, from the group complete for several
+  (:func:`steady_rate`; both figures are printed);
+- the workers' peak RSS (VmHWM) above their RSS when ready, per 100k customers.
 The last line is machine-readable:
 ``throughput_ratio=R worker_eps=W raw_eps=X rss_mb_per_100k=Y``.
 """
@@ -99,11 +101,55 @@ def _last_stats(worker: WorkerProcess) -> dict | None:
     return stats
 
 
+def _log_time(line: str) -> float | None:
+    """Unix time of a worker log line (Faust stamps local time, to the millisecond)."""
+    if not line.startswith("[") or len(line) < 24:
+        return None
+    try:
+        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
+
+
+def worker_timeline(log: str) -> tuple[float | None, list[tuple[float, int]]]:
+    """From a worker's log: when it last became ready (the end of its last rebalance's
+    recovery), and its ``(log time, events consumed)`` samples."""
+    ready = None
+    samples: list[tuple[float, int]] = []
+    for line in log.splitlines():
+        if "gradeflow-stats " in line:
+            at = _log_time(line)
+            if at is not None:
+                samples.append((at, orjson.loads(line.split("gradeflow-stats ", 1)[1])["consumed"]))
+        elif "Recovery]: Worker ready" in line:
+            ready = _log_time(line)
+    return ready, samples
+
+
+def steady_rate(timelines: list[tuple[float | None, list[tuple[float, int]]]], end: float) -> float:
+    """Events/s of a group from the moment its last member became ready to ``end`` (its last batch).
+
+    Workers started together still join one after another, and the group's first
+    seconds (one member alone, then a rebalance and its recovery) are start-up, not
+    throughput. Events consumed before that moment are those of each worker's first
+    sample at or after it, which counts a few just after it as before it: this
+    errs low."""
+    start = max(ready for ready, _ in timelines if ready is not None)
+    after = 0
+    for _, samples in timelines:
+        if not samples:
+            continue
+        before = next((consumed for at, consumed in samples if at >= start), samples[-1][1])
+        after += samples[-1][1] - before
+    return after / (end - start)
+
+
 def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1,
-               then: Callable[[], Any] | None = None) -> tuple[float, int, int, dict, Any]:
-    """Events/s of ``workers`` worker processes (one group) over the backlog, their RSS when ready
-    and at peak (kB, summed over workers), their summed stats, and what ``then`` returned: it runs
-    after the backlog, while the workers (and the state they hold) are still up."""
+               then: Callable[[], Any] | None = None) -> tuple[float, float, int, int, dict, Any]:
+    """Events/s of ``workers`` worker processes (one group) over the backlog, from the first batch and
+    from the group complete (:func:`steady_rate`; the same for one worker), their RSS when ready and at
+    peak (kB, summed over workers), their summed stats, and what ``then`` returned: it runs after the
+    backlog, while the workers (and the state they hold) are still up."""
     # A backlog is a replay: the event clock re-grades customers as the
     # history's own time passes, as a backfill would.
     procs = [WorkerProcess({**env, "GRADEFLOW_REPORT_INTERVAL": "0.5", "GRADEFLOW_LOG_LEVEL": "info",
@@ -126,14 +172,17 @@ def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1,
             time.sleep(0.5)
         peak_kb = sum(_status_kb(w.proc.pid, "VmHWM") for w in procs if w.proc is not None)
         final = [_last_stats(w) for w in procs]
+        timelines = [worker_timeline(w.log_path.read_text(errors="replace")) for w in procs if w.log_path]
         after = then() if then is not None else None
     finally:
         for worker in procs:
             worker.stop()
     stats = [st for st in final if st]
     total = {k: sum(st[k] for st in stats) for k in ("consumed", "applied", "dead_lettered", "grade_changes", "alerts")}
-    span = max(st["last_batch_at"] for st in stats) - min(st["first_batch_at"] for st in stats)
-    return total["consumed"] / span, ready_kb, peak_kb, total, after
+    end = max(st["last_batch_at"] for st in stats)
+    whole = total["consumed"] / (end - min(st["first_batch_at"] for st in stats))
+    steady = steady_rate(timelines, end) if workers > 1 else whole
+    return whole, steady, ready_kb, peak_kb, total, after
 
 
 def throughput(settings, events: int, customers: int, timeout_s: float, workers: int = 1,
@@ -163,15 +212,20 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
             time.sleep(3)
             return _latencies(settings, env, "g", latency_rate, sent)
     try:
-        worker_eps, ready_kb, peak_kb, stats, lat = run_worker(env, events, timeout_s, workers, then)
+        whole_eps, worker_eps, ready_kb, peak_kb, stats, lat = run_worker(env, events, timeout_s, workers, then)
     finally:
         drop_run(settings.kafka_bootstrap, env)
-    print(f"gradeflow worker{'s' if workers > 1 else ''} (x{workers}): {worker_eps:,.0f} events/s; applied={stats['applied']} dead={stats['dead_lettered']} "
-          f"grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
+    if workers == 1:
+        print(f"gradeflow worker (x1): {worker_eps:,.0f} events/s; applied={stats['applied']} "
+              f"dead={stats['dead_lettered']} grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
+    else:
+        print(f"gradeflow workers (x{workers}, one group): {worker_eps:,.0f} events/s from the group complete, "
+              f"{whole_eps:,.0f} from the first batch (start-up rebalance included); applied={stats['applied']} "
+              f"dead={stats['dead_lettered']} grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
     per_100k = max(0, peak_kb - ready_kb) / 1024 / customers * 100_000
     print(f"worker RSS: {ready_kb / 1024:.0f} MB when ready, peak {peak_kb / 1024:.0f} MB; "
           f"{per_100k:.0f} MB per 100k customers above the ready baseline")
-    return {"customers": customers, "events": events, "raw_eps": raw_eps, "worker_eps": worker_eps,
+    return {"customers": customers, "events": events, "workers": workers, "raw_eps": raw_eps, "worker_eps": worker_eps,
             "ratio": worker_eps / raw_eps, "rss_mb_per_100k": per_100k, "peak_mb": peak_kb / 1024,
             **(lat or {})}
 
@@ -347,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-events", type=int, default=300_000, help="fewest events of a growth run's size")
     parser.add_argument("--replot", default="", help="draw the growth table and plot again from a growth JSON")
     parser.add_argument("--plot", default="docs/bench-growth.png")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes in the throughput run (one group)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes in the throughput run (one group); default: one per core, "
+                             "at most one per partition")
     parser.add_argument("--latency-only", action="store_true", help="only the latency run (prints p50/p99, no last line)")
     args = parser.parse_args(argv)
 
@@ -366,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.latency_only:
         latency(settings, args.rate, args.latency_seconds, args.customers)
         return 0
-    run = throughput(settings, args.events, args.customers, args.timeout, args.workers)
+    workers = args.workers or max(1, min(os.cpu_count() or 1, settings.partitions))
+    run = throughput(settings, args.events, args.customers, args.timeout, workers)
     lat = latency(settings, args.rate, args.latency_seconds, args.customers)
     print(f"throughput_ratio={run['ratio']:.4f} worker_eps={run['worker_eps']:.0f} raw_eps={run['raw_eps']:.0f} "
           f"rss_mb_per_100k={run['rss_mb_per_100k']:.1f} p99_ms={lat['p99_ms']}")
