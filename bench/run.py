@@ -317,27 +317,28 @@ def latency(settings, rate: float, seconds: float, customers: int) -> dict:
     """
     env = unique_env("lat", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
     os.environ.update(env)
-    create_topics(load_settings())
-    _log_append_time(settings, env)
     worker = WorkerProcess({**env, "GRADEFLOW_DOWNSTREAM": os.environ.get("GRADEFLOW_DOWNSTREAM", "false"),
                             "GRADEFLOW_CLOCK": os.environ.get("GRADEFLOW_CLOCK", "wall")}, name="latency")
-    worker.start(ready_timeout=120)
-    try:
-        time.sleep(3)  # partitions assigned
-        # A warm-up at the same rate, on other customers and not measured: a worker's first
-        # batches pay once for metadata of the output topics and first connections (a stall of
-        # ~150 ms, enough to move the p99 of a 20 s run), which a running worker does not.
-        asyncio.run(_steady_produce(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"],
-                                    rate, WARM_UP_S, customers, customer_prefix="w", event_prefix="w"))
-        sent = asyncio.run(_steady_produce(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"],
-                                           rate, seconds, customers))
-        time.sleep(3)
-    finally:
-        worker.stop()
-    try:
-        return _latencies(settings, env, "l", rate, sent)
-    except RuntimeError as exc:
-        raise RuntimeError(f"{exc}:\n{worker.tail()}") from None
+    try:  # whatever fails, the run's topics go (drop_run below)
+        create_topics(load_settings())
+        _log_append_time(settings, env)
+        try:
+            worker.start(ready_timeout=120)
+            time.sleep(3)  # partitions assigned
+            # A warm-up at the same rate, on other customers and not measured: a worker's first
+            # batches pay once for metadata of the output topics and first connections (a stall of
+            # ~150 ms, enough to move the p99 of a 20 s run), which a running worker does not.
+            asyncio.run(_steady_produce(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"],
+                                        rate, WARM_UP_S, customers, customer_prefix="w", event_prefix="w"))
+            sent = asyncio.run(_steady_produce(settings.kafka_bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"],
+                                               rate, seconds, customers))
+            time.sleep(3)
+        finally:
+            worker.stop()
+        try:
+            return _latencies(settings, env, "l", rate, sent)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{worker.tail()}") from None
     finally:
         drop_run(settings.kafka_bootstrap, env)
 
