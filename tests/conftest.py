@@ -46,7 +46,7 @@ def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
     for env in {w.env["GRADEFLOW_APP_ID"]: w.env for w in started}.values():
         try:
-            drop_run(bootstrap, env)
+            drop_run(env.get("GRADEFLOW_KAFKA_BOOTSTRAP", bootstrap), env)  # the cluster the workers used
         except Exception as exc:  # a test's outcome does not depend on the clean-up
             warnings.warn(f"could not delete the topics of {env['GRADEFLOW_APP_ID']}: {exc!r}")
 
