@@ -125,6 +125,17 @@ class BatchConsumer(aiokafka_driver.Consumer):
             # with the same seek.
             self.log.warning("gradeflow: seek to the committed offsets failed: %r", exc)
 
+    async def _refetch_inputs(self, records_by_tp: Any, batch_topics: frozenset[str]) -> None:
+        """After a fetch's input records were dropped, have them fetched again: every partition back
+        to its committed offset, then each input partition the seek left where the fetch took it
+        (one with no committed offset yet: a new group, or an owner killed before its first
+        commit) back to the first record dropped. Without the second step a takeover of such a
+        partition skipped the records of its first fetch and waited past them for good."""
+        await self._seek_back()
+        for tp, records in records_by_tp.items():
+            if tp.topic in batch_topics:
+                await self._unread(tp, records)
+
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by broker tests
         handler: BatchHandler | None = getattr(self.app, "_gradeflow_batch_handler", None)
         batch_topics: frozenset[str] = getattr(self.app, "_gradeflow_batch_topics", frozenset())
@@ -155,7 +166,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
                     for tp, records in records_by_tp.items():
                         if tp.topic not in batch_topics:
                             await self._unread(tp, records)
-                    await self._seek_back()
+                    await self._refetch_inputs(records_by_tp, batch_topics)
                     continue
                 # The records of the batch topics in a fetch that spans a rebalance are dropped before
                 # they move any read offset, and every partition is sought back to its committed
@@ -211,7 +222,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
                     if not stale:
                         read_offset[tp] = last
                 if stale or dropped:
-                    await self._seek_back()
+                    await self._refetch_inputs(records_by_tp, batch_topics)
                     continue
                 if not batch:
                     continue

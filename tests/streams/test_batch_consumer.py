@@ -32,6 +32,7 @@ class _Harness(BatchConsumer):
         self.delivered: list[tuple[str, int]] = []  # what took Faust's path (changelogs, other topics)
         self.seeks = 0
         self.unread: list[tuple[str, int, int]] = []  # records put back: (topic, first, last offset)
+        self.steps: list[str] = []  # seeks and put-backs, in order
         self.graded: list[int] = []  # the offsets the batch handler got, in order
         self.app = SimpleNamespace(_gradeflow_batch_handler=self._grade, _gradeflow_batch_topics=frozenset({TOPIC}),
                                    consumer_generation_id=1, monitor=None,
@@ -58,10 +59,12 @@ class _Harness(BatchConsumer):
     async def _unread(self, tp: TP, records: list[Any]) -> None:
         if records:
             self.unread.append((tp.topic, records[0].offset, records[-1].offset))
+            self.steps.append(f"put back {tp.topic}")
 
     async def perform_seek(self) -> None:
         # Faust's: every partition to its committed offset; a changelog has none (None).
         self.seeks += 1
+        self.steps.append("seek")
         self._read_offset[TPART] = 4  # back to the committed offset, 5 the next to read
         self._read_offset[CHANGELOG] = None
 
@@ -147,7 +150,8 @@ def test_a_rebalance_during_delivery_drops_the_rest_of_the_fetch_and_seeks_back(
 
     consumer = _drain(_Rebalancing, [mixed, after_the_seek])
     assert consumer.delivered == [(CHANGELOG.topic, o) for o in range(3)]
-    assert consumer.unread == [(CHANGELOG.topic, 3, 4)]  # not delivered: put back for the recovery
+    # Not delivered: put back for the recovery; the input records after the seek (below).
+    assert consumer.unread == [(CHANGELOG.topic, 3, 4), (TOPIC, 5, 9)]
     assert consumer.graded == [5, 6, 7]
     assert consumer.seeks == 1
 
@@ -183,7 +187,7 @@ def test_changelog_records_fetched_while_the_flow_is_stopped_are_put_back() -> N
 
     consumer = _drain(_Harness, [stopped, resumed])
     assert consumer.delivered == []
-    assert consumer.unread == [(CHANGELOG.topic, 0, 199)]
+    assert consumer.unread == [(CHANGELOG.topic, 0, 199), (TOPIC, 5, 9)]
     assert consumer.graded == list(range(5, 10))
     assert consumer.seeks == 1
 
@@ -195,3 +199,18 @@ def test_changelog_records_of_a_paused_partition_are_put_back() -> None:
     consumer = _drain(_Harness, [paused])
     assert consumer.delivered == [] and consumer.unread == [(CHANGELOG.topic, 0, 9)]
     assert consumer.graded == [5, 6] and consumer.seeks == 0
+
+
+def test_dropped_input_records_are_put_back_after_the_seek_to_the_committed_offsets() -> None:
+    # A takeover of a partition with no committed offset (its owner was killed before its first
+    # commit): the seek to the committed offsets leaves it where the dropped fetch took it, past
+    # the records. Putting them back after the seek re-reads them there; where the seek did move
+    # the partition, it wins (streams.batching.put_back; tests/streams/test_put_back.py).
+    def across_a_rebalance(consumer: _Harness) -> dict:
+        consumer.app.consumer_generation_id += 1
+        return {TPART: _records(5, 9)}
+
+    consumer = _drain(_Harness, [across_a_rebalance])
+    assert consumer.graded == []
+    assert consumer.steps == ["seek", f"put back {TOPIC}"]
+    assert consumer.unread == [(TOPIC, 5, 9)]
