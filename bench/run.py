@@ -93,12 +93,19 @@ def _status_kb(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+_STATS = "gradeflow-stats "
+
+
+def _stats_of(line: str) -> dict | None:
+    """The counters of a worker's ``gradeflow-stats`` log line; None for any other line."""
+    return orjson.loads(line.split(_STATS, 1)[1]) if _STATS in line else None
+
+
 def _last_stats(worker: WorkerProcess) -> dict | None:
     assert worker.log_path is not None
     stats = None
     for line in worker.log_path.read_text(errors="replace").splitlines():
-        if "gradeflow-stats " in line:
-            stats = orjson.loads(line.split("gradeflow-stats ", 1)[1])
+        stats = _stats_of(line) or stats
     return stats
 
 
@@ -118,10 +125,11 @@ def worker_timeline(log: str) -> tuple[float | None, list[tuple[float, int]]]:
     ready = None
     samples: list[tuple[float, int]] = []
     for line in log.splitlines():
-        if "gradeflow-stats " in line:
+        stats = _stats_of(line)
+        if stats is not None:
             at = _log_time(line)
             if at is not None:
-                samples.append((at, orjson.loads(line.split("gradeflow-stats ", 1)[1])["consumed"]))
+                samples.append((at, stats["consumed"]))
         elif "Recovery]: Worker ready" in line:
             ready = _log_time(line)
     return ready, samples
@@ -173,7 +181,9 @@ def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1,
             time.sleep(0.5)
         peak_kb = sum(_status_kb(w.proc.pid, "VmHWM") for w in procs if w.proc is not None)
         final = [_last_stats(w) for w in procs]
-        timelines = [worker_timeline(w.log_path.read_text(errors="replace")) for w in procs if w.log_path]
+        # Several workers are counted from the group complete (steady_rate); one from its first batch.
+        timelines = [worker_timeline(w.log_path.read_text(errors="replace"))
+                     for w in procs if w.log_path] if workers > 1 else []
         after = then() if then is not None else None
     finally:
         for worker in procs:

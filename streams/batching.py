@@ -169,9 +169,10 @@ class BatchConsumer(aiokafka_driver.Consumer):
                     await self._refetch_inputs(records_by_tp, batch_topics)
                     continue
                 # The records of the batch topics in a fetch that spans a rebalance are dropped before
-                # they move any read offset, and every partition is sought back to its committed
-                # offset: whether they came before or after the rebalance's own seek, they are
-                # fetched again. (Moving the read offset past that seek made the consumer skip records
+                # they move any read offset, every partition is sought back to its committed
+                # offset, and an input partition that seek left past them (no committed offset yet)
+                # is put back to them (:meth:`_refetch_inputs`): whether they came before or after
+                # the rebalance's own seek, they are fetched again. (Moving the read offset past that seek made the consumer skip records
                 # as "delivered before a seek"; dropping them without a seek of our own lost those
                 # fetched after it.) Every other record, the tables' changelogs above all, is delivered
                 # as Faust delivers it: the new generation's recovery may be reading those, from the
