@@ -9,9 +9,13 @@ then, in one run:
   decided and written (from the workers' own ``gradeflow-stats`` log lines), from
   the first batch taken for one worker, from the group complete for several
   (:func:`steady_rate`; both figures are printed);
-- the workers' peak RSS (VmHWM) above their RSS when ready, per 100k customers.
+- the workers' peak RSS (VmHWM) above their RSS when ready, per 100k customers;
+- with no clock (``--clock off``, the default): the job of the issue's reference
+  processor; then a second group grades the same backlog with the event clock
+  (``--also-clock``), time-driven re-grading included, printed beside it;
+- latency at a steady offered rate, on a fresh worker with the wall clock.
 The last line is machine-readable:
-``throughput_ratio=R worker_eps=W raw_eps=X rss_mb_per_100k=Y``.
+``throughput_ratio=R worker_eps=W raw_eps=X rss_mb_per_100k=Y p99_ms=P`` (the run without a clock).
 """
 
 from __future__ import annotations
@@ -153,23 +157,34 @@ def steady_rate(timelines: list[tuple[float | None, list[tuple[float, int]]]], e
     return after / (end - start)
 
 
+def worker_env(env: dict[str, str], clock: str, **extra: str) -> dict[str, str]:
+    """The environment of a bench worker: the run's ``env`` with ``clock`` as GRADEFLOW_CLOCK.
+
+    Explicit, because :func:`streams.local.unique_env` turns the clock off (scripted histories
+    lie in the past) and the bench copies that env into its own ``os.environ``: a clock read
+    back from there was the previous run's "off", whatever the bench said it measured."""
+    return {**env, "GRADEFLOW_CLOCK": clock,
+            "GRADEFLOW_DOWNSTREAM": os.environ.get("GRADEFLOW_DOWNSTREAM", "false"), **extra}
+
+
 def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1,
-               then: Callable[[], Any] | None = None) -> tuple[float, float, int, int, dict, Any]:
+               then: Callable[[], Any] | None = None,
+               clock: str = "event") -> tuple[float, float, int, int, dict, Any]:
     """Events/s of ``workers`` worker processes (one group) over the backlog, from the first batch and
     from the group complete (:func:`steady_rate`; the same for one worker), their RSS when ready and at
     peak (kB, summed over workers), their summed stats, and what ``then`` returned: it runs after the
     backlog, while the workers (and the state they hold) are still up."""
     # A backlog is a replay: the event clock re-grades customers as the
     # history's own time passes, as a backfill would.
-    procs = [WorkerProcess({**env, "GRADEFLOW_REPORT_INTERVAL": "0.5", "GRADEFLOW_LOG_LEVEL": "info",
-                            "GRADEFLOW_CLOCK": os.environ.get("GRADEFLOW_CLOCK", "event"),
-                            "GRADEFLOW_DOWNSTREAM": os.environ.get("GRADEFLOW_DOWNSTREAM", "false")},
+    procs = [WorkerProcess(worker_env(env, clock, GRADEFLOW_REPORT_INTERVAL="0.5", GRADEFLOW_LOG_LEVEL="info"),
                            name=f"bench{i + 1}") for i in range(workers)]
     try:
         # Started together, so that the group forms once instead of rebalancing mid-backlog.
+        # Each worker's baseline is taken as it reports ready (within 0.2 s): the first to be ready
+        # starts consuming while the others start, and a baseline taken once all are ready counted
+        # some of its state as baseline (ready baselines of 169 to 221 MB for the same run).
         with ThreadPoolExecutor(len(procs)) as pool:
-            list(pool.map(lambda w: w.start(ready_timeout=120), procs))
-        ready_kb = sum(_status_kb(w.proc.pid, "VmRSS") for w in procs if w.proc is not None)
+            ready_kb = sum(pool.map(lambda w: _status_kb(w.start(ready_timeout=120).proc.pid, "VmRSS"), procs))
         deadline = time.monotonic() + timeout_s
         while True:
             every = [_last_stats(w) for w in procs]
@@ -196,10 +211,39 @@ def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1,
     return whole, steady, ready_kb, peak_kb, total, after
 
 
+def _create_topics_of(env: dict[str, str]) -> None:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        create_topics(load_settings())
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _report_group(workers: int, whole_eps: float, worker_eps: float, stats: dict, label: str = "") -> None:
+    if workers == 1:
+        print(f"gradeflow worker (x1{label}): {worker_eps:,.0f} events/s; applied={stats['applied']} "
+              f"dead={stats['dead_lettered']} grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
+    else:
+        print(f"gradeflow workers (x{workers}, one group{label}): {worker_eps:,.0f} events/s from the group "
+              f"complete, {whole_eps:,.0f} from the first batch (start-up rebalance included); "
+              f"applied={stats['applied']} dead={stats['dead_lettered']} grade_changes={stats['grade_changes']} "
+              f"alerts={stats['alerts']}")
+
+
 def throughput(settings, events: int, customers: int, timeout_s: float, workers: int = 1,
-               latency_rate: float = 0, latency_seconds: float = 10) -> dict:
+               latency_rate: float = 0, latency_seconds: float = 10, clock: str = "off",
+               also_clock: str | None = None) -> dict:
     """One throughput run on a fresh topic: raw consumer, then the worker, same records.
 
+    ``clock``: the workers' GRADEFLOW_CLOCK. ``off`` is the job the issue's reference processor
+    does (decode, fold, grade, emit, changelog); a clock adds time-driven re-grading on top. With
+    ``also_clock``, a second group (its own app id, state and outputs) then grades the same topic
+    with that clock, and its figures are returned as ``also_*``.
     With ``latency_rate``, the worker then gets that steady rate of new events for the same
     customers (whose state it now holds) for ``latency_seconds``, and their latency is measured."""
     env = unique_env("bench", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
@@ -222,23 +266,33 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
                                                customers, customer_prefix="c", event_prefix="g"))
             time.sleep(3)
             return _latencies(settings, env, "g", latency_rate, sent)
+    also: dict[str, Any] = {}
     try:
-        whole_eps, worker_eps, ready_kb, peak_kb, stats, lat = run_worker(env, events, timeout_s, workers, then)
+        whole_eps, worker_eps, ready_kb, peak_kb, stats, lat = run_worker(env, events, timeout_s, workers, then, clock)
+        _report_group(workers, whole_eps, worker_eps, stats, f", clock {clock}")
+        per_100k = max(0, peak_kb - ready_kb) / 1024 / customers * 100_000
+        print(f"worker RSS: {ready_kb / 1024:.0f} MB when ready, peak {peak_kb / 1024:.0f} MB; "
+              f"{per_100k:.0f} MB per 100k customers above the ready baseline")
+        if also_clock:
+            other = unique_env("bclk", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+                               GRADEFLOW_TOPIC_TRANSACTIONS=topic)
+            try:
+                _create_topics_of(other)
+                a_whole, a_eps, a_ready, a_peak, a_stats, _ = run_worker(other, events, timeout_s, workers, None,
+                                                                         also_clock)
+            finally:
+                drop_run(settings.kafka_bootstrap, other)
+            _report_group(workers, a_whole, a_eps, a_stats, f", clock {also_clock}")
+            a_100k = max(0, a_peak - a_ready) / 1024 / customers * 100_000
+            also = {"also_clock": also_clock, "also_eps": a_eps, "also_ratio": a_eps / raw_eps,
+                    "also_rss_mb_per_100k": a_100k, "also_grade_changes": a_stats["grade_changes"]}
+            print(f"with the {also_clock} clock (time-driven re-grading too): {a_eps:,.0f} events/s, "
+                  f"ratio {a_eps / raw_eps:.4f}, {a_100k:.0f} MB per 100k customers above the ready baseline")
     finally:
         drop_run(settings.kafka_bootstrap, env)
-    if workers == 1:
-        print(f"gradeflow worker (x1): {worker_eps:,.0f} events/s; applied={stats['applied']} "
-              f"dead={stats['dead_lettered']} grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
-    else:
-        print(f"gradeflow workers (x{workers}, one group): {worker_eps:,.0f} events/s from the group complete, "
-              f"{whole_eps:,.0f} from the first batch (start-up rebalance included); applied={stats['applied']} "
-              f"dead={stats['dead_lettered']} grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
-    per_100k = max(0, peak_kb - ready_kb) / 1024 / customers * 100_000
-    print(f"worker RSS: {ready_kb / 1024:.0f} MB when ready, peak {peak_kb / 1024:.0f} MB; "
-          f"{per_100k:.0f} MB per 100k customers above the ready baseline")
     return {"customers": customers, "events": events, "workers": workers, "raw_eps": raw_eps, "worker_eps": worker_eps,
-            "ratio": worker_eps / raw_eps, "rss_mb_per_100k": per_100k, "peak_mb": peak_kb / 1024,
-            **(lat or {})}
+            "ratio": worker_eps / raw_eps, "rss_mb_per_100k": per_100k, "peak_mb": peak_kb / 1024, "clock": clock,
+            **also, **(lat or {})}
 
 
 async def _steady_produce(bootstrap: str, topic: str, rate: float, seconds: float, customers: int,
@@ -319,7 +373,7 @@ def _latencies(settings, env: dict[str, str], event_prefix: str, rate: float, se
     return {"p50_ms": p50, "p99_ms": p99, "max_ms": lat[-1], "changes": len(lat)}
 
 
-def latency(settings, rate: float, seconds: float, customers: int) -> dict:
+def latency(settings, rate: float, seconds: float, customers: int, clock: str = "wall") -> dict:
     """p50/p99 from an input record's append to its grade change's append, at a steady offered rate.
 
     Both topics use LogAppendTime, so both timestamps come from the broker's
@@ -327,8 +381,7 @@ def latency(settings, rate: float, seconds: float, customers: int) -> dict:
     """
     env = unique_env("lat", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
     os.environ.update(env)
-    worker = WorkerProcess({**env, "GRADEFLOW_DOWNSTREAM": os.environ.get("GRADEFLOW_DOWNSTREAM", "false"),
-                            "GRADEFLOW_CLOCK": os.environ.get("GRADEFLOW_CLOCK", "wall")}, name="latency")
+    worker = WorkerProcess(worker_env(env, clock), name="latency")
     try:  # whatever fails, the run's topics go (drop_run below)
         create_topics(load_settings())
         _log_append_time(settings, env)
@@ -354,7 +407,7 @@ def latency(settings, rate: float, seconds: float, customers: int) -> dict:
 
 
 def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot: str,
-           rate: float = 5000, latency_seconds: float = 10, min_events: int = 0) -> None:
+           rate: float = 5000, latency_seconds: float = 10, min_events: int = 0, clock: str = "off") -> None:
     """Throughput, memory and latency at several customer counts; a table, a PNG plot and the
     rows as JSON beside it (``--replot`` draws the plot again from them).
 
@@ -362,7 +415,7 @@ def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot
     customer's state: ``rate`` events/s for ``latency_seconds`` to those same customers. A size
     gets at least ``min_events`` events: a run of a few seconds measures start-up, not grading."""
     rows = [throughput(settings, max(m * per_customer, min_events), m, timeout_s, latency_rate=rate,
-                       latency_seconds=latency_seconds) for m in sizes]
+                       latency_seconds=latency_seconds, clock=clock) for m in sizes]
     with open(os.path.splitext(plot)[0] + ".json", "wb") as fh:
         fh.write(orjson.dumps({"rate": rate, "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "rows": rows},
                               option=orjson.OPT_INDENT_2))
@@ -421,6 +474,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes in the throughput run (one group); default: one per core, "
                              "at most one per partition")
+    parser.add_argument("--clock", default="off", choices=("event", "wall", "off"),
+                        help="GRADEFLOW_CLOCK of the backlog run that gives the ratio: off (the default) is the "
+                             "job of the issue's reference processor, without time-driven re-grading")
+    parser.add_argument("--also-clock", default="event", choices=("event", "wall", "off", "none"),
+                        help="then a second group grades the same backlog with this clock (default event: a "
+                             "replay re-graded by the history's own time, all of gradeflow's work); none: skip")
+    parser.add_argument("--latency-clock", default="wall", choices=("event", "wall", "off"),
+                        help="GRADEFLOW_CLOCK of the latency run's worker (new events, so wall as in production)")
     parser.add_argument("--latency-only", action="store_true", help="only the latency run (prints p50/p99, no last line)")
     args = parser.parse_args(argv)
 
@@ -434,14 +495,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.growth:
         growth(settings, [int(x) for x in args.growth.split(",")], args.per_customer, args.timeout, args.plot,
-               args.rate, min(args.latency_seconds, 10), args.min_events)
+               args.rate, min(args.latency_seconds, 10), args.min_events, args.clock)
         return 0
     if args.latency_only:
-        latency(settings, args.rate, args.latency_seconds, args.customers)
+        latency(settings, args.rate, args.latency_seconds, args.customers, args.latency_clock)
         return 0
     workers = args.workers or max(1, min(os.cpu_count() or 1, settings.partitions))
-    run = throughput(settings, args.events, args.customers, args.timeout, workers)
-    lat = latency(settings, args.rate, args.latency_seconds, args.customers)
+    also = None if args.also_clock == "none" else args.also_clock
+    print(f"clock: {args.clock} in the backlog run{f' (then {also})' if also else ''}, "
+          f"{args.latency_clock} in the latency run")
+    run = throughput(settings, args.events, args.customers, args.timeout, workers, clock=args.clock,
+                     also_clock=also)
+    lat = latency(settings, args.rate, args.latency_seconds, args.customers, args.latency_clock)
     print(f"throughput_ratio={run['ratio']:.4f} worker_eps={run['worker_eps']:.0f} raw_eps={run['raw_eps']:.0f} "
           f"rss_mb_per_100k={run['rss_mb_per_100k']:.1f} p99_ms={lat['p99_ms']}")
     return 0

@@ -1,4 +1,5 @@
-"""The benchmark's reading of worker logs (bench/run.py): when a group is complete, and its rate from then."""
+"""The benchmark (bench/run.py): its reading of worker logs (when a group is complete, its rate from then)
+and the environment its workers get."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from datetime import datetime
 
 import orjson
 
-from bench.run import steady_rate, worker_timeline
+from bench.run import steady_rate, worker_env, worker_timeline
+from streams.local import unique_env
 
 
 def _at(clock: str) -> float:
@@ -42,3 +44,13 @@ def test_the_steady_rate_counts_from_the_last_member_ready() -> None:
     # A worker that consumed nothing after the group was complete adds nothing.
     idle = (_at("03:00:02,000"), [(_at("03:00:02,500"), 500)])
     assert steady_rate([one, two, idle], end=_at("03:00:14,000")) == rate
+
+
+def test_a_worker_runs_the_clock_the_bench_names_not_the_one_a_run_left_in_its_env() -> None:
+    # unique_env turns the clock off for scripted histories; the bench copies that env into
+    # os.environ, so the clock of a later run must not come from there.
+    env = unique_env("bench")
+    assert env["GRADEFLOW_CLOCK"] == "off"
+    assert worker_env(env, "event")["GRADEFLOW_CLOCK"] == "event"
+    assert worker_env(env, "wall", GRADEFLOW_LOG_LEVEL="info")["GRADEFLOW_LOG_LEVEL"] == "info"
+    assert worker_env(env, "off")["GRADEFLOW_APP_ID"] == env["GRADEFLOW_APP_ID"]
