@@ -205,7 +205,7 @@ def first_look(rs: CompiledRuleset, state: CustomerState, horizon: timedelta,
     key customer, the first candidate instant minus the horizon (a drop can come no earlier than the
     first candidate, and its warning is due a horizon before it); else rules.schedule.first_look."""
     bound = _first_look(rs, state, population)
-    if bound is None or horizon <= timedelta(0) or not is_key(rs, state):
+    if bound is None or not horizon or not is_key(rs, state):  # a zero horizon: no warnings
         return bound
     return bound - horizon.total_seconds()
 

@@ -186,6 +186,13 @@ def midnight(day: int, tz: Any) -> datetime:
     return moment
 
 
+@lru_cache(maxsize=4096)
+def midnight_ts(day: int, tz: Any) -> float:
+    """``midnight(day, tz).timestamp()``, remembered: the hot path asks it of every customer it
+    writes when the worker runs a clock, and a batch's customers share a few days."""
+    return midnight(day, tz).timestamp()
+
+
 def is_boundary(moment: datetime, every: str, tz: Any) -> bool:
     """Whether ``moment`` is the instant a local month (``month_end``) or year (``year_end``) ends."""
     local = moment.astimezone(tz)
@@ -213,6 +220,50 @@ def _next_boundary(day: int, every: str) -> int:
     return next(iter(_month_starts(day, day + 400, every == "year_end")))
 
 
+def _counter_base(name: str, state: CustomerState, tz: Any) -> tuple[int, bool] | None:
+    """The local day a days-counter metric counts from, and whether it counts down to it."""
+    ts: float | None
+    if name == "recency_days":
+        ts = state.last_purchase_ts
+    elif name == "tenure_days":
+        ts = state.first_purchase_ts
+    elif name.startswith("interactions.recency_days"):
+        parts = name.split(".")
+        ts = state.last_interaction_ts if len(parts) == 2 else state.last_by_type.get(parts[2])
+    elif name.startswith("days_since.") or name.startswith("days_until."):
+        held = state.attrs.get(name.split(".", 1)[1])
+        if held is not None and isinstance(held[1], int):
+            return held[1], name.startswith("days_until.")
+        return None
+    elif name == "invoices.oldest_open_days":
+        issued = [i for i, paid in state.invoices.values() if i is not None and paid is None]
+        return (min(issued), False) if issued else None
+    else:
+        return None
+    return None if ts is None else (windows.day_of_ts(ts, tz), False)
+
+
+def _counter_bounds(name: str, bounds: set[int], population: Population | None) -> set[int]:
+    if not population:
+        return bounds
+    return bounds | {int(v) + d for (metric, _), v in population.items() if metric == name for d in (-1, 0, 1, 2)}
+
+
+def _rolling_days(family: str, state: CustomerState) -> Iterable[int]:
+    if family == "purchases":
+        return state.buckets.keys()
+    if family == "interactions":
+        return state.ibuckets.keys()
+    return [paid for _, paid in state.invoices.values() if paid is not None]  # invoices: the day each was paid
+
+
+def _counter_days(base: int, falling: bool, bounds: Iterable[int]) -> Iterable[int]:
+    # The day a counter reaches a bound and the day after (a comparison may be strict).
+    if falling:
+        return (d for k in bounds for d in (base - k, base - k + 1))
+    return (d for k in bounds for d in (base + k, base + k + 1))
+
+
 def candidate_days(rs: CompiledRuleset, state: CustomerState, after_day: int,
                    population: Population | None = None) -> list[int]:
     """Local days after ``after_day`` whose midnight may change a metric, ascending."""
@@ -220,50 +271,13 @@ def candidate_days(rs: CompiledRuleset, state: CustomerState, after_day: int,
     tz = rs.tz
     last = after_day + p.horizon_days
     days: set[int] = set()
-    add = days.add
-
-    def since(base: int | None, bounds: Iterable[int], falling: bool = False) -> None:
-        if base is None:
-            return
-        for k in bounds:
-            for d in ((base - k, base - k + 1) if falling else (base + k, base + k + 1)):
-                if after_day < d <= last:
-                    add(d)
-
-    def day_of(ts: float | None) -> int | None:
-        return None if ts is None else windows.day_of_ts(ts, tz)
-
     for name, bounds in p.counters.items():
-        if population:
-            extra = {int(v) + d for (metric, _), v in population.items() if metric == name for d in (-1, 0, 1, 2)}
-            bounds = bounds | extra
-        if name == "recency_days":
-            since(day_of(state.last_purchase_ts), bounds)
-        elif name == "tenure_days":
-            since(day_of(state.first_purchase_ts), bounds)
-        elif name.startswith("interactions.recency_days"):
-            parts = name.split(".")
-            ts = state.last_interaction_ts if len(parts) == 2 else state.last_by_type.get(parts[2])
-            since(day_of(ts), bounds)
-        elif name.startswith("days_since.") or name.startswith("days_until."):
-            held = state.attrs.get(name.split(".", 1)[1])
-            if held is not None and isinstance(held[1], int):
-                since(held[1], bounds, falling=name.startswith("days_until."))
-        elif name == "invoices.oldest_open_days":
-            issued = [i for i, paid in state.invoices.values() if i is not None and paid is None]
-            if issued:
-                since(min(issued), bounds)
+        held = _counter_base(name, state, tz)
+        if held is not None:
+            days.update(d for d in _counter_days(*held, _counter_bounds(name, bounds, population))
+                        if after_day < d <= last)
     for family, lengths in p.rolling.items():
-        if family == "purchases":
-            data: Iterable[int] = state.buckets.keys()
-        elif family == "interactions":
-            data = state.ibuckets.keys()
-        else:  # invoices: the day each was paid
-            data = [paid for _, paid in state.invoices.values() if paid is not None]
-        for d in data:
-            for n in lengths:
-                if after_day < d + n <= last:
-                    add(d + n)
+        days.update(d + n for d in _rolling_days(family, state) for n in lengths if after_day < d + n <= last)
     if p.adb_rolling and state.flows:
         end = min(last, max(state.flows) + max(p.adb_rolling))
         days.update(range(after_day + 1, end + 1))
@@ -273,6 +287,43 @@ def candidate_days(rs: CompiledRuleset, state: CustomerState, after_day: int,
         every = set(p.regrade.values())
         days.update(_month_starts(after_day, last, "month_end" not in every))
     return sorted(days)
+
+
+def first_candidate_day(rs: CompiledRuleset, state: CustomerState, after_day: int,
+                        population: Population | None = None) -> int | None:
+    """The first of :func:`candidate_days`, or None, without collecting them all: the hot path
+    asks this of every customer it writes when the worker runs a clock (a test keeps the two equal)."""
+    p = plan_of(rs)
+    tz = rs.tz
+    lo = after_day + 1
+    best = after_day + p.horizon_days + 1  # past the last candidate: none found yet
+    for name, bounds in p.counters.items():
+        held = _counter_base(name, state, tz)
+        if held is None:
+            continue
+        base, falling = held
+        sign = -1 if falling else 1
+        for k in _counter_bounds(name, bounds, population):
+            d = base + sign * k  # or the day after (as _counter_days)
+            if d >= lo:
+                if d < best:
+                    best = d
+            elif d + 1 == lo:
+                best = lo
+    for family, lengths in p.rolling.items():
+        for d in _rolling_days(family, state):
+            for n in lengths:
+                if lo <= d + n < best:
+                    best = d + n
+    last = after_day + p.horizon_days
+    if p.adb_rolling and state.flows and min(last, max(state.flows) + max(p.adb_rolling)) >= lo:
+        return lo  # nothing can come before the first day after
+    if p.months or p.years:
+        best = min(best, next(iter(_month_starts(after_day, last, not p.months)), best))
+    if p.regrade:
+        every = set(p.regrade.values())
+        best = min(best, next(iter(_month_starts(after_day, last, "month_end" not in every)), best))
+    return best if best <= last else None
 
 
 def _dwell_ends(rs: CompiledRuleset, state: CustomerState, after: datetime) -> list[datetime]:
@@ -466,12 +517,12 @@ def first_look(rs: CompiledRuleset, state: CustomerState, population: Population
         return None
     p = plan_of(rs)
     tz = rs.tz
-    moment = datetime.fromtimestamp(start, tz)
-    after_day = windows.local_day(moment, tz)
-    days = candidate_days(rs, state, after_day, population)
-    found = [midnight(days[0], tz).timestamp()] if days else []
+    after_day = windows.day_of_ts(start, tz)
+    day = first_candidate_day(rs, state, after_day, population)
+    found = [midnight_ts(day, tz)] if day is not None else []
     if p.dwell:
-        found += [m.timestamp() for m in _dwell_ends(rs, state, moment)]
-    for name in p.relative & set(p.regrade):
-        found.append(midnight(_next_boundary(after_day, p.regrade[name]), tz).timestamp())
+        found += [m.timestamp() for m in _dwell_ends(rs, state, datetime.fromtimestamp(start, tz))]
+    if p.regrade and p.relative:
+        for name in p.relative & set(p.regrade):
+            found.append(midnight(_next_boundary(after_day, p.regrade[name]), tz).timestamp())
     return min(found) if found else None

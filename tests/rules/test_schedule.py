@@ -12,8 +12,8 @@ from rules import windows
 from rules.changes import Cause, grade
 from rules.engine import compile_ruleset, evaluate
 from rules.ruleset import load, parse
-from rules.schedule import (GRADED_AT, _masked, Schedule, first_look, grades_at, midnight, next_change_at, next_wake,
-                            regrade)
+from rules.schedule import (GRADED_AT, _masked, Schedule, candidate_days, first_candidate_day, first_look, grades_at,
+                            midnight, midnight_ts, next_change_at, next_wake, plan_of, regrade)
 from rules.state import CustomerState, apply_interaction, apply_transaction, prune
 from schemas.errors import RulesetError
 from tests.rules.rulehelp import SHANGHAI, at
@@ -219,7 +219,7 @@ def test_schedule_pops_only_due_and_current_entries():
 KINDS = ["visit", "quote_requested", "meeting", "trial_class", "referral", "call", "overdue", "complaint"]
 
 
-@pytest.mark.parametrize("preset", ["lifecycle", "loyalty", "rfm-8", "annual-sales-vip", "education-sadc", "risk-3",
+@pytest.mark.parametrize("preset", ["rfm-5", "lifecycle", "loyalty", "rfm-8", "annual-sales-vip", "education-sadc", "risk-3",
                                     "scorecard-abc", "sales-cycle-abcde", "b2b-pipeline-abcd"])
 @settings(max_examples=12, deadline=None)
 @given(events=st.lists(st.tuples(st.integers(0, 500), st.integers(-1, 7), st.integers(1, 3000000)),
@@ -253,6 +253,13 @@ def test_property_exact_for_other_presets(preset, events):
     due = next_change_at(rs, state, after)
     look = first_look(rs, state, after=after.timestamp())
     assert due is None or (look is not None and after.timestamp() < look <= due.timestamp())
+    # the first candidate, found without collecting them all, is the first of them all
+    population = {(name, 0.95): 30 + i * 7 for i, name in enumerate(plan_of(rs).counters)}
+    for n in (-400, -30, -1, 0, 1, 7, 60, 200):
+        after_day = windows.local_day(after, rs.tz) + n
+        for pop in (None, population):
+            assert first_candidate_day(rs, state, after_day, pop) == \
+                next(iter(candidate_days(rs, state, after_day, pop)), None), (n, pop)
     last = due if due is not None else midnight(windows.local_day(after, SHANGHAI) + 400, SHANGHAI)
     d = windows.local_day(after, SHANGHAI) + 1
     while midnight(d, SHANGHAI) < last:
@@ -310,3 +317,16 @@ def test_property_exact_with_margin_dwell_and_two_ladders(purchases):
         assert grades_at(rs, state, due - US) == before and grades_at(rs, state, due) != before
         regrade("c", rs, state, due, NOW)
         after = due
+
+
+def test_midnight_ts_is_midnight_even_where_a_dst_gap_moves_it():
+    from zoneinfo import ZoneInfo
+
+    havana = ZoneInfo("America/Havana")  # DST starts at midnight: the day begins at 01:00
+    for d in (date(2025, 3, 9), date(2025, 3, 10), date(2026, 11, 23)):
+        for tz in (SHANGHAI, havana):
+            assert midnight_ts(d.toordinal(), tz) == midnight(d.toordinal(), tz).timestamp()
+            ts = midnight_ts(d.toordinal(), tz)  # the day's first instant
+            assert windows.day_of_ts(ts, tz) == d.toordinal() and windows.day_of_ts(ts - 1, tz) < d.toordinal()
+    gap = midnight_ts(date(2025, 3, 9).toordinal(), havana)
+    assert datetime.fromtimestamp(gap, havana).hour == 1  # 00:00 did not exist that day
