@@ -108,7 +108,8 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         result = process_batch(records, ruleset, store, utcnow(),
                                population=population.thresholds if population else None,
                                allowed_lateness_days=settings.allowed_lateness_days,
-                               max_future_skew_s=settings.max_future_skew_s)
+                               max_future_skew_s=settings.max_future_skew_s,
+                               clock_horizon=clock.look_horizon)
         producer = app.producer._ensure_producer()
         outbox = Outbox()
         outbox.extend(out_dead, result.dead_letters)
@@ -124,7 +125,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
             store.write_many(outbox, ((cid.encode(), raw, record.partition)
                                       for cid, (raw, record) in result.states.items()))
             written = await outbox.send(producer)
-            clock.note(result.states)
+            clock.note(result.looks, result.states)
         counters.consumed += result.consumed
         counters.applied += result.applied
         counters.duplicates += result.duplicates

@@ -7,9 +7,12 @@ keeps, per input partition it owns, a heap of ``(due, customer)``:
 - rebuilt from the table after every rebalance's recovery, for the worker's
   active partitions only (so with several workers each customer is woken by
   exactly one of them);
-- updated after every batch for the customers the batch touched:
-  ``clock.note(result.states)`` in the handler only queues them (O(touched
-  customers), no decoding on the hot path); the timer schedules them;
+- updated after every batch for the customers the batch touched: the hot path
+  computes each one's first look while their state is decoded anyway
+  (``process_batch(..., clock_horizon=clock.look_horizon)``), ``clock.note(result.looks,
+  result.states)`` in the handler queues them, the timer schedules them. (The timer
+  used to decode each noted state again to compute it: a third of the worker's
+  time in a replay, and the queued state bytes most of its memory.)
 - every ``clock_tick_s`` a timer pops the customers whose due instant the
   partition's clock has reached, re-grades each *as of its due instant* (so the
   change's ``as_of`` and its deterministic ``event_id`` do not depend on when the
@@ -82,7 +85,8 @@ class Clock:
         self.schedules: dict[int, Schedule] = {}
         self.stream_time: dict[int, float] = {}  # partition → highest event time applied (event clock)
         self.advanced_at: dict[int, float] = {}  # partition → wall time its stream time last moved
-        self.pending: dict[bytes, tuple[int, bytes]] = {}
+        # customer key → (input partition, latest event time, first look): noted, not yet scheduled
+        self.pending: dict[bytes, tuple[int, float | None, float | None]] = {}
         # Customers scheduled at a cheap lower bound (rules.schedule.first_look), not yet at their
         # real due instant: when the clock gets there, next_wake finds the real one.
         # Also customers scheduled at the instant an at-risk warning becomes due (not a change).
@@ -95,13 +99,20 @@ class Clock:
 
     # ------------------------------------------------------------ the handler's one call
 
-    def note(self, states: dict[str, tuple[bytes, Any]]) -> None:
-        """Queue the customers a batch just wrote: ``customer_id → (state bytes, record)``."""
+    @property
+    def look_horizon(self) -> timedelta | None:
+        """What the handler passes to ``process_batch`` as ``clock_horizon``: None with no clock."""
+        return None if self.mode == "off" else self.horizon
+
+    def note(self, looks: dict[str, tuple[float | None, float | None]],
+             states: dict[str, tuple[bytes, Any]]) -> None:
+        """Queue the customers a batch just wrote: ``looks`` is ``BatchResult.looks``
+        (``customer_id → (latest event time, first look)``), ``states`` gives each one's record."""
         if self.mode == "off":
             return
         pending = self.pending
-        for customer_id, (raw, record) in states.items():
-            pending[customer_id.encode()] = (record.partition, raw)
+        for customer_id, (last_ts, look) in looks.items():
+            pending[customer_id.encode()] = (states[customer_id][1].partition, last_ts, look)
 
     # ------------------------------------------------------------ time
 
@@ -138,15 +149,14 @@ class Clock:
         if not self.pending or self.active is None:
             return 0
         pending, self.pending = self.pending, {}
-        rs, population, active = self.rs, self._population(), self.active
-        for n, (key, (partition, raw)) in enumerate(pending.items(), 1):
+        active = self.active
+        for n, (key, (partition, last_ts, look)) in enumerate(pending.items(), 1):
             if partition not in active:
                 continue
             if key in self.pending:
                 continue  # noted again meanwhile: the newer state is scheduled next time
-            state = CustomerState.from_bytes(raw)
-            self._advance(partition, state.last_event_ts)
-            self._schedule(partition).set(key, risk.first_look(rs, state, self.horizon, population))
+            self._advance(partition, last_ts)
+            self._schedule(partition).set(key, look)
             self.unverified.add(key)
             if n % CHUNK == 0:
                 await asyncio.sleep(0)
@@ -329,7 +339,8 @@ def attach_clock(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, 
     """Create the worker's clock (``GRADEFLOW_CLOCK``), its timer and its rebuild after each recovery.
 
     Wiring (streams/app.py): ``clock = attach_clock(app, settings, ruleset, table, store)`` after the
-    store, and ``clock.note(result.states)`` in the handler once the states are written.
+    store, ``process_batch(..., clock_horizon=clock.look_horizon)`` and
+    ``clock.note(result.looks, result.states)`` in the handler once the states are written.
     """
     clock = Clock(app, settings, ruleset, table, store)
     app.gradeflow_clock = clock

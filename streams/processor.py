@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 import orjson
 
-from rules import windows
+from rules import risk, windows
 from rules.changes import Cause, grade
 from rules.schedule import graded_at
 from rules.engine import CompiledRuleset, Population
@@ -72,6 +72,9 @@ class BatchResult:
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     # customer_id → (serialized state, the last record of that customer in the batch)
     states: dict[str, tuple[bytes, Record]] = field(default_factory=dict)
+    # With a clock (``clock_horizon`` given): customer_id → (latest event time, first instant the
+    # clock must look at them, rules.risk.first_look), computed while the state is decoded anyway.
+    looks: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     # consumed == applied + duplicates + replayed + dead, always.
     consumed: int = 0
     applied: int = 0
@@ -130,7 +133,8 @@ def dead_letter(record: Record, error: InvalidEvent, now: datetime) -> bytes:
 def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader, now: datetime,
                   check_keys: bool = True, population: Population | None = None,
                   allowed_lateness_days: float | None = None,
-                  max_future_skew_s: float | None = MAX_FUTURE_SKEW_S) -> BatchResult:
+                  max_future_skew_s: float | None = MAX_FUTURE_SKEW_S,
+                  clock_horizon: timedelta | None = None) -> BatchResult:
     """Apply a batch of records; return outputs and the new state of every touched customer.
 
     ``now`` is wall-clock time, used for ``emitted_at``, ``dead_lettered_at``
@@ -147,6 +151,10 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
     default the ruleset's retention, before the customer's latest event time:
     the stream time is kept per customer, in its state, so the verdict does
     not depend on partitioning, batching or which worker runs).
+
+    ``clock_horizon``: the worker runs a clock (streams/clock.py) with this at-risk horizon
+    (``timedelta(0)``: none); each written customer then also gets the clock's first look
+    (``BatchResult.looks``). None: no clock, nothing computed.
     """
     result = BatchResult(consumed=len(records))
     dead_letters = result.dead_letters
@@ -235,6 +243,9 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
             if state.seen and state.last_event_ts is not None:
                 forget_seen_before(state, int((state.last_event_ts - lateness_s) // _DAY_S))
             result.states[customer_id] = (state.to_bytes(), last_record)
+            if clock_horizon is not None:
+                result.looks[customer_id] = (state.last_event_ts,
+                                             risk.first_look(rs, state, clock_horizon, population))
     result.dead = len(dead_letters)
     return result
 

@@ -78,10 +78,10 @@ def txn(settings, customer: str, at: str, amount: str, offset: int) -> Record:
 
 
 def feed(clock, table, store, settings, records):
-    result = process_batch(records, RS, store, utcnow())
+    result = process_batch(records, RS, store, utcnow(), clock_horizon=clock.look_horizon)
     for customer_id, (raw, _) in result.states.items():
         table[customer_id.encode()] = raw
-    clock.note(result.states)
+    clock.note(result.looks, result.states)
     return result
 
 
@@ -156,7 +156,8 @@ def test_wall_clock_catches_up_in_order_with_one_change_per_instant():
 
 def test_off_does_nothing():
     clock, table, store, log, settings = make_clock("off")
-    clock.note({"x": (b"", SimpleNamespace(partition=0))})
+    assert clock.look_horizon is None  # so the hot path computes no looks
+    clock.note({"x": (1.0, 2.0)}, {"x": (b"", SimpleNamespace(partition=0))})
     assert not clock.pending and asyncio.run(clock.tick()) == 0
 
 

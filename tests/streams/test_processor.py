@@ -306,3 +306,21 @@ def test_an_event_older_than_a_clock_regrade_does_not_undo_it():
     # Graded as of the clock's instant (39 days since the last purchase → still R3): no change back to S.
     assert after == []
     assert late.applied == 1
+
+
+@pytest.mark.parametrize("horizon", [timedelta(0), timedelta(days=7)])
+def test_with_a_clock_each_written_customer_gets_its_first_look(horizon) -> None:
+    from rules import risk
+
+    f, _ = scripted()
+    store = DictStore()
+    result = process_batch(f.records, RS, store, NOW, clock_horizon=horizon)
+    store.save(result)
+    assert set(result.looks) == set(result.states) == {"alice", "bob", "carol"}
+    for customer_id, (last_ts, look) in result.looks.items():
+        state = CustomerState.from_bytes(store[customer_id])
+        # the same the clock's timer computed from the stored bytes before
+        assert (last_ts, look) == (state.last_event_ts, risk.first_look(RS, state, horizon))
+        assert look is not None  # rfm-5's recency moves with time: everyone has a next look
+    without = process_batch(f.records, RS, DictStore(), NOW)
+    assert without.looks == {} and without.states.keys() == result.states.keys()
