@@ -69,6 +69,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from faust import Worker
 
     from streams.app import create_app
+    from streams.memory import limit_malloc_arenas
+
+    limit_malloc_arenas(settings.malloc_arena_max)  # before Faust starts its threads
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, ruleset)

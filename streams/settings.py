@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     batch_within: float = Field(0.05, gt=0, description="Seconds the agent waits to fill a batch.")
     report_interval: float = Field(10.0, gt=0, description="Seconds between the worker's gradeflow-stats log lines.")
     log_level: str = "info"
+    malloc_arena_max: int = Field(
+        2, ge=0, description="glibc malloc arenas of the worker process (MALLOC_ARENA_MAX); fewer arenas, less memory "
+                             "held by the consumer thread's frees (streams/memory.py); 0: glibc's default.")
     population_interval_s: float = Field(30.0, gt=0, description="Seconds between publications of the population sketches (relative grades).")
     # Late and future events (issue 5; schemas/README.md, docs/guarantees.md).
     allowed_lateness_days: float | None = Field(
