@@ -11,8 +11,8 @@ keeps, per input partition it owns, a heap of ``(due, customer)``:
   computes each one's first look while their state is decoded anyway
   (``process_batch(..., clock_horizon=clock.look_horizon)``), ``clock.note(result.looks,
   result.states)`` in the handler queues them, the timer schedules them. (The timer
-  used to decode each noted state again to compute it: a third of the worker's
-  time in a replay, and the queued state bytes most of its memory.)
+  used to decode each noted state again to compute it, and held the state bytes
+  until then: 412 MB per 100k customers in a replay, 229 without them.)
 - every ``clock_tick_s`` a timer pops the customers whose due instant the
   partition's clock has reached, re-grades each *as of its due instant* (so the
   change's ``as_of`` and its deterministic ``event_id`` do not depend on when the
