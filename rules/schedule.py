@@ -64,7 +64,9 @@ _ONE_US = timedelta(microseconds=1)
 class Plan:
     """Per ruleset, compiled once: which parts of a state have time-driven candidates."""
 
-    counters: dict[str, set[int]] = field(default_factory=dict)  # days metric → bounds it is compared with
+    # days metric → (bound, side) it is compared with; side: which day a comparison can flip on as
+    # the counter moves past the bound (_AT_BOUND, _PAST_BOUND or _EITHER, see _counter_days)
+    counters: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
     rolling: dict[str, set[int]] = field(default_factory=dict)  # family → rolling window lengths
     adb_rolling: set[int] = field(default_factory=set)
     months: bool = False  # a calendar month window is used
@@ -76,6 +78,14 @@ class Plan:
 
 
 _PLANS: dict[int, tuple[CompiledRuleset, Plan]] = {}
+
+# On which side of a bound k a comparison of a day counter v flips. v ≥ k and v < k flip when v
+# reaches k (_AT_BOUND); v ≤ k and v > k when it reaches k + 1 (_PAST_BOUND); equality, lists, a
+# bound that is not a whole number of days and the population's thresholds: either (_EITHER).
+# Exact sides keep the clock from looking a day early: with rfm-5 (R=5 while recency ≤ 7) and the
+# at-risk horizon of 7 days, every purchase of a key customer made the customer due at once.
+_EITHER, _AT_BOUND, _PAST_BOUND = 0, 1, 2
+_SIDE = {"ge": _AT_BOUND, "lt": _AT_BOUND, "le": _PAST_BOUND, "gt": _PAST_BOUND}
 
 
 def plan_of(rs: CompiledRuleset) -> Plan:
@@ -109,7 +119,7 @@ def _build_plan(rs: CompiledRuleset) -> Plan:
         else:
             p.years = True
     if src is not None:
-        def bound(metric: str, raw: Any) -> None:
+        def bound(metric: str, raw: Any, op: str | None = None) -> None:
             if metric is None or raw is None:
                 return
             try:
@@ -119,9 +129,11 @@ def _build_plan(rs: CompiledRuleset) -> Plan:
             if m.name not in p.counters or isinstance(raw, (dict, list)):
                 return
             try:
-                p.counters[m.name].add(int(convert("days", raw, src.currency)))
+                value = convert("days", raw, src.currency)
+                k = int(value)
             except (ValueError, TypeError):
                 return
+            p.counters[m.name].add((k, _SIDE.get(op or "", _EITHER) if value == k else _EITHER))
 
         def cond(c: Cond) -> None:
             for sub in [*(c.all or ()), *(c.any or ())]:
@@ -131,7 +143,7 @@ def _build_plan(rs: CompiledRuleset) -> Plan:
             if c.metric is not None:
                 for op, raw in c.ops():
                     if op not in ("exists", "in", "not_in"):
-                        bound(c.metric, raw)
+                        bound(c.metric, raw, op)
                     elif op in ("in", "not_in"):
                         for item in raw:
                             bound(c.metric, item)
@@ -139,13 +151,13 @@ def _build_plan(rs: CompiledRuleset) -> Plan:
         def decide(d: Decide, margin: int) -> None:
             if d.metric is not None:
                 for b in d.bands or ():
-                    for delta in {0, margin, -margin}:
-                        bound(d.metric, int(b.bound) + delta if b.bound == int(b.bound) else b.bound)
+                    for delta in {0, margin, -margin}:  # a margin moves the value, not the comparison
+                        bound(d.metric, int(b.bound) + delta if b.bound == int(b.bound) else b.bound, b.op)
             for f in (d.scorecard or {}).values():
                 for pb in f.points:
                     for op, raw in pb.ops():
                         if op not in ("exists", "in", "not_in"):
-                            bound(f.metric, raw)
+                            bound(f.metric, raw, op)
             for r in d.rules or ():
                 if r.when is not None:
                     cond(r.when)
@@ -154,7 +166,7 @@ def _build_plan(rs: CompiledRuleset) -> Plan:
 
         for score in src.scores.values():
             for b in score.bands:
-                bound(score.metric, b.min if b.min is not None else b.max)
+                bound(score.metric, b.min if b.min is not None else b.max, "ge" if b.min is not None else "le")
         for name, ladder in src.ladders.items():
             h = ladder.hysteresis
             margin = int(h.margin) if h is not None and h.margin is not None and h.margin == int(h.margin) else 0
@@ -167,7 +179,7 @@ def _build_plan(rs: CompiledRuleset) -> Plan:
             p.relative.add(ladder.name)
         if ladder.dwell_s is not None:
             p.dwell = True
-    longest_bound = max((max(b, default=0) for b in p.counters.values()), default=0)
+    longest_bound = max((max((k for k, _ in b), default=0) for b in p.counters.values()), default=0)
     p.horizon_days = max(rs.retention_days, longest_bound, 366) + 2
     return p
 
@@ -243,10 +255,11 @@ def _counter_base(name: str, state: CustomerState, tz: Any) -> tuple[int, bool] 
     return None if ts is None else (windows.day_of_ts(ts, tz), False)
 
 
-def _counter_bounds(name: str, bounds: set[int], population: Population | None) -> set[int]:
+def _counter_bounds(name: str, bounds: set[tuple[int, int]], population: Population | None) -> set[tuple[int, int]]:
     if not population:
         return bounds
-    return bounds | {int(v) + d for (metric, _), v in population.items() if metric == name for d in (-1, 0, 1, 2)}
+    return bounds | {(int(v) + d, _EITHER) for (metric, _), v in population.items() if metric == name
+                     for d in (-1, 0, 1, 2)}
 
 
 def _rolling_days(family: str, state: CustomerState) -> Iterable[int]:
@@ -257,11 +270,17 @@ def _rolling_days(family: str, state: CustomerState) -> Iterable[int]:
     return [paid for _, paid in state.invoices.values() if paid is not None]  # invoices: the day each was paid
 
 
-def _counter_days(base: int, falling: bool, bounds: Iterable[int]) -> Iterable[int]:
-    # The day a counter reaches a bound and the day after (a comparison may be strict).
-    if falling:
-        return (d for k in bounds for d in (base - k, base - k + 1))
-    return (d for k in bounds for d in (base + k, base + k + 1))
+def _flip_days(base: int, falling: bool, k: int, side: int) -> tuple[int, ...]:
+    """The days a comparison of a counter from ``base`` with bound ``k`` can flip on.
+
+    Rising (days since ``base``): the counter is k on day base + k, k + 1 the day after. Falling
+    (days until ``base``): it is k on day base − k and k − 1 the day after."""
+    at, past = (base - k + 1, base - k) if falling else (base + k, base + k + 1)
+    return (at,) if side == _AT_BOUND else (past,) if side == _PAST_BOUND else (at, past)
+
+
+def _counter_days(base: int, falling: bool, bounds: Iterable[tuple[int, int]]) -> Iterable[int]:
+    return (d for k, side in bounds for d in _flip_days(base, falling, k, side))
 
 
 def candidate_days(rs: CompiledRuleset, state: CustomerState, after_day: int,
@@ -302,14 +321,10 @@ def first_candidate_day(rs: CompiledRuleset, state: CustomerState, after_day: in
         if held is None:
             continue
         base, falling = held
-        sign = -1 if falling else 1
-        for k in _counter_bounds(name, bounds, population):
-            d = base + sign * k  # or the day after (as _counter_days)
-            if d >= lo:
-                if d < best:
+        for k, side in _counter_bounds(name, bounds, population):
+            for d in _flip_days(base, falling, k, side):
+                if lo <= d < best:
                     best = d
-            elif d + 1 == lo:
-                best = lo
     for family, lengths in p.rolling.items():
         for d in _rolling_days(family, state):
             for n in lengths:

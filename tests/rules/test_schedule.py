@@ -46,6 +46,45 @@ def test_recency_crossing_7_to_8_drops_a_to_b_at_that_midnight(rfm5):
     assert due.isoformat() == "2026-03-18T00:00:00+08:00"
 
 
+def test_the_first_look_is_the_day_a_comparison_can_flip_not_the_day_before(rfm5):
+    from rules import risk
+
+    d0 = date(2026, 3, 10)
+    state = live(rfm5, [(at(d0, 10), 250000), (at(d0, 11), 250000)])  # A, and A is a key grade
+    # R=5 while recency ≤ 7: day 8 is the first day it can change, not day 7
+    assert first_candidate_day(rfm5, state, d0.toordinal()) == day(d0, 8)
+    assert first_look(rfm5, state) == midnight(day(d0, 8), SHANGHAI).timestamp()
+    # so with the at-risk horizon of 7 days a key customer's purchase is not due at once: the
+    # first look is the next midnight, when a drop on day 8 enters the horizon
+    assert risk.is_key(rfm5, state)
+    assert risk.first_look(rfm5, state, timedelta(days=7)) == midnight(day(d0, 1), SHANGHAI).timestamp()
+
+
+FALLING = """
+id: falling
+version: "1"
+attributes: {close_at: date}
+ladders:
+  stage:
+    grades: [hot, warm, cold]
+    decide:
+      metric: days_until.close_at
+      bands: [{max: 31, grade: hot}, {below: 92, grade: warm}]
+      else: cold
+"""
+
+
+def test_a_counter_that_falls_flips_on_the_day_of_each_sides_bound():
+    rs = compile_ruleset(parse(FALLING))
+    close = date(2026, 6, 30).toordinal()
+    state = CustomerState(attrs={"close_at": [0.0, close]})
+    # days until ≤ 31 from close − 31; < 92 from close − 91
+    assert candidate_days(rs, state, close - 200) == [close - 91, close - 31]
+    assert first_candidate_day(rs, state, close - 200) == close - 91
+    assert first_candidate_day(rs, state, close - 91) == close - 31
+    assert first_candidate_day(rs, state, close - 31) is None
+
+
 def test_recency_crossing_that_keeps_the_grade_is_skipped(rfm5):
     d0 = date(2026, 3, 10)
     state = live(rfm5, [(at(d0, 10), 6000000)])  # R5 F1 M5 = 11: A; day 8: R4 = 10, still A
