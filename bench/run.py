@@ -173,9 +173,7 @@ def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1,
     """Events/s of ``workers`` worker processes (one group) over the backlog, from the first batch and
     from the group complete (:func:`steady_rate`; the same for one worker), their RSS when ready and at
     peak (kB, summed over workers), their summed stats, and what ``then`` returned: it runs after the
-    backlog, while the workers (and the state they hold) are still up."""
-    # A backlog is a replay: the event clock re-grades customers as the
-    # history's own time passes, as a backfill would.
+    backlog, while the workers (and the state they hold) are still up. ``clock``: their GRADEFLOW_CLOCK."""
     procs = [WorkerProcess(worker_env(env, clock, GRADEFLOW_REPORT_INTERVAL="0.5", GRADEFLOW_LOG_LEVEL="info"),
                            name=f"bench{i + 1}") for i in range(workers)]
     try:
@@ -211,17 +209,14 @@ def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1,
     return whole, steady, ready_kb, peak_kb, total, after
 
 
-def _create_topics_of(env: dict[str, str]) -> None:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        create_topics(load_settings())
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def settings_of(env: dict[str, str]):  # noqa: ANN201 - Settings
+    """The settings a worker started with ``env`` (GRADEFLOW_ variables) reads, without touching
+    ``os.environ``."""
+    return load_settings(**{k.removeprefix("GRADEFLOW_").lower(): v for k, v in env.items()})
+
+
+def _per_100k(ready_kb: int, peak_kb: int, customers: int) -> float:
+    return max(0, peak_kb - ready_kb) / 1024 / customers * 100_000
 
 
 def _report_group(workers: int, whole_eps: float, worker_eps: float, stats: dict, label: str = "") -> None:
@@ -270,20 +265,20 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
     try:
         whole_eps, worker_eps, ready_kb, peak_kb, stats, lat = run_worker(env, events, timeout_s, workers, then, clock)
         _report_group(workers, whole_eps, worker_eps, stats, f", clock {clock}")
-        per_100k = max(0, peak_kb - ready_kb) / 1024 / customers * 100_000
+        per_100k = _per_100k(ready_kb, peak_kb, customers)
         print(f"worker RSS: {ready_kb / 1024:.0f} MB when ready, peak {peak_kb / 1024:.0f} MB; "
               f"{per_100k:.0f} MB per 100k customers above the ready baseline")
         if also_clock:
             other = unique_env("bclk", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
                                GRADEFLOW_TOPIC_TRANSACTIONS=topic)
             try:
-                _create_topics_of(other)
+                create_topics(settings_of(other))
                 a_whole, a_eps, a_ready, a_peak, a_stats, _ = run_worker(other, events, timeout_s, workers, None,
                                                                          also_clock)
             finally:
                 drop_run(settings.kafka_bootstrap, other)
             _report_group(workers, a_whole, a_eps, a_stats, f", clock {also_clock}")
-            a_100k = max(0, a_peak - a_ready) / 1024 / customers * 100_000
+            a_100k = _per_100k(a_ready, a_peak, customers)
             also = {"also_clock": also_clock, "also_eps": a_eps, "also_ratio": a_eps / raw_eps,
                     "also_rss_mb_per_100k": a_100k, "also_grade_changes": a_stats["grade_changes"]}
             print(f"with the {also_clock} clock (time-driven re-grading too): {a_eps:,.0f} events/s, "

@@ -65,7 +65,7 @@ class Plan:
     """Per ruleset, compiled once: which parts of a state have time-driven candidates."""
 
     # days metric → (bound, side) it is compared with; side: which day a comparison can flip on as
-    # the counter moves past the bound (_AT_BOUND, _PAST_BOUND or _EITHER, see _counter_days)
+    # the counter moves past the bound (_AT_BOUND, _PAST_BOUND or _EITHER, see _flip_days)
     counters: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
     rolling: dict[str, set[int]] = field(default_factory=dict)  # family → rolling window lengths
     adb_rolling: set[int] = field(default_factory=set)
@@ -280,10 +280,6 @@ def _flip_days(base: int, falling: bool, k: int, side: int) -> tuple[int, ...]:
     return (at,) if side == _AT_BOUND else (past,) if side == _PAST_BOUND else (at, past)
 
 
-def _counter_days(base: int, falling: bool, bounds: Iterable[tuple[int, int]]) -> Iterable[int]:
-    return (d for k, side in bounds for d in _flip_days(base, falling, k, side))
-
-
 def candidate_days(rs: CompiledRuleset, state: CustomerState, after_day: int,
                    population: Population | None = None) -> list[int]:
     """Local days after ``after_day`` whose midnight may change a metric, ascending."""
@@ -294,8 +290,8 @@ def candidate_days(rs: CompiledRuleset, state: CustomerState, after_day: int,
     for name, bounds in p.counters.items():
         held = _counter_base(name, state, tz)
         if held is not None:
-            days.update(d for d in _counter_days(*held, _counter_bounds(name, bounds, population))
-                        if after_day < d <= last)
+            days.update(d for k, side in _counter_bounds(name, bounds, population)
+                        for d in _flip_days(*held, k, side) if after_day < d <= last)
     for family, lengths in p.rolling.items():
         days.update(d + n for d in _rolling_days(family, state) for n in lengths if after_day < d + n <= last)
     if p.adb_rolling and state.flows:

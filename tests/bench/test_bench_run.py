@@ -54,3 +54,16 @@ def test_a_worker_runs_the_clock_the_bench_names_not_the_one_a_run_left_in_its_e
     assert worker_env(env, "event")["GRADEFLOW_CLOCK"] == "event"
     assert worker_env(env, "wall", GRADEFLOW_LOG_LEVEL="info")["GRADEFLOW_LOG_LEVEL"] == "info"
     assert worker_env(env, "off")["GRADEFLOW_APP_ID"] == env["GRADEFLOW_APP_ID"]
+
+
+def test_a_runs_settings_come_from_its_env_not_from_the_process_environment() -> None:
+    import os
+
+    from bench.run import settings_of
+
+    env = unique_env("bclk", GRADEFLOW_TOPIC_TRANSACTIONS="bench-0123abcd-transactions")
+    before = dict(os.environ)
+    s = settings_of(env)
+    assert dict(os.environ) == before
+    assert (s.app_id, s.topic_transactions, s.topic_grade_changes, s.clock) == (
+        env["GRADEFLOW_APP_ID"], "bench-0123abcd-transactions", env["GRADEFLOW_TOPIC_GRADE_CHANGES"], "off")
