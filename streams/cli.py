@@ -69,9 +69,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from faust import Worker
 
     from streams.app import create_app
-    from streams.memory import limit_malloc_arenas
+    from streams.memory import limit_malloc_arenas, raise_collector_threshold
 
     limit_malloc_arenas(settings.malloc_arena_max)  # before Faust starts its threads
+    raise_collector_threshold(settings.gc_threshold)
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, ruleset)

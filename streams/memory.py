@@ -1,4 +1,4 @@
-"""The worker process's allocator settings.
+"""The worker process's allocator and garbage-collector settings.
 
 glibc gives each thread that allocates under contention an arena of its own (up to 8 per core)
 and returns freed memory only to the arena it came from. In a worker, Faust's consumer thread
@@ -6,12 +6,21 @@ builds every fetched record and the main thread frees them after grading: with t
 arenas the worker's peak RSS above ready was 159 MB per 100k customers in a `make bench` run
 where two arenas gave 116 (docs/performance.md §11). ``mallopt(M_ARENA_MAX)`` is what the
 ``MALLOC_ARENA_MAX`` environment variable sets, applied before the worker starts its threads.
+
+CPython's cycle collector runs a young-generation pass each time 700 more container objects are
+allocated than freed. Grading a batch allocates tens of thousands (decoded events and states,
+change documents) that are freed a moment later, so the collector ran ~60 times a second and,
+every hundred passes, walked the whole heap: 7% of a worker's CPU in a `make bench` run
+(docs/performance.md §12). Raising the first threshold lets a batch's garbage be freed by
+reference counting before a pass is due; cycles (Faust's and asyncio's) are still collected,
+only after more of them have piled up.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 
 _M_ARENA_MAX = -8  # glibc malloc.h
 
@@ -32,3 +41,14 @@ def limit_malloc_arenas(arenas: int) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt(_M_ARENA_MAX, arenas) == 1
+
+
+def raise_collector_threshold(threshold: int) -> bool:
+    """Run the cycle collector's young pass after ``threshold`` net container allocations instead of
+    700 (0: leave the collector alone); whether it was changed. The older generations keep their
+    ratios, so a full pass stays as rare, relative to young passes, as CPython makes it."""
+    if threshold <= 0:
+        return False
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(threshold, older, oldest)
+    return True

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     malloc_arena_max: int = Field(
         2, ge=0, description="glibc malloc arenas of the worker process (MALLOC_ARENA_MAX); fewer arenas, less memory "
                              "held by the consumer thread's frees (streams/memory.py); 0: glibc's default.")
+    gc_threshold: int = Field(
+        20_000, ge=0, description="Net container allocations between two young passes of Python's cycle collector "
+                                  "in the worker (CPython's default 700 spent 7% of its CPU there; streams/memory.py); "
+                                  "0: Python's default.")
     population_interval_s: float = Field(30.0, gt=0, description="Seconds between publications of the population sketches (relative grades).")
     # Late and future events (issue 5; schemas/README.md, docs/guarantees.md).
     allowed_lateness_days: float | None = Field(

@@ -43,3 +43,37 @@ def test_the_setting_defaults_to_two_and_refuses_negative() -> None:
         assert "malloc_arena_max" in str(error)
     else:
         raise AssertionError("a negative arena count was accepted")
+
+
+def test_the_collector_threshold_is_raised_and_cycles_are_still_collected() -> None:
+    # In a child: the threshold is process-wide.
+    code = textwrap.dedent("""
+        import gc, weakref
+        from streams.memory import raise_collector_threshold
+        before = gc.get_threshold()
+        assert raise_collector_threshold(0) is False and gc.get_threshold() == before
+        assert raise_collector_threshold(5000) is True
+        assert gc.get_threshold() == (5000, before[1], before[2])
+
+        class Node:
+            pass
+
+        probes = []
+        for _ in range(20_000):  # cycles only reference counting cannot free
+            a, b = Node(), Node()
+            a.other, b.other = b, a
+            probes.append(weakref.ref(a))
+            del a, b
+        # No explicit gc.collect(): the raised threshold alone must have run the collector.
+        collected = sum(p() is None for p in probes)
+        assert collected > 15_000, collected
+        print("ok", collected)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok")
+
+
+def test_the_collector_setting_defaults_to_twenty_thousand() -> None:
+    assert Settings().gc_threshold == 20_000
+    assert Settings(gc_threshold=0).gc_threshold == 0
