@@ -34,6 +34,17 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat()
 
 
+# The last ``emitted_at`` formatted: a batch passes one ``now`` for all its changes.
+_emitted: list[Any] = [None, ""]
+
+
+def _emitted_iso(emitted_at: datetime) -> str:
+    if _emitted[0] is not emitted_at:
+        _emitted[1] = emitted_at.isoformat()
+        _emitted[0] = emitted_at
+    return _emitted[1]
+
+
 def uuid5(name: str) -> str:
     """``str(uuid.uuid5(_NAMESPACE, name))``, without building UUID objects (a third of a change's cost)."""
     d = bytearray(sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])
@@ -112,7 +123,7 @@ def decide_changes(customer_id: str, rs: CompiledRuleset, grades: dict[str, str]
         if as_of_local is None:
             as_of_local = as_of.astimezone(rs.tz)
             as_of_iso = _iso(as_of_local)
-            emitted_iso = _iso(emitted_at)
+            emitted_iso = _emitted_iso(emitted_at)
         change = {
             "schema_version": SCHEMA_VERSION,
             "event_id": change_id(customer_id, ladder.name, rs, cause, as_of_local, previous, grade),

@@ -208,16 +208,21 @@ class SumBands(_TotalBands):
 
     def __init__(self, summed: tuple[str, ...], bands: tuple[tuple[int, str], ...], otherwise: str) -> None:
         self.summed, self.bands, self.otherwise = summed, bands, otherwise
+        # trace → its sentence: a sum of scores takes few values, and every grade change says one.
+        self._said: dict[tuple[int, int | None], list[str]] = {}
 
     def value(self, env: Env) -> int:
         return sum(map(env[1].__getitem__, self.summed))
 
 
     def explain(self, env: Env, trace: Any) -> list[str]:
-        total, floor = trace
-        label = "+".join(n.upper() for n in self.summed)
-        why = f"≥ {floor}" if floor is not None else "below every band"
-        return [f"{label} = {total} ({why}): grade {{grade}}."]
+        said = self._said.get(trace)
+        if said is None:
+            total, floor = trace
+            label = "+".join(n.upper() for n in self.summed)
+            why = f"≥ {floor}" if floor is not None else "below every band"
+            said = self._said[trace] = [f"{label} = {total} ({why}): grade {{grade}}."]
+        return said
 
 
 class MetricBands(Decider):
@@ -370,11 +375,14 @@ class CompiledRuleset:
     retention_days: int = field(init=False)
     key: str = field(init=False)  # "id@version"
     tracks_since: bool = field(init=False)  # a ladder has a minimum dwell time (needs when each grade was emitted)
+    # (score name, value) → its reason sentence, for small integer values (see _sentence).
+    sentences: dict[tuple[str, Any], str] = field(init=False, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "retention_days", self.track.retention_days)
         object.__setattr__(self, "key", f"{self.id}@{self.version}")
         object.__setattr__(self, "tracks_since", any(ladder.dwell_s is not None for ladder in self.ladders))
+        object.__setattr__(self, "sentences", {})
 
 
 class Evaluation:
@@ -431,7 +439,7 @@ class Evaluation:
 
     @property
     def code(self) -> str:
-        return "".join(str(s) for s in self.scores.values())
+        return "".join(map(str, self.scores.values()))
 
     def __repr__(self) -> str:
         return f"Evaluation(grades={self.grades}, scores={self.scores}, values={self.values})"
@@ -574,6 +582,23 @@ def _metric_sentence(rs: CompiledRuleset, score: CompiledScore, value: Any, poin
     return f"{shown[0].upper()}{shown[1:]} ({band}): {score.name.upper()}={points}."
 
 
+# Values of a score's metric whose sentences are kept (days, counts; a few yuan of money): a bounded
+# set, so the cache cannot grow with the customers, and most grade changes say one of them.
+_KEPT = 1000
+
+
+def _sentence(rs: CompiledRuleset, score: CompiledScore, value: Any, points: int, bound: Any) -> str:
+    """:func:`_metric_sentence`, kept for small integer values: it depends on nothing else (the
+    points and bound follow from the value), and it is a fifth of a grade change's cost."""
+    if value is None or (type(value) is int and -_KEPT <= value <= _KEPT):
+        key = (score.name, value)
+        said = rs.sentences.get(key)
+        if said is None:
+            said = rs.sentences[key] = _metric_sentence(rs, score, value, points, bound)
+        return said
+    return _metric_sentence(rs, score, value, points, bound)
+
+
 _LEGACY = ("recency_days", "frequency", "monetary")
 
 
@@ -618,19 +643,18 @@ def evaluate(rs: CompiledRuleset, state: CustomerState, as_of: datetime, populat
     grades: dict[str, str] = {}
     traces: dict[str, Any] = {}
     for ladder in rs.ladders:
-        grade, trace = ladder.decider.decide(env)
-        held = None
+        decided, trace = ladder.decider.decide(env)
+        grade, held = decided, None
         if hysteresis and (ladder.dwell_s is not None or ladder.margin is not None):
             grade, held = _hysteresis(ladder, state, as_of, grade, env)
         grades[ladder.name] = grade
-        traces[ladder.name] = (trace, held)
+        traces[ladder.name] = (trace, held, decided)
 
     def explain() -> dict[str, list[str]]:
-        sentences = {s.name: _metric_sentence(rs, s, values[s.metric], scores[s.name], bounds[s.name]) for s in rs.scores}
+        sentences = {s.name: _sentence(rs, s, values[s.metric], scores[s.name], bounds[s.name]) for s in rs.scores}
         out: dict[str, list[str]] = {}
         for ladder in rs.ladders:
-            trace, held = traces[ladder.name]
-            decided = ladder.decider.decide(env)[0]
+            trace, held, decided = traces[ladder.name]
             lines = [sentences[n] for n in ladder.summed]
             lines += [line.replace("{grade}", decided) for line in ladder.decider.explain(env, trace)]
             if held is not None:

@@ -142,3 +142,12 @@ def test_change_ids_are_the_standard_uuid5_of_their_name(name: str) -> None:
     from rules.changes import _NAMESPACE, uuid5
 
     assert uuid5(name) == str(uuid.uuid5(_NAMESPACE, name))
+
+
+def test_each_change_carries_the_emitted_at_it_was_given(rfm5) -> None:
+    # The last emitted_at's text is kept between calls (a batch passes one); a new one is formatted anew.
+    later = datetime(2025, 7, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+    for now, grade in [(NOW, "B"), (NOW, "A"), (later, "S"), (NOW, "D")]:
+        [change], _ = decide_changes("c-1", rfm5, {}, _ev(rfm5, grade), AS_OF, Cause("transaction", "e-1"), now)
+        assert change["emitted_at"] == now.isoformat()
+    assert later.isoformat() == "2025-07-02T03:04:05.678901+00:00"

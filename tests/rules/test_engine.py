@@ -119,3 +119,34 @@ def test_reasons_name_the_band_that_applied(rfm5) -> None:
         "Net spend 5000.00 CNY in the last 365 days (≥ 5000.00 CNY): M=3.",
         "R+F+M = 9 (≥ 7): grade B.",
     ]
+
+
+def test_kept_sentences_read_as_freshly_built_ones_and_stay_bounded() -> None:
+    # A ruleset of its own: the cache lives on the compiled ruleset.
+    from rules.engine import _KEPT, _metric_sentence, _score, compile_ruleset
+    from rules.ruleset import load
+
+    rs = compile_ruleset(load("rfm-5"))
+    states = [customer(rs, AS_OF, days, count, net) for days, count, net in
+              [(0, 1, 1_00), (31, 3, 5_000_00), (31, 3, 7_00), (400, 1, 9_00), (7, 12, 50_000_00), (None, 0, 0)]]
+    for _ in range(2):  # the second pass reads kept sentences
+        for state in states:
+            ev = evaluate(rs, state, AS_OF)
+            fresh = []
+            for score in rs.scores:
+                value = ev.values[score.metric]
+                points, bound = _score(score, value)
+                fresh.append(_metric_sentence(rs, score, value, points, bound))
+            assert ev.reasons["value"][:3] == fresh
+    assert rs.sentences  # kept: recency, frequency, small amounts
+    assert all(value is None or (type(value) is int and abs(value) <= _KEPT) for _, value in rs.sentences)
+    assert not any(name == "m" and value == 50_000_00 for name, value in rs.sentences)  # large money: never kept
+
+
+def test_the_sum_sentence_names_the_decided_grade_each_time(rfm5) -> None:
+    # The decider keeps one template per (total, floor); the grade is filled in per evaluation.
+    first = evaluate(rfm5, customer(rfm5, AS_OF, 31, 3, 5_000_00), AS_OF).reasons["value"][3]
+    again = evaluate(rfm5, customer(rfm5, AS_OF, 31, 3, 5_000_00), AS_OF).reasons["value"][3]
+    other = evaluate(rfm5, customer(rfm5, AS_OF, 0, 12, 50_000_00), AS_OF).reasons["value"][3]
+    assert first == again == "R+F+M = 9 (≥ 7): grade B."
+    assert other == "R+F+M = 15 (≥ 13): grade S."
