@@ -8,6 +8,15 @@ kept in a dict as the memory store keeps them. CPU time, not wall time: other
 work on the machine changes it less.
 
     python -m bench.hotpath --events 200000 --customers 20000 [--ruleset rfm-5] [--no-clock] [--profile]
+
+On a VM whose neighbours come and go, CPU time moves by ±20% between runs of the same code.
+Instructions do not: under valgrind (50 times slower, so a small run), the instructions of
+grading alone are those of a run less those of the same run with ``--setup-only``:
+
+    valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
+        python -m bench.hotpath --events 10000 --customers 1000 --no-clock [--setup-only]
+
+(``I refs`` of the two, difference divided by the events; docs/performance.md §12).
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ from datetime import datetime, timedelta
 from bench.run import generate
 from rules.engine import CompiledRuleset, compile_ruleset
 from rules.ruleset import load
+from streams.memory import raise_collector_threshold
 from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
+from streams.settings import Settings
 
 
 def run(records: list[Record], rs: CompiledRuleset, batch: int, now: datetime,
@@ -48,11 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-clock", action="store_true",
                         help="as a worker with GRADEFLOW_CLOCK=off: no clock look per written customer")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one more run")
+    parser.add_argument("--setup-only", action="store_true",
+                        help="build the records and the ruleset, grade nothing (the baseline of an instruction count)")
     args = parser.parse_args(argv)
 
+    raise_collector_threshold(Settings().gc_threshold)  # as the worker runs (streams/memory.py)
     rs = compile_ruleset(load(args.ruleset))
     records = [Record(TRANSACTIONS, "transactions", zlib.crc32(key) % 4, offset, key, value)
                for offset, (key, value) in enumerate(generate(args.events, args.customers))]
+    if args.setup_only:
+        return 0
     now = utcnow()
     started = time.process_time()
     horizon = None if args.no_clock else timedelta(0)

@@ -1,0 +1,31 @@
+"""`make bench-hot` (bench/hotpath.py): it grades what it says, and --setup-only grades nothing."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from bench.hotpath import main
+
+
+def test_the_hot_path_bench_grades_every_event_and_reports_it(capsys: pytest.CaptureFixture[str]) -> None:
+    before = gc.get_threshold()
+    try:
+        assert main(["--events", "300", "--customers", "30", "--no-clock"]) == 0
+        assert gc.get_threshold()[0] == 20_000  # the worker's collector setting, not Python's default
+    finally:
+        gc.set_threshold(*before)
+    out = capsys.readouterr().out
+    assert out.startswith("300 events, 30 customers, rfm-5, clock off: ")
+    changes = int(out.split(" grade changes")[0].rsplit(" ", 1)[1])
+    assert 30 <= changes < 300  # every customer graded at least once; not every event changes a grade
+
+
+def test_setup_only_grades_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    before = gc.get_threshold()
+    try:
+        assert main(["--events", "300", "--customers", "30", "--setup-only"]) == 0
+    finally:
+        gc.set_threshold(*before)
+    assert capsys.readouterr().out == ""
