@@ -174,8 +174,9 @@ def worker_env(env: dict[str, str], clock: str, **extra: str) -> dict[str, str]:
     """The environment of a bench worker: the run's ``env`` with ``clock`` as GRADEFLOW_CLOCK.
 
     Explicit, because :func:`streams.local.unique_env` turns the clock off (scripted histories
-    lie in the past) and the bench copies that env into its own ``os.environ``: a clock read
-    back from there was the previous run's "off", whatever the bench said it measured."""
+    lie in the past), and the bench used to copy that env into its own ``os.environ``: a clock
+    read back from there was the previous run's "off", whatever the bench said it measured. A
+    run's env now reaches only its workers and :func:`settings_of`."""
     return {**env, "GRADEFLOW_CLOCK": clock,
             "GRADEFLOW_DOWNSTREAM": os.environ.get("GRADEFLOW_DOWNSTREAM", "false"), **extra}
 
@@ -255,8 +256,7 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
     With ``latency_rate``, the worker then gets that steady rate of new events for the same
     customers (whose state it now holds) for ``latency_seconds``, and their latency is measured."""
     env = unique_env("bench", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
-    os.environ.update(env)
-    create_topics(load_settings())
+    create_topics(settings_of(env))
     topic = env["GRADEFLOW_TOPIC_TRANSACTIONS"]
     print(f"generating {events} transactions for {customers} customers...")
     records = generate(events, customers)
@@ -389,10 +389,9 @@ def latency(settings, rate: float, seconds: float, customers: int, clock: str = 
     clock at append: producer batching and consumer polling are inside the figure.
     """
     env = unique_env("lat", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
-    os.environ.update(env)
     worker = WorkerProcess(worker_env(env, clock), name="latency")
     try:  # whatever fails, the run's topics go (drop_run below)
-        create_topics(load_settings())
+        create_topics(settings_of(env))
         _log_append_time(settings, env)
         try:
             worker.start(ready_timeout=120)
