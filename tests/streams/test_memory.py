@@ -10,6 +10,13 @@ from streams.memory import limit_malloc_arenas
 from streams.settings import Settings
 
 
+def _run_in_a_child(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (the settings under test are process-wide); it prints "ok"."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok")
+
+
 def test_zero_leaves_the_allocator_alone() -> None:
     assert limit_malloc_arenas(0) is False
 
@@ -30,9 +37,7 @@ def test_the_cap_applies_on_glibc_and_threads_still_allocate() -> None:
         assert out == [10_000_000] * 8
         print("ok", applied)
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("ok")
+    _run_in_a_child(code)
 
 
 def test_the_setting_defaults_to_two_and_refuses_negative() -> None:
@@ -69,9 +74,7 @@ def test_the_collector_threshold_is_raised_and_cycles_are_still_collected() -> N
         assert collected > 15_000, collected
         print("ok", collected)
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("ok")
+    _run_in_a_child(code)
 
 
 def test_the_collector_setting_defaults_to_twenty_thousand() -> None:
