@@ -438,12 +438,18 @@ def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot
         runs = [throughput(settings, events, m, timeout_s, workers, latency_rate=rate,
                            latency_seconds=latency_seconds, clock=clock)
                 for _ in range(repeat if events <= repeat_max_events else 1)]
-        median = sorted(runs, key=lambda r: r["worker_eps"])[len(runs) // 2]
-        rows.append({**median, "runs_eps": [r["worker_eps"] for r in runs]})
+        rows.append(median_run(runs))
     with open(os.path.splitext(plot)[0] + ".json", "wb") as fh:
         fh.write(orjson.dumps({"rate": rate, "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "rows": rows},
                               option=orjson.OPT_INDENT_2))
     draw(rows, plot, rate)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median events/s (the upper one of an even count), with every run's rate,
+    in order, as ``runs_eps``."""
+    median = sorted(runs, key=lambda r: r["worker_eps"])[len(runs) // 2]
+    return {**median, "runs_eps": [r["worker_eps"] for r in runs]}
 
 
 def draw(rows: list[dict], plot: str, rate: float, date: str | None = None) -> None:

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import orjson
 
-from bench.run import steady_rate, worker_env, worker_timeline
+from bench.run import median_run, steady_rate, worker_env, worker_timeline
 from streams.local import unique_env
 
 
@@ -68,3 +68,12 @@ def test_a_runs_settings_come_from_its_env_not_from_the_process_environment() ->
     assert dict(os.environ) == before
     assert (s.app_id, s.topic_transactions, s.topic_grade_changes, s.clock) == (
         env["GRADEFLOW_APP_ID"], "bench-0123abcd-transactions", env["GRADEFLOW_TOPIC_GRADE_CHANGES"], "off")
+
+
+def test_a_repeated_growth_size_keeps_its_median_run_and_every_rate() -> None:
+    runs = [{"worker_eps": 11_100.0, "raw_eps": 1.0}, {"worker_eps": 14_558.0, "raw_eps": 3.0},
+            {"worker_eps": 14_485.0, "raw_eps": 2.0}]
+    row = median_run(runs)
+    assert row["worker_eps"] == 14_485.0 and row["raw_eps"] == 2.0  # the median run's own figures
+    assert row["runs_eps"] == [11_100.0, 14_558.0, 14_485.0]  # in the order they ran
+    assert median_run(runs[:1]) == {**runs[0], "runs_eps": [11_100.0]}
