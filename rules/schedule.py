@@ -468,45 +468,103 @@ def regrade(customer_id: str, rs: CompiledRuleset, state: CustomerState, as_of: 
 # ---------------------------------------------------------------- a schedule (used by the worker)
 
 
-class Schedule:
-    """Due instants of customers: a heap of (due, key) with lazy deletion; one per partition."""
+class _Due:
+    """The customers due at one instant, exact or at a lower bound (see :class:`Schedule`)."""
 
-    __slots__ = ("heap", "due")
+    __slots__ = ("instant", "exact", "keys")
+
+    def __init__(self, instant: float, exact: bool) -> None:
+        self.instant = instant
+        self.exact = exact
+        # key → key: popping a customer gives back the key object the schedule holds, so each
+        # customer's key is stored once however often it is rescheduled.
+        self.keys: dict[bytes, bytes] = {}
+
+
+class Schedule:
+    """Due instants of customers, one per partition: customers grouped by instant.
+
+    Most customers are due at a local midnight, so the instants are few: a heap of distinct
+    instants and, per instant, the customers due then. Rescheduling moves a customer between
+    groups and leaves nothing behind. (It was a heap of ``(due, key)`` with lazy deletion:
+    every note of a customer left a stale entry until a rebuild, 65 MB per 100k customers
+    noted ten times, against 19 MB now; docs/performance.md §13.)
+
+    A due instant is *exact* (the customer's next change or warning) or a lower bound
+    (``first_look``, before anyone evaluated the customer): :meth:`pop_due` says which.
+    """
+
+    __slots__ = ("of", "groups", "instants")
 
     def __init__(self) -> None:
-        self.heap: list[tuple[float, bytes]] = []
-        self.due: dict[bytes, float] = {}
+        self.of: dict[bytes, _Due] = {}  # customer key → their group
+        self.groups: dict[tuple[float, bool], _Due] = {}
+        self.instants: list[float] = []  # heap; an instant may stay after its groups empty
 
     def __len__(self) -> int:
-        return len(self.due)
+        return len(self.of)
 
-    def set(self, key: bytes, due: float | None) -> None:
-        if due is None:
-            self.due.pop(key, None)
-            return
-        if self.due.get(key) == due:
-            return
-        self.due[key] = due
-        heapq.heappush(self.heap, (due, key))
-        if len(self.heap) > 4 * len(self.due) + 64:
-            self.heap = [(d, k) for k, d in self.due.items()]
-            heapq.heapify(self.heap)
+    def get(self, key: bytes) -> float | None:
+        """The due instant of ``key``, or None when they are not scheduled."""
+        group = self.of.get(key)
+        return None if group is None else group.instant
 
-    def pop_due(self, now: float, limit: int) -> list[tuple[bytes, float]]:
-        out: list[tuple[bytes, float]] = []
-        heap, due = self.heap, self.due
-        while heap and heap[0][0] <= now and len(out) < limit:
-            d, key = heapq.heappop(heap)
-            if due.get(key) == d:
-                del due[key]
-                out.append((key, d))
+    def is_exact(self, key: bytes) -> bool | None:
+        """Whether ``key``'s instant is exact (not a lower bound); None when they are not scheduled."""
+        group = self.of.get(key)
+        return None if group is None else group.exact
+
+    def set(self, key: bytes, due: float | None, exact: bool = True) -> None:
+        """Schedule ``key`` at ``due`` (None: nowhere), replacing any earlier instant."""
+        old = self.of.get(key)
+        if old is not None:
+            if due is not None and old.instant == due and old.exact == exact:
+                return
+            key = old.keys.pop(key)
+            if not old.keys:
+                del self.groups[(old.instant, old.exact)]
+            if due is None:
+                del self.of[key]
+                return
+        elif due is None:
+            return
+        group = self.groups.get((due, exact))
+        if group is None:
+            group = self.groups[(due, exact)] = _Due(due, exact)
+            heapq.heappush(self.instants, due)
+            if len(self.instants) > 2 * len(self.groups) + 64:
+                self.instants = sorted({g.instant for g in self.groups.values()})
+        group.keys[key] = key
+        self.of[key] = group
+
+    def pop_due(self, now: float, limit: int) -> list[tuple[bytes, float, bool]]:
+        """Up to ``limit`` customers due at or before ``now``, earliest first, unscheduled:
+        ``(key, due, exact)``."""
+        out: list[tuple[bytes, float, bool]] = []
+        instants, groups, of = self.instants, self.groups, self.of
+        while instants and instants[0] <= now and len(out) < limit:
+            instant = instants[0]
+            for exact in (False, True):
+                group = groups.get((instant, exact))
+                if group is None:
+                    continue
+                keys = group.keys
+                while keys and len(out) < limit:
+                    key = keys.popitem()[1]
+                    del of[key]
+                    out.append((key, instant, exact))
+                if not keys:
+                    del groups[(instant, exact)]
+            if (instant, False) not in groups and (instant, True) not in groups:
+                heapq.heappop(instants)
         return out
 
     def next_due(self) -> float | None:
-        heap, due = self.heap, self.due
-        while heap and due.get(heap[0][1]) != heap[0][0]:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        """The earliest instant anyone is due, or None."""
+        instants, groups = self.instants, self.groups
+        while instants and (instants[0], False) not in groups and (instants[0], True) not in groups:
+            heapq.heappop(instants)
+        return instants[0] if instants else None
 
 
 def due_of(rs: CompiledRuleset, state: CustomerState, population: Mapping | None = None,

@@ -93,10 +93,6 @@ class Clock:
         self.advanced_at: dict[int, float] = {}  # partition → wall time its stream time last moved
         # customer key → (input partition, latest event time, first look): noted, not yet scheduled
         self.pending: dict[bytes, tuple[int, float | None, float | None]] = {}
-        # Customers scheduled at a cheap lower bound (rules.schedule.first_look), not yet at their
-        # real due instant: when the clock gets there, next_wake finds the real one.
-        # Also customers scheduled at the instant an at-risk warning becomes due (not a change).
-        self.unverified: set[bytes] = set()
         self.active: set[int] | None = None  # None until the first recovery, and during a rebalance
         self.generation = 0
         self.started = time.time()
@@ -162,8 +158,9 @@ class Clock:
             if key in self.pending:
                 continue  # noted again meanwhile: the newer state is scheduled next time
             self._advance(partition, last_ts)
-            self._schedule(partition).set(key, look)
-            self.unverified.add(key)
+            # At a cheap lower bound (rules.schedule.first_look): when the clock gets there,
+            # next_wake finds the real due instant.
+            self._schedule(partition).set(key, look, exact=False)
             if n % CHUNK == 0:
                 await asyncio.sleep(0)
                 if self.active is None:
@@ -196,8 +193,7 @@ class Clock:
                         state = CustomerState.from_bytes(raw)
                         if state.last_event_ts is not None and state.last_event_ts > stream_time.get(p, float("-inf")):
                             stream_time[p] = state.last_event_ts
-                        schedules[p].set(key, risk.first_look(rs, state, self.horizon, population))
-                        self.unverified.add(key)
+                        schedules[p].set(key, risk.first_look(rs, state, self.horizon, population), exact=False)
                     await asyncio.sleep(0)
                     if generation != self.generation:
                         return
@@ -236,29 +232,32 @@ class Clock:
             self.stats.stream_time = dict(self.stream_time)
             return woken
 
-    async def _wake(self, partition: int, schedule: Schedule, due: list[tuple[bytes, float]], now: float) -> None:
+    async def _wake(self, partition: int, schedule: Schedule, due: list[tuple[bytes, float, bool]],
+                    now: float) -> None:
         rs, population, table = self.rs, self._population(), self.table
         emitted_at = utcnow()
         changes: list[tuple[bytes, bytes]] = []
         alerts: list[tuple[bytes, bytes]] = []
         writes: dict[bytes, tuple[bytes, bytes]] = {}
         later: dict[bytes, float | None] = {}
-        recheck: set[bytes] = set()  # scheduled at a warning instant or a lower bound: look again there
+        # Rescheduled at a lower bound or at a warning's instant (not a change): look again there.
+        recheck: set[bytes] = set()
         now_dt = datetime.fromtimestamp(now, rs.tz)
         warned = 0
-        for key, at in due:
+        for key, at, exact in due:
             raw = table.get(key)
             if raw is None:
                 continue
             state = CustomerState.from_bytes(raw)
             if state.ruleset is not None and state.ruleset != rs.key:
                 later[key] = at  # graded by another ruleset version: streams/rules_start.py first
+                if not exact:
+                    recheck.add(key)
                 continue
             customer_id = key.decode()
             changed = False
             nxt: float | None = at
-            if key in self.unverified:
-                self.unverified.discard(key)
+            if not exact:
                 start = graded_at(state)
                 follow, changes_there = next_wake(rs, state, datetime.fromtimestamp(start, rs.tz), population)  # type: ignore[arg-type]
                 nxt = None if follow is None else follow.timestamp()
@@ -307,9 +306,7 @@ class Clock:
             await self._write(partition, writes, later)
         for key, when in later.items():
             if key not in self.pending:  # a batch touched it meanwhile: absorb() schedules it
-                schedule.set(key, when)
-                if key in recheck:
-                    self.unverified.add(key)
+                schedule.set(key, when, exact=key not in recheck)
 
     def _at_risk(self, customer_id: str, state: CustomerState, now_dt: datetime, now: float,
                  following: tuple[datetime | None, bool], key: bytes, later: dict[bytes, float | None],

@@ -251,8 +251,47 @@ def test_schedule_pops_only_due_and_current_entries():
     s.set(b"c", 20.0)
     s.set(b"c", None)  # nothing due any more
     assert s.next_due() == 3.0
-    assert s.pop_due(9.0, 100) == [(b"a", 3.0), (b"b", 5.0)]
-    assert s.pop_due(100.0, 100) == [] and len(s) == 0
+    assert s.pop_due(9.0, 100) == [(b"a", 3.0, True), (b"b", 5.0, True)]
+    assert s.pop_due(100.0, 100) == [] and len(s) == 0 and s.next_due() is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(0, 30), st.one_of(st.none(), st.integers(0, 12)), st.booleans(),
+                              st.integers(0, 4)), max_size=120))
+def test_property_schedule_is_a_map_of_due_instants(ops):
+    """Against a plain dict: set, get, is_exact, next_due, and pop_due (earliest first, at most ``limit``,
+    only what is due, each customer once), with instants shared by many customers."""
+    s, model = Schedule(), {}
+    for key_n, due, exact, pop in ops:
+        key = f"c{key_n}".encode()
+        if pop:  # pop what is due at an instant, a few at a time
+            now = float(key_n % 13)
+            got = s.pop_due(now, pop)
+            due_now = sorted((d, k) for k, (d, _) in model.items() if d <= now)
+            assert len(got) == min(pop, len(due_now))
+            assert [d for _, d, _ in got] == [d for d, _ in due_now[:len(got)]]
+            for k, d, ex in got:
+                assert model.pop(k) == (d, ex)
+        else:
+            s.set(key, None if due is None else float(due), exact)
+            if due is None:
+                model.pop(key, None)
+            else:
+                model[key] = (float(due), exact)
+        assert len(s) == len(model)
+        assert s.next_due() == min((d for d, _ in model.values()), default=None)
+        for k, (d, ex) in model.items():
+            assert s.get(k) == d and s.is_exact(k) is ex
+
+
+def test_schedule_holds_each_customer_once_however_often_rescheduled():
+    """Memory stays that of the customers scheduled, not of how often they were noted."""
+    s = Schedule()
+    for n in range(20):
+        for i in range(500):
+            s.set(f"c{i}".encode(), float(n * 7 + i % 5), exact=n % 2 == 0)
+    assert len(s) == 500 and len(s.groups) == 5 and len(s.instants) <= 2 * 5 + 64
+    assert sum(len(g.keys) for g in s.groups.values()) == 500
 
 
 KINDS = ["visit", "quote_requested", "meeting", "trial_class", "referral", "call", "overdue", "complaint"]

@@ -96,7 +96,8 @@ def test_event_clock_wakes_only_due_customers_of_their_partition():
                                          txn(settings, idle, "2026-03-10T09:00:00+08:00", "1", 2)])
     asyncio.run(clock.tick())
     # scheduled at a cheap lower bound (the first candidate: recency past 7 days), here its change
-    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 3, 18).toordinal(), SHANGHAI).timestamp()
+    assert clock.schedules[0].get(key.encode()) == midnight(date(2026, 3, 18).toordinal(), SHANGHAI).timestamp()
+    assert clock.schedules[0].is_exact(key.encode()) is False  # first_look: a lower bound
     log.clear()
     # another partition's stream time passing the due instant does not wake it
     feed(clock, table, store, settings, [txn(settings, other, "2026-04-01T10:00:00+08:00", "1", 3)])
@@ -136,7 +137,7 @@ def test_a_rebuilt_schedule_resumes_after_the_clock_change_and_covers_only_activ
     assert set(clock2.schedules) == {0}
     assert clock2.stream_time[0] == datetime.fromisoformat("2026-03-20T00:00:00+08:00").timestamp()
     assert asyncio.run(clock2.tick()) == 0 and not log2
-    assert other.encode() not in clock2.schedules[0].due
+    assert clock2.schedules[0].get(other.encode()) is None
 
 
 def test_wall_clock_catches_up_in_order_with_one_change_per_instant():
@@ -191,13 +192,13 @@ def test_a_customer_scheduled_at_the_lower_bound_is_moved_to_its_real_due_instan
     # R5 F1 M5 = 11: A; recency past 7 days (03-18) gives R4 = 10, still A; past 30 (04-10) R3: B
     feed(clock, table, store, settings, [txn(settings, key, "2026-03-10T10:00:00+08:00", "60000", 0)])
     asyncio.run(clock.tick())
-    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 3, 18).toordinal(), SHANGHAI).timestamp()
+    assert clock.schedules[0].get(key.encode()) == midnight(date(2026, 3, 18).toordinal(), SHANGHAI).timestamp()
     log.clear()
     feed(clock, table, store, settings, [txn(settings, pusher, "2026-03-18T12:00:00+08:00", "1", 1)])
     asyncio.run(clock.tick())  # the key customer is looked at (03-18 00:00) but not re-graded
     assert not [e for e in log if e[0] == "send" and e[2] == key.encode()]
-    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 4, 10).toordinal(), SHANGHAI).timestamp()
-    assert key.encode() not in clock.unverified
+    assert clock.schedules[0].get(key.encode()) == midnight(date(2026, 4, 10).toordinal(), SHANGHAI).timestamp()
+    assert clock.schedules[0].is_exact(key.encode())
 
 
 # ---------------------------------------------------------------- at-risk warnings (rules/risk.py)
@@ -219,7 +220,7 @@ def test_a_key_customer_is_warned_once_a_horizon_before_the_clock_downgrades_the
     asyncio.run(clock.tick())
     # the drop (03-18 00:00) is more than 7 days ahead: none yet; woken again when it enters the horizon
     assert at_risk(log, key) == []
-    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 3, 11).toordinal(), SHANGHAI).timestamp()
+    assert clock.schedules[0].get(key.encode()) == midnight(date(2026, 3, 11).toordinal(), SHANGHAI).timestamp()
     log.clear()
     feed(clock, table, store, settings, [txn(settings, pusher, "2026-03-12T10:00:00+08:00", "1", 3)])
     asyncio.run(clock.tick())
@@ -265,11 +266,11 @@ def test_a_purchase_within_the_horizon_moves_the_drop_and_warns_again_only_when_
     asyncio.run(clock.tick())
     assert at_risk(log, key) == []
     # first at the lower bound: recency past 7 days (03-24) could drop a grade, 7 days before that
-    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 3, 17).toordinal(), SHANGHAI).timestamp()
+    assert clock.schedules[0].get(key.encode()) == midnight(date(2026, 3, 17).toordinal(), SHANGHAI).timestamp()
     feed(clock, table, store, settings, [txn(settings, pusher, "2026-03-17T10:00:00+08:00", "1", 4)])
     asyncio.run(clock.tick())
     assert at_risk(log, key) == []  # R4 on 03-24 keeps A: the real drop is 04-16, its warning 04-09
-    assert clock.schedules[0].due[key.encode()] == midnight(date(2026, 4, 9).toordinal(), SHANGHAI).timestamp()
+    assert clock.schedules[0].get(key.encode()) == midnight(date(2026, 4, 9).toordinal(), SHANGHAI).timestamp()
     feed(clock, table, store, settings, [txn(settings, pusher, "2026-04-10T10:00:00+08:00", "1", 5)])
     asyncio.run(clock.tick())
     assert [(w["due_at"], w["as_of"]) for w in at_risk(log, key)] == [
