@@ -503,7 +503,8 @@ def compile_ruleset(ruleset: Ruleset) -> CompiledRuleset:
         ladder_quantiles = tuple(sorted(quantiles))
         quantiles.update(earlier)
         used.update(ladder_used)
-        dwell_s = margin = None
+        dwell_s: float | None = None
+        margin: int | float | None = None
         margin_words = ""
         if ladder.hysteresis is not None:
             h = ladder.hysteresis
@@ -513,8 +514,8 @@ def compile_ruleset(ruleset: Ruleset) -> CompiledRuleset:
                     margin = major_to_minor(h.margin, ruleset.currency)
                     margin_words = show("money", margin, ruleset.currency)
                 else:
-                    margin = float(h.margin)
-                    margin_words = _num(margin)
+                    number = float(h.margin)
+                    margin, margin_words = number, _num(number)
         d = ladder.decide
         ladders.append(CompiledLadder(
             name=name,

@@ -77,10 +77,10 @@ class Score(_Strict):
             raise ValueError("bands of one score must all use 'min' or all use 'max'")
         bounds = [b.min if b.min is not None else b.max for b in self.bands]
         for i in range(1, len(bounds)):
-            if kinds == {"min"} and bounds[i] > bounds[i - 1]:
+            if kinds == {"min"} and bounds[i] > bounds[i - 1]:  # type: ignore[operator]
                 raise _problems("Score", [(("bands", i, "min"), "'min' bands must be listed from the highest bound down",
                                            bounds[i])])
-            if kinds == {"max"} and bounds[i] < bounds[i - 1]:
+            if kinds == {"max"} and bounds[i] < bounds[i - 1]:  # type: ignore[operator]
                 raise _problems("Score", [(("bands", i, "max"), "'max' bands must be listed from the lowest bound up",
                                            bounds[i])])
         return self
@@ -342,7 +342,7 @@ class Ruleset(_Strict):
 
     def metric(self, name: str) -> MetricDef:
         """The parsed metric ``name`` (it was checked at load)."""
-        return parse_metric(name, self.window_days, self.attributes, INTERACTION_TYPES)
+        return parse_metric(name, self.window_days, self.attributes, INTERACTION_TYPES)  # type: ignore[arg-type]
 
 
 Cond.model_rebuild()
@@ -558,5 +558,5 @@ def _line_of(node: Any, loc: list[str]) -> int | None:
         if child is None:
             break
         node = child
-        line = mark.line + 1
+        line = mark.line + 1  # type: ignore[union-attr]
     return line

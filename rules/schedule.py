@@ -174,10 +174,10 @@ def _build_plan(rs: CompiledRuleset) -> Plan:
             regrade = getattr(ladder, "regrade", None)
             if regrade is not None:
                 p.regrade[name] = regrade.every
-    for ladder in rs.ladders:
-        if ladder.quantiles:
-            p.relative.add(ladder.name)
-        if ladder.dwell_s is not None:
+    for cladder in rs.ladders:
+        if cladder.quantiles:
+            p.relative.add(cladder.name)
+        if cladder.dwell_s is not None:
             p.dwell = True
     longest_bound = max((max((k for k, _ in b), default=0) for b in p.counters.values()), default=0)
     p.horizon_days = max(rs.retention_days, longest_bound, 366) + 2

@@ -344,5 +344,5 @@ def fold(state: CustomerState, event: Any, track: Tracking, tz: ZoneInfo) -> Non
         else:
             apply_invoice(state, ts, day, event.invoice_id, kind == "payment")
         return
-    day = windows.day_of_ts(ts, tz) if track.interaction_days else None
-    apply_interaction(state, ts, event.type, day, event.attributes, track, tz)
+    iday = windows.day_of_ts(ts, tz) if track.interaction_days else None
+    apply_interaction(state, ts, event.type, iday, event.attributes, track, tz)

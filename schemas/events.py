@@ -169,7 +169,7 @@ class Interaction(_Input):
 
 class _Output(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = SCHEMA_VERSION  # type: ignore[assignment]
 
 
 class RulesetRef(BaseModel):

@@ -168,10 +168,11 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                 raise InvalidEvent("too_large", f"value of {len(value)} bytes is larger than an event may be "
                                                 f"({MAX_EVENT_BYTES} bytes)")
             if record.role == TRANSACTIONS:
-                event: Txn | Contact = decode_transaction(value, record.key, check_keys)
-                if event.currency != rs.currency:
+                txn = decode_transaction(value, record.key, check_keys)
+                if txn.currency != rs.currency:
                     raise InvalidEvent("invalid_currency",
-                                       f"currency {event.currency} is not the ruleset's currency {rs.currency}")
+                                       f"currency {txn.currency} is not the ruleset's currency {rs.currency}")
+                event: Txn | Contact = txn
             else:
                 event = decode_interaction(value, record.key, check_keys)
             ts = event.ts
@@ -209,10 +210,10 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
             # Late before duplicate: ids are forgotten past the lateness, so this order gives
             # the same verdict however records are batched.
             if latest is not None and ts < latest - lateness_s:
-                error = InvalidEvent("late", f"occurred_at {event.occurred_at.isoformat()} is more than "
+                late = InvalidEvent("late", f"occurred_at {event.occurred_at.isoformat()} is more than "
                                              f"{lateness_days:g} days before the customer's latest event "
                                              f"({datetime.fromtimestamp(latest, tz).isoformat()})")
-                dead_letters.append((record.key, dead_letter(record, error, now)))
+                dead_letters.append((record.key, dead_letter(record, late, now)))
                 reasons["late"] = reasons.get("late", 0) + 1
                 continue
             day = int(ts // _DAY_S)
