@@ -7,15 +7,21 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 WITH_SERVERS := deploy/local/with-servers
 
-.PHONY: venv up down test test-fast demo bench bench-hot schemas clean
+.PHONY: venv compile up down test test-fast demo bench bench-hot schemas clean
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,bench,rocksdb]'
+	$(BIN)/pip install -q -e '.[dev,bench,rocksdb,compile]'
 	touch $@
+
+# The hot path compiled with mypyc (schemas/compiled.py), rebuilt when one of its sources changed.
+# Without a C compiler it warns and everything runs as plain Python, slower.
+compile: venv
+	$(BIN)/python deploy/compile.py ensure || \
+		echo "WARNING: the hot path could not be compiled (see above); it runs as plain Python, slower"
 
 up:
 	deploy/local/up
@@ -23,23 +29,23 @@ up:
 down:
 	deploy/local/down
 
-test: venv
+test: venv compile
 	$(WITH_SERVERS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not broker" $(PYTEST_ARGS)
 
-demo: venv
+demo: venv compile
 	$(WITH_SERVERS) $(BIN)/python -m streams.demo $(DEMO_ARGS)
 
-bench: venv
+bench: venv compile
 	$(WITH_SERVERS) $(BIN)/python -m bench.run $(BENCH_ARGS)
 
-bench-hot: venv
+bench-hot: venv compile
 	$(BIN)/python -m bench.hotpath $(BENCH_ARGS)
 
 schemas: venv
 	$(BIN)/python -m schemas.generate
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .build

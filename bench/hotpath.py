@@ -29,6 +29,7 @@ import zlib
 from datetime import datetime, timedelta
 
 from bench.run import generate
+from schemas.compiled import status as compiled_status
 from rules.engine import CompiledRuleset, compile_ruleset
 from rules.ruleset import load
 from streams.memory import raise_collector_threshold
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     horizon = None if args.no_clock else timedelta(0)
     changes, state_bytes = run(records, rs, args.batch, now, horizon)
     cpu = time.process_time() - started
-    print(f"{args.events} events, {args.customers} customers, {args.ruleset}, clock {'off' if args.no_clock else 'on'}: {cpu:.2f} s CPU, "
+    print(f"hot path {compiled_status()}: {args.events} events, {args.customers} customers, {args.ruleset}, clock {'off' if args.no_clock else 'on'}: {cpu:.2f} s CPU, "
           f"{cpu / args.events * 1e6:.1f} µs/event ({args.events / cpu:,.0f} events/s on one core); "
           f"{changes} grade changes ({changes / args.events:.0%}), state {state_bytes / args.customers:.0f} B/customer")
     if args.profile:

@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from schemas.compiled import status as compiled_status
 from streams.local import WorkerProcess, drop_run, unique_env
 from streams.outbox import MAX_BATCH_BYTES, Outbox
 from streams.settings import load_settings
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_settings()
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"date {datetime.now(timezone.utc):%Y-%m-%d}")
+          f"date {datetime.now(timezone.utc):%Y-%m-%d}; hot path {compiled_status()}")
     if args.replot:
         with open(args.replot, "rb") as fh:
             saved = orjson.loads(fh.read())

@@ -467,8 +467,8 @@ def check(rs: Ruleset) -> list[tuple[Loc, str, Any]]:
         for name, factor in (d.scorecard or {}).items():
             m = metric((*loc, "scorecard", name, "metric"), factor.metric)
             if m is not None:
-                for i, band in enumerate(factor.points):
-                    ops((*loc, "scorecard", name, "points", i), m, band)
+                for i, point in enumerate(factor.points):
+                    ops((*loc, "scorecard", name, "points", i), m, point)
         for i, rule in enumerate(d.rules or ()):
             if rule.when is not None:
                 cond((*loc, "rules", i, "when"), rule.when)

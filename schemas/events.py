@@ -119,6 +119,10 @@ class _Input(BaseModel):
         return data
 
 
+# The currencies gradeflow knows, listed in the JSON Schema (typed so that pydantic's JsonDict accepts it).
+_CURRENCY_ENUM: dict[str, Any] = {"enum": sorted(CURRENCY_EXPONENTS)}
+
+
 class Transaction(_Input):
     """A purchase, refund, deposit, withdrawal, invoice or payment, keyed by ``customer_id`` on ``transactions``."""
 
@@ -136,7 +140,7 @@ class Transaction(_Input):
         description="Decimal string (preferred) or number, > 0, no more decimals than the currency has."
     )
     currency: Annotated[str, AfterValidator(_known_currency)] = Field(
-        description="ISO 4217 code.", json_schema_extra={"enum": sorted(CURRENCY_EXPONENTS)})
+        description="ISO 4217 code.", json_schema_extra=_CURRENCY_ENUM)
     order_id: str | None = None
     channel: str | None = None
     attributes: dict[str, Any] | None = None

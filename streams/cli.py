@@ -76,8 +76,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, ruleset)
+    from schemas.compiled import status as hot_path
+
     print(f"gradeflow worker: ruleset {ruleset.id}@{ruleset.version}, broker {describe_connection(settings)}, "
-          f"app {settings.group_id}", file=sys.stderr, flush=True)
+          f"app {settings.group_id}, hot path {_HOT_PATH[hot_path()]}", file=sys.stderr, flush=True)
     class GradeflowWorker(Worker):
         async def on_startup_finished(self) -> None:
             await super().on_startup_finished()
@@ -86,6 +88,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     GradeflowWorker(app, loglevel=settings.log_level).execute_from_commandline()
     return 0
+
+
+# schemas/compiled.py's status, as the worker's start line says it.
+_HOT_PATH = {"compiled": "compiled (mypyc)", "stale": "plain Python (the compiled build is stale: make compile)",
+             "absent": "plain Python (not compiled: make compile)"}
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:

@@ -17,7 +17,9 @@ def test_the_hot_path_bench_grades_every_event_and_reports_it(capsys: pytest.Cap
     finally:
         gc.set_threshold(*before)
     out = capsys.readouterr().out
-    assert out.startswith("300 events, 30 customers, rfm-5, clock off: ")
+    from schemas.compiled import status
+
+    assert out.startswith(f"hot path {status()}: 300 events, 30 customers, rfm-5, clock off: ")
     changes = int(out.split(" grade changes")[0].rsplit(" ", 1)[1])
     assert 30 <= changes < 300  # every customer graded at least once; not every event changes a grade
 
