@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / ".build" / "mypyc"
 MODULES = ("rules/windows.py", "rules/state.py", "rules/metrics.py", "rules/engine.py", "rules/changes.py",
-           "schemas/decode.py", "schemas/money.py", "schemas/timestamps.py", "streams/processor.py")
+           "rules/schedule.py", "rules/risk.py", "schemas/decode.py", "schemas/money.py", "schemas/timestamps.py",
+           "streams/processor.py", "streams/outbox.py")
 PACKAGES = ("rules", "schemas", "streams")
 STAMP = BUILD / "stamp"
 

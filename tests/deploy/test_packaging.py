@@ -120,6 +120,7 @@ def test_dockerfile_is_multi_stage_non_root_and_pinned():
     assert user and user[-1].split(":")[0] not in ("root", "0")
     assert re.search(r'^ENTRYPOINT \["gradeflow"\]', text, flags=re.M)
     assert "/healthz" in text
+    assert "deploy/compile.py build" in text  # the image runs the compiled hot path
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".local" in ignored and ".git" in ignored
 
@@ -170,3 +171,13 @@ def test_built_wheel_installs_a_working_gradeflow(tmp_path):
     rules_check = subprocess.run([str(venv / "bin" / "gradeflow"), "rules", "check", "rfm-5"], cwd=elsewhere,
                                  capture_output=True, text=True, timeout=60)
     assert rules_check.returncode == 0, rules_check.stderr
+    # As the Dockerfile does: the installed package's hot path compiled in place, then used from anywhere.
+    build = subprocess.run([str(venv / "bin" / "python"), str(ROOT / "deploy" / "compile.py"), "build"], cwd=elsewhere,
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    probe = "from schemas import compiled; import rules.engine; print(compiled.status(), rules.engine.__file__)"
+    used = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=elsewhere, capture_output=True, text=True,
+                          timeout=60)
+    assert used.returncode == 0, used.stderr
+    state, engine = used.stdout.split()
+    assert state == "compiled" and engine.startswith(str(site / ".build" / "mypyc" / "rules")), used.stdout
