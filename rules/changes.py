@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from hashlib import sha1
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 from rules.engine import CompiledLadder, CompiledRuleset, Evaluation, Population, evaluate
 from rules.state import CustomerState, prune
@@ -23,11 +23,25 @@ _NAMESPACE = uuid.UUID("6f1d3c1e-4d2b-5a7e-9c59-2f3b8f0a6a10")
 _NAMESPACE_BYTES = _NAMESPACE.bytes
 
 
-class Cause(NamedTuple):
+class Cause:
     """What made gradeflow evaluate: an input event, the clock, or new rules."""
 
-    kind: str  # transaction | interaction | clock | rules
-    event_id: str | None
+    # A plain class, not a NamedTuple: one is built per event, and a NamedTuple's __new__ is
+    # interpreted even in a compiled module (schemas/compiled.py).
+    __slots__ = ("kind", "event_id")
+
+    def __init__(self, kind: str, event_id: str | None) -> None:
+        self.kind = kind  # transaction | interaction | clock | rules
+        self.event_id = event_id
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cause) and (self.kind, self.event_id) == (other.kind, other.event_id)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.event_id))
+
+    def __repr__(self) -> str:
+        return f"Cause({self.kind!r}, {self.event_id!r})"
 
 
 def _iso(moment: datetime) -> str:

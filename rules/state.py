@@ -50,7 +50,7 @@ class Tracking:
     retention_days: int = 365
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class CustomerState:
     """Everything gradeflow remembers about one customer."""
 
@@ -81,6 +81,36 @@ class CustomerState:
     # ladder → the instant (seconds) of the clock downgrade an at-risk warning was emitted for
     # (rules/risk.py): one warning per drop instant. Kept as ext "wr".
     warned: dict[str, float] = field(default_factory=dict)
+
+    # Written out: a dataclass's generated __init__ is interpreted even in a compiled module
+    # (schemas/compiled.py), and a state is built for every customer a batch touches.
+    def __init__(self, last_event_ts: float | None = None, last_purchase_ts: float | None = None,
+                 first_purchase_ts: float | None = None, buckets: windows.Buckets | None = None,
+                 last_interaction_ts: float | None = None, interaction_counts: dict[str, int] | None = None,
+                 grades: dict[str, str] | None = None, offsets: dict[str, int] | None = None, *,
+                 last_by_type: dict[str, float] | None = None, ibuckets: dict[int, dict[str, int]] | None = None,
+                 attrs: dict[str, list[Any]] | None = None, flows: dict[int, int] | None = None,
+                 balance_base: int = 0, invoices: dict[str, list[int | None]] | None = None,
+                 grade_since: dict[str, float] | None = None, ruleset: str | None = None,
+                 seen: dict[int, Any] | None = None, warned: dict[str, float] | None = None) -> None:
+        self.last_event_ts = last_event_ts
+        self.last_purchase_ts = last_purchase_ts
+        self.first_purchase_ts = first_purchase_ts
+        self.buckets = {} if buckets is None else buckets
+        self.last_interaction_ts = last_interaction_ts
+        self.interaction_counts = {} if interaction_counts is None else interaction_counts
+        self.grades = {} if grades is None else grades
+        self.offsets = {} if offsets is None else offsets
+        self.last_by_type = {} if last_by_type is None else last_by_type
+        self.ibuckets = {} if ibuckets is None else ibuckets
+        self.attrs = {} if attrs is None else attrs
+        self.flows = {} if flows is None else flows
+        self.balance_base = balance_base
+        self.invoices = {} if invoices is None else invoices
+        self.grade_since = {} if grade_since is None else grade_since
+        self.ruleset = ruleset
+        self.seen = {} if seen is None else seen
+        self.warned = {} if warned is None else warned
 
     def to_bytes(self) -> bytes:
         """Serialize to the changelog format (a JSON array, versioned)."""

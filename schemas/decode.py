@@ -28,7 +28,7 @@ _REQUIRED_TXN_FIELDS = 6  # event_id, customer_id, occurred_at, type, currency, 
 
 # Not frozen: a frozen dataclass's __init__ goes through object.__setattr__ per field, which
 # cost more than the rest of building one; these are built once per event and never changed.
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Txn:
     """A validated transaction; ``amount_minor`` is always positive; ``ts`` is ``occurred_at`` in Unix seconds."""
 
@@ -39,11 +39,25 @@ class Txn:
     refund: bool
     amount_minor: int
     currency: str
-    kind: str = "purchase"  # one of schemas.events.TRANSACTION_TYPES
-    invoice_id: str | None = None
+    kind: str  # one of schemas.events.TRANSACTION_TYPES
+    invoice_id: str | None
+
+    # Written out: a dataclass's generated __init__ is interpreted even in a compiled module
+    # (schemas/compiled.py), and this one runs once per event.
+    def __init__(self, event_id: str, customer_id: str, occurred_at: datetime, ts: float, refund: bool,
+                 amount_minor: int, currency: str, kind: str = "purchase", invoice_id: str | None = None) -> None:
+        self.event_id = event_id
+        self.customer_id = customer_id
+        self.occurred_at = occurred_at
+        self.ts = ts
+        self.refund = refund
+        self.amount_minor = amount_minor
+        self.currency = currency
+        self.kind = kind
+        self.invoice_id = invoice_id
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Contact:
     """A validated interaction; ``ts`` is ``occurred_at`` in Unix seconds."""
 
@@ -53,6 +67,17 @@ class Contact:
     ts: float
     type: str
     attributes: dict[str, Any] | None
+
+    # Written out: a dataclass's generated __init__ is interpreted even in a compiled module
+    # (schemas/compiled.py), and this one runs once per interaction.
+    def __init__(self, event_id: str, customer_id: str, occurred_at: datetime, ts: float, type: str,
+                 attributes: dict[str, Any] | None) -> None:
+        self.event_id = event_id
+        self.customer_id = customer_id
+        self.occurred_at = occurred_at
+        self.ts = ts
+        self.type = type
+        self.attributes = attributes
 
 
 def _load(raw: bytes | None) -> dict[str, Any]:

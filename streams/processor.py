@@ -43,7 +43,7 @@ MAX_FUTURE_SKEW_S = 86400.0
 _DAY_S = 86400.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Record:
     """One consumed record, with its origin."""
 
@@ -53,8 +53,21 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes | None
-    timestamp_ms: int | None = None
-    origin: Any = None  # the framework's event, carried through for table writes
+    timestamp_ms: int | None
+    origin: Any  # the framework's event, carried through for table writes
+
+    # Written out: a dataclass's generated __init__ is interpreted even in a compiled module
+    # (schemas/compiled.py), and this one runs once per event.
+    def __init__(self, role: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+                 timestamp_ms: int | None = None, origin: Any = None) -> None:
+        self.role = role
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.key = key
+        self.value = value
+        self.timestamp_ms = timestamp_ms
+        self.origin = origin
 
 
 class StateReader(Protocol):
