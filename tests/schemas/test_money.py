@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Context, Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas.errors import InvalidEvent
-from schemas.money import format_minor, major_to_minor, to_minor
+from schemas.money import CURRENCY_EXPONENTS, format_minor, major_to_minor, to_minor
 
 
 @pytest.mark.parametrize(("amount", "currency", "minor"), [
@@ -57,6 +59,15 @@ def test_to_minor_refuses_unknown_currency() -> None:
 ])
 def test_format_minor(minor, currency, text) -> None:
     assert format_minor(minor, currency) == text
+
+
+@given(st.integers(-10 ** 40, 10 ** 40), st.sampled_from(["CNY", "JPY", "KWD", "BHD", "USD"]))
+def test_format_minor_is_the_exact_decimal(minor: int, currency: str) -> None:
+    text = format_minor(minor, currency)
+    assert Decimal(text) == Decimal(minor).scaleb(-CURRENCY_EXPONENTS[currency], Context(prec=100))
+    assert text.count(".") == (1 if CURRENCY_EXPONENTS[currency] else 0) and not text.startswith(("-.", "."))
+    if "." in text:
+        assert len(text.split(".")[1]) == CURRENCY_EXPONENTS[currency]
 
 
 def test_round_trip_through_text() -> None:
