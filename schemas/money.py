@@ -90,11 +90,10 @@ def decimal_to_minor(value: Decimal, currency: str) -> int:
     return minor
 
 
-# The common case on the hot path, a plain decimal string or integer with no
-# more decimals than the currency has, is converted with integer arithmetic;
-# everything else (and every error message) goes through Decimal.
-_PLAIN = {e: re.compile(r"([0-9]{1,%d})(?:\.([0-9]{1,%d}))?" % (MAX_DIGITS, e) if e else r"([0-9]{1,%d})()" % MAX_DIGITS)
-          for e in set(CURRENCY_EXPONENTS.values())}
+# The common case on the hot path, a plain decimal string (ASCII digits, at most one point with
+# at least one digit on each side and no more decimals than the currency has) or an integer, is
+# converted with integer arithmetic; everything else (and every error message) goes through Decimal.
+_SCALE = tuple(10 ** e for e in range(max(CURRENCY_EXPONENTS.values()) + 1))
 
 
 def to_minor(amount: object, currency: str) -> int:
@@ -109,14 +108,16 @@ def to_minor(amount: object, currency: str) -> int:
     if exponent is None:
         raise InvalidEvent("invalid_currency", f"currency {currency!r} is not a supported ISO 4217 code")
     if type(amount) is str:
-        plain = _PLAIN[exponent].fullmatch(amount)
-        if plain is not None:
-            whole, fraction = plain.groups()
-            minor = int(whole) * 10 ** exponent + (int(fraction.ljust(exponent, "0")) if fraction else 0)
+        whole, point, fraction = amount.partition(".")
+        if (whole.isascii() and whole.isdigit() and len(whole) <= MAX_DIGITS
+                and (not point or (fraction.isascii() and fraction.isdigit() and len(fraction) <= exponent))):
+            minor = int(whole) * _SCALE[exponent]
+            if fraction:
+                minor += int(fraction) * _SCALE[exponent - len(fraction)]
             if minor > 0:
                 return minor
     elif type(amount) is int and 0 < amount < 10 ** MAX_DIGITS:
-        return amount * 10 ** exponent
+        return amount * _SCALE[exponent]
     return decimal_to_minor(parse_amount(amount), currency)
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.errors import InvalidEvent
-from schemas.money import CURRENCY_EXPONENTS, format_minor, major_to_minor, to_minor
+from schemas.money import CURRENCY_EXPONENTS, decimal_to_minor, format_minor, major_to_minor, parse_amount, to_minor
 
 
 @pytest.mark.parametrize(("amount", "currency", "minor"), [
@@ -68,6 +68,18 @@ def test_format_minor_is_the_exact_decimal(minor: int, currency: str) -> None:
     assert text.count(".") == (1 if CURRENCY_EXPONENTS[currency] else 0) and not text.startswith(("-.", "."))
     if "." in text:
         assert len(text.split(".")[1]) == CURRENCY_EXPONENTS[currency]
+
+
+@given(st.text(alphabet="0123456789.-+eE _", min_size=1, max_size=24) | st.from_regex(r"[0-9]{1,20}(\.[0-9]{0,5})?", fullmatch=True),
+       st.sampled_from(["CNY", "JPY", "KWD"]))
+def test_the_plain_path_agrees_with_decimal(text: str, currency: str) -> None:
+    """to_minor's shortcut for plain decimal strings gives what the Decimal path gives, or defers to it."""
+    def verdict(f):  # noqa: ANN001, ANN202
+        try:
+            return f()
+        except InvalidEvent as error:
+            return error.reason
+    assert verdict(lambda: to_minor(text, currency)) == verdict(lambda: decimal_to_minor(parse_amount(text), currency))
 
 
 def test_round_trip_through_text() -> None:
