@@ -22,6 +22,7 @@ from datetime import date
 from typing import Any
 
 from rules import windows as _w
+from rules.state import CustomerState
 
 KINDS = ("days", "count", "money", "number", "text", "bool", "date")
 ATTRIBUTE_KINDS = ("number", "text", "bool", "date")
@@ -47,7 +48,7 @@ CATALOGUE = (
 _ROLLING = re.compile(r"^([1-9][0-9]{0,3})d$")
 MAX_DAYS = 3660
 
-Getter = Callable[[Any, int, float, dict], Any]
+Getter = Callable[[CustomerState, int, float, dict], Any]
 
 
 class MetricError(ValueError):
@@ -206,7 +207,7 @@ def parse_metric(name: str, window_days: int, attributes: dict[str, str], intera
 # ---------------------------------------------------------------- computing
 
 
-def _purchase_window(state: Any, first: int, last: int) -> tuple[int, int, int, int, int]:
+def _purchase_window(state: CustomerState, first: int, last: int) -> tuple[int, int, int, int, int]:
     """count, net, gross, max, distinct days over the buckets in [first, last]."""
     count = net = gross = largest = days = 0
     for day, b in state.buckets.items():
@@ -225,7 +226,7 @@ def _purchase_window(state: Any, first: int, last: int) -> tuple[int, int, int, 
     return count, net, gross, largest, days
 
 
-def _purchase_basic(state: Any, first: int, last: int) -> tuple[int, int]:
+def _purchase_basic(state: CustomerState, first: int, last: int) -> tuple[int, int]:
     """count, net over the buckets in [first, last] (the common case: no detail needed)."""
     count = net = 0
     for day, b in state.buckets.items():
@@ -244,14 +245,14 @@ def _basic_getter(win: Any, index: int) -> Getter:
         span = win.days - 1
         key = ("pb", win.days)
 
-        def rolling(s: Any, day: int, ts: float, c: dict) -> Any:
+        def rolling(s: CustomerState, day: int, ts: float, c: dict) -> Any:
             agg = c.get(key)
             if agg is None:
                 agg = c[key] = _purchase_basic(s, day - span, day)
             return agg[index]
         return rolling
 
-    def basic(s: Any, day: int, ts: float, c: dict) -> Any:
+    def basic(s: CustomerState, day: int, ts: float, c: dict) -> Any:
         bounds = ("pb", *win.bounds(day))
         agg = c.get(bounds)
         if agg is None:
@@ -269,6 +270,7 @@ def _days_between(ts: float | None, day: int, tz: Any) -> int | None:
 def getter(m: MetricDef, tz: Any) -> Getter:
     """A function computing ``m`` from a state as of a local day and timestamp."""
     name, op, arg, win = m.name, m.op, m.arg, m.window
+    key = arg if arg is not None else ""  # a type, an attribute: typed for the closures below
     if m.family == "legacy":
         if name == "tenure_days":
             return lambda s, day, ts, c: _days_between(s.first_purchase_ts, day, tz)
@@ -282,7 +284,7 @@ def getter(m: MetricDef, tz: Any) -> Getter:
         if op in ("count", "net"):
             return _basic_getter(win, 0 if op == "count" else 1)
 
-        def purchases(s: Any, day: int, ts: float, c: dict) -> Any:
+        def purchases(s: CustomerState, day: int, ts: float, c: dict) -> Any:
             bounds = ("p", *win.bounds(day))
             agg = c.get(bounds)
             if agg is None:
@@ -306,14 +308,14 @@ def getter(m: MetricDef, tz: Any) -> Getter:
         if op == "recency":
             if arg == "any":
                 return lambda s, day, ts, c: _days_between(s.last_interaction_ts, day, tz)
-            return lambda s, day, ts, c: _days_between(s.last_by_type.get(arg), day, tz)
+            return lambda s, day, ts, c: _days_between(s.last_by_type.get(key), day, tz)
         if op == "total":
             if arg == "any":
                 return lambda s, day, ts, c: sum(s.interaction_counts.values())
-            return lambda s, day, ts, c: s.interaction_counts.get(arg, 0)
+            return lambda s, day, ts, c: s.interaction_counts.get(key, 0)
         assert win is not None
 
-        def icount(s: Any, day: int, ts: float, c: dict) -> int:
+        def icount(s: CustomerState, day: int, ts: float, c: dict) -> int:
             bounds = ("i", *win.bounds(day))
             totals = c.get(bounds)
             if totals is None:
@@ -327,13 +329,13 @@ def getter(m: MetricDef, tz: Any) -> Getter:
         return icount
     if m.family == "attribute":
         if op == "value":
-            def value(s: Any, day: int, ts: float, c: dict) -> Any:
-                held = s.attrs.get(arg)
+            def value(s: CustomerState, day: int, ts: float, c: dict) -> Any:
+                held = s.attrs.get(key)
                 return None if held is None else held[1]
             return value
 
-        def dated(s: Any, day: int, ts: float, c: dict) -> int | None:
-            held = s.attrs.get(arg)
+        def dated(s: CustomerState, day: int, ts: float, c: dict) -> int | None:
+            held = s.attrs.get(key)
             if held is None or held[1] is None:
                 return None
             return held[1] - day if op == "days_until" else day - held[1]
@@ -343,7 +345,7 @@ def getter(m: MetricDef, tz: Any) -> Getter:
             return lambda s, day, ts, c: s.balance_base + sum(v for d, v in s.flows.items() if d <= day)
         assert win is not None
 
-        def adb(s: Any, day: int, ts: float, c: dict) -> int:
+        def adb(s: CustomerState, day: int, ts: float, c: dict) -> int:
             first, last = win.bounds(day)
             return _w.average_daily_balance(s.balance_base, s.flows, first, last)
         return adb
@@ -351,13 +353,13 @@ def getter(m: MetricDef, tz: Any) -> Getter:
     if op == "open":
         return lambda s, day, ts, c: sum(1 for issued, paid in s.invoices.values() if issued is not None and paid is None)
     if op == "oldest_open":
-        def oldest(s: Any, day: int, ts: float, c: dict) -> int | None:
+        def oldest(s: CustomerState, day: int, ts: float, c: dict) -> int | None:
             issued = [i for i, p in s.invoices.values() if i is not None and p is None]
             return max(0, day - min(issued)) if issued else None
         return oldest
     assert win is not None
 
-    def paid(s: Any, day: int, ts: float, c: dict) -> int | None:
+    def paid(s: CustomerState, day: int, ts: float, c: dict) -> int | None:
         first, last = win.bounds(day)
         n = total = longest = 0
         for issued, paid_day in s.invoices.values():
