@@ -77,3 +77,13 @@ def test_a_repeated_growth_size_keeps_its_median_run_and_every_rate() -> None:
     assert row["worker_eps"] == 14_485.0 and row["raw_eps"] == 2.0  # the median run's own figures
     assert row["runs_eps"] == [11_100.0, 14_558.0, 14_485.0]  # in the order they ran
     assert median_run(runs[:1]) == {**runs[0], "runs_eps": [11_100.0]}
+
+
+def test_a_repeated_growth_size_keeps_the_median_of_each_latency_figure() -> None:
+    runs = [{"worker_eps": 15_628.0, "p50_ms": 22, "p99_ms": 797, "max_ms": 897},
+            {"worker_eps": 14_861.0, "p50_ms": 24, "p99_ms": 73, "max_ms": 102},
+            {"worker_eps": 16_830.0, "p50_ms": 9, "p99_ms": 35, "max_ms": 60}]
+    row = median_run(runs)
+    assert row["worker_eps"] == 15_628.0  # the median rate's run...
+    assert (row["p50_ms"], row["p99_ms"], row["max_ms"]) == (22, 73, 102)  # ...but each latency its own median
+    assert row["runs_p99_ms"] == [797, 73, 35]
