@@ -49,12 +49,12 @@ def status() -> str:
             STATUS = "absent"
         else:
             STATUS = "compiled" if built == source_stamp() else "stale"
-        if STATUS == "compiled":
-            sys.path.insert(0, str(BUILD))  # mypyc's shared runtime module sits at the build's top
     return STATUS
 
 
 def attach(package: str, path: list[str]) -> None:
     """Put ``package``'s compiled modules ahead of its sources (``__path__``), when current."""
     if status() == "compiled":
+        if str(BUILD) not in sys.path:
+            sys.path.insert(0, str(BUILD))  # mypyc's shared runtime module sits at the build's top
         path.insert(0, str(BUILD / package))
