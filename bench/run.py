@@ -26,6 +26,7 @@ import asyncio
 import os
 import platform
 import random
+import statistics
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -429,8 +430,8 @@ def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot
     Latency is measured on the workers that have just graded the backlog, so they hold every
     customer's state: ``rate`` events/s for ``latency_seconds`` to those same customers.
 
-    A size of at most ``repeat_max_events`` events runs ``repeat`` times and its row is the run
-    with the median events/s (every run's rate is kept in ``runs_eps``): on a shared VM a run of a
+    A size of at most ``repeat_max_events`` events runs ``repeat`` times and its row is
+    :func:`median_run` of them (every run's rate is kept in ``runs_eps``): on a shared VM a run of a
     few seconds lands in a quiet or a busy moment (the 10k size did 12,864 and 17,897 events/s in
     two runs of the same code), while the largest size, minutes long, averages over both."""
     rows = []
@@ -457,9 +458,9 @@ def median_run(runs: list[dict]) -> dict:
     median = sorted(runs, key=lambda r: r["worker_eps"])[len(runs) // 2]
     row = {**median, "runs_eps": [r["worker_eps"] for r in runs]}
     for name in _LATENCY:
-        values = sorted(r[name] for r in runs if r.get(name) is not None)
+        values = [r[name] for r in runs if r.get(name) is not None]
         if values:
-            row[name] = values[len(values) // 2]
+            row[name] = statistics.median_high(values)
     if any(r.get("p99_ms") is not None for r in runs):
         row["runs_p99_ms"] = [r.get("p99_ms") for r in runs]
     return row
