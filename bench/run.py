@@ -418,7 +418,7 @@ def latency(settings, rate: float, seconds: float, customers: int, clock: str = 
 
 def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot: str,
            rate: float = 5000, latency_seconds: float = 10, min_events: int = 0, clock: str = "off",
-           workers: int = 1, repeat: int = 1, repeat_max_events: int = 1_000_000) -> None:
+           workers: int = 1, repeat: int = 1, repeat_max_events: int | None = None) -> None:
     """Throughput, memory and latency at several customer counts; a table, a PNG plot and the
     rows as JSON beside it (``--replot`` draws the plot again from them).
 
@@ -430,17 +430,23 @@ def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot
     Latency is measured on the workers that have just graded the backlog, so they hold every
     customer's state: ``rate`` events/s for ``latency_seconds`` to those same customers.
 
-    A size of at most ``repeat_max_events`` events runs ``repeat`` times and its row is
-    :func:`median_run` of them (every run's rate is kept in ``runs_eps``): on a shared VM a run of a
-    few seconds lands in a quiet or a busy moment (the 10k size did 12,864 and 17,897 events/s in
-    two runs of the same code), while the largest size, minutes long, averages over both."""
-    rows = []
-    for m in sizes:
-        events = max(m * per_customer, min_events)
-        runs = [throughput(settings, events, m, timeout_s, workers, latency_rate=rate,
-                           latency_seconds=latency_seconds, clock=clock)
-                for _ in range(repeat if events <= repeat_max_events else 1)]
-        rows.append(median_run(runs))
+    Every size runs ``repeat`` times (a size of more than ``repeat_max_events`` events once), in
+    rounds: each round runs every size, the order turned by one each round, so that no size gets
+    only the VM's quiet or busy stretch (on a shared VM the same code moved by 17% between two
+    runs of the 1M size, and the 10k size's three runs back to back spanned 14,558-21,818
+    events/s). A size's row is :func:`median_run` of its runs (every run's rate kept in
+    ``runs_eps``)."""
+    runs: dict[int, list[dict]] = {m: [] for m in sizes}
+    counts = {m: max(m * per_customer, min_events) for m in sizes}
+    for r in range(repeat):
+        order = sizes[r % len(sizes):] + sizes[:r % len(sizes)]
+        for m in order:
+            if r and repeat_max_events is not None and counts[m] > repeat_max_events:
+                continue
+            print(f"growth: round {r + 1} of {repeat}, {m:,} customers")
+            runs[m].append(throughput(settings, counts[m], m, timeout_s, workers, latency_rate=rate,
+                                      latency_seconds=latency_seconds, clock=clock))
+    rows = [median_run(runs[m]) for m in sizes]
     with open(os.path.splitext(plot)[0] + ".json", "wb") as fh:
         fh.write(orjson.dumps({"rate": rate, "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "rows": rows},
                               option=orjson.OPT_INDENT_2))
@@ -520,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="events per customer in growth runs (the headline's 500,000 for 50,000)")
     parser.add_argument("--min-events", type=int, default=0, help="fewest events of a growth run's size")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each growth size of at most 1,000,000 events (the median is the row)")
+                        help="runs of each growth size, in rounds (the median is the row)")
+    parser.add_argument("--repeat-max-events", type=int, default=None,
+                        help="a growth size of more events runs once (default: every size repeats)")
     parser.add_argument("--replot", default="", help="draw the growth table and plot again from a growth JSON")
     parser.add_argument("--plot", default="docs/bench-growth.png")
     parser.add_argument("--workers", type=int, default=None,
@@ -550,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         # longer than the smallest size's whole backlog (100,000 events).
         growth(settings, [int(x) for x in args.growth.split(",")], args.per_customer, args.timeout, args.plot,
                args.rate, min(args.latency_seconds, 10), args.min_events, args.clock, args.workers or 1,
-               args.repeat)
+               args.repeat, args.repeat_max_events)
         return 0
     if args.latency_only:
         latency(settings, args.rate, args.latency_seconds, args.customers, args.latency_clock)

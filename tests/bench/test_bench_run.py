@@ -87,3 +87,30 @@ def test_a_repeated_growth_size_keeps_the_median_of_each_latency_figure() -> Non
     assert row["worker_eps"] == 15_628.0  # the median rate's run...
     assert (row["p50_ms"], row["p99_ms"], row["max_ms"]) == (22, 73, 102)  # ...but each latency its own median
     assert row["runs_p99_ms"] == [797, 73, 35]
+
+
+def test_growth_runs_every_size_in_rounds_turning_the_order(monkeypatch, tmp_path) -> None:
+    import bench.run as run
+
+    calls: list[int] = []
+
+    def fake_throughput(settings, events, customers, *args, **kwargs) -> dict:
+        calls.append(customers)
+        return {"customers": customers, "events": events, "worker_eps": float(len(calls)), "raw_eps": 1.0,
+                "ratio": 1.0, "rss_mb_per_100k": 1.0}
+
+    drawn: list[list[dict]] = []
+    monkeypatch.setattr(run, "throughput", fake_throughput)
+    monkeypatch.setattr(run, "draw", lambda rows, plot, rate: drawn.append(rows))
+    plot = str(tmp_path / "g.png")
+    run.growth(None, [10, 100, 1000], 10, 60, plot, repeat=3)
+    assert calls == [10, 100, 1000, 100, 1000, 10, 1000, 10, 100]  # no size always first or last
+    rows = drawn[0]
+    assert [r["runs_eps"] for r in rows] == [[1.0, 6.0, 8.0], [2.0, 4.0, 9.0], [3.0, 5.0, 7.0]]
+    assert [r["worker_eps"] for r in rows] == [6.0, 4.0, 5.0]
+    saved = orjson.loads((tmp_path / "g.json").read_bytes())
+    assert saved["rows"] == rows
+
+    calls.clear()
+    run.growth(None, [10, 1000], 10, 60, plot, repeat=2, repeat_max_events=1000)
+    assert calls == [10, 1000, 10]  # 10,000 events: once
