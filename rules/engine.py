@@ -390,30 +390,42 @@ class Evaluation:
 
     ``recency_days``, ``frequency`` and ``monetary_minor`` (the compatibility
     fields of every grade change) are computed on first access when the
-    ruleset itself does not use them.
+    ruleset itself does not use them; ``reasons`` are built on first access
+    (three events in four change no grade and never need them).
     """
 
-    __slots__ = ("_recency", "_frequency", "_monetary", "_legacy", "scores", "grades", "values",
-                 "_reasons", "_explain")
+    # The inputs of the lazy parts are kept as fields, not closures: a closure is two more
+    # objects per evaluation, and every event is evaluated.
+    __slots__ = ("_recency", "_frequency", "_monetary", "_filled", "scores", "grades", "values",
+                 "_reasons", "_rs", "_state", "_as_of", "_bounds", "_traces", "_population")
 
     def __init__(self, recency_days: int | None, frequency: int, monetary_minor: int, scores: dict[str, int],
                  grades: dict[str, str], reasons: dict[str, list[str]] | None = None,
-                 values: dict[str, Any] | None = None, explain: Callable[[], dict[str, list[str]]] | None = None,
-                 legacy: Callable[[], tuple[int | None, int, int]] | None = None) -> None:
+                 values: dict[str, Any] | None = None, rs: CompiledRuleset | None = None,
+                 state: CustomerState | None = None, as_of: datetime | None = None,
+                 bounds: dict[str, Any] | None = None, traces: dict[str, Any] | None = None,
+                 population: Population | None = None, filled: bool = True) -> None:
         self._recency = recency_days
         self._frequency = frequency
         self._monetary = monetary_minor
-        self._legacy = legacy
+        self._filled = filled
         self.scores = scores
         self.grades = grades
         self.values = values if values is not None else {}
         self._reasons = reasons
-        self._explain = explain
+        self._rs = rs
+        self._state = state
+        self._as_of = as_of
+        self._bounds = bounds
+        self._traces = traces
+        self._population = population
 
     def _fill(self) -> None:
-        if self._legacy is not None:
-            self._recency, self._frequency, self._monetary = self._legacy()
-            self._legacy = None
+        if not self._filled:
+            rs, state, as_of = self._rs, self._state, self._as_of
+            assert rs is not None and state is not None and as_of is not None
+            self._recency, self._frequency, self._monetary = _legacy(rs, state, as_of)
+            self._filled = True
 
     @property
     def recency_days(self) -> int | None:
@@ -434,7 +446,9 @@ class Evaluation:
     def reasons(self) -> dict[str, list[str]]:
         """Per ladder, the sentences that explain its grade (built on first access)."""
         if self._reasons is None:
-            self._reasons = self._explain() if self._explain is not None else {}
+            rs, bounds, traces = self._rs, self._bounds, self._traces
+            self._reasons = ({} if rs is None or bounds is None or traces is None
+                             else _explain(rs, self.values, self.scores, bounds, traces, self._population))
         return self._reasons
 
     @property
@@ -651,27 +665,31 @@ def evaluate(rs: CompiledRuleset, state: CustomerState, as_of: datetime, populat
         grades[ladder.name] = grade
         traces[ladder.name] = (trace, held, decided)
 
-    def explain() -> dict[str, list[str]]:
-        sentences = {s.name: _sentence(rs, s, values[s.metric], scores[s.name], bounds[s.name]) for s in rs.scores}
-        out: dict[str, list[str]] = {}
-        for ladder in rs.ladders:
-            trace, held, decided = traces[ladder.name]
-            lines = [sentences[n] for n in ladder.summed]
-            lines += [line.replace("{grade}", decided) for line in ladder.decider.explain(env, trace)]
-            if held is not None:
-                lines.append(held)
-            missing = [m for m, q in ladder.quantiles if population is None or population.get((m, q)) is None]
-            if missing:
-                lines.append(f"The population's thresholds for {', '.join(sorted(set(missing)))} are not known yet: "
-                             "relative comparisons do not hold until they are.")
-            out[ladder.name] = lines
-        return out
-
     if rs.legacy_used:
         return Evaluation(values["recency_days"], values["frequency"], values["monetary"], scores, grades,
-                          values=values, explain=explain)
-    return Evaluation(None, 0, 0, scores, grades, values=values, explain=explain,
-                      legacy=lambda: _legacy(rs, state, as_of))
+                          values=values, rs=rs, bounds=bounds, traces=traces, population=population)
+    return Evaluation(None, 0, 0, scores, grades, values=values, rs=rs, state=state, as_of=as_of, bounds=bounds,
+                      traces=traces, population=population, filled=False)
+
+
+def _explain(rs: CompiledRuleset, values: dict[str, Any], scores: dict[str, int], bounds: dict[str, Any],
+             traces: dict[str, Any], population: Population | None) -> dict[str, list[str]]:
+    """Per ladder, the sentences that explain the grade :func:`evaluate` decided."""
+    env: Env = (values, scores, population)
+    sentences = {s.name: _sentence(rs, s, values[s.metric], scores[s.name], bounds[s.name]) for s in rs.scores}
+    out: dict[str, list[str]] = {}
+    for ladder in rs.ladders:
+        trace, held, decided = traces[ladder.name]
+        lines = [sentences[n] for n in ladder.summed]
+        lines += [line.replace("{grade}", decided) for line in ladder.decider.explain(env, trace)]
+        if held is not None:
+            lines.append(held)
+        missing = [m for m, q in ladder.quantiles if population is None or population.get((m, q)) is None]
+        if missing:
+            lines.append(f"The population's thresholds for {', '.join(sorted(set(missing)))} are not known yet: "
+                         "relative comparisons do not hold until they are.")
+        out[ladder.name] = lines
+    return out
 
 
 def _hysteresis(ladder: CompiledLadder, state: CustomerState, as_of: datetime, grade: str, env: Env) -> tuple[str, str | None]:

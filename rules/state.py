@@ -167,7 +167,9 @@ class CustomerState:
         doc = orjson.loads(raw)
         if doc[0] not in (1, _FORMAT):
             raise ValueError(f"unknown customer state format {doc[0]!r}")
-        state = cls(doc[1], doc[2], doc[3], {b[0]: b[1:] for b in doc[4]}, doc[5], doc[6], doc[7], doc[8])
+        # Each bucket [day, purchases, net, …] becomes day → [purchases, net, …] in place: a pop is
+        # cheaper than the slice's new list, and a state is read for every customer a batch touches.
+        state = cls(doc[1], doc[2], doc[3], {b.pop(0): b for b in doc[4]}, doc[5], doc[6], doc[7], doc[8])
         ext = doc[9] if len(doc) > 9 else None
         if ext:  # most rulesets use few of these: look only at the keys present
             for name, value in ext.items():

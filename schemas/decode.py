@@ -18,7 +18,7 @@ import orjson
 from schemas.errors import InvalidEvent
 from schemas.events import INTERACTION_TYPES, TRANSACTION_TYPES
 from schemas.money import CURRENCY_EXPONENTS, to_minor
-from schemas.timestamps import parse_rfc3339
+from schemas.timestamps import epoch_seconds, parse_rfc3339
 
 _INTERACTION_TYPES = frozenset(INTERACTION_TYPES)
 _TRANSACTION_TYPES = frozenset(TRANSACTION_TYPES)
@@ -105,11 +105,13 @@ def _id(doc: dict[str, Any], name: str) -> str:
     return value
 
 
-def _time(doc: dict[str, Any]) -> datetime:
+def _time(doc: dict[str, Any]) -> tuple[datetime, float]:
+    """``occurred_at`` and its Unix seconds."""
     value = doc.get("occurred_at")
     if value is None:
         raise InvalidEvent("invalid_field", "field 'occurred_at' is missing")
-    return parse_rfc3339(value)
+    moment = parse_rfc3339(value)
+    return moment, epoch_seconds(value, moment)
 
 
 def _optional(doc: dict[str, Any], name: str, kind: type) -> Any:
@@ -137,7 +139,7 @@ def decode_transaction(raw: bytes | None, key: bytes | None = None, check_key: b
     doc = _load(raw)
     event_id = _id(doc, "event_id")
     customer_id = _id(doc, "customer_id")
-    occurred_at = _time(doc)
+    occurred_at, ts = _time(doc)
     kind = doc.get("type")
     if kind != "purchase" and kind != "refund" and (not isinstance(kind, str) or kind not in _TRANSACTION_TYPES):
         raise InvalidEvent("unknown_type", f"transaction type {str(kind)[:40]!r} is not one of "
@@ -161,7 +163,7 @@ def decode_transaction(raw: bytes | None, key: bytes | None = None, check_key: b
         raise InvalidEvent("invalid_field", f"a {kind} needs a non-empty 'invoice_id'")
     if check_key:
         _key_matches(key, customer_id)
-    return Txn(event_id, customer_id, occurred_at, occurred_at.timestamp(), kind == "refund", amount_minor, currency, kind, invoice_id)
+    return Txn(event_id, customer_id, occurred_at, ts, kind == "refund", amount_minor, currency, kind, invoice_id)
 
 
 def decode_interaction(raw: bytes | None, key: bytes | None = None, check_key: bool = True) -> Contact:
@@ -169,11 +171,11 @@ def decode_interaction(raw: bytes | None, key: bytes | None = None, check_key: b
     doc = _load(raw)
     event_id = _id(doc, "event_id")
     customer_id = _id(doc, "customer_id")
-    occurred_at = _time(doc)
+    occurred_at, ts = _time(doc)
     kind = doc.get("type")
     if not isinstance(kind, str) or kind not in _INTERACTION_TYPES:
         raise InvalidEvent("unknown_type", f"interaction type {str(kind)[:40]!r} is not one of {sorted(_INTERACTION_TYPES)}")
     attributes = _optional(doc, "attributes", dict)
     if check_key:
         _key_matches(key, customer_id)
-    return Contact(event_id, customer_id, occurred_at, occurred_at.timestamp(), kind, attributes)
+    return Contact(event_id, customer_id, occurred_at, ts, kind, attributes)
