@@ -12,11 +12,20 @@ record twice) and the ids of the events it applied, by day (so that the same
 event delivered twice, at another offset, counts once). It serializes to a
 short JSON array; parts a ruleset does not use stay empty and cost nothing.
 
-Format: ``[2, …9 positional fields…, ext]``. Format 1 (before issue 4) has no
-``ext``. New parts are added as optional keys of ``ext`` (readers take a
-missing key as empty), so adding one keeps the format number and old bytes on
-the changelogs stay readable; the number changes only for a change an older
-reader would misread.
+Format: ``[3, …9 positional fields…, ext]``. New parts are added as optional
+keys of ``ext`` (readers take a missing key as empty), so adding one keeps the
+format number and old bytes on the changelogs stay readable; the number changes
+only for a change an older reader would misread. Every earlier format is read:
+
+- 3 (session 10): the daily buckets of two numbers as one flat list
+  ``[day, purchases, net, day, …]`` (wider ones, with detail, in ext ``bw`` as
+  ``[[day, …], …]``), and the applied event ids as ext ``sd``, an object
+  ``{event_id: day}`` (a list of days for an id seen on several). Format 2 made
+  a list per bucket and two per day of ids: fewer bytes, and half the objects
+  to build and free for every state a batch reads and writes.
+- 2 (issue 4): ``ext`` added; buckets ``[[day, purchases, net, …], …]``, ids ext
+  ``se`` as ``[[day, [id, …]], …]``.
+- 1: no ``ext``.
 """
 
 from __future__ import annotations
@@ -30,9 +39,9 @@ import orjson
 
 from rules import windows
 
-_FORMAT = 2
+_FORMAT = 3
 # ext key → (CustomerState field, stored as [[key, value], …] pairs rather than an object)
-_EXT = {"se": ("seen", True), "rs": ("ruleset", False), "gs": ("grade_since", False), "lt": ("last_by_type", False),
+_EXT = {"rs": ("ruleset", False), "gs": ("grade_since", False), "lt": ("last_by_type", False),
         "ib": ("ibuckets", True), "at": ("attrs", False), "fl": ("flows", True), "bb": ("balance_base", False),
         "iv": ("invoices", False), "wr": ("warned", False)}
 # Invoices kept per customer (paid ones leave with the retention window);
@@ -74,10 +83,11 @@ class CustomerState:
     invoices: dict[str, list[int | None]] = field(default_factory=dict)
     grade_since: dict[str, float] = field(default_factory=dict)  # ladder → ts of the last change
     ruleset: str | None = None  # "id@version" that last graded this customer
-    # UTC day (Unix days) of an applied event's occurred_at → the event ids applied that day
-    # (a list; a set once long). Pruned by the processor past the allowed lateness: an older
-    # event is refused as late, so its id need not be remembered. Kept as ext "se".
-    seen: dict[int, Any] = field(default_factory=dict)
+    # Applied event id → the UTC day (Unix days) of its occurred_at, or a list of days for an id
+    # applied on several (an event is its id and its day). Pruned by the processor past the
+    # allowed lateness: an older event is refused as late, so its id need not be remembered.
+    # Kept as ext "sd".
+    seen: dict[str, int | list[int]] = field(default_factory=dict)
     # ladder → the instant (seconds) of the clock downgrade an at-risk warning was emitted for
     # (rules/risk.py): one warning per drop instant. Kept as ext "wr".
     warned: dict[str, float] = field(default_factory=dict)
@@ -92,7 +102,7 @@ class CustomerState:
                  attrs: dict[str, list[Any]] | None = None, flows: dict[int, int] | None = None,
                  balance_base: int = 0, invoices: dict[str, list[int | None]] | None = None,
                  grade_since: dict[str, float] | None = None, ruleset: str | None = None,
-                 seen: dict[int, Any] | None = None, warned: dict[str, float] | None = None) -> None:
+                 seen: dict[str, int | list[int]] | None = None, warned: dict[str, float] | None = None) -> None:
         self.last_event_ts = last_event_ts
         self.last_purchase_ts = last_purchase_ts
         self.first_purchase_ts = first_purchase_ts
@@ -130,9 +140,20 @@ class CustomerState:
         if self.grade_since:
             ext["gs"] = self.grade_since
         if self.seen:
-            ext["se"] = [[d, ids if type(ids) is list else sorted(ids)] for d, ids in self.seen.items()]
+            ext["sd"] = self.seen
         if self.warned:
             ext["wr"] = self.warned
+        flat: list[int] = []
+        wide: list[list[int]] = []
+        for day, b in self.buckets.items():
+            if len(b) == 2:
+                flat.append(day)
+                flat.append(b[0])
+                flat.append(b[1])
+            else:
+                wide.append([day, *b])
+        if wide:
+            ext["bw"] = wide
         if self.ruleset is not None:
             ext["rs"] = self.ruleset  # last, always: see graded_by
         return orjson.dumps([
@@ -140,7 +161,7 @@ class CustomerState:
             self.last_event_ts,
             self.last_purchase_ts,
             self.first_purchase_ts,
-            [[day, *b] for day, b in self.buckets.items()],
+            flat,
             self.last_interaction_ts,
             self.interaction_counts,
             self.grades,
@@ -163,55 +184,82 @@ class CustomerState:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "CustomerState":
-        """Inverse of :meth:`to_bytes`; also reads format 1 (before issue 4)."""
+        """Inverse of :meth:`to_bytes`; also reads formats 1 and 2."""
         doc = orjson.loads(raw)
-        if doc[0] not in (1, _FORMAT):
-            raise ValueError(f"unknown customer state format {doc[0]!r}")
-        # Each bucket [day, purchases, net, …] becomes day → [purchases, net, …] in place: a pop is
-        # cheaper than the slice's new list, and a state is read for every customer a batch touches.
-        state = cls(doc[1], doc[2], doc[3], {b.pop(0): b for b in doc[4]}, doc[5], doc[6], doc[7], doc[8])
+        version = doc[0]
+        if version == _FORMAT:
+            flat = doc[4]
+            buckets: windows.Buckets = {}
+            for i in range(0, len(flat), 3):
+                buckets[flat[i]] = [flat[i + 1], flat[i + 2]]
+        elif version == 1 or version == 2:
+            # Each bucket [day, purchases, net, …] becomes day → [purchases, net, …] in place.
+            buckets = {b.pop(0): b for b in doc[4]}
+        else:
+            raise ValueError(f"unknown customer state format {version!r}")
+        state = cls(doc[1], doc[2], doc[3], buckets, doc[5], doc[6], doc[7], doc[8])
         ext = doc[9] if len(doc) > 9 else None
         if ext:  # most rulesets use few of these: look only at the keys present
             for name, value in ext.items():
-                part = _EXT.get(name)
-                if part is not None:  # a key a newer format added is left alone
-                    setattr(state, part[0], dict(value) if part[1] else value)
+                if name == "rs":  # every graded state has these two: no lookup, no setattr
+                    state.ruleset = value
+                elif name == "sd":
+                    state.seen = value
+                elif name == "bw":
+                    for b in value:
+                        buckets[b.pop(0)] = b
+                elif name == "se":  # format 2: [[day, [id, …]], …]
+                    for day, ids in value:
+                        for event_id in ids:
+                            remember(state, day, event_id)
+                else:
+                    part = _EXT.get(name)
+                    if part is not None:  # a key a newer format added is left alone
+                        setattr(state, part[0], dict(value) if part[1] else value)
         return state
-
-
-# Past this many ids on one day, a day's ids are checked as a set (O(1)) rather than a list.
-_SEEN_LIST_MAX = 16
 
 
 def seen_before(state: CustomerState, day: int, event_id: str) -> bool:
     """Whether an event with ``event_id`` on UTC ``day`` was already applied to ``state``."""
-    ids = state.seen.get(day)
-    if ids is None:
+    days = state.seen.get(event_id)
+    if days is None:
         return False
-    if type(ids) is list and len(ids) > _SEEN_LIST_MAX:  # read back from bytes as a list
-        ids = state.seen[day] = set(ids)
-    return event_id in ids
+    if isinstance(days, int):
+        return days == day
+    return day in days
 
 
 def remember(state: CustomerState, day: int, event_id: str) -> None:
     """Record that the event ``event_id`` of UTC ``day`` was applied."""
-    ids = state.seen.get(day)
-    if ids is None:
-        state.seen[day] = [event_id]
-    elif type(ids) is list:
-        ids.append(event_id)
-        if len(ids) > _SEEN_LIST_MAX:
-            state.seen[day] = set(ids)
-    else:
-        ids.add(event_id)
+    seen = state.seen
+    days = seen.get(event_id)
+    if days is None:
+        seen[event_id] = day
+    elif isinstance(days, int):
+        if days != day:
+            seen[event_id] = [days, day]
+    elif day not in days:
+        days.append(day)
 
 
 def forget_seen_before(state: CustomerState, first_day: int) -> None:
     """Drop the ids of events of days before ``first_day`` (they can only come back as late)."""
     seen = state.seen
-    if seen:
-        for day in [d for d in seen if d < first_day]:
-            del seen[day]
+    if not seen:
+        return
+    gone: list[str] = []
+    for event_id, days in seen.items():
+        if isinstance(days, int):
+            if days < first_day:
+                gone.append(event_id)
+        elif min(days) < first_day:  # rare: the same id on several days
+            kept = [d for d in days if d >= first_day]
+            if not kept:
+                gone.append(event_id)
+            else:
+                seen[event_id] = kept[0] if len(kept) == 1 else kept  # a value, not a key: safe mid-loop
+    for event_id in gone:
+        del seen[event_id]
 
 
 def _later(current: float | None, ts: float) -> float:

@@ -16,13 +16,28 @@ def _full() -> CustomerState:
         interaction_counts={"call": 3, "visit": 1}, grades={"value": "A", "tier": "VIP"}, offsets={"t": 41, "i": 7},
         last_by_type={"call": 1795000000.5}, ibuckets={739700: {"call": 2}}, attrs={"stage": [1795000000.5, "won"]},
         flows={739650: 10000, 739651: -2500}, balance_base=123456, invoices={"inv-1": [739600, None]},
-        grade_since={"value": 1790000000.0}, ruleset="rfm-5@1", seen={20500: ["e1", "e2"]},
+        grade_since={"value": 1790000000.0}, ruleset="rfm-5@1", seen={"e1": 20500, "e2": 20500, "e3": [20499, 20500]},
         warned={"value": 1796000000.0})
 
 
 def test_every_part_of_the_state_round_trips_through_the_changelog_format() -> None:
     state = _full()
     assert CustomerState.from_bytes(state.to_bytes()) == state
+
+
+_days = st.integers(700000, 800000)
+_ids = st.text(max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(buckets=st.dictionaries(_days, st.lists(st.integers(-2**62, 2**62), min_size=2, max_size=2)
+                               | st.lists(st.integers(-2**62, 2**62), min_size=4, max_size=4), max_size=20),
+       seen=st.dictionaries(_ids, st.integers(0, 99999) | st.lists(st.integers(0, 99999), min_size=2, max_size=3),
+                            max_size=20))
+def test_buckets_of_any_width_and_seen_ids_round_trip(buckets, seen) -> None:
+    state = CustomerState(buckets=buckets, seen=seen, ruleset="rfm-5@1")
+    again = CustomerState.from_bytes(state.to_bytes())
+    assert again.buckets == buckets and again.seen == seen and again == state
 
 
 def test_an_empty_state_stays_small_and_round_trips() -> None:
@@ -46,7 +61,8 @@ _rulesets = st.sampled_from(["rfm-5@1", "rfm-5@2", 'odd "quoted"}]@1', "rs"])
 
 @settings(max_examples=300, deadline=None)
 @given(ruleset=st.none() | _rulesets, asked=_rulesets, attrs=st.dictionaries(_text, _json, max_size=3),
-       seen=st.dictionaries(st.integers(0, 99999), st.lists(_text, max_size=3), max_size=2),
+       seen=st.dictionaries(_text, st.integers(0, 99999) | st.lists(st.integers(0, 99999), min_size=2, max_size=3),
+                            max_size=2),
        warned=st.dictionaries(st.sampled_from(["value", "rs"]), st.floats(0, 2e9), max_size=2))
 def test_graded_by_reads_the_ruleset_without_decoding_whatever_else_the_state_holds(ruleset, asked, attrs, seen,
                                                                                    warned) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from rules.engine import compile_ruleset
 from rules.ruleset import load
-from rules.state import CustomerState
+from rules.state import CustomerState, forget_seen_before, remember, seen_before
 from schemas.events import DeadLetter
 from streams.processor import (
     DEAD_LETTER_MAX_BYTES, INTERACTIONS, MAX_EVENT_BYTES, TRANSACTIONS, BatchResult, Record, process_batch,
@@ -269,33 +269,68 @@ def test_the_memory_of_seen_ids_is_bounded_by_the_lateness() -> None:
     for lo in range(0, len(feed.records), 100):
         run(feed.records[lo:lo + 100], store)
     state = CustomerState.from_bytes(store["eve"])
-    assert 365 <= len(state.seen) <= 367 and sum(len(ids) for ids in state.seen.values()) <= 4 * 367
+    days = set(state.seen.values())
+    assert 365 <= len(days) <= 367 and len(state.seen) <= 4 * 367 and min(days) >= 19723 + 800 - 367
     # A shorter lateness keeps fewer.
     short = Store()
     for lo in range(0, len(feed.records), 100):
         run(feed.records[lo:lo + 100], short, allowed_lateness_days=7)
-    assert len(CustomerState.from_bytes(short["eve"]).seen) <= 9
-    # Many ids on one day are checked as a set and still serialize.
+    assert len(set(CustomerState.from_bytes(short["eve"]).seen.values())) <= 9
+    # Many ids on one day are all remembered, each once.
     busy = Feed()
     for n in range(40):
         busy.visit(f"b{n}", "bo", "2026-06-01T10:00:00+08:00")
         busy.visit(f"b{n}", "bo", "2026-06-01T10:00:00+08:00")
     result = run(busy.records)
     assert (result.applied, result.duplicates) == (40, 40)
-    assert sorted(CustomerState.from_bytes(result.states["bo"][0]).seen.popitem()[1]) == sorted(f"b{n}" for n in range(40))
+    assert CustomerState.from_bytes(result.states["bo"][0]).seen == {f"b{n}": 20605 for n in range(40)}
 
 
-def test_state_bytes_of_format_1_and_2_without_seen_ids_still_load() -> None:
+def test_an_id_on_two_days_is_two_events_and_each_is_forgotten_on_its_own() -> None:
+    state = CustomerState()
+    for day in (20000, 20003, 20000):
+        remember(state, day, "x")
+    remember(state, 20001, "y")
+    assert state.seen == {"x": [20000, 20003], "y": 20001}
+    assert seen_before(state, 20000, "x") and seen_before(state, 20003, "x") and not seen_before(state, 20001, "x")
+    again = CustomerState.from_bytes(state.to_bytes())
+    assert again.seen == state.seen
+    forget_seen_before(again, 20001)
+    assert again.seen == {"x": 20003, "y": 20001}
+    forget_seen_before(again, 20004)
+    assert again.seen == {}
+
+
+def test_state_bytes_of_format_1_and_2_still_load() -> None:
     v1 = orjson.dumps([1, 1.7e9, 1.7e9, 1.7e9, [[739000, 1, 500]], None, {}, {"value": "B"}, {"t": 4}])
-    v2 = orjson.dumps([2, 1.7e9, 1.7e9, 1.7e9, [[739000, 1, 500]], None, {}, {"value": "B"}, {"t": 4}, {"rs": "x@1"}])
+    v2 = orjson.dumps([2, 1.7e9, 1.7e9, 1.7e9, [[739000, 1, 500], [739001, 2, 900, 900, 600]], None, {},
+                       {"value": "B"}, {"t": 4},
+                       {"se": [[20000, ["a", "b"]], [20001, ["d", "c", "a"]]], "gs": {"value": 1.6e9}, "rs": "x@1"}])
     for raw in (v1, v2):
         state = CustomerState.from_bytes(raw)
-        assert state.seen == {} and state.grades == {"value": "B"} and state.offsets == {"t": 4}
+        assert state.grades == {"value": "B"} and state.offsets == {"t": 4} and state.buckets[739000] == [1, 500]
+    assert CustomerState.from_bytes(v1).seen == {}
     state = CustomerState.from_bytes(v2)
-    state.seen = {20000: ["a", "b"], 20001: {"d", "c"}}
-    again = CustomerState.from_bytes(state.to_bytes())
-    assert again.seen == {20000: ["a", "b"], 20001: ["c", "d"]}
-    assert orjson.loads(state.to_bytes())[0] == 2  # additive: the format number stays
+    assert state.seen == {"a": [20000, 20001], "b": 20000, "d": 20001, "c": 20001}
+    assert state.buckets == {739000: [1, 500], 739001: [2, 900, 900, 600]}
+    assert state.grade_since == {"value": 1.6e9} and state.ruleset == "x@1"
+    assert seen_before(state, 20001, "a") and not seen_before(state, 20002, "a")
+    raw = state.to_bytes()
+    assert orjson.loads(raw)[0] == 3 and CustomerState.graded_by(raw, "x@1")
+    again = CustomerState.from_bytes(raw)
+    assert (again.seen, again.buckets, again.grade_since, again.ruleset) == \
+        (state.seen, state.buckets, state.grade_since, state.ruleset)
+
+
+def test_state_format_3_is_a_flat_list_of_buckets_and_an_object_of_ids() -> None:
+    state = CustomerState(1.7e9, 1.7e9, 1.6e9, {739000: [1, 500], 739002: [2, -100]}, grades={"value": "A"},
+                          offsets={"t": 9})
+    remember(state, 20000, "e1")
+    doc = orjson.loads(state.to_bytes())
+    assert doc[4] == [739000, 1, 500, 739002, 2, -100]
+    assert doc[9] == {"sd": {"e1": 20000}}
+    with pytest.raises(ValueError, match="unknown customer state format 4"):
+        CustomerState.from_bytes(orjson.dumps([4, *doc[1:]]))
 
 
 # --- the four outcomes do not depend on batching ----------------------------------------------
