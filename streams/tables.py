@@ -107,10 +107,15 @@ class FaustStateStore:
             # worker no longer owns, by the partition it saw each key on.
             key_partition = table.data._key_partition
             for key, raw, partition in states:
+                held = len(memory)
                 # orjson's output keeps a 4 KiB allocation whatever its length;
                 # a right-sized copy is what the table holds for a long time.
                 memory[key] = bytes(memoryview(raw))
-                key_partition[key] = partition
+                if len(memory) != held:
+                    # A new customer. A key's partition never changes (the topic check refuses a
+                    # new partition count), and at a million customers a lookup in that dict
+                    # is a microsecond of cache misses: only new keys go in.
+                    key_partition[key] = partition
                 add(changelog, key, raw, partition)
             return
         data = table.data

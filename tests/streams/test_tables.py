@@ -31,9 +31,12 @@ def test_written_states_are_read_back_queued_per_changelog_partition_and_dropped
     store.write_many(outbox, [(b"a", raw, 2), (b"b", b"2", 0), (b"c", b"3", 2)])
     assert store.get("a") == raw and store.get("b") == b"2" and store.get("zzz") is None
     assert outbox._by_tp == {(CHANGELOG, 2): [(b"a", raw), (b"c", b"3")], (CHANGELOG, 0): [(b"b", b"2")]}
+    # Written again (only a new key's partition is recorded), and one new.
+    store.write_many(outbox, [(b"b", b"22", 0), (b"c", b"33", 2), (b"d", b"4", 0)])
+    assert table.data._key_partition == {b"a": 2, b"b": 0, b"c": 2, b"d": 0}
     # Faust's memory store forgets, after a recovery, the keys of partitions no longer active here.
     asyncio.run(table.data.on_recovery_completed({TP(CHANGELOG, 2)}, set()))
-    assert store.get("a") == raw and store.get("c") == b"3" and store.get("b") is None
+    assert store.get("a") == raw and store.get("c") == b"33" and store.get("b") is None and store.get("d") is None
 
 
 def test_settled_batches_record_the_offset_of_their_last_record() -> None:
