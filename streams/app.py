@@ -71,7 +71,6 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         producer_acks=-1,
         producer_max_batch_size=MAX_BATCH_BYTES,
         broker_max_poll_records=settings.batch_size,
-        consumer_max_fetch_size=settings.kafka_max_partition_fetch_bytes,
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         consumer_auto_offset_reset="earliest",
         table_standby_replicas=settings.standby_replicas,

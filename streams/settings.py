@@ -131,10 +131,6 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(
         20, ge=0, le=10_000, description="Longest a fetch waits at the broker for data (the consumer's fetch.max.wait.ms; "
                                          "Faust's 1,500 ms let idle partitions stall busy ones: docs/performance.md §10).")
-    kafka_max_partition_fetch_bytes: int = Field(
-        256 * 1024, ge=1024, description="Most bytes one fetch returns per partition (the consumer's "
-                                          "max.partition.fetch.bytes; Faust's 1 MiB per partition held tens of MB "
-                                          "of fetched records per worker at 80k events/s: docs/performance.md §14).")
     topic_prefix: str = Field(
         "", description="Prepended to every topic name and to the app id (so also to changelog topics and the "
                         "consumer group), for clusters with prefixed ACLs, e.g. 'team-risk.'.")

@@ -17,10 +17,8 @@ from streams.local import unique_env
 from streams.settings import load_settings
 
 
-async def _started_fetcher_wait(bootstrap: str, fausts: bool = False, what: str = "_fetch_max_wait_ms",
-                                **overrides: Any) -> int:
-    """The wait (or ``what`` else) of the fetcher of a started worker consumer; ``fausts``: of an app without a
-    wait of its own."""
+async def _started_fetcher_wait(bootstrap: str, fausts: bool = False, **overrides: Any) -> int:
+    """The wait of the fetcher of a started worker consumer; ``fausts``: of an app without a wait of its own."""
     env = unique_env("fetchwait")
     settings = load_settings(kafka_bootstrap=bootstrap, app_id=env["GRADEFLOW_APP_ID"], downstream=False, **overrides)
     app = create_app(settings, compile_ruleset(load("rfm-5")))
@@ -30,7 +28,7 @@ async def _started_fetcher_wait(bootstrap: str, fausts: bool = False, what: str 
     consumer = thread._create_worker_consumer(app.transport)
     await consumer.start()
     try:
-        return getattr(consumer._fetcher, what)
+        return consumer._fetcher._fetch_max_wait_ms
     finally:
         await consumer.stop()
 
@@ -39,12 +37,6 @@ def test_the_worker_consumer_fetches_with_the_configured_wait(bootstrap: str) ->
     assert load_settings().kafka_fetch_max_wait_ms == 20
     assert asyncio.run(_started_fetcher_wait(bootstrap)) == 20
     assert asyncio.run(_started_fetcher_wait(bootstrap, kafka_fetch_max_wait_ms=250)) == 250
-
-
-def test_the_worker_consumer_fetches_the_configured_bytes_per_partition(bootstrap: str) -> None:
-    what = "_max_partition_fetch_bytes"
-    assert asyncio.run(_started_fetcher_wait(bootstrap, what=what)) == 256 * 1024
-    assert asyncio.run(_started_fetcher_wait(bootstrap, what=what, kafka_max_partition_fetch_bytes=65536)) == 65536
 
 
 def test_without_a_wait_of_its_own_the_app_keeps_fausts(bootstrap: str) -> None:
