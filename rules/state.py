@@ -40,8 +40,9 @@ import orjson
 from rules import windows
 
 _FORMAT = 3
-# ext key → (CustomerState field, stored as [[key, value], …] pairs rather than an object)
-_EXT = {"rs": ("ruleset", False), "gs": ("grade_since", False), "lt": ("last_by_type", False),
+# ext key → (CustomerState field, stored as [[key, value], …] pairs rather than an object);
+# "rs", "sd", "bw" and format 2's "se" are read by from_bytes itself.
+_EXT = {"gs": ("grade_since", False), "lt": ("last_by_type", False),
         "ib": ("ibuckets", True), "at": ("attrs", False), "fl": ("flows", True), "bb": ("balance_base", False),
         "iv": ("invoices", False), "wr": ("warned", False)}
 # Invoices kept per customer (paid ones leave with the retention window);
