@@ -69,9 +69,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from faust import Worker
 
     from streams.app import create_app
-    from streams.memory import limit_malloc_arenas, raise_collector_threshold
+    from streams.memory import fix_mmap_threshold, limit_malloc_arenas, raise_collector_threshold
 
     limit_malloc_arenas(settings.malloc_arena_max)  # before Faust starts its threads
+    fix_mmap_threshold(settings.malloc_mmap_threshold)
     raise_collector_threshold(settings.gc_threshold)
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,15 @@ arenas the worker's peak RSS above ready was 159 MB per 100k customers in a `mak
 where two arenas gave 116 (docs/performance.md §11). ``mallopt(M_ARENA_MAX)`` is what the
 ``MALLOC_ARENA_MAX`` environment variable sets, applied before the worker starts its threads.
 
+glibc serves an allocation of at least its mmap threshold (128 KiB at start) with a mapping of
+its own, returned to the system when freed; but freeing such a mapping raises the threshold to
+its size (up to 32 MiB), and from then on the consumer's fetch responses (up to 1 MiB per
+partition), the producer's batches and the batch handler's buffers come from the heap, where
+freed space between live chunks is held rather than returned. Sampled through a `make bench`
+worker (mallinfo2, docs/performance.md §15), the heap reached 65 MB with 35 MB of it in use; with
+the threshold fixed at 64 KiB (``mallopt(M_MMAP_THRESHOLD)``, what ``MALLOC_MMAP_THRESHOLD_``
+sets; a fixed value also turns the raising off) the same run peaked 11 MB lower.
+
 CPython's cycle collector runs a young-generation pass each time 700 more container objects are
 allocated than freed. Grading a batch allocates tens of thousands (decoded events and states,
 change documents) that are freed a moment later, so the collector ran ~60 times a second and,
@@ -23,6 +32,8 @@ import ctypes.util
 import gc
 
 _M_ARENA_MAX = -8  # glibc malloc.h
+_M_MMAP_THRESHOLD = -3
+_MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: mallopt refuses more
 
 
 def limit_malloc_arenas(arenas: int) -> bool:
@@ -31,6 +42,19 @@ def limit_malloc_arenas(arenas: int) -> bool:
     Not glibc (musl, macOS): nothing happens and False is returned; the worker runs as before."""
     if arenas <= 0:
         return False
+    return _mallopt(_M_ARENA_MAX, arenas)
+
+
+def fix_mmap_threshold(threshold: int) -> bool:
+    """Serve glibc allocations of ``threshold`` bytes or more with mappings of their own, returned
+    when freed, and keep the threshold there (0: leave glibc's sliding threshold); whether it was
+    applied. Not glibc: nothing happens and False is returned."""
+    if threshold <= 0:
+        return False
+    return _mallopt(_M_MMAP_THRESHOLD, min(threshold, _MAX_MMAP_THRESHOLD))
+
+
+def _mallopt(option: int, value: int) -> bool:
     name = ctypes.util.find_library("c")
     if name is None:
         return False
@@ -40,7 +64,7 @@ def limit_malloc_arenas(arenas: int) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return mallopt(_M_ARENA_MAX, arenas) == 1
+    return mallopt(option, value) == 1
 
 
 def raise_collector_threshold(threshold: int) -> bool:

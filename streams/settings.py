@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     malloc_arena_max: int = Field(
         2, ge=0, description="glibc malloc arenas of the worker process (MALLOC_ARENA_MAX); fewer arenas, less memory "
                              "held by the consumer thread's frees (streams/memory.py); 0: glibc's default.")
+    malloc_mmap_threshold: int = Field(
+        65_536, ge=0, description="Bytes from which glibc malloc gives an allocation a mapping of its own, returned when "
+                                  "freed, fixed (MALLOC_MMAP_THRESHOLD_); fetch and produce buffers then leave no "
+                                  "holes in the heap (streams/memory.py); 0: glibc's sliding default.")
     gc_threshold: int = Field(
         20_000, ge=0, description="Net container allocations between two young passes of Python's cycle collector "
                                   "in the worker (CPython's default 700 spent 7% of its CPU there; streams/memory.py); "

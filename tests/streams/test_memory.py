@@ -80,3 +80,50 @@ def test_the_collector_threshold_is_raised_and_cycles_are_still_collected() -> N
 def test_the_collector_setting_defaults_to_twenty_thousand() -> None:
     assert Settings().gc_threshold == 20_000
     assert Settings(gc_threshold=0).gc_threshold == 0
+
+
+_MAPPED_AFTER_A_BIG_FREE = textwrap.dedent("""
+    import ctypes, platform, sys
+    from streams.memory import fix_mmap_threshold
+    applied = fix_mmap_threshold(int(sys.argv[1]))
+    if platform.libc_ver()[0] != "glibc":
+        assert applied is False
+        print("ok", "not glibc")
+        raise SystemExit
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                   "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = Info
+    big = bytes(4_000_000)   # mapped whatever the threshold: it is over 128 KiB
+    del big                  # glibc's sliding threshold now rises to 4 MB
+    before = mallinfo2().hblkhd
+    buffer = bytes(200_000)  # a fetch response's size
+    mapped = mallinfo2().hblkhd - before >= 200_000
+    print("ok", applied, mapped)
+""")
+
+
+def _mapped_after_a_big_free(threshold: int) -> tuple[str, str]:
+    done = subprocess.run([sys.executable, "-c", _MAPPED_AFTER_A_BIG_FREE, str(threshold)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    _, applied, mapped = done.stdout.split()
+    return applied, mapped
+
+
+def test_a_fixed_mmap_threshold_keeps_buffers_mapped_after_a_big_free() -> None:
+    # glibc's own sliding threshold: a 200 kB buffer lands in the heap once 4 MB was freed ...
+    assert _mapped_after_a_big_free(0) == ("False", "False")
+    # ... fixed at 64 KiB, it still gets a mapping of its own, returned when it is freed.
+    assert _mapped_after_a_big_free(65_536) == ("True", "True")
+
+
+def test_the_mmap_threshold_defaults_to_64_kib_and_refuses_negative() -> None:
+    assert Settings().malloc_mmap_threshold == 65_536
+    try:
+        Settings(malloc_mmap_threshold=-1)
+    except ValueError as error:
+        assert "malloc_mmap_threshold" in str(error)
+    else:
+        raise AssertionError("a negative threshold was accepted")
