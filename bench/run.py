@@ -9,7 +9,8 @@ then, in one run:
   decided and written (from the workers' own ``gradeflow-stats`` log lines), from
   the first batch taken for one worker, from the group complete for several
   (:func:`steady_rate`; both figures are printed);
-- the workers' peak RSS (VmHWM) above their RSS when ready, per 100k customers;
+- the workers' peak RSS (VmHWM) above as many idle workers' RSS (:func:`idle_rss_kb`), per 100k
+  customers;
 - with no clock (``--clock off``, the default): the job of the issue's reference
   processor; then a second group grades the same backlog with the event clock
   (``--also-clock``), time-driven re-grading included, printed beside it;
@@ -194,9 +195,8 @@ def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1,
                            name=f"bench{i + 1}") for i in range(workers)]
     try:
         # Started together, so that the group forms once instead of rebalancing mid-backlog.
-        # Each worker's baseline is taken as it reports ready (within 0.2 s): the first to be ready
-        # starts consuming while the others start, and a baseline taken once all are ready counted
-        # some of its state as baseline (ready baselines of 169 to 221 MB for the same run).
+        # The RSS at ready is only printed: a worker starts consuming within a second of it, and
+        # the memory figure is taken above idle workers instead (idle_rss_kb).
         with ThreadPoolExecutor(len(procs)) as pool:
             ready_kb = sum(pool.map(lambda w: _status_kb(w.start(ready_timeout=120).proc.pid, "VmRSS"), procs))
         deadline = time.monotonic() + timeout_s
@@ -231,8 +231,30 @@ def settings_of(env: dict[str, str]):  # noqa: ANN201 - Settings
     return load_settings(**{k.removeprefix("GRADEFLOW_").lower(): v for k, v in env.items()})
 
 
-def _per_100k(ready_kb: int, peak_kb: int, customers: int) -> float:
-    return max(0, peak_kb - ready_kb) / 1024 / customers * 100_000
+def idle_rss_kb(settings, clock: str = "off") -> int:  # noqa: ANN001 - Settings
+    """RSS (kB) of one worker that is ready and has nothing to consume: the baseline the memory
+    figure is taken above, per worker.
+
+    A worker's RSS as it reports ready is no baseline: with a backlog waiting, it starts consuming
+    within a second of that line and grows by ~30 MB as it does (fetches, first states); read at
+    the line, the figure for the same code spread over 111-176 MB per 100k customers
+    (docs/performance.md §14-15). An idle worker, started the same way on empty topics of its own,
+    stays flat from a second after ready."""
+    env = unique_env("idle", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
+    create_topics(settings_of(env))
+    worker = WorkerProcess(worker_env(env, clock, GRADEFLOW_REPORT_INTERVAL="0.5", GRADEFLOW_LOG_LEVEL="info"),
+                           name="idle")
+    try:
+        pid = worker.start(ready_timeout=120).proc.pid
+        time.sleep(2)
+        return _status_kb(pid, "VmRSS")
+    finally:
+        worker.stop()
+        drop_run(settings.kafka_bootstrap, env)
+
+
+def _per_100k(baseline_kb: int, peak_kb: int, customers: int) -> float:
+    return max(0, peak_kb - baseline_kb) / 1024 / customers * 100_000
 
 
 def _report_group(workers: int, whole_eps: float, worker_eps: float, stats: dict, label: str = "") -> None:
@@ -257,6 +279,8 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
     with that clock, and its figures are returned as ``also_*``.
     With ``latency_rate``, the worker then gets that steady rate of new events for the same
     customers (whose state it now holds) for ``latency_seconds``, and their latency is measured."""
+    idle_kb = idle_rss_kb(settings, clock)
+    print(f"an idle worker (ready, nothing to consume): {idle_kb / 1024:.0f} MB RSS")
     env = unique_env("bench", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
     create_topics(settings_of(env))
     topic = env["GRADEFLOW_TOPIC_TRANSACTIONS"]
@@ -280,9 +304,9 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
     try:
         whole_eps, worker_eps, ready_kb, peak_kb, stats, lat = run_worker(env, events, timeout_s, workers, then, clock)
         _report_group(workers, whole_eps, worker_eps, stats, f", clock {clock}")
-        per_100k = _per_100k(ready_kb, peak_kb, customers)
-        print(f"worker RSS: {ready_kb / 1024:.0f} MB when ready, peak {peak_kb / 1024:.0f} MB; "
-              f"{per_100k:.0f} MB per 100k customers above the ready baseline")
+        per_100k = _per_100k(workers * idle_kb, peak_kb, customers)
+        print(f"worker RSS (x{workers}, summed): {ready_kb / 1024:.0f} MB when ready, peak {peak_kb / 1024:.0f} MB; "
+              f"{per_100k:.0f} MB per 100k customers above {workers} idle worker(s)")
         if also_clock:
             other = unique_env("bclk", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
                                GRADEFLOW_TOPIC_TRANSACTIONS=topic)
@@ -293,16 +317,16 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
             finally:
                 drop_run(settings.kafka_bootstrap, other)
             _report_group(workers, a_whole, a_eps, a_stats, f", clock {also_clock}")
-            a_100k = _per_100k(a_ready, a_peak, customers)
+            a_100k = _per_100k(workers * idle_kb, a_peak, customers)
             also = {"also_clock": also_clock, "also_eps": a_eps, "also_ratio": a_eps / raw_eps,
                     "also_rss_mb_per_100k": a_100k, "also_grade_changes": a_stats["grade_changes"]}
             print(f"with the {also_clock} clock (time-driven re-grading too): {a_eps:,.0f} events/s, "
-                  f"ratio {a_eps / raw_eps:.4f}, {a_100k:.0f} MB per 100k customers above the ready baseline")
+                  f"ratio {a_eps / raw_eps:.4f}, {a_100k:.0f} MB per 100k customers above idle")
     finally:
         drop_run(settings.kafka_bootstrap, env)
     return {"customers": customers, "events": events, "workers": workers, "raw_eps": raw_eps, "worker_eps": worker_eps,
             "ratio": worker_eps / raw_eps, "grade_changes": stats["grade_changes"], "rss_mb_per_100k": per_100k,
-            "peak_mb": peak_kb / 1024, "clock": clock,
+            "peak_mb": peak_kb / 1024, "idle_mb": idle_kb / 1024, "ready_mb": ready_kb / 1024, "clock": clock,
             **also, **(lat or {})}
 
 
