@@ -124,7 +124,7 @@ class CustomerState:
         self.warned = {} if warned is None else warned
 
     def to_bytes(self) -> bytes:
-        """Serialize to the changelog format (a JSON array, versioned)."""
+        """Serialize to the changelog format (a JSON array, versioned), in an allocation of its size."""
         ext: dict[str, Any] = {}
         if self.last_by_type:
             ext["lt"] = self.last_by_type
@@ -157,7 +157,9 @@ class CustomerState:
             ext["bw"] = wide
         if self.ruleset is not None:
             ext["rs"] = self.ruleset  # last, always: see graded_by
-        return orjson.dumps([
+        # orjson's output holds a 4 KiB allocation whatever its length, and a state lives on in the
+        # table: the right-sized copy is what is kept (docs/performance.md §5, §15).
+        return bytes(memoryview(orjson.dumps([
             _FORMAT,
             self.last_event_ts,
             self.last_purchase_ts,
@@ -168,7 +170,7 @@ class CustomerState:
             self.grades,
             self.offsets,
             ext,
-        ])
+        ])))
 
     @staticmethod
     def graded_by(raw: bytes, ruleset: str) -> bool:

@@ -248,10 +248,12 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                 as_of, as_of_ts = datetime.fromtimestamp(graded, tz), graded
             prune(state, windows.day_of_ts(as_of_ts, tz), longest)
             changes, alerts = grade(customer_id, rs, state, as_of, cause, now, population, as_of_ts)
+            # Right-sized: a batch holds its documents until the outbox is acked, and each orjson
+            # output holds 4 KiB whatever its length (docs/performance.md §15).
             for change in changes:
-                result.grade_changes.append((key, orjson.dumps(change)))
+                result.grade_changes.append((key, bytes(memoryview(orjson.dumps(change)))))
             for alert in alerts:
-                result.alerts.append((key, orjson.dumps(alert)))
+                result.alerts.append((key, bytes(memoryview(orjson.dumps(alert)))))
             result.applied += 1
         if last_record is not None:
             if state.seen and state.last_event_ts is not None:

@@ -95,6 +95,9 @@ class FaustStateStore:
     def write_many(self, outbox: Outbox, states: Iterable[tuple[bytes, bytes, int]]) -> None:
         """Store each ``(key, state bytes, input partition)`` and queue it for that partition's changelog.
 
+        The bytes are held as given, for as long as the customer is: right-sized ones, as
+        ``CustomerState.to_bytes`` makes (an orjson output holds 4 KiB whatever its length).
+
         Send the outbox, then :meth:`settle` it: the state is in the table at once (the next
         batch reads it), and on the changelog once settled.
         """
@@ -108,9 +111,7 @@ class FaustStateStore:
             key_partition = table.data._key_partition
             for key, raw, partition in states:
                 held = len(memory)
-                # orjson's output keeps a 4 KiB allocation whatever its length;
-                # a right-sized copy is what the table holds for a long time.
-                memory[key] = bytes(memoryview(raw))
+                memory[key] = raw
                 if len(memory) != held:
                     # A new customer. A key's partition never changes (the topic check refuses a
                     # new partition count), and at a million customers a lookup in that dict
@@ -127,7 +128,7 @@ class FaustStateStore:
                 # it through the current event.
                 shim = _CurrentEvent(partition)
                 var.set(weakref.ref(shim))
-                data[key] = bytes(memoryview(raw))
+                data[key] = raw
                 add(changelog, key, raw, partition)
         finally:
             var.set(previous)

@@ -6,6 +6,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mallochelp import malloc_in_use
 from rules.state import CustomerState
 
 
@@ -38,6 +39,17 @@ def test_buckets_of_any_width_and_seen_ids_round_trip(buckets, seen) -> None:
     state = CustomerState(buckets=buckets, seen=seen, ruleset="rfm-5@1")
     again = CustomerState.from_bytes(state.to_bytes())
     assert again.buckets == buckets and again.seen == seen and again == state
+
+
+def test_a_state_holds_an_allocation_of_its_size_not_orjsons_4_kib() -> None:
+    # A table holds one state per customer for as long as the customer is; an orjson output of
+    # any length holds 4 KiB, 10 times what a typical state needs.
+    state = _full()
+    assert len(state.to_bytes()) < 1024
+    before = malloc_in_use()
+    held = [state.to_bytes() for _ in range(2000)]
+    per_state = (malloc_in_use() - before) / len(held)
+    assert per_state < 1024, per_state
 
 
 def test_an_empty_state_stays_small_and_round_trips() -> None:

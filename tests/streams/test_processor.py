@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mallochelp import malloc_in_use
 from rules.engine import compile_ruleset, evaluate
 from rules.ruleset import load
 from rules.state import CustomerState
@@ -324,3 +325,17 @@ def test_with_a_clock_each_written_customer_gets_its_first_look(horizon) -> None
         assert look is not None  # rfm-5's recency moves with time: everyone has a next look
     without = process_batch(f.records, RS, DictStore(), NOW)
     assert without.looks == {} and without.states.keys() == result.states.keys()
+
+
+def test_a_batch_holds_its_change_documents_in_allocations_of_their_size() -> None:
+    # A batch's documents are held until the outbox is acked: as orjson outputs, 4 KiB each.
+    feed = Feed()
+    for i in range(2000):
+        feed.txn(f"c{i:05d}", "2026-06-01T10:00:00+08:00", "500.00")
+    before = malloc_in_use()
+    result = process_batch(feed.records, RS, DictStore(), NOW)
+    changes = result.grade_changes
+    assert len(changes) == 2000 and all(len(doc) < 2048 for _, doc in changes)
+    del result
+    per_change = (malloc_in_use() - before) / len(changes)
+    assert per_change < 2048, per_change
