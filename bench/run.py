@@ -245,9 +245,10 @@ def idle_rss_kb(settings, clock: str = "off") -> int:  # noqa: ANN001 - Settings
     worker = WorkerProcess(worker_env(env, clock, GRADEFLOW_REPORT_INTERVAL="0.5", GRADEFLOW_LOG_LEVEL="info"),
                            name="idle")
     try:
-        pid = worker.start(ready_timeout=120).proc.pid
+        proc = worker.start(ready_timeout=120).proc
+        assert proc is not None  # start() returns once the process reported ready
         time.sleep(2)
-        return _status_kb(pid, "VmRSS")
+        return _status_kb(proc.pid, "VmRSS")
     finally:
         worker.stop()
         drop_run(settings.kafka_bootstrap, env)
