@@ -1,10 +1,12 @@
-"""streams/memory.py: the worker's malloc arena cap."""
+"""streams/memory.py: the worker's malloc settings (arena cap, mmap threshold) and collector threshold."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 from streams.memory import limit_malloc_arenas
 from streams.settings import Settings
@@ -40,14 +42,11 @@ def test_the_cap_applies_on_glibc_and_threads_still_allocate() -> None:
     _run_in_a_child(code)
 
 
-def test_the_setting_defaults_to_two_and_refuses_negative() -> None:
-    assert Settings().malloc_arena_max == 2
-    try:
-        Settings(malloc_arena_max=-1)
-    except ValueError as error:
-        assert "malloc_arena_max" in str(error)
-    else:
-        raise AssertionError("a negative arena count was accepted")
+@pytest.mark.parametrize(("name", "default"), [("malloc_arena_max", 2), ("malloc_mmap_threshold", 65_536)])
+def test_the_allocator_settings_default_and_refuse_negative(name: str, default: int) -> None:
+    assert getattr(Settings(), name) == default
+    with pytest.raises(ValueError, match=name):
+        Settings(**{name: -1})
 
 
 def test_the_collector_threshold_is_raised_and_cycles_are_still_collected() -> None:
@@ -117,13 +116,3 @@ def test_a_fixed_mmap_threshold_keeps_buffers_mapped_after_a_big_free() -> None:
     assert _mapped_after_a_big_free(0) == ("False", "False")
     # ... fixed at 64 KiB, it still gets a mapping of its own, returned when it is freed.
     assert _mapped_after_a_big_free(65_536) == ("True", "True")
-
-
-def test_the_mmap_threshold_defaults_to_64_kib_and_refuses_negative() -> None:
-    assert Settings().malloc_mmap_threshold == 65_536
-    try:
-        Settings(malloc_mmap_threshold=-1)
-    except ValueError as error:
-        assert "malloc_mmap_threshold" in str(error)
-    else:
-        raise AssertionError("a negative threshold was accepted")
