@@ -33,7 +33,7 @@ import gc
 
 _M_ARENA_MAX = -8  # glibc malloc.h
 _M_MMAP_THRESHOLD = -3
-_MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: mallopt refuses more
+_MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: mallopt refuses more
 
 
 def limit_malloc_arenas(arenas: int) -> bool:
