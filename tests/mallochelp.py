@@ -15,10 +15,15 @@ class _Info(ctypes.Structure):
                                                      "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+def mallinfo() -> _Info:
+    """glibc's ``mallinfo2()`` now (glibc only): ``uordblks`` in use in the heap, ``hblkhd`` mapped."""
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _Info
+    return mallinfo2()
+
+
 def malloc_in_use() -> int:
     """Bytes of glibc malloc's heap in use now; the calling test is skipped off glibc."""
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallinfo2 is glibc's")
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = _Info
-    return int(mallinfo2().uordblks)
+    return int(mallinfo().uordblks)

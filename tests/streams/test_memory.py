@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -82,29 +83,27 @@ def test_the_collector_setting_defaults_to_twenty_thousand() -> None:
 
 
 _MAPPED_AFTER_A_BIG_FREE = textwrap.dedent("""
-    import ctypes, platform, sys
+    import platform, sys
     from streams.memory import fix_mmap_threshold
     applied = fix_mmap_threshold(int(sys.argv[1]))
     if platform.libc_ver()[0] != "glibc":
         assert applied is False
         print("ok", "not glibc")
         raise SystemExit
-    class Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                   "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = Info
+    sys.path.insert(0, sys.argv[2])
+    from mallochelp import mallinfo
     big = bytes(4_000_000)   # mapped whatever the threshold: it is over 128 KiB
     del big                  # glibc's sliding threshold now rises to 4 MB
-    before = mallinfo2().hblkhd
+    before = mallinfo().hblkhd
     buffer = bytes(200_000)  # a fetch response's size
-    mapped = mallinfo2().hblkhd - before >= 200_000
+    mapped = mallinfo().hblkhd - before >= 200_000
     print("ok", applied, mapped)
 """)
 
 
 def _mapped_after_a_big_free(threshold: int) -> tuple[str, str]:
-    done = subprocess.run([sys.executable, "-c", _MAPPED_AFTER_A_BIG_FREE, str(threshold)],
+    tests = str(Path(__file__).resolve().parents[1])  # where mallochelp is
+    done = subprocess.run([sys.executable, "-c", _MAPPED_AFTER_A_BIG_FREE, str(threshold), tests],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     _, applied, mapped = done.stdout.split()
