@@ -106,6 +106,10 @@ def _mapped_after_a_big_free(threshold: int) -> tuple[str, str]:
     done = subprocess.run([sys.executable, "-c", _MAPPED_AFTER_A_BIG_FREE, str(threshold), tests],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    if done.stdout.split() == ["ok", "not", "glibc"]:
+        # The setting exists for glibc only (the child checked it is refused elsewhere); CI and
+        # the images are glibc, where this runs.
+        pytest.skip("the mmap threshold is a glibc setting; this C library is not glibc")
     _, applied, mapped = done.stdout.split()
     return applied, mapped
 
