@@ -3,6 +3,7 @@ file and the Kubernetes manifests, all checked offline (there is no Docker engin
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -171,8 +172,17 @@ def test_built_wheel_installs_a_working_gradeflow(tmp_path):
     rules_check = subprocess.run([str(venv / "bin" / "gradeflow"), "rules", "check", "rfm-5"], cwd=elsewhere,
                                  capture_output=True, text=True, timeout=60)
     assert rules_check.returncode == 0, rules_check.stderr
-    # As the Dockerfile does: the installed package's hot path compiled in place, then used from anywhere.
-    build = subprocess.run([str(venv / "bin" / "python"), str(ROOT / "deploy" / "compile.py"), "build"], cwd=elsewhere,
+    # As the Dockerfile does: the installed package's hot path compiled in place by a second, throwaway
+    # venv that holds the compiler and sees the installed package through PYTHONPATH; then used by
+    # the package's own venv from anywhere.
+    compiler = tmp_path / "compile"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(compiler)], check=True, timeout=60)
+    compiler_site = subprocess.run([str(compiler / "bin" / "python"), "-c",
+                                    "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip()
+    (Path(compiler_site) / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # mypy, setuptools
+    build = subprocess.run([str(compiler / "bin" / "python"), str(ROOT / "deploy" / "compile.py"), "build"],
+                           cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(site)},
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     probe = "from schemas import compiled; import rules.engine; print(compiled.status(), rules.engine.__file__)"
