@@ -65,15 +65,22 @@ def access_cost(store: dict[bytes, bytes], batches: int, seed: int = 2) -> tuple
     return read / n, write / n
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def size_args(argv: list[str] | None, doc: str | None, batches: int) -> tuple[list[int], int]:
+    """The customer counts (``--sizes``) and ``--batches`` of a command line, for this and
+    bench/indexcost.py."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated customer counts")
-    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--batches", type=int, default=batches)
     args = parser.parse_args(argv)
+    return [int(x) for x in args.sizes.split(",")], args.batches
+
+
+def main(argv: list[str] | None = None) -> int:
+    sizes, batches = size_args(argv, __doc__, 300)
     print("| customers | lookup ns | write ns | both ns |")
     print("|---:|---:|---:|---:|")
-    for customers in (int(x) for x in args.sizes.split(",")):
-        read, write = access_cost(scattered_store(customers), args.batches)
+    for customers in sizes:
+        read, write = access_cost(scattered_store(customers), batches)
         print(f"| {customers:,} | {read:.0f} | {write:.0f} | {read + write:.0f} |")
     return 0
 

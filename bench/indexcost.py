@@ -13,14 +13,13 @@ takes them. The worker itself keeps the dict (§17 says why); this is the measur
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from bench.dictcost import BATCH, STATE_BYTES, _key, scattered_store
+from bench.dictcost import BATCH, STATE_BYTES, _key, scattered_store, size_args
 
 
 def _objects(items: Sequence[object]) -> np.ndarray:
@@ -117,14 +116,11 @@ def compare(customers: int, batches: int, seed: int = 2) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated customer counts")
-    parser.add_argument("--batches", type=int, default=200)
-    args = parser.parse_args(argv)
+    sizes, batches = size_args(argv, __doc__, 200)
     print("| customers | dict read ns | dict write ns | index read ns | index write ns |")
     print("|---:|---:|---:|---:|---:|")
-    for customers in (int(x) for x in args.sizes.split(",")):
-        ns = compare(customers, args.batches)
+    for customers in sizes:
+        ns = compare(customers, batches)
         print(f"| {customers:,} | {ns['dict read']:.0f} | {ns['dict write']:.0f} | {ns['index read']:.0f} | "
               f"{ns['index write']:.0f} |")
     return 0
