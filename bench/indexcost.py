@@ -22,6 +22,13 @@ import numpy as np
 from bench.dictcost import BATCH, STATE_BYTES, _key, scattered_store, size_args
 
 
+def _fingerprints(keys: Sequence[bytes]) -> np.ndarray:
+    """Each key's Python hash, 0 (the mark of an empty slot) taken as 1."""
+    fps = np.fromiter(map(hash, keys), np.int64, len(keys))
+    fps[fps == 0] = 1
+    return fps
+
+
 def _objects(items: Sequence[object]) -> np.ndarray:
     out = np.empty(len(items), object)  # element by element: np.array would make a byte-string array
     out[:] = list(items)
@@ -37,8 +44,7 @@ class ArrayIndex:
         self.fp = np.zeros(capacity, np.int64)  # the key's hash; 0: an empty slot
         self.keys = np.empty(capacity, object)
         self.vals = np.empty(capacity, object)
-        for key, value in items.items():
-            h = hash(key) or 1
+        for (key, value), h in zip(items.items(), _fingerprints(list(items)).tolist()):
             p = h & self.mask
             while self.fp[p]:
                 p = (p + 1) & self.mask
@@ -46,8 +52,7 @@ class ArrayIndex:
 
     def positions(self, keys: Sequence[bytes]) -> np.ndarray:
         """Each key's slot, -1 where absent: every key probed at once, one step a round."""
-        fps = np.fromiter(map(hash, keys), np.int64, len(keys))
-        fps[fps == 0] = 1
+        fps = _fingerprints(keys)
         wanted = _objects(keys)
         pos = fps & self.mask
         found = np.full(len(keys), -1, np.int64)
