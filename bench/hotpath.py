@@ -35,20 +35,48 @@ from rules.ruleset import load
 from streams.memory import raise_collector_threshold
 from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
+from streams.state_index import StateIndex
+
+
+class IndexedStates:
+    """States as the worker's memory store holds them: a StateIndex of ``customer_id.encode()``."""
+
+    def __init__(self) -> None:
+        self.index = StateIndex()
+
+    def get(self, customer_id: str) -> bytes | None:
+        return self.index.get(customer_id.encode())
+
+    def get_many(self, customer_ids: list[str]) -> list[bytes | None]:
+        return self.index.get_many([customer_id.encode() for customer_id in customer_ids])
+
+    def write(self, states: dict[str, tuple[bytes, Record]]) -> None:
+        self.index.set_many([customer_id.encode() for customer_id in states], [raw for raw, _ in states.values()])
+
+    def sizes(self) -> list[int]:
+        return [len(raw) for raw in self.index.values()]
 
 
 def run(records: list[Record], rs: CompiledRuleset, batch: int, now: datetime,
-        clock_horizon: timedelta | None = timedelta(0)) -> tuple[int, int]:
+        clock_horizon: timedelta | None = timedelta(0), plain_dict: bool = False) -> tuple[int, int]:
     """Grade every record in batches; return (grade changes, bytes of state at the end).
-    ``clock_horizon``: as a worker with a clock (the default) passes it; None, as with the clock off."""
-    states: dict[str, bytes] = {}
+    ``clock_horizon``: as a worker with a clock (the default) passes it; None, as with the clock off.
+    ``plain_dict``: the states in a dict of ``str`` keys instead of the memory store's index."""
     changes = 0
+    if plain_dict:
+        states: dict[str, bytes] = {}
+        for i in range(0, len(records), batch):
+            result = process_batch(records[i:i + batch], rs, states, now, clock_horizon=clock_horizon)
+            for customer_id, (raw, _) in result.states.items():
+                states[customer_id] = raw
+            changes += len(result.grade_changes)
+        return changes, sum(len(v) for v in states.values())
+    indexed = IndexedStates()
     for i in range(0, len(records), batch):
-        result = process_batch(records[i:i + batch], rs, states, now, clock_horizon=clock_horizon)
-        for customer_id, (raw, _) in result.states.items():
-            states[customer_id] = raw
+        result = process_batch(records[i:i + batch], rs, indexed, now, clock_horizon=clock_horizon)
+        indexed.write(result.states)
         changes += len(result.grade_changes)
-    return changes, sum(len(v) for v in states.values())
+    return changes, sum(indexed.sizes())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ruleset", default="rfm-5")
     parser.add_argument("--no-clock", action="store_true",
                         help="as a worker with GRADEFLOW_CLOCK=off: no clock look per written customer")
+    parser.add_argument("--dict", action="store_true", help="the states in a plain dict, not the memory store's index")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one more run")
     parser.add_argument("--setup-only", action="store_true",
                         help="build the records and the ruleset, grade nothing (the baseline of an instruction count)")
@@ -73,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     now = utcnow()
     started = time.process_time()
     horizon = None if args.no_clock else timedelta(0)
-    changes, state_bytes = run(records, rs, args.batch, now, horizon)
+    changes, state_bytes = run(records, rs, args.batch, now, horizon, args.dict)
     cpu = time.process_time() - started
-    print(f"hot path {compiled_status()}: {args.events} events, {args.customers} customers, {args.ruleset}, clock {'off' if args.no_clock else 'on'}: {cpu:.2f} s CPU, "
+    print(f"hot path {compiled_status()}: {args.events} events, {args.customers} customers, {args.ruleset}, clock {'off' if args.no_clock else 'on'}, states in {'a dict' if args.dict else 'the index'}: {cpu:.2f} s CPU, "
           f"{cpu / args.events * 1e6:.1f} µs/event ({args.events / cpu:,.0f} events/s on one core); "
           f"{changes} grade changes ({changes / args.events:.0%}), state {state_bytes / args.customers:.0f} B/customer")
     if args.profile:
         profile = cProfile.Profile()
-        profile.runcall(run, records, rs, args.batch, now, horizon)
+        profile.runcall(run, records, rs, args.batch, now, horizon, args.dict)
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     return 0
 

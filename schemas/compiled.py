@@ -6,7 +6,9 @@ compiles :data:`MODULES` into ``.build/mypyc/`` beside the checkout; each packag
 when the build's stamp is the hash of the sources as they are now. An edited source therefore
 runs as written, never an older compiled copy; without a C compiler, or with a stale build, the
 same code runs as plain Python, slower (docs/performance.md §13). The modules are the ones a
-batch spends its time in; they type-check clean under mypy, which mypyc needs.
+batch spends its time in; they type-check clean under mypy, which mypyc needs. The same build
+compiles :data:`EXTENSIONS`, written in C (the memory store's state table); without it the store
+runs on a dict (streams/state_index.py).
 
     python deploy/compile.py build     # compile (needs mypy, a C compiler, Python headers)
     python deploy/compile.py ensure    # compile unless the build is current
@@ -24,6 +26,8 @@ BUILD = ROOT / ".build" / "mypyc"
 MODULES = ("rules/windows.py", "rules/state.py", "rules/metrics.py", "rules/engine.py", "rules/changes.py",
            "rules/schedule.py", "rules/risk.py", "schemas/decode.py", "schemas/money.py", "schemas/timestamps.py",
            "streams/processor.py", "streams/outbox.py")
+# Written in C: the memory store's state table (streams/state_index.py says why).
+EXTENSIONS = {"streams._statetable": "streams/_statetable.c"}
 PACKAGES = ("rules", "schemas", "streams")
 STAMP = BUILD / "stamp"
 
@@ -34,7 +38,7 @@ STATUS: str | None = None
 def source_stamp() -> str:
     """The hash of the compiled modules' sources and of this interpreter's version."""
     digest = hashlib.sha256(sys.version.encode())
-    for name in MODULES:
+    for name in (*MODULES, *EXTENSIONS.values()):
         digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
     return digest.hexdigest()
 

@@ -59,7 +59,8 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     app = BatchingApp(
         settings.group_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_list(settings)],
-        store=settings.store,
+        # memory:// is Faust's memory store over gradeflow's state index (streams/tables.py).
+        store="gradeflow-memory://" if settings.store.startswith("memory:") else settings.store,
         datadir=str(settings.data_dir),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,

@@ -71,9 +71,23 @@ class Record:
 
 
 class StateReader(Protocol):
-    """Where customer state is read from: a Faust table, a dict, Redis…"""
+    """Where customer state is read from: a Faust table, a dict, Redis…
+
+    A reader may also have ``get_many(customer_ids) -> list[bytes | None]``, the states of a
+    batch's customers in one call (:func:`read_states` uses it when there)."""
 
     def get(self, customer_id: str) -> bytes | None: ...
+
+
+def read_states(store: StateReader, customer_ids: list[str]) -> list[bytes | None]:
+    """The state bytes of each of ``customer_ids`` (None for a customer never seen), in order:
+    with the store's ``get_many`` where it has one (the memory store's index reads a batch of
+    states at once, docs/performance.md §18), else one ``get`` each."""
+    many = getattr(store, "get_many", None)
+    if many is not None:
+        return many(customer_ids)
+    get = store.get
+    return [get(customer_id) for customer_id in customer_ids]
 
 
 @dataclass(slots=True)
@@ -204,8 +218,7 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
     longest = rs.retention_days
     lateness_days = longest if allowed_lateness_days is None else allowed_lateness_days
     lateness_s = lateness_days * _DAY_S
-    for customer_id, events in by_customer.items():
-        raw = store.get(customer_id)
+    for (customer_id, events), raw in zip(by_customer.items(), read_states(store, list(by_customer))):
         state = CustomerState.from_bytes(raw) if raw is not None else CustomerState()
         key = customer_id.encode()
         last_record = None

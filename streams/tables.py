@@ -25,6 +25,29 @@ from faust.stores.memory import Store as MemoryStore
 from faust.types import TP
 
 from streams.outbox import Outbox, Sent
+from streams.state_index import StateIndex
+
+
+class IndexedMemoryStore(MemoryStore):
+    """Faust's memory store over a :class:`~streams.state_index.StateIndex` instead of a dict.
+
+    What ``GRADEFLOW_STORE=memory://`` runs (registered as the Faust store ``gradeflow-memory://``
+    in pyproject.toml): the same store, whose batch reads and writes of states overlap their cache
+    misses (docs/performance.md §18).
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.data = StateIndex()
+
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        """As Faust's memory store: drop the keys of partitions not active here, in one batch
+        (after which the table shrinks to what it still holds)."""
+        active = {partition for _, partition in active_tps}
+        gone = [key for key, partition in self._key_partition.items() if partition not in active]
+        self.data.delete_many(gone)
+        for key in gone:
+            del self._key_partition[key]
 
 
 class _CurrentEvent:
@@ -38,6 +61,7 @@ class _CurrentEvent:
 
 
 _UNKNOWN: Any = object()
+_READ_CHUNK = 4096  # keys per batch read of a whole partition's states
 
 
 class FaustStateStore:
@@ -72,6 +96,15 @@ class FaustStateStore:
             return memory.get(customer_id.encode())
         return self.table.get(customer_id.encode())
 
+    def get_many(self, customer_ids: list[str]) -> list[bytes | None]:
+        """The state bytes of each of ``customer_ids`` (None for one never seen), in order."""
+        memory = self._memory()
+        keys = [customer_id.encode() for customer_id in customer_ids]
+        if isinstance(memory, StateIndex):
+            return memory.get_many(keys)
+        get = memory.get if memory is not None else self.table.get
+        return [get(key) for key in keys]
+
     def partition_items(self, partitions: Collection[int]) -> Iterator[tuple[bytes, bytes]]:
         """Every ``(key, state bytes)`` this worker holds for the input partitions ``partitions``.
 
@@ -85,8 +118,16 @@ class FaustStateStore:
         if memory is not None:
             wanted = set(partitions)
             # A snapshot: the handler adds keys while a caller waits.
-            for key, partition in list(data._key_partition.items()):
-                if partition in wanted and (raw := memory.get(key)) is not None:
+            keys = [key for key, partition in list(data._key_partition.items()) if partition in wanted]
+            if isinstance(memory, StateIndex):
+                for start in range(0, len(keys), _READ_CHUNK):
+                    chunk = keys[start:start + _READ_CHUNK]
+                    for key, raw in zip(chunk, memory.get_many(chunk)):
+                        if raw is not None:
+                            yield key, raw
+                return
+            for key in keys:
+                if (raw := memory.get(key)) is not None:
                     yield key, raw
         else:  # RocksDB (the settings allow no third store): one database per partition
             for partition in sorted(partitions):
@@ -107,15 +148,22 @@ class FaustStateStore:
         memory = self._memory()
         if memory is not None:
             # Faust's memory store drops, after a rebalance, the keys of partitions the
-            # worker no longer owns, by the partition it saw each key on.
+            # worker no longer owns, by the partition it saw each key on. A key's partition
+            # never changes (the topic check refuses a new partition count), and at a million
+            # customers a lookup in that dict is a microsecond of cache misses: only new keys go in.
             key_partition = table.data._key_partition
+            if isinstance(memory, StateIndex):
+                # One batch write, whose lookups overlap their misses as the batch's read did.
+                batch = states if isinstance(states, list) else list(states)
+                for i in memory.set_many([key for key, _, _ in batch], [raw for _, raw, _ in batch]):
+                    key_partition[batch[i][0]] = batch[i][2]
+                for key, raw, partition in batch:
+                    add(changelog, key, raw, partition)
+                return
             for key, raw, partition in states:
                 held = len(memory)
                 memory[key] = raw
                 if len(memory) != held:
-                    # A new customer. A key's partition never changes (the topic check refuses a
-                    # new partition count), and at a million customers a lookup in that dict
-                    # is a microsecond of cache misses: only new keys go in.
                     key_partition[key] = partition
                 add(changelog, key, raw, partition)
             return
@@ -143,8 +191,13 @@ class FaustStateStore:
         memory = self._memory()
         fresh: list[tuple[bytes, bytes, int]] = []
         skipped: list[bytes] = []
-        for key, old, new, partition in writes:
-            current = memory.get(key) if memory is not None else self.table.get(key)
+        writes = list(writes)
+        if isinstance(memory, StateIndex):
+            currents = memory.get_many([key for key, _, _, _ in writes])
+        else:
+            get = memory.get if memory is not None else self.table.get
+            currents = [get(key) for key, _, _, _ in writes]
+        for (key, old, new, partition), current in zip(writes, currents):
             if current == old:
                 fresh.append((key, new, partition))
             else:

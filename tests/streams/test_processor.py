@@ -339,3 +339,34 @@ def test_a_batch_holds_its_change_documents_in_allocations_of_their_size() -> No
     del result
     per_change = (malloc_in_use() - before) / len(changes)
     assert per_change < 2048, per_change
+
+
+class BatchReadStore(DictStore):
+    """A store with ``get_many``, as the worker's memory store: it records how it was read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[list[str]] = []
+
+    def get(self, customer_id: str, default: Any = None) -> Any:
+        raise AssertionError("a store with get_many is read a batch at a time")
+
+    def get_many(self, customer_ids: list[str]) -> list[bytes | None]:
+        self.reads.append(list(customer_ids))
+        return [dict.get(self, c) for c in customer_ids]
+
+
+def test_a_store_with_get_many_is_read_once_per_batch_in_the_order_customers_first_appear() -> None:
+    feed = Feed()
+    feed.txn("bo", "2026-06-01T10:00:00+08:00", "100.00")
+    feed.txn("al", "2026-06-01T11:00:00+08:00", "50.00")
+    feed.txn("bo", "2026-06-02T10:00:00+08:00", "70.00")
+    batches = [list(feed.records)]
+    feed.txn("al", "2026-06-03T10:00:00+08:00", "900.00")
+    batches.append(feed.records[3:])
+    store, plain = BatchReadStore(), DictStore()
+    for batch in batches:
+        store.save(process_batch(batch, RS, store, NOW))
+        plain.save(process_batch(batch, RS, plain, NOW))
+    assert store.reads == [["bo", "al"], ["al"]]
+    assert dict(store) == dict(plain) and set(plain) == {"al", "bo"}  # the same states as read one by one

@@ -12,19 +12,36 @@ from faust.types import TP
 
 from streams.local import consume, faust_log_tables, produce, unique_env
 from streams.outbox import Outbox, Sent
-from streams.tables import FaustStateStore
+from streams.state_index import StateIndex
+from streams.tables import FaustStateStore, IndexedMemoryStore
 from tests.streams.producerhelp import RecordingProducer
 
 CHANGELOG = "t-customer-state-changelog"
 
 
-def _memory_table() -> tuple[faust.App, object]:
-    app = faust.App("t", store="memory://")
+# Faust's memory store (a dict), and gradeflow's over a StateIndex (what GRADEFLOW_STORE=memory:// runs).
+MEMORY_STORES = ["memory://", "gradeflow-memory://"]
+
+
+def _memory_table(url: str = "memory://") -> tuple[faust.App, object]:
+    app = faust.App("t", store=url)
     return app, app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
 
 
-def test_written_states_are_read_back_queued_per_changelog_partition_and_dropped_with_their_partition() -> None:
-    _app, table = _memory_table()
+def test_the_workers_memory_store_is_faust_s_over_the_state_index() -> None:
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.app import create_app
+    from streams.settings import load_settings
+
+    app = create_app(load_settings(app_id="store-probe", store="memory://"), compile_ruleset(load("rfm-5")))
+    data = app.tables["customer-state"].data
+    assert isinstance(data, IndexedMemoryStore) and isinstance(data.data, StateIndex)
+
+
+@pytest.mark.parametrize("url", MEMORY_STORES)
+def test_written_states_are_read_back_queued_per_changelog_partition_and_dropped_with_their_partition(url: str) -> None:
+    _app, table = _memory_table(url)
     store = FaustStateStore(table)
     outbox = Outbox()
     raw = orjson.dumps({"v": 1})
@@ -37,6 +54,24 @@ def test_written_states_are_read_back_queued_per_changelog_partition_and_dropped
     # Faust's memory store forgets, after a recovery, the keys of partitions no longer active here.
     asyncio.run(table.data.on_recovery_completed({TP(CHANGELOG, 2)}, set()))
     assert store.get("a") == raw and store.get("c") == b"33" and store.get("b") is None and store.get("d") is None
+    assert store.get_many(["c", "b", "a"]) == [b"33", None, raw]
+    assert table.data._key_partition == {b"a": 2, b"c": 2}
+
+
+@pytest.mark.parametrize("url", MEMORY_STORES)
+def test_a_batch_read_then_written_back_holds_the_new_states_and_records_new_keys_partitions(url: str) -> None:
+    _app, table = _memory_table(url)
+    store = FaustStateStore(table)
+    store.write_many(Outbox(), [(f"c{i}".encode(), b"old", i % 4) for i in range(50)])
+    customers = [f"c{i}" for i in range(40, 60)]  # ten known, ten new
+    assert store.get_many(customers) == [b"old"] * 10 + [None] * 10
+    outbox = Outbox()
+    store.write_many(outbox, [(c.encode(), f"new-{c}".encode(), 3) for c in customers])
+    assert store.get_many(customers) == [f"new-{c}".encode() for c in customers]
+    assert store.get("c0") == b"old" and len(table.data) == 60
+    # A known key keeps the partition it was first seen on; only the new ones are recorded.
+    assert table.data._key_partition[b"c41"] == 1 and table.data._key_partition[b"c55"] == 3
+    assert sum(len(records) for records in outbox._by_tp.values()) == 20
 
 
 def test_settled_batches_record_the_offset_of_their_last_record() -> None:
@@ -93,7 +128,7 @@ def test_a_rocksdb_worker_restarted_on_its_volume_reads_only_the_changelog_tail(
         assert start[(changelog, p)] >= high[(changelog, p)], (p, start, high)
 
 
-@pytest.mark.parametrize("store_url", ["memory://", "rocksdb://"])
+@pytest.mark.parametrize("store_url", [*MEMORY_STORES, "rocksdb://"])
 def test_partition_items_are_exactly_the_states_held_for_those_partitions(store_url: str, tmp_path) -> None:
     app = faust.App("t", store=store_url, datadir=str(tmp_path))
     table = app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
@@ -105,8 +140,9 @@ def test_partition_items_are_exactly_the_states_held_for_those_partitions(store_
         assert got == {key: raw for key, (raw, partition) in written.items() if partition in wanted}
 
 
-def test_replace_writes_only_states_nobody_changed_meanwhile_and_puts_them_on_the_changelog() -> None:
-    _app, table = _memory_table()
+@pytest.mark.parametrize("url", MEMORY_STORES)
+def test_replace_writes_only_states_nobody_changed_meanwhile_and_puts_them_on_the_changelog(url: str) -> None:
+    _app, table = _memory_table(url)
     store = FaustStateStore(table)
     store.write_many(Outbox(), [(b"a", b"a1", 1), (b"b", b"b2", 2)])  # b: the handler moved on to b2
     producer = RecordingProducer()
@@ -115,3 +151,18 @@ def test_replace_writes_only_states_nobody_changed_meanwhile_and_puts_them_on_th
     assert skipped == [b"b"]
     assert (store.get("a"), store.get("b"), store.get("c")) == (b"a-new", b"b2", b"c-new")
     assert sorted(producer.sent) == [(CHANGELOG, 1, [(b"a", b"a-new")]), (CHANGELOG, 3, [(b"c", b"c-new")])]
+
+
+@pytest.mark.parametrize("url", MEMORY_STORES)
+def test_a_recovered_changelog_batch_leaves_each_keys_last_state_and_its_partition(url: str) -> None:
+    _app, table = _memory_table(url)
+
+    def record(key: bytes, value: bytes, partition: int) -> SimpleNamespace:
+        return SimpleNamespace(key=key, value=value, message=SimpleNamespace(value=value, partition=partition))
+
+    # A changelog holds every version of a state: the last one read wins, as in Faust's dict store.
+    batch = [record(b"a", b"a1", 0), record(b"b", b"b1", 1), record(b"a", b"a2", 0), record(b"c", b"c1", 2)]
+    table.data.apply_changelog_batch(batch, to_key=lambda k: k, to_value=lambda v: v)
+    store = FaustStateStore(table)
+    assert store.get_many(["a", "b", "c", "d"]) == [b"a2", b"b1", b"c1", None]
+    assert table.data._key_partition == {b"a": 0, b"b": 1, b"c": 2}
