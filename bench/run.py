@@ -219,6 +219,8 @@ def run_worker(env: dict[str, str], n: int, timeout_s: float, workers: int = 1,
             worker.stop()
     stats = [st for st in final if st]
     total = {k: sum(st[k] for st in stats) for k in ("consumed", "applied", "dead_lettered", "grade_changes", "alerts")}
+    # The workers' CPU (every thread) from their first batch to their last: steadier than a rate on a shared VM.
+    total["cpu_s"] = sum(st["last_batch_cpu_s"] - st["first_batch_cpu_s"] for st in stats)
     end = max(st["last_batch_at"] for st in stats)
     whole = total["consumed"] / (end - min(st["first_batch_at"] for st in stats))
     steady = steady_rate(timelines, end) if workers > 1 else whole
@@ -258,13 +260,20 @@ def _per_100k(baseline_kb: int, peak_kb: int, customers: int) -> float:
     return max(0, peak_kb - baseline_kb) / 1024 / customers * 100_000
 
 
+def cpu_us_per_event(stats: dict) -> float:
+    """Microseconds of the workers' CPU per consumed event, from their first batch to their last."""
+    return stats["cpu_s"] / max(1, stats["consumed"]) * 1e6
+
+
 def _report_group(workers: int, whole_eps: float, worker_eps: float, stats: dict, label: str = "") -> None:
     if workers == 1:
-        print(f"gradeflow worker (x1{label}): {worker_eps:,.0f} events/s; applied={stats['applied']} "
+        print(f"gradeflow worker (x1{label}): {worker_eps:,.0f} events/s, {cpu_us_per_event(stats):.1f} µs of "
+              f"worker CPU per event; applied={stats['applied']} "
               f"dead={stats['dead_lettered']} grade_changes={stats['grade_changes']} alerts={stats['alerts']}")
     else:
         print(f"gradeflow workers (x{workers}, one group{label}): {worker_eps:,.0f} events/s from the group "
-              f"complete, {whole_eps:,.0f} from the first batch (start-up rebalance included); "
+              f"complete, {whole_eps:,.0f} from the first batch (start-up rebalance included), "
+              f"{cpu_us_per_event(stats):.1f} µs of worker CPU per event; "
               f"applied={stats['applied']} dead={stats['dead_lettered']} grade_changes={stats['grade_changes']} "
               f"alerts={stats['alerts']}")
 
@@ -327,6 +336,7 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
         drop_run(settings.kafka_bootstrap, env)
     return {"customers": customers, "events": events, "workers": workers, "raw_eps": raw_eps, "worker_eps": worker_eps,
             "ratio": worker_eps / raw_eps, "grade_changes": stats["grade_changes"], "rss_mb_per_100k": per_100k,
+            "cpu_us_per_event": cpu_us_per_event(stats),
             "peak_mb": peak_kb / 1024, "idle_mb": idle_kb / 1024, "ready_mb": ready_kb / 1024, "clock": clock,
             **also, **(lat or {})}
 
@@ -494,24 +504,36 @@ def median_run(runs: list[dict]) -> dict:
             row[name] = statistics.median_high(values)
     if any(r.get("p99_ms") is not None for r in runs):
         row["runs_p99_ms"] = [r.get("p99_ms") for r in runs]
+    cpu = [r["cpu_us_per_event"] for r in runs if r.get("cpu_us_per_event") is not None]
+    if cpu:  # as latency: the median of the runs' own (rows saved before it was measured have none)
+        row["cpu_us_per_event"] = statistics.median_high(cpu)
+        row["runs_cpu_us_per_event"] = cpu
     return row
 
 
 def draw(rows: list[dict], plot: str, rate: float, date: str | None = None) -> None:
     """The growth table (printed) and plot (PNG) of ``rows``."""
-    print(f"\n| customers | events | events changing a grade | worker events/s | raw events/s | ratio | "
-          f"RSS MB per 100k | p50 / p99 ms at {rate:,.0f}/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| customers | events | events changing a grade | worker events/s | worker CPU µs per event | "
+          f"raw events/s | ratio | RSS MB per 100k | p50 / p99 ms at {rate:,.0f}/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         changed = f"{r['grade_changes'] / r['events']:.0%}" if "grade_changes" in r else "?"
         runs = r.get("runs_eps", [])
         eps = f"{r['worker_eps']:,.0f}" + (f" (median of {', '.join(f'{x:,.0f}' for x in runs)})" if len(runs) > 1 else "")
-        print(f"| {r['customers']:,} | {r['events']:,} | {changed} | {eps} | {r['raw_eps']:,.0f} | "
+        cpu_runs = r.get("runs_cpu_us_per_event", [])
+        cpu = (f"{r['cpu_us_per_event']:.1f}" if r.get("cpu_us_per_event") is not None else "?") + (
+            f" (median of {', '.join(f'{x:.1f}' for x in cpu_runs)})" if len(cpu_runs) > 1 else "")
+        print(f"| {r['customers']:,} | {r['events']:,} | {changed} | {eps} | {cpu} | {r['raw_eps']:,.0f} | "
               f"{r['ratio']:.3f} | {r['rss_mb_per_100k']:.0f} | {r['p50_ms']} / {r['p99_ms']}"
               + (f" (p99 median of {', '.join(map(str, r['runs_p99_ms']))})" if len(r.get("runs_p99_ms", [])) > 1 else "")
               + " |")
     spread = max(r["worker_eps"] for r in rows) / min(r["worker_eps"] for r in rows) - 1
-    print(f"throughput spread across sizes: {spread:.0%}")
+    below = 1 - min(r["worker_eps"] for r in rows) / max(r["worker_eps"] for r in rows)
+    print(f"throughput spread across sizes: {spread:.0%} (the slowest size {below:.1%} below the fastest)")
+    cpus = [r["cpu_us_per_event"] for r in rows if r.get("cpu_us_per_event") is not None]
+    if len(cpus) == len(rows):
+        print(f"worker CPU per event across sizes: {min(cpus):.1f} to {max(cpus):.1f} µs "
+              f"(the cheapest size's events/s at the dearest's CPU: {1 - min(cpus) / max(cpus):.1%} lower)")
     import matplotlib
 
     matplotlib.use("Agg")

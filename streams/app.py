@@ -49,6 +49,10 @@ class Counters:
     by_topic: dict[str, int] = field(default_factory=dict)
     first_batch_at: float | None = None  # wall time the first batch was taken
     last_batch_at: float | None = None  # wall time the last batch's outputs and state were written
+    # The process's CPU time (every thread) at the same two moments: what a batch costs the
+    # worker, steadier than its wall-clock rate on a shared machine (bench/run.py reports it).
+    first_batch_cpu_s: float | None = None
+    last_batch_cpu_s: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -100,6 +104,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         """One fetch of input records: decode, grade, send, then store state, then ack."""
         if counters.first_batch_at is None:
             counters.first_batch_at = time.time()
+            counters.first_batch_cpu_s = time.process_time()
         by_topic = counters.by_topic
         records = []
         for m in messages:
@@ -136,6 +141,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
         counters.alerts += len(result.alerts)
         observe_batch(app, records)
         counters.last_batch_at = time.time()
+        counters.last_batch_cpu_s = time.process_time()
 
         async def settle() -> None:
             # Faust may commit past these offsets only once the new states are

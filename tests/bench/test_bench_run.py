@@ -89,6 +89,33 @@ def test_a_repeated_growth_size_keeps_the_median_of_each_latency_figure() -> Non
     assert row["runs_p99_ms"] == [797, 73, 35]
 
 
+def test_a_repeated_growth_size_keeps_the_median_of_its_runs_cpu_per_event() -> None:
+    runs = [{"worker_eps": 50_000.0, "cpu_us_per_event": 16.0}, {"worker_eps": 40_000.0, "cpu_us_per_event": 15.0},
+            {"worker_eps": 45_000.0, "cpu_us_per_event": 19.0}]
+    row = median_run(runs)
+    assert row["worker_eps"] == 45_000.0 and row["cpu_us_per_event"] == 16.0
+    assert row["runs_cpu_us_per_event"] == [16.0, 15.0, 19.0]
+    assert "cpu_us_per_event" not in median_run([{"worker_eps": 1.0}])  # rows from before it was measured
+
+
+def test_the_growth_table_shows_rate_and_cpu_per_event_and_how_far_apart_the_sizes_are(tmp_path, capsys) -> None:
+    from bench.run import draw
+
+    rows = [{"customers": 10_000, "events": 100_000, "grade_changes": 25_000, "worker_eps": 50_000.0,
+             "runs_eps": [50_000.0, 48_000.0, 52_000.0], "cpu_us_per_event": 16.0, "runs_cpu_us_per_event": [16.0, 15.5, 16.5],
+             "raw_eps": 800_000.0, "ratio": 0.0625, "rss_mb_per_100k": 200.0, "p50_ms": 2, "p99_ms": 5},
+            {"customers": 1_000_000, "events": 10_000_000, "grade_changes": 2_500_000, "worker_eps": 42_000.0,
+             "cpu_us_per_event": 20.0, "raw_eps": 800_000.0, "ratio": 0.0525, "rss_mb_per_100k": 80.0,
+             "p50_ms": 2, "p99_ms": 6}]
+    draw(rows, str(tmp_path / "g.png"), 5000, "2026-12-04")
+    out = capsys.readouterr().out
+    assert "| 10,000 | 100,000 | 25% | 50,000 (median of 50,000, 48,000, 52,000) | 16.0 (median of 16.0, 15.5, 16.5) |" in out
+    assert "| 1,000,000 | 10,000,000 | 25% | 42,000 | 20.0 | 800,000 |" in out
+    assert "the slowest size 16.0% below the fastest" in out
+    assert "16.0 to 20.0 µs" in out and "20.0% lower" in out
+    assert (tmp_path / "g.png").stat().st_size > 0
+
+
 def test_growth_runs_every_size_in_rounds_turning_the_order(monkeypatch, tmp_path) -> None:
     import bench.run as run
 
