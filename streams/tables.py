@@ -98,8 +98,11 @@ class FaustStateStore:
 
     def get_many(self, customer_ids: list[str]) -> list[bytes | None]:
         """The state bytes of each of ``customer_ids`` (None for one never seen), in order."""
-        memory = self._memory()
-        keys = [customer_id.encode() for customer_id in customer_ids]
+        return self._read(self._memory(), [customer_id.encode() for customer_id in customer_ids])
+
+    def _read(self, memory: dict[bytes, Any] | None, keys: list[bytes]) -> list[bytes | None]:
+        """The state bytes of each key, in order: one batch read from the state index, else one
+        lookup each (Faust's dict store, RocksDB)."""
         if isinstance(memory, StateIndex):
             return memory.get_many(keys)
         get = memory.get if memory is not None else self.table.get
@@ -119,16 +122,11 @@ class FaustStateStore:
             wanted = set(partitions)
             # A snapshot: the handler adds keys while a caller waits.
             keys = [key for key, partition in list(data._key_partition.items()) if partition in wanted]
-            if isinstance(memory, StateIndex):
-                for start in range(0, len(keys), _READ_CHUNK):
-                    chunk = keys[start:start + _READ_CHUNK]
-                    for key, raw in zip(chunk, memory.get_many(chunk)):
-                        if raw is not None:
-                            yield key, raw
-                return
-            for key in keys:
-                if (raw := memory.get(key)) is not None:
-                    yield key, raw
+            for start in range(0, len(keys), _READ_CHUNK):  # chunks: callers yield between items
+                chunk = keys[start:start + _READ_CHUNK]
+                for key, raw in zip(chunk, self._read(memory, chunk)):
+                    if raw is not None:
+                        yield key, raw
         else:  # RocksDB (the settings allow no third store): one database per partition
             for partition in sorted(partitions):
                 yield from data._visible_items(data._db_for_partition(partition))
@@ -192,11 +190,7 @@ class FaustStateStore:
         fresh: list[tuple[bytes, bytes, int]] = []
         skipped: list[bytes] = []
         writes = list(writes)
-        if isinstance(memory, StateIndex):
-            currents = memory.get_many([key for key, _, _, _ in writes])
-        else:
-            get = memory.get if memory is not None else self.table.get
-            currents = [get(key) for key, _, _, _ in writes]
+        currents = self._read(memory, [key for key, _, _, _ in writes])
         for (key, old, new, partition), current in zip(writes, currents):
             if current == old:
                 fresh.append((key, new, partition))
