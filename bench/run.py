@@ -280,13 +280,14 @@ def _report_group(workers: int, whole_eps: float, worker_eps: float, stats: dict
 
 def throughput(settings, events: int, customers: int, timeout_s: float, workers: int = 1,
                latency_rate: float = 0, latency_seconds: float = 10, clock: str = "off",
-               also_clock: str | None = None) -> dict:
+               also_clock: str | None = None, records: list[tuple[bytes, bytes]] | None = None) -> dict:
     """One throughput run on a fresh topic: raw consumer, then the worker, same records.
 
     ``clock``: the workers' GRADEFLOW_CLOCK. ``off`` is the job the issue's reference processor
     does (decode, fold, grade, emit, changelog); a clock adds time-driven re-grading on top. With
     ``also_clock``, a second group (its own app id, state and outputs) then grades the same topic
     with that clock, and its figures are returned as ``also_*``.
+    ``records``: the backlog, if already generated (``generate(events, customers)``).
     With ``latency_rate``, the worker then gets that steady rate of new events for the same
     customers (whose state it now holds) for ``latency_seconds``, and their latency is measured."""
     idle_kb = idle_rss_kb(settings, clock)
@@ -294,8 +295,9 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
     env = unique_env("bench", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
     create_topics(settings_of(env))
     topic = env["GRADEFLOW_TOPIC_TRANSACTIONS"]
-    print(f"generating {events} transactions for {customers} customers...")
-    records = generate(events, customers)
+    if records is None:
+        print(f"generating {events} transactions for {customers} customers...")
+        records = generate(events, customers)
     took = produce(settings.kafka_bootstrap, topic, records)
     print(f"produced to {topic} in {took:.1f}s")
     del records
@@ -473,14 +475,22 @@ def growth(settings, sizes: list[int], per_customer: int, timeout_s: float, plot
     ``runs_eps``)."""
     runs: dict[int, list[dict]] = {m: [] for m in sizes}
     counts = {m: max(m * per_customer, min_events) for m in sizes}
+    # Generated once per size and kept for its later rounds (each round still produces them to a
+    # fresh topic): 10M events take a minute to generate and ~3 GB to hold.
+    backlogs: dict[int, list[tuple[bytes, bytes]]] = {}
     for r in range(repeat):
         order = sizes[r % len(sizes):] + sizes[:r % len(sizes)]
         for m in order:
             if r and repeat_max_events is not None and counts[m] > repeat_max_events:
                 continue
             print(f"growth: round {r + 1} of {repeat}, {m:,} customers")
+            if m not in backlogs:
+                print(f"generating {counts[m]} transactions for {m} customers...")
+                backlogs[m] = generate(counts[m], m)
             runs[m].append(throughput(settings, counts[m], m, timeout_s, workers, latency_rate=rate,
-                                      latency_seconds=latency_seconds, clock=clock))
+                                      latency_seconds=latency_seconds, clock=clock, records=backlogs[m]))
+            if r == repeat - 1 or (repeat_max_events is not None and counts[m] > repeat_max_events):
+                del backlogs[m]  # its last round
     rows = [median_run(runs[m]) for m in sizes]
     with open(os.path.splitext(plot)[0] + ".json", "wb") as fh:
         fh.write(orjson.dumps({"rate": rate, "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "rows": rows},

@@ -120,18 +120,32 @@ def test_growth_runs_every_size_in_rounds_turning_the_order(monkeypatch, tmp_pat
     import bench.run as run
 
     calls: list[int] = []
+    backlogs: dict[int, list[object]] = {}
+    generated: list[tuple[int, int]] = []
+    real_generate = run.generate
+
+    def counting_generate(n: int, customers: int) -> list[tuple[bytes, bytes]]:
+        generated.append((n, customers))
+        return real_generate(n, customers)
 
     def fake_throughput(settings, events, customers, *args, **kwargs) -> dict:
         calls.append(customers)
+        backlogs.setdefault(customers, []).append(kwargs["records"])
         return {"customers": customers, "events": events, "worker_eps": float(len(calls)), "raw_eps": 1.0,
                 "ratio": 1.0, "rss_mb_per_100k": 1.0}
 
     drawn: list[list[dict]] = []
     monkeypatch.setattr(run, "throughput", fake_throughput)
+    monkeypatch.setattr(run, "generate", counting_generate)
     monkeypatch.setattr(run, "draw", lambda rows, plot, rate: drawn.append(rows))
     plot = str(tmp_path / "g.png")
     run.growth(None, [10, 100, 1000], 10, 60, plot, repeat=3)
     assert calls == [10, 100, 1000, 100, 1000, 10, 1000, 10, 100]  # no size always first or last
+    # Each size's backlog is generated once and every round of it grades those same records.
+    assert generated == [(100, 10), (1000, 100), (10000, 1000)]
+    for customers, given in backlogs.items():
+        assert all(records is given[0] for records in given)
+        assert given[0] == real_generate(customers * 10, customers)
     rows = drawn[0]
     assert [r["runs_eps"] for r in rows] == [[1.0, 6.0, 8.0], [2.0, 4.0, 9.0], [3.0, 5.0, 7.0]]
     assert [r["worker_eps"] for r in rows] == [6.0, 4.0, 5.0]
