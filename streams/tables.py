@@ -17,7 +17,7 @@ time", tells why gradeflow does not keep its own memory store for it).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 from faust import streams as faust_streams
@@ -39,6 +39,26 @@ class IndexedMemoryStore(MemoryStore):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.data = StateIndex()
+
+    def apply_changelog_batch(self, batch: Iterable[Any], to_key: Callable[[Any], Any],
+                              to_value: Callable[[Any], Any]) -> None:
+        """Apply changelog records in one batch write (and one batch delete): Faust's memory store
+        writes them one ``__setitem__`` at a time. The last record of a key wins; a record with no
+        value (a tombstone) removes the key unless a later one gives it a value again."""
+        latest: dict[Any, Any] = {}
+        key_partition = self._key_partition
+        for event in batch:
+            key = to_key(event.key)
+            message = event.message
+            latest[key] = None if message.value is None else to_value(event.value)
+            key_partition[key] = message.partition
+        keys = [key for key, value in latest.items() if value is not None]
+        self.data.set_many(keys, [latest[key] for key in keys])
+        gone = [key for key, value in latest.items() if value is None]
+        if gone:
+            self.data.delete_many(gone)
+            for key in gone:
+                del key_partition[key]
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         """As Faust's memory store: drop the keys of partitions not active here, in one batch

@@ -7,6 +7,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from faust.types import TP
 
 from streams.batching import BatchConsumer
@@ -214,3 +215,123 @@ def test_dropped_input_records_are_put_back_after_the_seek_to_the_committed_offs
     assert consumer.graded == []
     assert consumer.steps == ["seek", f"put back {TOPIC}"]
     assert consumer.unread == [(TOPIC, 5, 9)]
+
+
+class _Recovering(_Harness):
+    """The harness with a real Faust app's tables: the memory store and Faust's Recovery, which
+    reads ``CHANGELOG`` as an active partition whose highwater is 44."""
+
+    store = "gradeflow-memory://"
+    datadir = ""
+
+    def __init__(self, fetches: list[Any]) -> None:
+        super().__init__(fetches)
+        import faust
+
+        app = faust.App("t", store=self.store, **({"datadir": self.datadir} if self.datadir else {}))
+        self.table = app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
+        recovery = app.tables.recovery
+        recovery.tp_to_table = {CHANGELOG: self.table}
+        recovery.active_tps = {CHANGELOG}
+        recovery.active_highwaters[CHANGELOG] = 44
+        recovery.active_offsets[CHANGELOG] = -1
+        recovery._set_recovery_started()
+        self.recovery = recovery
+        self.logged: list[str] = []
+        self.log = SimpleNamespace(info=lambda fmt, *args: self.logged.append(fmt % args))
+        self.app.tables = app.tables
+        # Changelog topics are not acked (Faust commits no offsets for them); input topics are.
+        self.app.topics = SimpleNamespace(acks_enabled_for=lambda topic: topic == TOPIC)
+
+
+def _versions(first: int, last: int) -> list[Any]:
+    """Changelog records ``first``..``last``: offset o writes key ``k{o % 7}`` = ``v{o}``."""
+    return [SimpleNamespace(topic=CHANGELOG.topic, partition=CHANGELOG.partition, offset=o,
+                            key=f"k{o % 7}".encode(), value=f"v{o}".encode()) for o in range(first, last + 1)]
+
+
+@pytest.mark.parametrize("store", ["gradeflow-memory://", "rocksdb://"])
+def test_a_recovering_changelog_partition_is_applied_a_fetch_at_a_time_and_ends_the_recovery(store, tmp_path) -> None:
+    from streams.tables import FaustStateStore
+
+    harness = type("_In", (_Recovering,), {"store": store, "datadir": str(tmp_path)})
+    consumer = _drain(harness, [lambda c: {CHANGELOG: _versions(0, 40), TPART: _records(5, 9)},
+                                lambda c: {CHANGELOG: _versions(41, 44)}])
+    assert consumer.delivered == []  # no record took Faust's path (a Message and an Event each)
+    assert consumer.bulk_recovered == 45
+    # Each key holds its last version, on the partition it was read from (RocksDB: one database
+    # per partition), and nothing is held for another partition.
+    store_ = FaustStateStore(consumer.table)
+    assert dict(store_.partition_items({CHANGELOG.partition})) == {
+        f"k{o % 7}".encode(): f"v{o}".encode() for o in range(38, 45)}
+    assert dict(store_.partition_items({0, 1, 3})) == {}
+    if store == "rocksdb://":  # it knows how far it holds the changelog: a restart reads on from there
+        assert consumer.table.data.persisted_offset(CHANGELOG) == 44
+    recovery = consumer.recovery
+    assert recovery.active_offsets[CHANGELOG] == 44
+    assert not recovery.in_recovery and recovery.signal_recovery_end.is_set()
+    assert consumer.logged == ["gradeflow: tables recovered; 45 changelog records applied a fetch at a time "
+                               "since the worker started"]
+    assert consumer.graded == list(range(5, 10))  # the input records still go to the batch handler
+
+
+def test_a_recovery_still_behind_its_highwater_does_not_end() -> None:
+    consumer = _drain(_Recovering, [lambda c: {CHANGELOG: _versions(0, 40)}])
+    assert consumer.recovery.active_offsets[CHANGELOG] == 40
+    assert consumer.recovery.in_recovery and not consumer.recovery.signal_recovery_end.is_set()
+    assert consumer.logged == []
+
+
+def test_changelog_records_recovery_has_read_already_are_not_applied_again() -> None:
+    def seen_to_30(consumer: _Recovering) -> dict:
+        # Recovery counts 0-30 as read already (Faust's path buffered them before this fetch).
+        consumer.recovery.active_offsets[CHANGELOG] = 30
+        consumer.recovery.active_highwaters[CHANGELOG] = 60  # still recovering after 44
+        return {CHANGELOG: _versions(0, 30)}
+
+    def rest(consumer: _Recovering) -> dict:
+        assert len(consumer.table.data.data) == 0  # 0-30 were not applied a second time
+        return {CHANGELOG: _versions(31, 44)}
+
+    def again_after_a_seek(consumer: _Recovering) -> dict:
+        consumer._read_offset[CHANGELOG] = None  # a seek back: the drain loop lets them through
+        return {CHANGELOG: _versions(20, 30)}
+
+    consumer = _drain(_Recovering, [seen_to_30, rest, again_after_a_seek])
+    held = dict(consumer.table.data.data.items())
+    assert held == {f"k{o % 7}".encode(): f"v{o}".encode() for o in range(38, 45)}  # not v20-v30
+    assert consumer.recovery.active_offsets[CHANGELOG] == 44
+    assert consumer.delivered == [] and consumer.recovery.in_recovery
+
+
+def test_records_buffered_by_faust_s_path_are_applied_before_the_fetch_that_follows_them() -> None:
+    def buffered_then_fetch(consumer: _Recovering) -> dict:
+        # Faust's path took offsets 0-5 into its recovery buffer (counted as read, not applied).
+        consumer.recovery.buffers[consumer.table].extend(
+            SimpleNamespace(key=r.key, value=r.value, message=SimpleNamespace(value=r.value, partition=r.partition))
+            for r in _versions(0, 5))
+        consumer.recovery.active_offsets[CHANGELOG] = 5
+        return {CHANGELOG: _versions(6, 8)}
+
+    consumer = _drain(_Recovering, [buffered_then_fetch])
+    held = dict(consumer.table.data.data.items())
+    # k0..k5 from the buffer, k6 from the fetch, then offsets 7 and 8 overwrite k0 and k1.
+    assert held == {b"k0": b"v7", b"k1": b"v8", b"k2": b"v2", b"k3": b"v3", b"k4": b"v4", b"k5": b"v5", b"k6": b"v6"}
+    assert consumer.recovery.buffers[consumer.table] == []
+
+
+def test_faust_s_path_runs_while_its_queue_holds_records_and_outside_recovery() -> None:
+    def queued(consumer: _Recovering) -> dict:
+        # Records Faust's path delivered are still in its queue: later ones must go behind them.
+        consumer.app.tables.changelog_queue.put_nowait(object())
+        return {CHANGELOG: _versions(0, 3)}
+
+    consumer = _drain(_Recovering, [queued])
+    assert consumer.delivered == [(CHANGELOG.topic, o) for o in range(4)] and consumer.bulk_recovered == 0
+
+    def recovered(consumer: _Recovering) -> dict:
+        consumer.recovery._set_recovery_ended()  # an active partition's straggler after recovery
+        return {CHANGELOG: _versions(0, 3)}
+
+    consumer = _drain(_Recovering, [recovered])
+    assert consumer.delivered == [(CHANGELOG.topic, o) for o in range(4)] and consumer.bulk_recovered == 0
