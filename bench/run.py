@@ -582,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-customer", type=int, default=10,
                         help="events per customer in growth runs (the headline's 500,000 for 50,000)")
     parser.add_argument("--min-events", type=int, default=0, help="fewest events of a growth run's size")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each growth size, in rounds (the median is the row)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="runs of each growth size, in rounds (the median is the row); five because "
+                             "one size's runs move by a third on a shared VM (docs/performance.md §19)")
     parser.add_argument("--repeat-max-events", type=int, default=None,
                         help="a growth size of more events runs once (default: every size repeats)")
     parser.add_argument("--replot", default="", help="draw the growth table and plot again from a growth JSON")
