@@ -4,8 +4,9 @@ Faust replays a changelog as it delivers any record: a Message, a coroutine hand
 ``wait_first`` of two tasks in the consumer's drain loop, an Event and an asyncio queue in the
 conductor, then, in ``Recovery._slurp_changelogs``, an ``asyncio.wait_for`` (one more task) per
 record before it is buffered and applied a thousand at a time. Measured here that capped a
-recovering worker at ~8,000 changelog records/s, two minutes per million customers it took over
-(docs/deploy.md, "Recovery time"), while the same worker grades ~45,000 events/s.
+recovering worker at 8,000-14,000 changelog records/s (73 s for a million customers), while the
+same worker grades ~45,000 events/s; a fetch at a time it reads ~400,000 (docs/deploy.md,
+"Recovery time"; docs/performance.md §19).
 
 :func:`bulk_recovery` gives the consumer's drain loop (streams/batching.py) a way round that for
 the partitions Faust's recovery is reading: the records of one fetch are applied to the table's
@@ -20,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from time import monotonic
 from typing import Any
+
+from faust.utils.tracing import finish_span
 
 
 class ChangelogRecord:
@@ -49,9 +52,16 @@ BulkApply = Callable[[Sequence[Any]], bool]
 def bulk_recovery(app: Any, tp: Any) -> BulkApply | None:
     """A function that applies a fetch's records of changelog partition ``tp`` (aiokafka records,
     in offset order, none before what the drain loop last delivered) as Faust's recovery would and
-    says whether that ended the recovery, or None where Faust's own path must run: ``tp`` is not a partition recovery reads now (an
-    active partition outside recovery, or one assigned neither as active nor standby), its table has a changelog hook or decodes its keys and values,
-    or records delivered by Faust's path are still queued (they must be applied first, in order).
+    says whether that ended the recovery; or None where Faust's own path must run:
+
+    * ``tp`` is not a partition recovery reads now (an active partition outside a recovery, or
+      one assigned neither as active nor standby);
+    * its table has a changelog hook, or decodes its keys and values;
+    * records delivered by Faust's path are still queued: they must be applied first, in order.
+
+    An error while applying propagates out of the drain loop, where Faust's path logs it and goes
+    on without those records: a worker that stops is restarted and recovers again; one that goes
+    on grades customers on state it lost.
     """
     tables = app.tables
     recovery = getattr(tables, "recovery", None)
@@ -111,8 +121,6 @@ def _signal_progress(recovery: Any) -> bool:
         return ended
     if not recovery.standby_remaining_total():
         if recovery._standbys_span:
-            from faust.utils.tracing import finish_span
-
             finish_span(recovery._standbys_span)
             recovery._standbys_span = None
         tables.on_standbys_ready()

@@ -99,16 +99,17 @@ def _purchase(customer: str, event_id: str, day: int, amount: str) -> tuple[byte
         "type": "purchase", "amount": amount, "currency": "CNY"})
 
 
-@pytest.mark.slow
-def test_a_rocksdb_worker_restarted_on_its_volume_reads_only_the_changelog_tail(bootstrap: str, worker_factory) -> None:
-    env = unique_env("rocks", GRADEFLOW_KAFKA_BOOTSTRAP=bootstrap, GRADEFLOW_STORE="rocksdb://",
+def _graded_across_a_restart(bootstrap: str, worker_factory, store: str, customers: list[str]) -> tuple[dict, object]:
+    """A worker grades a purchase of each customer and stops (gracefully: a rolling restart, the
+    same volume); a new worker grades a second purchase of each. Returns the env and the new worker,
+    having checked that each second purchase was graded on the recovered state (frequency 2)."""
+    env = unique_env("restart", GRADEFLOW_KAFKA_BOOTSTRAP=bootstrap, GRADEFLOW_STORE=store,
                      GRADEFLOW_DOWNSTREAM="false")
-    customers = [f"r{i:03d}" for i in range(80)]
     changes_topic = env["GRADEFLOW_TOPIC_GRADE_CHANGES"]
     first = worker_factory(env, name="first")
     produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], (_purchase(c, f"a-{c}", 1, "100") for c in customers))
     assert len(list(consume(bootstrap, [changes_topic], until=len(customers), idle_s=30))) == len(customers)
-    first.stop()  # graceful: a rolling restart, same volume
+    first.stop()
 
     again = worker_factory(env, name="again")
     produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], (_purchase(c, f"b-{c}", 2, "50000") for c in customers))
@@ -116,7 +117,12 @@ def test_a_rocksdb_worker_restarted_on_its_volume_reads_only_the_changelog_tail(
     second = {d["customer_id"]: d for d in docs if d["cause"]["event_id"].startswith("b-")}
     assert set(second) == set(customers)
     assert all(d["direction"] == "upgrade" and d["metrics"]["frequency"] == 2 for d in second.values())
+    return env, again
 
+
+@pytest.mark.slow
+def test_a_rocksdb_worker_restarted_on_its_volume_reads_only_the_changelog_tail(bootstrap: str, worker_factory) -> None:
+    env, again = _graded_across_a_restart(bootstrap, worker_factory, "rocksdb://", [f"r{i:03d}" for i in range(80)])
     changelog = f"{env['GRADEFLOW_APP_ID']}-customer-state-changelog"
     log = again.log_path.read_text(errors="replace")
     starts = faust_log_tables(log, "Reading Starts At - Active")
@@ -134,24 +140,11 @@ def test_a_rocksdb_worker_restarted_on_its_volume_reads_only_the_changelog_tail(
 def test_a_memory_worker_restarted_recovers_every_state_a_fetch_at_a_time(bootstrap: str, worker_factory) -> None:
     import re
 
-    env = unique_env("mrec", GRADEFLOW_KAFKA_BOOTSTRAP=bootstrap, GRADEFLOW_STORE="memory://",
-                     GRADEFLOW_DOWNSTREAM="false")
     customers = [f"m{i:03d}" for i in range(300)]
-    changes_topic = env["GRADEFLOW_TOPIC_GRADE_CHANGES"]
-    first = worker_factory(env, name="first")
-    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], (_purchase(c, f"a-{c}", 1, "100") for c in customers))
-    assert len(list(consume(bootstrap, [changes_topic], until=len(customers), idle_s=30))) == len(customers)
-    first.stop()
-
-    again = worker_factory(env, name="again")
-    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], (_purchase(c, f"b-{c}", 2, "50000") for c in customers))
-    docs = [orjson.loads(v) for _t, _k, v in consume(bootstrap, [changes_topic], until=2 * len(customers), idle_s=30)]
-    second = {d["customer_id"]: d for d in docs if d["cause"]["event_id"].startswith("b-")}
-    assert set(second) == set(customers)
-    # Graded on the recovered state: each customer's second purchase, after the first.
-    assert all(d["metrics"]["frequency"] == 2 and d["direction"] == "upgrade" for d in second.values())
-    # The memory store holds nothing across a restart: every state came back from the changelog,
-    # through the consumer's bulk path (streams/recovery.py), not Faust's record-by-record one.
+    _env, again = _graded_across_a_restart(bootstrap, worker_factory, "memory://", customers)
+    # The memory store holds nothing across a restart: every state came back from the changelog
+    # (the second purchases were graded on it), through the consumer's bulk path
+    # (streams/recovery.py), not Faust's record-by-record one.
     log = again.log_path.read_text(errors="replace")
     applied = [int(n) for n in re.findall(r"tables recovered; (\d+) changelog records applied", log)]
     assert applied and applied[-1] >= len(customers), again.tail()
