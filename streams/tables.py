@@ -24,6 +24,7 @@ from faust import streams as faust_streams
 from faust.stores.memory import Store as MemoryStore
 from faust.types import TP
 
+from schemas.errors import ConfigurationError
 from streams.outbox import Outbox, Sent
 from streams.state_index import StateIndex
 
@@ -99,20 +100,29 @@ class FaustStateStore:
 
     def __init__(self, table: Any) -> None:
         self.table = table
-        self._dict: dict[bytes, Any] | None = _UNKNOWN
+        self._index: Any = _UNKNOWN
 
-    def _memory(self) -> dict[bytes, Any] | None:
-        """The memory store's dict, or None for stores that need Faust's own access path."""
-        if self._dict is _UNKNOWN:
+    def _memory(self) -> Any:
+        """The memory store's :class:`~streams.state_index.StateIndex`, or None for RocksDB, which
+        needs Faust's own access path (one database per partition)."""
+        if self._index is _UNKNOWN:
             data = self.table.data  # created on first use, then the table's for good
-            self._dict = data.data if isinstance(data, MemoryStore) else None
-        return self._dict
+            if isinstance(data, IndexedMemoryStore):
+                self._index = data.data
+            elif isinstance(data, MemoryStore):
+                # gradeflow maps memory:// to its own store (streams/app.py); Faust's dict store
+                # would need a second write path that nothing runs.
+                raise ConfigurationError(f"table {self.table.name!r} is on Faust's memory store; gradeflow's is "
+                                         f"gradeflow-memory://, which GRADEFLOW_STORE=memory:// selects")
+            else:
+                self._index = None
+        return self._index
 
     def get(self, customer_id: str) -> bytes | None:
         """The state bytes of ``customer_id``, or None for a customer never seen."""
         memory = self._memory()
         if memory is not None:
-            # A plain dict lookup: Faust's Mapping.get costs three Python calls per customer.
+            # The index itself: Faust's Mapping.get costs three Python calls per customer.
             return memory.get(customer_id.encode())
         return self.table.get(customer_id.encode())
 
@@ -120,12 +130,12 @@ class FaustStateStore:
         """The state bytes of each of ``customer_ids`` (None for one never seen), in order."""
         return self._read(self._memory(), [customer_id.encode() for customer_id in customer_ids])
 
-    def _read(self, memory: dict[bytes, Any] | None, keys: list[bytes]) -> list[bytes | None]:
+    def _read(self, memory: Any, keys: list[bytes]) -> list[bytes | None]:
         """The state bytes of each key, in order: one batch read from the state index, else one
-        lookup each (Faust's dict store, RocksDB)."""
-        if isinstance(memory, StateIndex):
+        lookup each (RocksDB)."""
+        if memory is not None:
             return memory.get_many(keys)
-        get = memory.get if memory is not None else self.table.get
+        get = self.table.get
         return [get(key) for key in keys]
 
     def partition_items(self, partitions: Collection[int]) -> Iterator[tuple[bytes, bytes]]:
@@ -170,19 +180,11 @@ class FaustStateStore:
             # never changes (the topic check refuses a new partition count), and at a million
             # customers a lookup in that dict is a microsecond of cache misses: only new keys go in.
             key_partition = table.data._key_partition
-            if isinstance(memory, StateIndex):
-                # One batch write, whose lookups overlap their misses as the batch's read did.
-                batch = states if isinstance(states, list) else list(states)
-                for i in memory.set_many([key for key, _, _ in batch], [raw for _, raw, _ in batch]):
-                    key_partition[batch[i][0]] = batch[i][2]
-                for key, raw, partition in batch:
-                    add(changelog, key, raw, partition)
-                return
-            for key, raw, partition in states:
-                held = len(memory)
-                memory[key] = raw
-                if len(memory) != held:
-                    key_partition[key] = partition
+            # One batch write, whose lookups overlap their misses as the batch's read did.
+            batch = states if isinstance(states, list) else list(states)
+            for i in memory.set_many([key for key, _, _ in batch], [raw for _, raw, _ in batch]):
+                key_partition[batch[i][0]] = batch[i][2]
+            for key, raw, partition in batch:
                 add(changelog, key, raw, partition)
             return
         data = table.data

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from faust.types import TP
 
+from schemas.errors import ConfigurationError
 from streams.local import consume, faust_log_tables, produce, unique_env
 from streams.outbox import Outbox, Sent
 from streams.state_index import StateIndex
@@ -21,11 +22,11 @@ from tests.streams.producerhelp import RecordingProducer
 CHANGELOG = "t-customer-state-changelog"
 
 
-# Faust's memory store (a dict), and gradeflow's over a StateIndex (what GRADEFLOW_STORE=memory:// runs).
-MEMORY_STORES = ["memory://", "gradeflow-memory://"]
+# gradeflow's memory store: Faust's over a StateIndex (what GRADEFLOW_STORE=memory:// runs).
+MEMORY_STORES = ["gradeflow-memory://"]
 
 
-def _memory_table(url: str = "memory://") -> tuple[faust.App, object]:
+def _memory_table(url: str = "gradeflow-memory://") -> tuple[faust.App, object]:
     app = faust.App("t", store=url)
     return app, app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
 
@@ -39,6 +40,12 @@ def test_the_workers_memory_store_is_faust_s_over_the_state_index() -> None:
     app = create_app(load_settings(app_id="store-probe", store="memory://"), compile_ruleset(load("rfm-5")))
     data = app.tables["customer-state"].data
     assert isinstance(data, IndexedMemoryStore) and isinstance(data.data, StateIndex)
+
+
+def test_a_table_on_faust_s_dict_store_is_refused_with_the_store_to_use() -> None:
+    _app, table = _memory_table("memory://")
+    with pytest.raises(ConfigurationError, match="gradeflow-memory://, which GRADEFLOW_STORE=memory:// selects"):
+        FaustStateStore(table).get_many(["a"])
 
 
 @pytest.mark.parametrize("url", MEMORY_STORES)
@@ -205,7 +212,7 @@ def test_the_indexed_store_recovers_a_changelog_as_faust_s_dict_store_does(befor
         return [SimpleNamespace(key=k, value=v, message=SimpleNamespace(value=v, partition=p)) for k, v, p in records]
 
     stores = []
-    for url in MEMORY_STORES:
+    for url in ("memory://", "gradeflow-memory://"):  # Faust's own dict store, then gradeflow's
         _app, table = _memory_table(url)
         for records in [before, *batches]:
             table.data.apply_changelog_batch(events(records), to_key=lambda k: k, to_value=lambda v: v)
