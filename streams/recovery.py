@@ -31,11 +31,10 @@ class ChangelogRecord:
 
     Tables of raw bytes only (gradeflow's): the key and value are the record's, undecoded."""
 
-    __slots__ = ("tp", "topic", "partition", "offset", "key", "value")
+    __slots__ = ("tp", "partition", "offset", "key", "value")
 
     def __init__(self, tp: Any, record: Any) -> None:
         self.tp = tp
-        self.topic = record.topic
         self.partition = record.partition
         self.offset = record.offset
         self.key = record.key

@@ -128,11 +128,12 @@ class FaustStateStore:
 
     def get_many(self, customer_ids: list[str]) -> list[bytes | None]:
         """The state bytes of each of ``customer_ids`` (None for one never seen), in order."""
-        return self._read(self._memory(), [customer_id.encode() for customer_id in customer_ids])
+        return self._read([customer_id.encode() for customer_id in customer_ids])
 
-    def _read(self, memory: Any, keys: list[bytes]) -> list[bytes | None]:
+    def _read(self, keys: list[bytes]) -> list[bytes | None]:
         """The state bytes of each key, in order: one batch read from the state index, else one
         lookup each (RocksDB)."""
+        memory = self._memory()
         if memory is not None:
             return memory.get_many(keys)
         get = self.table.get
@@ -154,7 +155,7 @@ class FaustStateStore:
             keys = [key for key, partition in list(data._key_partition.items()) if partition in wanted]
             for start in range(0, len(keys), _READ_CHUNK):  # chunks: callers yield between items
                 chunk = keys[start:start + _READ_CHUNK]
-                for key, raw in zip(chunk, self._read(memory, chunk)):
+                for key, raw in zip(chunk, self._read(chunk)):
                     if raw is not None:
                         yield key, raw
         else:  # RocksDB (the settings allow no third store): one database per partition
@@ -208,11 +209,10 @@ class FaustStateStore:
         wait on the broker, and must not overwrite what the handler applied meanwhile. Returns
         the keys skipped for that reason. ``producer`` is the ``AIOKafkaProducer``.
         """
-        memory = self._memory()
         fresh: list[tuple[bytes, bytes, int]] = []
         skipped: list[bytes] = []
         writes = list(writes)
-        currents = self._read(memory, [key for key, _, _, _ in writes])
+        currents = self._read([key for key, _, _, _ in writes])
         for (key, old, new, partition), current in zip(writes, currents):
             if current == old:
                 fresh.append((key, new, partition))
