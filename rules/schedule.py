@@ -465,6 +465,37 @@ def regrade(customer_id: str, rs: CompiledRuleset, state: CustomerState, as_of: 
     return changes, alerts
 
 
+def catch_up(customer_id: str, rs: CompiledRuleset, state: CustomerState, upto: float, emitted_at: datetime,
+             population: Population | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Re-grade ``state`` by time alone at every instant after it was last graded, up to and
+    including ``upto`` (seconds), where one of its grades changes: the changes and alerts due, in
+    order (cause ``clock``). The state is updated only where a grade changed.
+
+    The batch handler calls this before it applies a customer's event, with the time the
+    event's partition has reached: whatever time alone did to the grade before that point is
+    emitted before the event's own change, whichever of the handler and the clock's timer gets
+    there first, and a replay of the same records makes the same changes with the same ids.
+    """
+    start = graded_at(state)
+    if start is None or start >= upto or not state.grades:
+        return [], []
+    look = first_look(rs, state, population)
+    if look is None or look > upto:
+        return [], []  # the cheap lower bound: most customers stop here
+    changes: list[dict[str, Any]] = []
+    alerts: list[dict[str, Any]] = []
+    after = datetime.fromtimestamp(start, rs.tz)
+    while True:
+        moment, changed = next_wake(rs, state, after, population)
+        if moment is None or moment.timestamp() > upto:
+            return changes, alerts
+        if changed:
+            out, warn = regrade(customer_id, rs, state, moment, emitted_at, population)
+            changes += out
+            alerts += warn
+        after = moment
+
+
 # ---------------------------------------------------------------- a schedule (used by the worker)
 
 

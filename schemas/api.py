@@ -34,7 +34,9 @@ class CustomerGrades(BaseModel):
     source: Literal["table", "redis"] = Field(
         description="'table': the authoritative Faust table of this worker (the customer's partition is local); "
                     "'redis': the Redis copy written from grade-changes.")
-    partition: int
+    partition: int | None = Field(
+        description="The input partition whose changelog holds the customer's state on this worker (source "
+                    "'table'); null for an answer from Redis.")
     grades: dict[str, LadderGrade] = Field(description="By ladder.")
 
 

@@ -102,6 +102,8 @@ def _id(doc: dict[str, Any], name: str) -> str:
         raise InvalidEvent("invalid_field", f"field {name!r} must not be empty")
     if len(value) > _MAX_ID:
         raise InvalidEvent("invalid_field", f"field {name!r} is longer than {_MAX_ID} characters")
+    if value[0] == "\x00":  # the state table's own keys start so (streams/clock.py)
+        raise InvalidEvent("invalid_field", f"field {name!r} must not start with a NUL character")
     return value
 
 

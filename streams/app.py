@@ -11,6 +11,7 @@ finds its effects complete; it never records state whose outputs were lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -93,9 +94,12 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     table = app.Table("customer-state", partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)
     store = FaustStateStore(table)
-    clock = attach_clock(app, settings, ruleset, table, store)  # cause "clock": re-grading by time alone
-    population = attach_population(app, settings, ruleset, table)  # None without relative grades
-    attach_rules_regrade(app, settings, ruleset, table, store, population)  # cause "rules" after a version change
+    # One writer of state at a time: the handler, a wake of the clock, a step of the rules sweep
+    # each hold it from reading states to writing them (streams/clock.py).
+    writer = asyncio.Lock()
+    clock = attach_clock(app, settings, ruleset, table, store, writer)  # cause "clock": re-grading by time alone
+    population = attach_population(app, settings, ruleset, store)  # None without relative grades
+    attach_rules_regrade(app, settings, ruleset, table, store, population, writer)  # cause "rules" after a version change
     out_changes = names.grade_changes
     out_alerts = names.alerts
     out_dead = names.dead_letters
@@ -111,27 +115,33 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
             topic = m.topic
             records.append(Record(roles[topic], topic, m.partition, m.offset, m.key, m.value, m.timestamp, m))
             by_topic[topic] = by_topic.get(topic, 0) + 1
-        result = process_batch(records, ruleset, store, utcnow(),
-                               population=population.thresholds if population else None,
-                               allowed_lateness_days=settings.allowed_lateness_days,
-                               max_future_skew_s=settings.max_future_skew_s,
-                               clock_horizon=clock.look_horizon)
-        producer = app.producer._ensure_producer()
-        outbox = Outbox()
-        outbox.extend(out_dead, result.dead_letters)
-        outbox.extend(out_changes, result.grade_changes)
-        outbox.extend(out_alerts, result.alerts)
-        # Outputs first, durable; then state. A crash in between replays the
-        # batch with the same deterministic outputs; the reverse order could
-        # record state whose grade changes were never delivered.
-        if outbox:
-            await (await outbox.send(producer)).acked()
-        written = None
-        if result.states:
-            store.write_many(outbox, ((cid.encode(), raw, record.partition)
-                                      for cid, (raw, record) in result.states.items()))
-            written = await outbox.send(producer)
-            clock.note(result.looks, result.states)
+        async with writer:
+            result = process_batch(records, ruleset, store, utcnow(),
+                                   population=population.thresholds if population else None,
+                                   allowed_lateness_days=settings.allowed_lateness_days,
+                                   max_future_skew_s=settings.max_future_skew_s,
+                                   clock_horizon=clock.look_horizon,
+                                   stream_time=clock.stream_times({m.partition for m in messages}))
+            producer = app.producer._ensure_producer()
+            outbox = Outbox()
+            outbox.extend(out_dead, result.dead_letters)
+            outbox.extend(out_changes, result.grade_changes)
+            outbox.extend(out_alerts, result.alerts)
+            # Outputs first, durable; then state. A crash in between replays the
+            # batch with the same deterministic outputs; the reverse order could
+            # record state whose grade changes were never delivered.
+            if outbox:
+                await (await outbox.send(producer)).acked()
+            written = None
+            # Each partition's stream time after its states, on the same changelog partition: a
+            # worker that recovers it finds the time those states were graded up to.
+            writes = [(cid.encode(), raw, record.partition) for cid, (raw, record) in result.states.items()]
+            writes += clock.advanced(result.stream_time)
+            if writes:
+                store.write_many(outbox, writes)
+                written = await outbox.send(producer)
+            if result.states:
+                clock.note(result.looks, result.states)
         counters.consumed += result.consumed
         counters.applied += result.applied
         counters.duplicates += result.duplicates

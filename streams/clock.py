@@ -2,33 +2,44 @@
 
 See docs/clock.md. For each customer, :mod:`rules.schedule` computes the next
 instant at which time alone can change a grade (its *due* instant). The worker
-keeps, per input partition it owns, a heap of ``(due, customer)``:
+keeps, per input partition it owns, a schedule of due customers:
 
 - rebuilt from the table after every rebalance's recovery, for the worker's
   active partitions only (so with several workers each customer is woken by
   exactly one of them);
 - updated after every batch for the customers the batch touched: the hot path
-  computes each one's first look while their state is decoded anyway
-  (``process_batch(..., clock_horizon=clock.look_horizon)``), ``clock.note(result.looks,
-  result.states)`` in the handler queues them, the timer schedules them. (The timer
-  used to decode each noted state again to compute it, and held the state bytes
-  until then: 412 MB per 100k customers in a replay, 229 without them.)
+  computes each one's first look while their state is decoded anyway, the
+  handler notes them (:meth:`Clock.note`), the timer schedules them;
 - every ``clock_tick_s`` a timer pops the customers whose due instant the
-  partition's clock has reached, re-grades each *as of its due instant* (so the
+  partition's clock has reached and re-grades each *as of its due instant* (so the
   change's ``as_of`` and its deterministic ``event_id`` do not depend on when the
-  worker woke), sends the grade changes and alerts and waits for the broker to
-  have them (one Outbox, as the batch handler), then writes the
-  states (table and the changelog partition of the customer), then reschedules.
-  Customers not due are not touched: there is no sweep over all customers.
-- at-risk warnings (``GRADEFLOW_AT_RISK_HORIZON_DAYS``, rules/risk.py): a key
-  customer is due at the earlier of their next change and the instant their
-  next drop by time enters the horizon; a customer graded up to the clock is
-  scanned and gets one warning per drop (sent with the other outputs, marked
-  in their state, written after).
+  worker woke).
+
+Ordering, by construction rather than by timing:
+
+- **One writer at a time.** The batch handler, each wake step of the timer and
+  each step of the rules sweep hold the worker's writer lock from reading states
+  to writing them (outputs acknowledged in between). A wake therefore never reads
+  a state the handler is about to replace, nor the handler one a wake is about to.
+- **Time before events.** Before the handler applies a customer's event it first
+  re-grades the customer by time up to the time the event's partition has reached
+  (:func:`rules.schedule.catch_up`). Whether the timer woke the customer first or
+  not, the changes are the same, in the same order; a replay after a crash makes
+  them again with the same ids.
+- **Never backwards.** A wake re-grades no customer as of an instant earlier than
+  what the state already holds (a due instant computed before a later event is
+  recomputed from the state).
+- **Only recovered partitions.** Faust signals the end of a recovery before the
+  handler resumes; the schedule is rebuilt then, and nobody is woken between a
+  revocation and that rebuild.
 
 Two clocks (``GRADEFLOW_CLOCK``): ``wall`` (now) and ``event`` (per partition:
-the highest event time applied on that input partition, restored from the
-table's states after a restart). ``off`` disables the clock.
+the highest event time among the records of that input partition, in their
+order). With the event clock the handler writes each partition's stream time to
+the changelog after the batch's states (:func:`stream_key`), so that a worker
+that takes the partition over resumes from the same time the states hold, and
+places the clock's changes among the records exactly as the first worker did.
+``off`` disables the clock.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from rules.schedule import Schedule, graded_at, next_wake, regrade
 from rules.state import CustomerState
 from streams.outbox import publish
 from streams.processor import utcnow
+from streams.tables import RESERVED
 
 log = logging.getLogger("gradeflow.clock")
 CHUNK = 500  # customers per step of a rebuild or of filing noted customers, between yields to the event loop
@@ -59,6 +71,22 @@ CHUNK = 500  # customers per step of a rebuild or of filing noted customers, bet
 # Each step publishes its outputs.
 WAKE_CHUNK = 32
 MAX_STEPS = 32  # changes one customer may go through in one wake (one per due instant)
+# A key of the state table that holds no customer: each input partition's stream time (event
+# clock), under the prefix reserved for such keys.
+_STREAM_TIME = RESERVED + b"stream-time/"
+
+
+def stream_key(partition: int) -> bytes:
+    """The state table's key holding ``partition``'s stream time (on that partition's changelog)."""
+    return _STREAM_TIME + str(partition).encode()
+
+
+def encode_stream_time(ts: float) -> bytes:
+    return repr(float(ts)).encode()
+
+
+def decode_stream_time(raw: bytes | None) -> float | None:
+    return None if raw is None else float(raw.decode())
 
 
 @dataclass
@@ -80,8 +108,11 @@ class ClockStats:
 class Clock:
     """Per-partition schedules of due customers and the timer that wakes them."""
 
-    def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any) -> None:
+    def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
+                 writer: asyncio.Lock | None = None) -> None:
         self.app, self.settings, self.rs, self.table, self.store = app, settings, ruleset, table, store
+        # Held from reading states to writing them, by every writer of state (see the module doc).
+        self.writer = writer if writer is not None else asyncio.Lock()
         self.mode = getattr(settings, "clock", "wall")
         self.idle_s: float | None = getattr(settings, "event_clock_idle_s", None)
         # At-risk warnings (rules/risk.py): a key customer is also woken a horizon before time
@@ -89,7 +120,7 @@ class Clock:
         self.horizon = timedelta(days=float(getattr(settings, "at_risk_horizon_days", 0) or 0))
         self.at_risk_severity: str = getattr(settings, "at_risk_severity", risk.SEVERITY)
         self.schedules: dict[int, Schedule] = {}
-        self.stream_time: dict[int, float] = {}  # partition → highest event time applied (event clock)
+        self.stream_time: dict[int, float] = {}  # partition → highest event time of its records (event clock)
         self.advanced_at: dict[int, float] = {}  # partition → wall time its stream time last moved
         # customer key → (input partition, latest event time, first look): noted, not yet scheduled
         self.pending: dict[bytes, tuple[int, float | None, float | None]] = {}
@@ -115,6 +146,29 @@ class Clock:
         pending = self.pending
         for customer_id, (last_ts, look) in looks.items():
             pending[customer_id.encode()] = (states[customer_id][1].partition, last_ts, look)
+
+    def stream_times(self, partitions: set[int]) -> dict[int, float] | None:
+        """What the handler passes to ``process_batch`` as ``stream_time``: None unless the event
+        clock runs; else the stream time of each of ``partitions`` known here, read from the
+        table for a partition this worker has not graded since it took it over."""
+        if self.mode != "event":
+            return None
+        known = self.stream_time
+        for partition in partitions - known.keys():
+            ts = decode_stream_time(self.store.get_key(stream_key(partition)))
+            if ts is not None:
+                self._advance(partition, ts)
+        return known
+
+    def advanced(self, stream_time: dict[int, float]) -> list[tuple[bytes, bytes, int]]:
+        """Take a batch's stream times (``BatchResult.stream_time``); return the table writes
+        that record those that moved, to be written after the batch's states."""
+        writes = []
+        for partition, ts in stream_time.items():
+            if ts > self.stream_time.get(partition, float("-inf")):
+                self._advance(partition, ts)
+                writes.append((stream_key(partition), encode_stream_time(ts), partition))
+        return writes
 
     # ------------------------------------------------------------ time
 
@@ -157,7 +211,6 @@ class Clock:
                 continue
             if key in self.pending:
                 continue  # noted again meanwhile: the newer state is scheduled next time
-            self._advance(partition, last_ts)
             # At a cheap lower bound (rules.schedule.first_look): when the clock gets there,
             # next_wake finds the real due instant.
             self._schedule(partition).set(key, look, exact=False)
@@ -172,9 +225,13 @@ class Clock:
         return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == inputs}
 
     def revoked(self) -> None:
-        """A rebalance started: wake nobody until the tables are recovered and the schedule rebuilt."""
+        """A rebalance started: wake nobody until the tables are recovered and the schedule rebuilt.
+        Stream times are read again from the table: a partition may come back with another
+        worker's writes."""
         self.active = None
         self.generation += 1
+        self.stream_time.clear()
+        self.advanced_at.clear()
 
     async def rebuild(self) -> None:
         """After a recovery: the schedules of exactly the active partitions, from the table."""
@@ -185,22 +242,19 @@ class Clock:
             active = self.active_partitions()
             rs, population = self.rs, self._population()
             schedules: dict[int, Schedule] = {p: Schedule() for p in active}
-            stream_time: dict[int, float] = {}
             for p in active:
                 held = iter(self.store.partition_items((p,)))
                 while chunk := list(islice(held, CHUNK)):
-                    for key, raw in chunk:
+                    for key, _partition, raw in chunk:
                         state = CustomerState.from_bytes(raw)
-                        if state.last_event_ts is not None and state.last_event_ts > stream_time.get(p, float("-inf")):
-                            stream_time[p] = state.last_event_ts
                         schedules[p].set(key, risk.first_look(rs, state, self.horizon, population), exact=False)
                     await asyncio.sleep(0)
                     if generation != self.generation:
                         return
             self.schedules = schedules
             self.stream_time = {p: t for p, t in self.stream_time.items() if p in active}
-            for p, t in stream_time.items():
-                self._advance(p, t)
+            if self.mode == "event":
+                self.stream_times(active)
             self.active = active
             self.stats.rebuilds += 1
             log.info("gradeflow: clock (%s) schedule rebuilt for partitions %s: %d customers due some day",
@@ -223,10 +277,13 @@ class Clock:
                 if schedule is None or now is None:
                     continue
                 while self.active is not None and partition in self.active:
-                    due = schedule.pop_due(now, WAKE_CHUNK)
-                    if not due:
-                        break
-                    await self._wake(partition, schedule, due, now)
+                    async with self.writer:
+                        if self.active is None or partition not in self.active:
+                            break
+                        due = schedule.pop_due(now, WAKE_CHUNK)
+                        if not due:
+                            break
+                        await self._wake(partition, schedule, due, now)
                     woken += len(due)
             self.stats.scheduled = sum(len(s) for s in self.schedules.values())
             self.stats.stream_time = dict(self.stream_time)
@@ -257,8 +314,12 @@ class Clock:
             customer_id = key.decode()
             changed = False
             nxt: float | None = at
+            start = graded_at(state)
+            if exact and start is not None and at <= start:
+                # Due from an older state: the customer was graded past it since (an event, or
+                # the handler's catch-up). Look again from where the state is.
+                exact = False
             if not exact:
-                start = graded_at(state)
                 follow, changes_there = next_wake(rs, state, datetime.fromtimestamp(start, rs.tz), population)  # type: ignore[arg-type]
                 nxt = None if follow is None else follow.timestamp()
                 if nxt is None or nxt > now:
@@ -338,14 +399,15 @@ class Clock:
         self.stats.written += len(writes) - len(skipped)
 
 
-def attach_clock(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any) -> Clock:
+def attach_clock(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
+                 writer: asyncio.Lock | None = None) -> Clock:
     """Create the worker's clock (``GRADEFLOW_CLOCK``), its timer and its rebuild after each recovery.
 
     Wiring (streams/app.py): ``clock = attach_clock(app, settings, ruleset, table, store)`` after the
     store, ``process_batch(..., clock_horizon=clock.look_horizon)`` and
     ``clock.note(result.looks, result.states)`` in the handler once the states are written.
     """
-    clock = Clock(app, settings, ruleset, table, store)
+    clock = Clock(app, settings, ruleset, table, store, writer)
     app.gradeflow_clock = clock
     if clock.mode == "off":
         return clock

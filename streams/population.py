@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection, Iterable
 from datetime import datetime
-from typing import Any
-
-from kafka.partitioner.default import murmur2
+from itertools import islice
+from typing import Any, Protocol
 
 from rules import population as pop
 from rules.engine import CompiledRuleset
@@ -49,18 +49,19 @@ log = logging.getLogger("gradeflow.population")
 CHUNK = 5000
 
 
-def partition_of(key: bytes, partitions: int) -> int:
-    """The input partition of a customer key under Kafka's default partitioner (murmur2)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+class StateItems(Protocol):
+    """Where the sketches read states: the worker's :class:`streams.tables.FaustStateStore`, a dict in tests."""
+
+    def partition_items(self, partitions: Collection[int]) -> Iterable[tuple[bytes, int, bytes]]: ...
 
 
 class Population:
     """Current thresholds of the ruleset's relative comparisons, kept up to date from the topic."""
 
-    def __init__(self, settings: Any, ruleset: CompiledRuleset, table: Any, app: Any = None) -> None:
+    def __init__(self, settings: Any, ruleset: CompiledRuleset, store: StateItems | None, app: Any = None) -> None:
         self.settings = settings
         self.rs = ruleset
-        self.table = table
+        self.store = store
         self.app = app
         self.topic = getattr(settings, "topic_population", None) or f"{settings.group_id}-population"
         self.interval_s = float(getattr(settings, "population_interval_s", 30.0))
@@ -95,18 +96,17 @@ class Population:
         self.thresholds.update(fresh)
         return True
 
-    async def sketch_partitions(self, active: set[int], partitions: int) -> dict[int, dict[str, pop.Sketch]]:
-        """One sketch set per active partition, from the table (yielding to the loop between chunks)."""
-        keys = list(self.table.keys())
+    async def sketch_partitions(self, active: set[int]) -> dict[int, dict[str, pop.Sketch]]:
+        """One sketch set per active partition, from the states held for it (yielding to the loop
+        between chunks). A state counts for the partition it lives on: producers may partition
+        as they like."""
         states: dict[int, list[CustomerState]] = {p: [] for p in active}
         latest_ts: float | None = None
-        for start in range(0, len(keys), CHUNK):
-            for key in keys[start:start + CHUNK]:
-                p = partition_of(key, partitions)
+        assert self.store is not None
+        held = iter(self.store.partition_items(active))
+        while chunk := list(islice(held, CHUNK)):
+            for _key, p, raw in chunk:
                 if p not in states:
-                    continue
-                raw = self.table.get(key)
-                if raw is None:
                     continue
                 state = CustomerState.from_bytes(raw)
                 states[p].append(state)
@@ -134,7 +134,7 @@ class Population:
         active = self.active_partitions()
         if not active:
             return 0
-        sketches = await self.sketch_partitions(active, self.settings.partitions)
+        sketches = await self.sketch_partitions(active)
         producer = self.app.producer
         for p, parts in sorted(sketches.items()):
             await producer.send(self.topic, f"{self.prefix}{p}".encode(), pop.encode(parts), None, None, None)
@@ -182,11 +182,11 @@ class Population:
             await consumer.stop()
 
 
-def attach_population(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any) -> Population | None:
+def attach_population(app: Any, settings: Any, ruleset: CompiledRuleset, store: StateItems) -> Population | None:
     """Publish and follow population sketches for ``ruleset``'s relative grades; None if it has none."""
     if not ruleset.quantiles:
         return None
-    population = Population(settings, ruleset, table, app)
+    population = Population(settings, ruleset, store, app)
     app.gradeflow_population = population
 
     @app.task

@@ -18,7 +18,7 @@ import orjson
 
 from rules import risk, windows
 from rules.changes import Cause, grade
-from rules.schedule import graded_at
+from rules.schedule import catch_up, graded_at
 from rules.engine import CompiledRuleset, Population
 from rules.state import CustomerState, fold, forget_seen_before, prune, remember, seen_before
 from schemas import SCHEMA_VERSION
@@ -102,6 +102,9 @@ class BatchResult:
     # With a clock (``clock_horizon`` given): customer_id → (latest event time, first instant the
     # clock must look at them, rules.risk.first_look), computed while the state is decoded anyway.
     looks: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    # With the event clock (``stream_time`` given): input partition → the highest event time of
+    # its records, through this batch.
+    stream_time: dict[int, float] = field(default_factory=dict)
     # consumed == applied + duplicates + replayed + dead, always.
     consumed: int = 0
     applied: int = 0
@@ -161,7 +164,8 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                   check_keys: bool = True, population: Population | None = None,
                   allowed_lateness_days: float | None = None,
                   max_future_skew_s: float | None = MAX_FUTURE_SKEW_S,
-                  clock_horizon: timedelta | None = None) -> BatchResult:
+                  clock_horizon: timedelta | None = None,
+                  stream_time: dict[int, float] | None = None) -> BatchResult:
     """Apply a batch of records; return outputs and the new state of every touched customer.
 
     ``now`` is wall-clock time, used for ``emitted_at``, ``dead_lettered_at``
@@ -182,12 +186,26 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
     ``clock_horizon``: the worker runs a clock (streams/clock.py) with this at-risk horizon
     (``timedelta(0)``: none); each written customer then also gets the clock's first look
     (``BatchResult.looks``). None: no clock, nothing computed.
+
+    With a clock, before a customer's event is applied the customer is re-graded by time alone
+    (:func:`rules.schedule.catch_up`) up to the time the event's partition has reached: with the
+    event clock (``stream_time``: partition → highest event time before this batch), the highest
+    event time of the partition's records up to and including this one; with the wall clock
+    (``stream_time`` None), the event's own time, never past ``now``. The clock's changes are
+    therefore placed by the records' order, not by when a timer fired: a replay of the same
+    records emits the same changes with the same ids, in the same order. The partitions' stream
+    times after the batch are in ``BatchResult.stream_time``.
     """
     result = BatchResult(consumed=len(records))
     dead_letters = result.dead_letters
     reasons = result.dead_reasons
     future_limit = now.timestamp() + max_future_skew_s if max_future_skew_s is not None else float("inf")
-    by_customer: dict[str, list[tuple[Record, Txn | Contact, float]]] = {}
+    by_customer: dict[str, list[tuple[Record, Txn | Contact, float, float]]] = {}
+    clocked = clock_horizon is not None
+    streams: dict[int, float] = result.stream_time
+    if stream_time is not None:
+        streams.update(stream_time)
+    now_ts = now.timestamp()
     for record in records:
         try:
             value = record.value
@@ -211,7 +229,13 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
             dead_letters.append((record.key, dead_letter(record, error, now)))
             reasons[error.reason] = reasons.get(error.reason, 0) + 1
             continue
-        by_customer.setdefault(event.customer_id, []).append((record, event, ts))
+        if stream_time is not None:
+            reached = streams.get(record.partition)
+            if reached is None or ts > reached:
+                streams[record.partition] = reached = ts
+        else:
+            reached = ts if ts < now_ts else now_ts
+        by_customer.setdefault(event.customer_id, []).append((record, event, ts, reached))
 
     tz = rs.tz
     track = rs.track
@@ -223,7 +247,7 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
         key = customer_id.encode()
         last_record = None
         offsets = state.offsets
-        for record, event, ts in events:
+        for record, event, ts, reached in events:
             role = record.role
             # At-least-once delivery replays records after a crash; the state
             # remembers the last offset it applied from each input partition.
@@ -248,6 +272,13 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                 result.duplicates += 1
                 continue
             remember(state, day, event_id)
+            if clocked:
+                # Time alone first: whatever it changed up to where this event's partition is.
+                changes, alerts = catch_up(customer_id, rs, state, reached, now, population)
+                for change in changes:
+                    result.grade_changes.append((key, bytes(memoryview(orjson.dumps(change)))))
+                for alert in alerts:
+                    result.alerts.append((key, bytes(memoryview(orjson.dumps(alert)))))
             fold(state, event, track, tz)
             cause = Cause("transaction" if role == TRANSACTIONS else "interaction", event_id)
             # Grades never go back in time: an older event is evaluated as of

@@ -34,6 +34,8 @@ from typing import Any
 
 import orjson
 
+from streams.tables import RESERVED
+
 log = logging.getLogger("gradeflow.redis")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -300,7 +302,7 @@ def fill_from_tables(settings: Any, client: Any, consumer: Any) -> int:
     pipe = client.pipeline(transaction=False)
     queued = 0
     for key, raw in latest.items():
-        if raw is None:
+        if raw is None or key.startswith(RESERVED):  # a tombstone, or a key of the table's own
             continue
         try:
             state = CustomerState.from_bytes(raw)

@@ -15,9 +15,10 @@ Wiring (streams/app.py, in create_app, after the table and the store)::
 ``store`` is the table's :class:`streams.tables.FaustStateStore` (its one write path);
 ``population`` is the object attach_population returned (or None). The sweep
 starts after each rebalance has recovered the tables (Faust's
-``on_rebalance_complete``), runs in chunks that yield to the event loop, and
-never overwrites a state the agent changed meanwhile (that customer was
-already graded by the new rules on its own event).
+``on_rebalance_complete``) and runs in chunks, each holding the worker's writer
+lock from reading its states to writing them (streams/clock.py), so the handler
+never interleaves with a chunk; customers are written back to the partition
+their state lives on, whatever partitioner the producers use.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from rules.changes import regrade_for_rules
 from rules.engine import CompiledRuleset
 from rules.state import CustomerState
 from streams.outbox import publish
-from streams.population import partition_of
 from streams.processor import utcnow
 
 log = logging.getLogger("gradeflow.rules")
@@ -44,8 +44,7 @@ def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population:
          ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], dict[bytes, tuple[bytes, bytes]]]:
     """Pure step of a sweep: for (key, state bytes) pairs, the changes, alerts and new states due.
 
-    New states are ``key → (old bytes, new bytes)`` so the caller can skip a
-    customer whose state changed meanwhile.
+    New states are ``key → (old bytes, new bytes)``.
     """
     now = utcnow()
     changes: list[tuple[bytes, bytes]] = []
@@ -67,9 +66,11 @@ def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population:
 
 class RulesRegrade:
     def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
-                 population: Any = None) -> None:
+                 population: Any = None, writer: asyncio.Lock | None = None) -> None:
         self.app, self.settings, self.rs, self.table, self.population = app, settings, ruleset, table, population
         self.store = store
+        # The worker's writer lock (streams/clock.py): held from reading a chunk's states to writing them.
+        self.writer = writer if writer is not None else asyncio.Lock()
         self.running = False
         self.again = False
         self.regraded = 0
@@ -92,22 +93,23 @@ class RulesRegrade:
         if not todo:
             self.sweeps += 1
             return 0
-        partitions = self.settings.partitions
         names = self.settings.topics
         thresholds = self.population.thresholds if self.population is not None else None
         done = 0
-        held = iter(self.store.partition_items(todo))
-        while items := list(islice(held, CHUNK)):
-            changes, alerts, states = plan(self.rs, items, thresholds)
-            if not states:
-                await asyncio.sleep(0)
-                continue
-            producer = self.app.producer._ensure_producer()
-            await publish(producer, {names.grade_changes: changes, names.alerts: alerts})  # before the states
-            # A customer the handler graded meanwhile was graded with the new rules: skipped.
-            await self.store.replace(producer,
-                                     ((key, old, new, partition_of(key, partitions))
-                                      for key, (old, new) in states.items()))
+        held = iter(list(self.store.partition_items(todo)))  # keys and partitions now; states re-read below
+        while chunk := list(islice(held, CHUNK)):
+            async with self.writer:
+                # Read under the lock: the handler cannot change these states until they are written.
+                keys = [key for key, _, _ in chunk]
+                where = {key: partition for key, partition, _ in chunk}
+                items = [(key, raw) for key, raw in zip(keys, self.store.get_keys(keys)) if raw is not None]
+                changes, alerts, states = plan(self.rs, items, thresholds)
+                if not states:
+                    continue
+                producer = self.app.producer._ensure_producer()
+                await publish(producer, {names.grade_changes: changes, names.alerts: alerts})  # before the states
+                await self.store.replace(producer, ((key, old, new, where[key])
+                                                    for key, (old, new) in states.items()))
             done += len(states)
         self.regraded += done
         self.sweeps += 1
@@ -135,9 +137,9 @@ class RulesRegrade:
 
 
 def attach_rules_regrade(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
-                         population: Any = None) -> RulesRegrade:
+                         population: Any = None, writer: asyncio.Lock | None = None) -> RulesRegrade:
     """Sweep after every rebalance's recovery; return the sweeper (counters for tests and metrics)."""
-    regrade = RulesRegrade(app, settings, ruleset, table, store, population)
+    regrade = RulesRegrade(app, settings, ruleset, table, store, population, writer)
     app.gradeflow_rules_regrade = regrade
     tasks: set[asyncio.Task] = set()
 

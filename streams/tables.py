@@ -26,6 +26,9 @@ from faust.types import TP
 
 from schemas.errors import ConfigurationError
 from streams.outbox import Outbox, Sent
+
+# The state table's keys that hold no customer start so (streams/clock.py).
+RESERVED = b"\x00"
 from streams.state_index import StateIndex
 
 
@@ -126,9 +129,36 @@ class FaustStateStore:
             return memory.get(customer_id.encode())
         return self.table.get(customer_id.encode())
 
+    def get_key(self, key: bytes) -> bytes | None:
+        """The value of a table key (a customer's or one of the table's own, streams/clock.py)."""
+        memory = self._memory()
+        if memory is not None:
+            return memory.get(key)
+        return self.table.get(key)
+
+    def partition_of(self, key: bytes) -> int | None:
+        """The input partition whose changelog holds ``key`` on this worker, or None when this
+        worker holds no state for it. Where the state lives, never a hash of the key: producers
+        partition as they like (librdkafka's default is not Kafka's Java one)."""
+        data = self.table.data
+        if self._memory() is not None:
+            return data._key_partition.get(key)
+        for partition in sorted(self._rocksdb_partitions()):
+            if data._db_for_partition(partition).get(key) is not None:
+                return partition
+        return None
+
+    def _rocksdb_partitions(self) -> set[int]:
+        data = self.table.data
+        return {p for p in getattr(data, "_dbs", {})}
+
     def get_many(self, customer_ids: list[str]) -> list[bytes | None]:
         """The state bytes of each of ``customer_ids`` (None for one never seen), in order."""
         return self._read([customer_id.encode() for customer_id in customer_ids])
+
+    def get_keys(self, keys: list[bytes]) -> list[bytes | None]:
+        """The values of table keys, in order (None for one not held)."""
+        return self._read(keys)
 
     def _read(self, keys: list[bytes]) -> list[bytes | None]:
         """The state bytes of each key, in order: one batch read from the state index, else one
@@ -139,8 +169,9 @@ class FaustStateStore:
         get = self.table.get
         return [get(key) for key in keys]
 
-    def partition_items(self, partitions: Collection[int]) -> Iterator[tuple[bytes, bytes]]:
-        """Every ``(key, state bytes)`` this worker holds for the input partitions ``partitions``.
+    def partition_items(self, partitions: Collection[int]) -> Iterator[tuple[bytes, int, bytes]]:
+        """Every ``(key, input partition, state bytes)`` of a customer this worker holds for the
+        input partitions ``partitions`` (the table's own keys, streams/clock.py, left out).
 
         For the rules sweep and the clock's rebuild after a rebalance. The memory store
         knows each key's partition and RocksDB keeps one database per partition, so neither
@@ -152,15 +183,18 @@ class FaustStateStore:
         if memory is not None:
             wanted = set(partitions)
             # A snapshot: the handler adds keys while a caller waits.
-            keys = [key for key, partition in list(data._key_partition.items()) if partition in wanted]
-            for start in range(0, len(keys), _READ_CHUNK):  # chunks: callers yield between items
-                chunk = keys[start:start + _READ_CHUNK]
-                for key, raw in zip(chunk, self._read(chunk)):
+            held = [(key, partition) for key, partition in list(data._key_partition.items())
+                    if partition in wanted and not key.startswith(RESERVED)]
+            for start in range(0, len(held), _READ_CHUNK):  # chunks: callers yield between items
+                chunk = held[start:start + _READ_CHUNK]
+                for (key, partition), raw in zip(chunk, self._read([key for key, _ in chunk])):
                     if raw is not None:
-                        yield key, raw
+                        yield key, partition, raw
         else:  # RocksDB (the settings allow no third store): one database per partition
             for partition in sorted(partitions):
-                yield from data._visible_items(data._db_for_partition(partition))
+                for key, raw in data._visible_items(data._db_for_partition(partition)):
+                    if not key.startswith(RESERVED):
+                        yield key, partition, raw
 
     def write_many(self, outbox: Outbox, states: Iterable[tuple[bytes, bytes, int]]) -> None:
         """Store each ``(key, state bytes, input partition)`` and queue it for that partition's changelog.

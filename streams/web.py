@@ -1,7 +1,8 @@
 """The worker's HTTP API on Faust's web server (bound to GRADEFLOW_WEB_HOST:GRADEFLOW_WEB_PORT).
 
 ``GET /customers/{customer_id}``  current grades and metrics; from this worker's table when
-                                  the customer's partition is assigned here, else from Redis
+                                  it holds the customer's state (``partition`` says where),
+                                  else from Redis (``partition`` null)
 ``GET /grades``                   customers per grade, per ladder (Redis)
 ``GET /healthz``                  the process answers (no token)
 ``GET /readyz``                   partitions assigned and table recovery done (no token)
@@ -26,7 +27,7 @@ from rules.state import CustomerState
 from schemas.api import CustomerGrades, Error, GradeCounts, Health
 from schemas.money import format_minor
 from streams import __version__
-from streams.population import partition_of
+from streams.tables import FaustStateStore
 
 OPEN_PATHS = ("/healthz", "/readyz")
 
@@ -139,6 +140,7 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
     token = settings.api_token
     ladders = [lad.name for lad in ruleset.ladders]
     spec = openapi(settings)
+    states = FaustStateStore(table)
 
     class Guarded(View):
         async def dispatch(self, request: Any) -> Any:
@@ -159,9 +161,10 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
     @app.page("/customers/{customer_id}", base=Guarded, name="gradeflow-customer")
     async def customer(self: View, request: Request, customer_id: str) -> Response:
         key = customer_id.encode()
-        partition = partition_of(key, settings.partitions)
         ready, _ = is_ready(app)
-        local = ready and TP(settings.topics.transactions, partition) in app.consumer.assignment()
+        # Where the state lives here, not a hash of the id: producers partition as they like.
+        partition = states.partition_of(key) if ready else None
+        local = partition is not None and TP(settings.topics.transactions, partition) in app.consumer.assignment()
         if local:
             raw = table.get(key)
             if raw is None:

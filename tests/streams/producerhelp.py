@@ -7,7 +7,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from streams.population import partition_of
+from tests.streams.partitionhelp import partition_of
 
 
 class RecordingProducer:

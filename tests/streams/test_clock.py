@@ -13,7 +13,7 @@ from rules.engine import compile_ruleset
 from rules.ruleset import load
 from rules.schedule import midnight
 from streams.clock import Clock
-from streams.population import partition_of
+from tests.streams.partitionhelp import partition_of
 from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
 from tests.rules.rulehelp import SHANGHAI
@@ -32,10 +32,14 @@ class FakeStore:
         self.table, self.log, self.partitions = table, log, partitions
 
     def partition_items(self, partitions):
-        return [(k, v) for k, v in self.table.items() if partition_of(k, self.partitions) in partitions]
+        return [(k, partition_of(k, self.partitions), v) for k, v in self.table.items()
+                if not k.startswith(b"\x00") and partition_of(k, self.partitions) in partitions]
 
     def get(self, customer_id: str):
         return self.table.get(customer_id.encode())
+
+    def get_key(self, key: bytes):
+        return self.table.get(key)
 
     async def replace(self, producer, writes):
         skipped = []
@@ -78,9 +82,13 @@ def txn(settings, customer: str, at: str, amount: str, offset: int) -> Record:
 
 
 def feed(clock, table, store, settings, records):
-    result = process_batch(records, RS, store, utcnow(), clock_horizon=clock.look_horizon)
+    """What the batch handler does (streams/app.py), without a broker."""
+    result = process_batch(records, RS, store, utcnow(), clock_horizon=clock.look_horizon,
+                           stream_time=clock.stream_times({r.partition for r in records}))
     for customer_id, (raw, _) in result.states.items():
         table[customer_id.encode()] = raw
+    for key, raw, _partition in clock.advanced(result.stream_time):
+        table[key] = raw
     clock.note(result.looks, result.states)
     return result
 

@@ -16,6 +16,7 @@ from schemas.errors import ConfigurationError
 from streams.local import consume, faust_log_tables, produce, unique_env
 from streams.outbox import Outbox, Sent
 from streams.state_index import StateIndex
+from streams.clock import stream_key
 from streams.tables import FaustStateStore, IndexedMemoryStore
 from tests.streams.producerhelp import RecordingProducer
 
@@ -162,11 +163,16 @@ def test_partition_items_are_exactly_the_states_held_for_those_partitions(store_
     app = faust.App("t", store=store_url, datadir=str(tmp_path))
     table = app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
     store = FaustStateStore(table)
-    written = {f"c{i:03d}".encode(): (f"state-{i}".encode(), i % 4) for i in range(40)}
-    store.write_many(Outbox(), [(key, raw, partition) for key, (raw, partition) in written.items()])
+    # Partitions as any producer may have chosen them; the table's own keys (streams/clock.py) beside.
+    written = {f"c{i:03d}".encode(): (f"state-{i}".encode(), (i * 3) % 4) for i in range(40)}
+    store.write_many(Outbox(), [(key, raw, partition) for key, (raw, partition) in written.items()]
+                     + [(stream_key(p), b"1.5", p) for p in range(4)])
     for wanted in ({1}, {0, 3}, set()):
-        got = dict(store.partition_items(wanted))
-        assert got == {key: raw for key, (raw, partition) in written.items() if partition in wanted}
+        got = {key: (raw, partition) for key, partition, raw in store.partition_items(wanted)}
+        assert got == {key: (raw, partition) for key, (raw, partition) in written.items() if partition in wanted}
+    assert {key: store.partition_of(key) for key in written} == {key: p for key, (_, p) in written.items()}
+    assert store.partition_of(b"nobody") is None
+    assert store.get_key(stream_key(2)) == b"1.5"
 
 
 @pytest.mark.parametrize("url", MEMORY_STORES)

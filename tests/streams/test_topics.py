@@ -73,9 +73,9 @@ def test_the_population_topic_carries_the_prefix():
 
     ruleset = compile_ruleset(load("key-account-abc"))
     assert ruleset.quantiles, "the preset must grade against the population"
-    assert Population(load_settings(topic_prefix="team-risk.", app_id="gf"), ruleset, table=None).topic == \
+    assert Population(load_settings(topic_prefix="team-risk.", app_id="gf"), ruleset, store=None).topic == \
         "team-risk.gf-population"
-    assert Population(load_settings(), ruleset, table=None).topic == "gradeflow-population"
+    assert Population(load_settings(), ruleset, store=None).topic == "gradeflow-population"
 
 
 def test_create_is_idempotent_and_check_passes(bootstrap):

@@ -15,7 +15,7 @@ from downstream_helpers import delete_prefix, free_port, wait_until
 from rules.state import CustomerState
 from streams.local import produce
 from streams.redis_grades import customer_key
-from streams.population import partition_of
+from tests.streams.partitionhelp import partition_of
 from streams.web import authorized
 from test_end_to_end import EXPECTED_CHANGES, history
 
