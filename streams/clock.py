@@ -302,7 +302,7 @@ class Clock:
         now_dt = datetime.fromtimestamp(now, rs.tz)
         warned = 0
         for key, at, exact in due:
-            raw = table.get(key)
+            raw = self.store.get_key(key)
             if raw is None:
                 continue
             state = CustomerState.from_bytes(raw)

@@ -1,0 +1,319 @@
+"""Reconcile what a cluster published with what the engine computes offline: ``gradeflow audit``.
+
+The pure part, :class:`Audit`, takes the input records (with their partitions and offsets) and
+the records of ``grade-changes`` and ``grade-alerts`` in topic order, and checks:
+
+- **chains**: per customer and ladder, in topic order, each change's ``previous_grade`` is the
+  grade last published, and ``as_of`` never goes backwards;
+- **alerts**: every downgrade out of or within a ladder's key grades has exactly one alert, and
+  every alert names such a downgrade (at-risk warnings are checked only for naming a customer);
+- **copies**: a change delivered twice (at-least-once) is the same document both times;
+- **offline agreement** (event clock or no clock): the same records through the worker's own code
+  (:func:`streams.processor.process_batch`), a record at a time in each partition's order, the
+  clock caught up to each partition's stream time at the end, give exactly the published
+  changes, customer by customer, and so the same final grades. With the event clock the clock's
+  changes are placed by record order (streams/clock.py), so this holds whatever the batching,
+  the timing of the clock's timer, crashes and rebalances. With the wall clock only the chains,
+  copies and alerts are checked: when time passed is not in the records.
+
+A customer's records on both input topics are merged in the order of their Kafka timestamps
+(the order between the two topics is the one thing the records do not fix), and a ruleset with
+population-relative grades is not recomputed (its thresholds move with every other customer).
+:func:`read_cluster` reads the topics for the command.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+
+from rules.changes import _alert
+from rules.engine import CompiledRuleset
+from rules.schedule import catch_up
+from rules.state import CustomerState
+from streams.processor import INTERACTIONS, MAX_FUTURE_SKEW_S, TRANSACTIONS, Record, process_batch
+
+SHOWN = 10  # divergences shown per kind
+
+
+def summary(change: dict[str, Any]) -> tuple:
+    """What two copies of a change must agree on: everything but the instant it was emitted."""
+    return (change["event_id"], change["ladder"], change["previous_grade"], change["grade"], change["direction"],
+            change["cause"]["kind"], change["cause"]["event_id"], change["as_of"],
+            orjson.dumps(change.get("metrics"), option=orjson.OPT_SORT_KEYS))
+
+
+@dataclass
+class Report:
+    customers: int = 0
+    changes: int = 0
+    copies: int = 0  # changes delivered more than once, each copy identical
+    alerts: int = 0
+    expected_changes: int | None = None  # offline; None when not recomputed
+    agreeing_customers: int | None = None
+    final_grades: int = 0
+    agreeing_final: int | None = None
+    recomputed: str = ""  # why offline agreement was or was not checked
+    problems: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, kind: str, text: str) -> None:
+        self.problems.setdefault(kind, []).append(text)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def render(self) -> str:
+        def share(n: int | None, of: int) -> str:
+            return "not checked" if n is None else f"{n}/{of} ({100.0 * n / of if of else 100.0:.2f}%)"
+
+        lines = [f"customers      {self.customers}",
+                 f"changes        {self.changes} published ({self.copies} delivered more than once, identical)",
+                 f"alerts         {self.alerts}",
+                 f"offline        {self.recomputed}"]
+        if self.expected_changes is not None:
+            lines.append(f"               {self.expected_changes} changes computed offline")
+        lines += [f"customers agreeing      {share(self.agreeing_customers, self.customers)}",
+                  f"final grades agreeing   {share(self.agreeing_final, self.final_grades)}"]
+        for kind, texts in sorted(self.problems.items()):
+            lines.append(f"{kind}: {len(texts)}")
+            lines += [f"  {t}" for t in texts[:SHOWN]]
+        lines.append("OK: every check agrees" if self.ok else "FAILED: see above")
+        return "\n".join(lines)
+
+
+def _as_of(change: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(change["as_of"])
+
+
+class Audit:
+    """Check published changes and alerts against each other and against an offline run."""
+
+    def __init__(self, rs: CompiledRuleset, clock: str = "off", allowed_lateness_days: float | None = None,
+                 max_future_skew_s: float | None = MAX_FUTURE_SKEW_S) -> None:
+        self.rs, self.clock = rs, clock
+        self.allowed_lateness_days = allowed_lateness_days
+        self.max_future_skew_s = max_future_skew_s
+        self.ladders = {ladder.name: ladder for ladder in rs.ladders}
+
+    # ------------------------------------------------------------ offline
+
+    def offline(self, records: Iterable[Record], progress: Callable[[int], None] | None = None
+                ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+        """The changes (per customer, in order) and alerts the worker's code makes of ``records``."""
+        rs = self.rs
+        by_partition: dict[int, list[Record]] = {}
+        for r in records:
+            by_partition.setdefault(r.partition, []).append(r)
+        store: dict[str, bytes] = {}
+        where: dict[str, int] = {}
+        changes: dict[str, list[dict[str, Any]]] = {}
+        alerts: list[dict[str, Any]] = []
+        now = datetime.now(timezone.utc)
+        clocked = self.clock != "off"
+        horizon = timedelta(0) if clocked else None
+        streams: dict[int, float] = {}
+        done = 0
+        for partition, held in sorted(by_partition.items()):
+            # Each topic in its own order; the two merged by timestamp.
+            ordered = heapq.merge(sorted((r for r in held if r.role == TRANSACTIONS), key=lambda r: r.offset),
+                                  sorted((r for r in held if r.role != TRANSACTIONS), key=lambda r: r.offset),
+                                  key=lambda r: r.timestamp_ms or 0)
+            for r in ordered:
+                result = process_batch([r], rs, store, now, population=None,
+                                       allowed_lateness_days=self.allowed_lateness_days,
+                                       max_future_skew_s=self.max_future_skew_s, clock_horizon=horizon,
+                                       stream_time=streams if self.clock == "event" else None)
+                if self.clock == "event":
+                    streams = result.stream_time
+                for customer_id, (raw, _record) in result.states.items():
+                    store[customer_id] = raw
+                    where[customer_id] = partition
+                for _key, doc in result.grade_changes:
+                    change = orjson.loads(doc)
+                    changes.setdefault(change["customer_id"], []).append(change)
+                alerts += [orjson.loads(doc) for _key, doc in result.alerts]
+                done += 1
+                if progress is not None and done % 1000 == 0:
+                    progress(1000)
+        if self.clock == "event":  # the clock catches every customer up to their partition's time
+            for customer_id, raw in store.items():
+                upto = streams.get(where[customer_id])
+                if upto is None:
+                    continue
+                state = CustomerState.from_bytes(raw)
+                out, warn = catch_up(customer_id, rs, state, upto, now)
+                if out:
+                    changes.setdefault(customer_id, []).extend(out)
+                alerts += warn
+        if progress is not None:
+            progress(done % 1000)
+        return changes, alerts
+
+    # ------------------------------------------------------------ the checks
+
+    def check(self, inputs: list[Record], published: Iterable[bytes], alerts: Iterable[bytes],
+              progress: Callable[[int], None] | None = None) -> Report:
+        report = Report()
+        online: dict[str, list[dict[str, Any]]] = {}
+        seen: dict[str, tuple] = {}
+        for value in published:
+            change = orjson.loads(value)
+            s = summary(change)
+            first = seen.get(change["event_id"])
+            if first is not None:
+                report.copies += 1
+                if first != s:
+                    report.add("copies that differ", f"{change['event_id']}: {first} then {s}")
+                continue
+            seen[change["event_id"]] = s
+            online.setdefault(change["customer_id"], []).append(change)
+        report.customers = len(online)
+        report.changes = len(seen)
+        downgrades = self._check_chains(online, report)
+        self._check_alerts(alerts, downgrades, report)
+        if self.clock == "wall":
+            report.recomputed = "not recomputed: the wall clock's changes depend on when the worker ran"
+        elif self.rs.quantiles:
+            report.recomputed = "not recomputed: the ruleset grades against the population"
+        else:
+            self._check_offline(inputs, online, report, progress)
+        return report
+
+    def _check_chains(self, online: dict[str, list[dict[str, Any]]], report: Report) -> dict[str, dict[str, Any]]:
+        """Chains per customer and ladder; returns the published changes that call for an alert."""
+        want_alert: dict[str, dict[str, Any]] = {}
+        for customer, changes in online.items():
+            last: dict[str, tuple[str | None, datetime | None]] = {}
+            for change in changes:
+                ladder = change["ladder"]
+                grade, as_of = last.get(ladder, (None, None))
+                moment = _as_of(change)
+                if change["previous_grade"] != grade:
+                    report.add("broken chains", f"{customer}/{ladder}: {change['previous_grade']} -> {change['grade']} "
+                                                f"as of {change['as_of']} ({change['cause']['kind']}) after "
+                                                f"{grade} was published")
+                if as_of is not None and moment < as_of:
+                    report.add("as_of going backwards", f"{customer}/{ladder}: {change['as_of']} after "
+                                                        f"{as_of.isoformat()}")
+                last[ladder] = (change["grade"], moment if as_of is None or moment > as_of else as_of)
+                compiled = self.ladders.get(ladder)
+                if compiled is not None and _alert(customer, compiled, change, moment) is not None:
+                    want_alert[change["event_id"]] = change
+            report.final_grades += len(last)
+        return want_alert
+
+    def _check_alerts(self, alerts: Iterable[bytes], want: dict[str, dict[str, Any]], report: Report) -> None:
+        got: dict[str, set[str]] = {}
+        for value in alerts:
+            alert = orjson.loads(value)
+            if alert.get("kind") == "at_risk":
+                continue
+            report.alerts += 1
+            got.setdefault(alert["grade_change_event_id"], set()).add(alert["alert_id"])
+        for event_id, ids in got.items():
+            if event_id not in want:
+                report.add("alerts naming no key downgrade", f"alert {sorted(ids)[0]} names change {event_id}")
+            elif len(ids) > 1:
+                report.add("downgrades with several alerts", f"change {event_id}: alerts {sorted(ids)}")
+        for event_id, change in want.items():
+            if event_id not in got:
+                report.add("key downgrades without an alert",
+                           f"{change['customer_id']}/{change['ladder']}: {change['previous_grade']} -> "
+                           f"{change['grade']} as of {change['as_of']} ({event_id})")
+
+    def _check_offline(self, inputs: list[Record], online: dict[str, list[dict[str, Any]]], report: Report,
+                       progress: Callable[[int], None] | None) -> None:
+        expected, _alerts = self.offline(inputs, progress)
+        report.recomputed = f"recomputed with the {self.clock} clock" if self.clock != "off" else "recomputed"
+        report.expected_changes = sum(len(c) for c in expected.values())
+        agreeing = 0
+        final_agree = 0
+        final_total = 0
+        for customer in sorted(set(expected) | set(online)):
+            want = [summary(c) for c in expected.get(customer, [])]
+            got = [summary(c) for c in online.get(customer, [])]
+            if want == got:
+                agreeing += 1
+            else:
+                at = next((i for i, (w, g) in enumerate(zip(want, got)) if w != g), min(len(want), len(got)))
+                report.add("customers differing from offline",
+                           f"{customer}: from change {at}: offline {_brief(want[at:at + 2])}, "
+                           f"published {_brief(got[at:at + 2])}")
+            finals_want = {s[1]: s[3] for s in want}
+            finals_got = {s[1]: s[3] for s in got}
+            final_total += len(finals_want.keys() | finals_got.keys())
+            final_agree += sum(1 for k in finals_want.keys() | finals_got.keys() if finals_want.get(k) == finals_got.get(k))
+        report.customers = len(set(expected) | set(online))
+        report.agreeing_customers = agreeing
+        report.final_grades = final_total
+        report.agreeing_final = final_agree
+
+
+def _brief(summaries: list[tuple]) -> str:
+    if not summaries:
+        return "nothing"
+    return "; ".join(f"{s[1]} {s[2]}->{s[3]} as of {s[7]} ({s[5]})" for s in summaries)
+
+
+# ---------------------------------------------------------------- reading a cluster
+
+
+def read_cluster(settings: Any, progress: Callable[[int], None] | None = None, idle_s: float = 5.0
+                 ) -> tuple[list[Record], list[bytes], list[bytes]]:
+    """Every record of the input topics (with partition and offset), and the values of
+    ``grade-changes`` and ``grade-alerts`` in topic order, read from the beginning to their ends
+    as of now."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from schemas.errors import ServerUnavailable
+    from streams.kafka_config import kafka_python_options
+
+    names = settings.topics
+    roles = {names.transactions: TRANSACTIONS, names.interactions: INTERACTIONS}
+    try:
+        consumer = KafkaConsumer(**kafka_python_options(settings), group_id=None, enable_auto_commit=False,
+                                 receive_message_max_bytes=64 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024)
+    except Exception as exc:  # kafka-python's NoBrokersAvailable and friends
+        raise ServerUnavailable(f"Kafka at {settings.kafka_bootstrap} is not reachable ({exc}); start it "
+                                f"(deploy/local/up for a local one) or set GRADEFLOW_KAFKA_BOOTSTRAP") from exc
+    inputs: list[Record] = []
+    changes: list[tuple[int, int, bytes]] = []
+    alerts: list[tuple[int, int, bytes]] = []
+    try:
+        tps = []
+        for topic in (names.transactions, names.interactions, names.grade_changes, names.alerts):
+            for p in sorted(consumer.partitions_for_topic(topic) or ()):
+                tps.append(TopicPartition(topic, p))
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        todo = {tp for tp in tps if end[tp] > 0}
+        while todo:
+            for tp, records in consumer.poll(timeout_ms=500, max_records=10000).items():
+                for r in records:
+                    if r.offset >= end[tp]:
+                        continue
+                    if tp.topic in roles:
+                        inputs.append(Record(roles[tp.topic], tp.topic, tp.partition, r.offset, r.key, r.value,
+                                             r.timestamp))
+                    elif tp.topic == names.grade_changes and r.value is not None:
+                        changes.append((tp.partition, r.offset, r.value))
+                    elif r.value is not None:
+                        alerts.append((tp.partition, r.offset, r.value))
+                if progress is not None:
+                    progress(len(records))
+            for tp in list(todo):
+                if consumer.position(tp) >= end[tp]:
+                    todo.discard(tp)
+    finally:
+        consumer.close()
+    # A customer's outputs all sit on one partition (keyed by customer): partition order is topic order.
+    changes.sort(key=lambda c: (c[0], c[1]))
+    alerts.sort(key=lambda a: (a[0], a[1]))
+    return inputs, [v for _, _, v in changes], [v for _, _, v in alerts]
