@@ -181,6 +181,35 @@ def cmd_rules_try(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Read the input topics and grade-changes, recompute offline with the same engine, report agreement."""
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.audit import Audit, read_cluster
+
+    settings = _settings(args)
+    ruleset = compile_ruleset(load(args.ruleset or settings.ruleset))
+    bar = None
+    if args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="audit", unit="records", file=sys.stderr)
+    try:
+        inputs, changes, alerts = read_cluster(settings, bar.update if bar is not None else None)
+        if bar is not None:
+            bar.set_description("audit: recomputing")
+        audit = Audit(ruleset, clock=settings.clock, allowed_lateness_days=settings.allowed_lateness_days,
+                      max_future_skew_s=settings.max_future_skew_s)
+        report = audit.check(inputs, changes, alerts, bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"gradeflow audit of {settings.topics.grade_changes} against {len(inputs)} input records "
+          f"(ruleset {ruleset.id}@{ruleset.version}, clock {settings.clock})")
+    print(report.render())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``gradeflow``."""
     parser = argparse.ArgumentParser(prog="gradeflow", description="Real-time customer grading on Kafka.")
@@ -233,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--no-tables", action="store_true",
                          help="do not fill ladders the compacted topic lost from the table changelog")
     rebuild.set_defaults(func=cmd_redis_rebuild)
+
+    audit = sub.add_parser("audit", help="check grade-changes and alerts against an offline run of the input topics "
+                                          "(exit 1 on any divergence)")
+    broker_opts(audit)
+    audit.add_argument("--ruleset", "-r", help="preset name or rule file (GRADEFLOW_RULESET), default rfm-5")
+    audit.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    audit.set_defaults(func=cmd_audit)
     return parser
 
 
