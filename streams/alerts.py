@@ -39,17 +39,21 @@ the ``sent`` mark can deliver twice; PagerDuty (dedup_key) and Alertmanager
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import logging
+import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import aiohttp
 import orjson
+from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential,
+                      wait_random)
 
 from rules.engine import CompiledLadder, CompiledRuleset
 from streams.redis_grades import epoch_us
@@ -135,8 +139,76 @@ def recovery_of(change: dict[str, Any], ruleset: CompiledRuleset) -> dict[str, A
 # --------------------------------------------------------------------------- sinks
 
 
+PERMANENT, TRANSIENT = "permanent", "transient"
+# Answers a retry cannot change whatever the vendor: the request itself is wrong (or gone).
+_TRANSIENT_4XX = (408, 425, 429)
+EXCERPT_CHARS = 500
+
+
+def classify(documented: dict[int, str], status: int | None) -> str:
+    """PERMANENT or TRANSIENT for an answer ``status`` (None: no answer at all), given what the
+    vendor documents for its endpoint (``documented``); a status it does not list follows the
+    generic HTTP rule: 4xx but 408/425/429 permanent, everything else transient."""
+    if status is None:
+        return TRANSIENT  # refused, reset, timed out: the sink may be back in a moment
+    if status in documented:
+        return documented[status]
+    if 400 <= status < 500 and status not in _TRANSIENT_4XX:
+        return PERMANENT
+    # 5xx, 408/425/429, and the odd 1xx/3xx: not the request's fault, so never dropped.
+    return TRANSIENT
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date (RFC 9110 §10.2.3);
+    None when absent or unreadable, 0 for a date already past."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(int(text))
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced (a sink may echo a key or URL back in its answer)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 class DeliveryError(Exception):
-    """A sink did not accept a message."""
+    """A sink did not accept a message; ``permanent`` when retrying cannot help (see :func:`classify`)."""
+
+    def __init__(self, message: str, *, status: int | None = None, excerpt: str = "",
+                 retry_after: float | None = None, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.excerpt = excerpt
+        self.retry_after = retry_after
+        self.permanent = permanent
+
+
+def dead_letter_doc(kind: str, sink: str, item: dict[str, Any], error: DeliveryError,
+                    at: datetime | None = None) -> dict[str, Any]:
+    """The value put on the alert dead-letter topic for a delivery a sink refused for good."""
+    return {
+        "schema_version": 1,
+        "action": kind,  # trigger: ``alert`` is the grade-alerts document; resolve: the recovery
+        "sink": sink,
+        "status": error.status,
+        "error": str(error),
+        "response_excerpt": error.excerpt,
+        "dead_lettered_at": (at or datetime.now(timezone.utc)).isoformat(),
+        "alert": item,
+    }
 
 
 @dataclass(frozen=True)
@@ -151,6 +223,12 @@ class Sink:
 
     name = "sink"
     resolves = False
+    # The statuses the vendor documents for this endpoint; others follow the generic rule (classify).
+    statuses: dict[int, str] = {}
+
+    def secrets(self) -> list[str]:
+        """Strings never to show in a log line or a dead letter (keys, secret URLs)."""
+        return []
 
     def trigger(self, alert: dict[str, Any]) -> Request:
         raise NotImplementedError
@@ -166,6 +244,8 @@ class WebhookSink(Sink):
     """Generic JSON webhook: the alert document of ``grade-alerts``, as is (severity as dispatched)."""
 
     name = "webhook"
+    # No vendor: the generic HTTP rule (4xx but 408/425/429 permanent, 5xx transient).
+    statuses: dict[int, str] = {}
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -179,10 +259,16 @@ class SlackSink(Sink):
 
     name = "slack"
     resolves = True
+    # Slack incoming webhooks: 400 invalid_payload / no_text, 403 action_prohibited, 404 no_service
+    # (webhook revoked), 410 channel_is_archived; 429 rate limited with Retry-After; 5xx.
+    statuses = {400: PERMANENT, 403: PERMANENT, 404: PERMANENT, 410: PERMANENT, 429: TRANSIENT}
     ICON = {"critical": ":rotating_light:", "warning": ":warning:", "info": ":information_source:"}
 
     def __init__(self, url: str) -> None:
         self.url = url
+
+    def secrets(self) -> list[str]:
+        return [self.url]  # an incoming-webhook URL is its own credential
 
     def trigger(self, alert: dict[str, Any]) -> Request:
         if is_at_risk(alert):
@@ -220,11 +306,17 @@ class PagerDutySink(Sink):
 
     name = "pagerduty"
     resolves = True
+    # Events API v2: 202 accepted; 400 invalid event (never accepted as sent); 429 rate limited
+    # (per routing key), retry later; 5xx retry.
+    statuses = {400: PERMANENT, 429: TRANSIENT}
 
     def __init__(self, url: str, routing_key: str, source: str) -> None:
         self.url = url
         self.routing_key = routing_key
         self.source = source
+
+    def secrets(self) -> list[str]:
+        return [self.routing_key]
 
     @staticmethod
     def dedup(key: str) -> str:
@@ -270,6 +362,8 @@ class AlertmanagerSink(Sink):
 
     name = "alertmanager"
     resolves = True
+    # POST /api/v2/alerts: 200 ok, 400 bad request (invalid alerts), 500 internal error.
+    statuses = {400: PERMANENT}
 
     def __init__(self, base_url: str, source: str, active_s: float) -> None:
         self.url = base_url.rstrip("/") + "/api/v2/alerts"
@@ -381,12 +475,14 @@ class Dispatcher:
     """Deliver alerts and recoveries to the configured sinks, once each, never dropping one."""
 
     def __init__(self, settings: Any, ruleset: CompiledRuleset, redis: Any, prefix: str,
-                 schedule: Schedule, metrics: Any = None, sinks: dict[str, Sink] | None = None) -> None:
+                 schedule: Schedule, metrics: Any = None, sinks: dict[str, Sink] | None = None, *,
+                 dead_letter: Schedule) -> None:
         self.settings = settings
         self.ruleset = ruleset
         self.redis = redis
         self.prefix = prefix
         self.schedule = schedule  # sends a retry document to the retry topic
+        self.dead_letter = dead_letter  # sends a refused delivery to the alert dead-letter topic
         self.metrics = metrics
         self.sinks = build_sinks(settings) if sinks is None else sinks
         self.ladders = {lad.name: lad for lad in ruleset.ladders}
@@ -490,28 +586,22 @@ class Dispatcher:
             if opened is None:
                 return "nothing_open"
             opened_by = opened.decode()
-        lease_ms = int((self.settings.alert_timeout_s + self.settings.alert_backoff_s * 2 ** self.settings.alert_attempts)
-                       * self.settings.alert_attempts * 1000) + 5000
+        lease_ms = int(self.settings.alert_attempts * (self.settings.alert_timeout_s + 2 * self._inline_cap_s())
+                       * 1000) + 5000
         claim_key = self._k("claim", sink_name, ident)
         if not await r.set(claim_key, self.token, nx=True, px=lease_ms):
             # Another worker is delivering it (a rebalance): check again once its lease ends.
             await self._later(kind, sink_name, item, rounds, lease_ms / 1000.0)
             return "claimed_elsewhere"
         request = sink.trigger(item) if kind == TRIGGER else sink.resolve(item, opened_by)
-        error: Exception | None = None
+        error: DeliveryError | None = None
         if request is not None:
-            for attempt in range(self.settings.alert_attempts):
-                try:
-                    await self._post(request)
-                    error = None
-                    break
-                except DeliveryError as exc:
-                    error = exc
-                    self._count("attempt_failed", sink=sink_name)
-                    if attempt + 1 < self.settings.alert_attempts:
-                        await asyncio.sleep(self.settings.alert_backoff_s * 2 ** attempt)
+            try:
+                await self._send(sink, request)
+            except DeliveryError as exc:
+                error = exc
+        ttl = int(self.settings.alert_dedup_ttl_s * 1000)
         if error is None:
-            ttl = int(self.settings.alert_dedup_ttl_s * 1000)
             pipe = r.pipeline(transaction=True)
             pipe.set(sent_key, self.token, px=ttl)
             if kind == TRIGGER:
@@ -522,25 +612,88 @@ class Dispatcher:
             await pipe.execute()
             self._count("sent", sink=sink_name, kind=kind)
             return "sent"
+        if error.permanent:
+            # The sink said the request itself is wrong (or its target gone): repeating it cannot
+            # help, so it is kept on the dead-letter topic and marked done, never retried.
+            await self.dead_letter(dead_letter_doc(kind, sink_name, item, error))
+            pipe = r.pipeline(transaction=True)
+            pipe.set(sent_key, "dead-letter", px=ttl)
+            pipe.delete(claim_key)
+            await pipe.execute()
+            if kind == TRIGGER:
+                await self._release_cooldown(sink_name, dk, ident)
+            self._count("dead_lettered", sink=sink_name)
+            log.error("gradeflow: %s to %s refused for good (%s); kept on the alert dead-letter topic",
+                      kind, sink_name, error)
+            return "dead_lettered"
         await r.delete(claim_key)
         self._count("failed", sink=sink_name)
-        delay = min(self.settings.alert_retry_delay_s * 2 ** rounds, self.settings.alert_retry_max_delay_s)
-        log.warning("gradeflow: %s to %s failed %d times (%s); retrying in %.0fs via the retry topic",
-                    kind, sink_name, self.settings.alert_attempts, error, delay)
+        delay = round_delay(rounds, self.settings.alert_retry_delay_s, self.settings.alert_retry_max_delay_s)
+        if error.retry_after is not None:
+            delay = max(delay, min(error.retry_after, self.settings.alert_retry_max_delay_s))
+        log.warning("gradeflow: %s to %s failed (%s); retrying in %.0fs via the retry topic",
+                    kind, sink_name, error, delay)
         await self._later(kind, sink_name, item, rounds + 1, delay)
         return "failed"
+
+    def _inline_cap_s(self) -> float:
+        """The longest wait between two attempts in line; a longer Retry-After goes to the retry topic."""
+        return float(self.settings.alert_backoff_s * 2 ** self.settings.alert_attempts)
+
+    async def _release_cooldown(self, sink_name: str, dk: str, ident: str) -> None:
+        """Nothing paged: a later drop of the same customer must not wait for this one's cooldown."""
+        key = self._k("cooldown", sink_name, dk)
+        held = await self.redis.get(key)
+        if held is not None and held.decode().partition("|")[0] == ident:
+            await self.redis.delete(key)
+
+    async def _send(self, sink: Sink, request: Request) -> None:
+        """POST ``request``, retried in line (tenacity: jittered exponential back-off, Retry-After
+        honoured) while the failure is transient and its wait short; raise the last DeliveryError."""
+        cap = self._inline_cap_s()
+
+        def in_line(exc: BaseException) -> bool:
+            return (isinstance(exc, DeliveryError) and not exc.permanent
+                    and (exc.retry_after is None or exc.retry_after <= cap))
+
+        backoff = self.settings.alert_backoff_s
+        jitter = wait_exponential(multiplier=backoff, max=cap) + wait_random(0, backoff)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            after = getattr(exc, "retry_after", None)
+            return max(jitter(state), after) if after is not None else jitter(state)
+
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.alert_attempts), wait=wait,
+                                           retry=retry_if_exception(in_line), reraise=True):
+            with attempt:
+                try:
+                    await self._post(sink, request)
+                except DeliveryError:
+                    self._count("attempt_failed", sink=sink.name)
+                    raise
 
     async def _later(self, kind: str, sink: str, item: dict[str, Any], rounds: int, delay_s: float) -> None:
         await self.schedule({"kind": kind, "sink": sink, "item": item, "round": rounds,
                              "due": time.time() + delay_s})
 
-    async def _post(self, request: Request) -> None:
+    async def _post(self, sink: Sink, request: Request) -> None:
         session = await self.session()
+        secrets = sink.secrets()
         try:
             async with session.post(request.url, data=orjson.dumps(request.body), headers=request.headers) as resp:
                 if resp.status >= 300:
-                    text = (await resp.text())[:200]
-                    raise DeliveryError(f"HTTP {resp.status}: {text}")
+                    excerpt = redact((await resp.text(errors="replace"))[:EXCERPT_CHARS], secrets)
+                    verdict = classify(sink.statuses, resp.status)
+                    raise DeliveryError(f"HTTP {resp.status}: {excerpt[:200]}", status=resp.status, excerpt=excerpt,
+                                        retry_after=retry_after_s(resp.headers.get("Retry-After")),
+                                        permanent=verdict == PERMANENT)
                 await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+            raise DeliveryError(redact(f"{type(exc).__name__}: {exc}", secrets)) from None
+
+
+def round_delay(rounds: int, first_s: float, cap_s: float) -> float:
+    """Delay before retry round ``rounds`` + 1 on the retry topic: exponential, capped, with jitter
+    (half to all of it) so that deliveries failed together do not come back together."""
+    return min(first_s * 2 ** rounds, cap_s) * random.uniform(0.5, 1.0)

@@ -27,6 +27,7 @@ class TopicNames:
     grade_changes: str
     alerts: str
     dead_letters: str
+    alert_dead_letters: str
 
 
 class Settings(BaseSettings):
@@ -43,6 +44,9 @@ class Settings(BaseSettings):
     topic_grade_changes: str = "grade-changes"
     topic_alerts: str = "grade-alerts"
     topic_dead_letters: str = "gradeflow-dead-letters"
+    topic_alert_dead_letters: str = Field(
+        "alert-dead-letters", description="Alerts a sink refused for good (HTTP 400, 410, ...): never retried, kept "
+                                          "here with the sink, status and answer (docs/downstream.md, On-call).")
     partitions: int = Field(4, ge=1, description="Partitions of every topic gradeflow creates (inputs and changelogs must agree).")
     replication_factor: int = Field(1, ge=1, description="Replication factor of the topics gradeflow creates.")
     data_dir: Path = Field(Path(".local/worker"), description="Worker state directory (table offsets, RocksDB).")
@@ -148,6 +152,7 @@ class Settings(BaseSettings):
         None, description="retention.ms of the input topics gradeflow creates; broker default when unset.")
     alerts_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the alerts topic.")
     dead_letters_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the dead-letter topic.")
+    alert_dead_letters_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the alert dead-letter topic.")
 
     # --- the clock: re-grading by time alone (streams/clock.py, docs/clock.md) ---------------
     clock: Literal["wall", "event", "off"] = Field(
@@ -202,7 +207,7 @@ class Settings(BaseSettings):
         """Full topic names, ``topic_prefix`` applied."""
         p = self.topic_prefix
         return TopicNames(p + self.topic_transactions, p + self.topic_interactions, p + self.topic_grade_changes,
-                          p + self.topic_alerts, p + self.topic_dead_letters)
+                          p + self.topic_alerts, p + self.topic_dead_letters, p + self.topic_alert_dead_letters)
 
     def changelog_topic(self, table: str) -> str:
         """The changelog topic Faust uses for ``table`` (``<app id>-<table>-changelog``)."""

@@ -29,6 +29,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from downstream_helpers import StandIn, delete_prefix, free_port, wait_until
+from oncall_helpers import Answer, Scripted
 from rules.engine import compile_ruleset
 from rules.ruleset import load
 from schemas.events import Alert
@@ -171,6 +172,7 @@ class Harness:
         self.settings = settings
         self.prefix = prefix
         self.retries: list[dict] = []
+        self.dead: list[dict] = []
 
     async def __aenter__(self) -> "Harness":
         self.redis = aioredis.Redis.from_url(REDIS_URL)
@@ -179,7 +181,10 @@ class Harness:
         async def schedule(doc: dict) -> None:
             self.retries.append(doc)
 
-        self.dispatcher = Dispatcher(self.settings, rs, self.redis, self.prefix, schedule)
+        async def dead_letter(doc: dict) -> None:
+            self.dead.append(doc)
+
+        self.dispatcher = Dispatcher(self.settings, rs, self.redis, self.prefix, schedule, dead_letter=dead_letter)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -558,3 +563,124 @@ def test_an_at_risk_warning_routed_to_slack_and_pagerduty_reads_as_one():
     pd = PagerDutySink("http://x", "R0UT1NGKEY0000000000000000000000", "gradeflow").trigger(warning).body
     jsonschema.validate(pd, PD_TRIGGER)
     assert pd["payload"]["class"] == "key-customer-at-risk" and pd["dedup_key"] == warning["dedup_key"]
+
+
+# ----------------------------------------------------------------------------- errors per vendor
+
+
+def test_errors_are_classified_as_each_vendor_documents():
+    from streams.alerts import PERMANENT, TRANSIENT, AlertmanagerSink, PagerDutySink, SlackSink, WebhookSink, classify
+
+    table = {
+        # PagerDuty Events API v2: 400 invalid event; 429 rate limited; 5xx.
+        PagerDutySink: {400: PERMANENT, 429: TRANSIENT, 500: TRANSIENT, 502: TRANSIENT, 503: TRANSIENT},
+        # Slack incoming webhooks: invalid payload, action prohibited, no service, archived channel.
+        SlackSink: {400: PERMANENT, 403: PERMANENT, 404: PERMANENT, 410: PERMANENT, 429: TRANSIENT, 500: TRANSIENT},
+        # Generic webhook: 4xx but 408/425/429 permanent; 5xx transient.
+        WebhookSink: {400: PERMANENT, 401: PERMANENT, 404: PERMANENT, 422: PERMANENT, 408: TRANSIENT,
+                      425: TRANSIENT, 429: TRANSIENT, 500: TRANSIENT, 504: TRANSIENT},
+        # Alertmanager: 400 bad request; 5xx.
+        AlertmanagerSink: {400: PERMANENT, 500: TRANSIENT, 503: TRANSIENT},
+    }
+    for sink, expected in table.items():
+        for status, verdict in expected.items():
+            assert classify(sink.statuses, status) == verdict, (sink.name, status)
+        assert classify(sink.statuses, None) == TRANSIENT, sink.name  # no answer: refused, reset, timeout
+
+
+def test_retry_after_is_read_in_seconds_or_as_an_http_date():
+    from email.utils import format_datetime
+
+    from streams.alerts import retry_after_s
+
+    now = time.time()
+    assert retry_after_s("7", now) == 7.0
+    later = format_datetime(datetime.fromtimestamp(int(now) + 30, timezone.utc), usegmt=True)
+    assert retry_after_s(later, int(now)) == 30.0
+    assert retry_after_s(format_datetime(datetime(2000, 1, 1, tzinfo=timezone.utc), usegmt=True), now) == 0.0
+    assert retry_after_s(None) is None and retry_after_s("soon") is None
+
+
+def scripted_settings(server: Scripted, **extra):
+    return load_settings(
+        alert_webhook_url=server.url("/hook"),
+        alert_slack_webhook_url=server.url("/slack/T000/B000/XXX"),
+        alert_pagerduty_routing_key="R0UT1NGKEY0000000000000000000000",
+        alert_pagerduty_url=server.url("/pd"),
+        alert_alertmanager_url=server.url("/am"),
+        **{"alert_attempts": 3, "alert_backoff_s": 0.01, "alert_retry_delay_s": 0.1, **extra})
+
+
+def test_a_permanent_refusal_gets_one_attempt_and_one_alert_dead_letter(redis_prefix):
+    alert = alert_doc("ned", "A", "B")
+    paths = {"webhook": "/hook", "slack": "/slack/T000/B000/XXX", "pagerduty": "/pd", "alertmanager": "/am/api/v2/alerts"}
+    refusals = {"webhook": 404, "slack": 410, "pagerduty": 400, "alertmanager": 400}
+
+    async def run() -> None:
+        async with Scripted() as server:
+            server.answer("/hook", Answer(404, body="no such hook"))
+            server.answer("/slack/T000/B000/XXX", Answer(410, body="channel_is_archived"))
+            # A vendor may echo the request back: the routing key must not reach the dead letter.
+            server.answer("/pd", Answer(400, body='{"status":"invalid event","message":"Event object is invalid",'
+                                                  '"errors":["bad key R0UT1NGKEY0000000000000000000000"]}'))
+            server.answer("/am/api/v2/alerts", Answer(400, body="bad alert"))
+            async with Harness(scripted_settings(server), redis_prefix) as h:
+                await h.dispatcher.on_alert(alert)
+                await h.dispatcher.on_alert(alert)  # a replay (rebalance) is not tried again
+                assert h.retries == []
+                for path in paths.values():
+                    assert len(server.at(path)) == 1, path
+                dead = {d["sink"]: d for d in h.dead}
+                assert sorted(dead) == sorted(paths) and len(h.dead) == 4
+                for sink, doc in dead.items():
+                    assert doc["status"] == refusals[sink] and doc["action"] == "trigger"
+                    assert doc["alert"]["alert_id"] == alert["alert_id"] and doc["alert"]["customer_id"] == "ned"
+                    datetime.fromisoformat(doc["dead_lettered_at"])
+                assert dead["slack"]["response_excerpt"] == "channel_is_archived"
+                assert "invalid event" in dead["pagerduty"]["response_excerpt"]
+                assert "R0UT1NGKEY" not in orjson.dumps(h.dead).decode()
+                # Nothing paged, so a later drop of the same customer is not held back by a cooldown.
+                later = alert_doc("ned", "A", "C", "2026-01-02T10:00:00+08:00")
+                await h.dispatcher.on_alert(later)
+                assert h.retries == [] and len(server.at("/hook")) == 2
+
+    asyncio.run(run())
+
+
+def test_a_429_with_retry_after_is_retried_after_at_least_that_delay(redis_prefix):
+    from email.utils import format_datetime
+
+    alert = alert_doc("olga", "A", "B")
+
+    async def run() -> None:
+        async with Scripted() as server:
+            server.answer("/slack/T000/B000/XXX", Answer(429, {"Retry-After": "1"}, "rate_limited"))
+            # An HTTP date two seconds ahead (whole seconds): at least one second away.
+            when = format_datetime(datetime.fromtimestamp(int(time.time()) + 2, timezone.utc), usegmt=True)
+            server.answer("/pd", Answer(429, {"Retry-After": when}, '{"status":"throttle event"}'))
+            # A wait longer than the in-line back-off goes to the retry topic, due no earlier.
+            server.answer("/hook", Answer(503, {"Retry-After": "30"}, "maintenance"))
+            settings = scripted_settings(server, alert_backoff_s=0.4, alert_routes={"critical": ["slack", "pagerduty",
+                                                                                                 "webhook"]})
+            async with Harness(settings, redis_prefix) as h:
+                before = time.time()
+                await h.dispatcher.on_alert(alert)
+                for path in ("/slack/T000/B000/XXX", "/pd"):
+                    first, second = server.at(path)
+                    assert second.at - first.at >= 1.0, path
+                [retry] = h.retries
+                assert retry["sink"] == "webhook" and retry["due"] - before >= 30
+                assert len(server.at("/hook")) == 1 and h.dead == []
+
+    asyncio.run(run())
+
+
+def test_the_alert_dead_letter_topic_is_in_the_layout_topics_create_makes():
+    from streams.topics import OUTPUT, topic_specs
+
+    s = load_settings(topic_prefix="team-risk.", alert_dead_letters_retention_ms=3_600_000)
+    specs = {spec.name: spec for spec in topic_specs(s)}
+    spec = specs["team-risk.alert-dead-letters"]
+    assert s.topics.alert_dead_letters == spec.name
+    assert spec.role == OUTPUT and spec.partitions == s.partitions and spec.cleanup_policy == "delete"
+    assert spec.config["retention.ms"] == "3600000"
