@@ -48,19 +48,21 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
+from aiolimiter import AsyncLimiter
 from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential,
                       wait_random)
 
+from rules.changes import Cause, change_id
 from rules.engine import CompiledLadder, CompiledRuleset
 from streams.redis_grades import epoch_us
 
 log = logging.getLogger("gradeflow.alerts")
 
-TRIGGER, RESOLVE = "trigger", "resolve"
+TRIGGER, RESOLVE, STORM_SUMMARY = "trigger", "resolve", "storm_summary"
 SEVERITIES = ("critical", "warning", "info")
 SEV_RANK = {"info": 0, "warning": 1, "critical": 2}
 PD_SEVERITY = {"critical": "critical", "warning": "warning", "info": "info"}
@@ -115,6 +117,98 @@ def dedup_key(ladder: str, customer_id: str) -> str:
 def is_at_risk(alert: dict[str, Any]) -> bool:
     """Whether ``alert`` is an at-risk warning (kind ``at_risk``, rules/risk.py), not a downgrade."""
     return alert.get("kind") == "at_risk"
+
+
+def is_storm(alert: dict[str, Any]) -> bool:
+    """Whether ``alert`` is the summary of an alert storm (:class:`StormGuard`), not one customer's."""
+    return alert.get("kind") == "storm"
+
+
+def cause_of(alert: dict[str, Any], ruleset: CompiledRuleset) -> str:
+    """What made the alert: ``clock`` (time alone), ``rules`` (a new ruleset) or ``event`` (a
+    transaction or interaction).
+
+    The alert carries no cause, but its ``grade_change_event_id`` is the change's deterministic id
+    (rules/changes.py ``change_id``), which for the clock and the rules is made of what the alert
+    holds: rebuilding it tells them apart without reading grade-changes (not ordered with alerts).
+    """
+    if is_at_risk(alert):
+        return "clock"
+    try:
+        as_of = datetime.fromisoformat(alert["as_of"])
+        for kind in ("clock", "rules"):
+            if change_id(alert["customer_id"], alert["ladder"], ruleset, Cause(kind, None), as_of,
+                         alert["previous_grade"], alert["grade"]) == alert.get("grade_change_event_id"):
+                return kind
+    except (KeyError, TypeError, ValueError):
+        pass
+    return "event"
+
+
+@dataclass(frozen=True)
+class StormGuard:
+    """Past ``threshold`` pages in a window (all customers together), further pages of that window
+    are folded: not sent, counted by ladder, cause and severity, and summed up in one summary alert
+    sent when the window ends. ``threshold`` 0: never fold."""
+
+    threshold: int
+    window_s: float
+
+    def window(self, now: float) -> int:
+        return int(now // self.window_s)
+
+    def bounds(self, window: int) -> tuple[float, float]:
+        return window * self.window_s, (window + 1) * self.window_s
+
+    def folds(self, count: int) -> bool:
+        """Whether the ``count``-th page of a window is folded."""
+        return self.threshold > 0 and count > self.threshold
+
+    def summary(self, window: int, folded: dict[tuple[str, str, str], int], source: str) -> dict[str, Any]:
+        """The summary alert of ``window``: ``folded`` counts pages by (ladder, cause, severity)."""
+        start, end = (datetime.fromtimestamp(t, timezone.utc) for t in self.bounds(window))
+        total = sum(folded.values())
+        ladders = sorted({ladder for ladder, _, _ in folded})
+        by_cause: dict[str, int] = {}
+        for (_ladder, cause, _sev), n in folded.items():
+            by_cause[cause] = by_cause.get(cause, 0) + n
+        worst = max((sev for _, _, sev in folded), key=lambda v: SEV_RANK.get(v, 0), default="critical")
+        parts = ", ".join(f"{n} on ladder '{ladder}' caused by {CAUSE_WORDS.get(cause, cause)}"
+                          for (ladder, cause, _), n in sorted(folded.items()))
+        ident = uuid.uuid5(uuid.NAMESPACE_URL, f"gradeflow/{source}/alert-storm/{window}/{self.window_s}")
+        return {
+            "schema_version": 1,
+            "kind": "storm",
+            "alert_id": str(ident),
+            "customer_id": "*",
+            "ladder": ",".join(ladders),
+            "severity": worst,
+            "summary": (f"Alert storm: {total} more key-customer pages between {_rfc3339(start)} and "
+                        f"{_rfc3339(end)} than the {self.threshold} sent were folded into this one: {parts}. "
+                        f"Every alert is on the alerts topic."),
+            "previous_grade": "",
+            "grade": "",
+            "grade_change_event_id": "",
+            "as_of": end.isoformat(),
+            "dedup_key": f"gradeflow/alert-storm/{_rfc3339(start)}",
+            "count": total,
+            "causes": by_cause,
+            "folded": [{"ladder": ladder, "cause": cause, "severity": sev, "count": n}
+                       for (ladder, cause, sev), n in sorted(folded.items())],
+            "window_start": start.isoformat(),
+            "window_end": end.isoformat(),
+        }
+
+
+CAUSE_WORDS = {"clock": "the clock (time alone)", "rules": "a new ruleset", "event": "transactions or interactions"}
+
+
+def rate_limiter(rate_per_min: float) -> AsyncLimiter:
+    """A leaky bucket letting ``rate_per_min`` requests a minute through, evenly: a burst of at
+    most one second's worth (one request at least), so that a storm does not hit the vendor's
+    limit in its first second."""
+    burst = max(1.0, rate_per_min / 60.0)
+    return AsyncLimiter(burst, 60.0 * burst / rate_per_min)
 
 
 def recovery_of(change: dict[str, Any], ruleset: CompiledRuleset) -> dict[str, Any] | None:
@@ -218,6 +312,21 @@ class Request:
     headers: dict[str, str]
 
 
+class AlertSink(Protocol):
+    """What the dispatcher needs of a destination: its name, whether it resolves incidents, how its
+    vendor documents refusals, the secrets to keep out of logs, and its requests."""
+
+    name: str
+    resolves: bool
+    statuses: dict[int, str]
+
+    def secrets(self) -> list[str]: ...
+
+    def trigger(self, alert: dict[str, Any]) -> Request: ...
+
+    def resolve(self, recovery: dict[str, Any], opened_by: str) -> Request | None: ...
+
+
 class Sink:
     """One destination; builds the requests in the destination's published format."""
 
@@ -271,7 +380,9 @@ class SlackSink(Sink):
         return [self.url]  # an incoming-webhook URL is its own credential
 
     def trigger(self, alert: dict[str, Any]) -> Request:
-        if is_at_risk(alert):
+        if is_storm(alert):
+            head = f":rotating_light: [ALERT STORM] {alert['count']} pages folded into this one"
+        elif is_at_risk(alert):
             head = (f":hourglass: [AT RISK] Customer {alert['customer_id']}: {alert['previous_grade']} → "
                     f"{alert['grade']} on ladder '{alert['ladder']}' at {alert.get('due_at')} unless something changes")
         else:
@@ -337,9 +448,11 @@ class PagerDutySink(Sink):
                 "timestamp": alert["as_of"],
                 "component": f"customer/{alert['customer_id']}"[:255],
                 "group": f"ladder/{alert['ladder']}",
-                "class": "key-customer-at-risk" if is_at_risk(alert) else "key-customer-downgrade",
+                "class": ("alert-storm" if is_storm(alert) else
+                          "key-customer-at-risk" if is_at_risk(alert) else "key-customer-downgrade"),
                 "custom_details": {k: alert[k] for k in (
-                    "alert_id", "customer_id", "ladder", "previous_grade", "grade", "grade_change_event_id", "as_of")},
+                    "alert_id", "customer_id", "ladder", "previous_grade", "grade", "grade_change_event_id", "as_of",
+                    "count", "folded") if k in alert},
             },
             "client": "gradeflow",
         }
@@ -377,7 +490,9 @@ class AlertmanagerSink(Sink):
         starts = datetime.fromisoformat(alert["as_of"]).astimezone(timezone.utc)
         name = "GradeflowKeyCustomerDowngrade"
         ends = max(starts, datetime.now(timezone.utc)) + timedelta(seconds=self.active_s)
-        if is_at_risk(alert) and alert.get("due_at"):
+        if is_storm(alert):
+            name = "GradeflowAlertStorm"
+        elif is_at_risk(alert) and alert.get("due_at"):
             # A warning is moot once the drop is due (the downgrade alert, or none if they bought):
             # it ends then (a few minutes ahead at least, so that a late delivery still shows).
             name = "GradeflowKeyCustomerAtRisk"
@@ -414,9 +529,9 @@ def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def build_sinks(settings: Any) -> dict[str, Sink]:
+def build_sinks(settings: Any) -> dict[str, AlertSink]:
     """The sinks that are configured, by name."""
-    sinks: dict[str, Sink] = {}
+    sinks: dict[str, AlertSink] = {}
     if settings.alert_webhook_url:
         sinks["webhook"] = WebhookSink(settings.alert_webhook_url)
     if settings.alert_slack_webhook_url:
@@ -475,7 +590,7 @@ class Dispatcher:
     """Deliver alerts and recoveries to the configured sinks, once each, never dropping one."""
 
     def __init__(self, settings: Any, ruleset: CompiledRuleset, redis: Any, prefix: str,
-                 schedule: Schedule, metrics: Any = None, sinks: dict[str, Sink] | None = None, *,
+                 schedule: Schedule, metrics: Any = None, sinks: dict[str, AlertSink] | None = None, *,
                  dead_letter: Schedule) -> None:
         self.settings = settings
         self.ruleset = ruleset
@@ -488,6 +603,8 @@ class Dispatcher:
         self.ladders = {lad.name: lad for lad in ruleset.ladders}
         self.rules = check_settings(settings, ruleset)
         self.token = uuid.uuid4().hex
+        self.storm = StormGuard(settings.alert_storm_threshold, settings.alert_storm_window_s)
+        self.limiters = {name: rate_limiter(getattr(settings, f"alert_{name}_rate_per_min")) for name in self.sinks}
         self._session: aiohttp.ClientSession | None = None
 
     # -- plumbing
@@ -528,7 +645,57 @@ class Dispatcher:
             # (GRADEFLOW_AT_RISK_SEVERITY, set by the clock), whatever the drop it warns about.
             alert = {**alert, "severity": severity(ladder, alert["previous_grade"], alert["grade"],
                                                    self.rules[ladder.name])}
-        await asyncio.gather(*(self.deliver(TRIGGER, name, alert, 0) for name in self.routes(alert["severity"])))
+        routes = self.routes(alert["severity"])
+        if routes and self.storm.threshold > 0 and await self._storm_folds(alert):
+            self._count("folded", sink="-")
+            return
+        await asyncio.gather(*(self.deliver(TRIGGER, name, alert, 0) for name in routes))
+
+    async def _storm_folds(self, alert: dict[str, Any]) -> bool:
+        """Count ``alert`` as a page of this storm window; True when it is folded instead of sent.
+
+        Counts live in Redis, so the threshold holds across workers. A replayed alert keeps the
+        decision made the first time (``storm:member``); the first fold of a window puts the
+        window's summary on the retry topic, due when the window ends, so it survives a crash.
+        """
+        r = self.redis
+        ttl = int(self.storm.window_s * 2000) + 60_000
+        member = self._k("storm", "member", alert["alert_id"])
+        prior = await r.get(member)
+        if prior is not None:
+            return bool(prior == b"fold")
+        window = self.storm.window(time.time())
+        count_key = self._k("storm", str(window), "count")
+        pipe = r.pipeline(transaction=True)
+        pipe.incr(count_key)
+        pipe.pexpire(count_key, ttl)
+        count = int((await pipe.execute())[0])
+        folds = self.storm.folds(count)
+        await r.set(member, b"fold" if folds else b"page", px=ttl)
+        if not folds:
+            return False
+        folded_key = self._k("storm", str(window), "folded")
+        field = "\x1f".join((alert["ladder"], cause_of(alert, self.ruleset), alert["severity"]))
+        pipe = r.pipeline(transaction=True)
+        pipe.hincrby(folded_key, field, 1)
+        pipe.pexpire(folded_key, ttl)
+        await pipe.execute()
+        if count == self.storm.threshold + 1:
+            # One second after the window: a fold counted at its very end is in the sum.
+            await self.schedule({"kind": STORM_SUMMARY, "sink": "*", "item": {"window": window},
+                                 "round": 0, "due": self.storm.bounds(window)[1] + 1.0})
+        return True
+
+    async def storm_summary(self, window: int) -> dict[str, Any] | None:
+        """The summary alert of a storm window, from the folded counts in Redis (None: nothing folded)."""
+        raw = await self.redis.hgetall(self._k("storm", str(window), "folded"))
+        folded: dict[tuple[str, str, str], int] = {}
+        for field, n in raw.items():
+            ladder, cause, sev = (field.decode() if isinstance(field, bytes) else field).split("\x1f")
+            folded[(ladder, cause, sev)] = int(n)
+        if not folded:
+            return None
+        return self.storm.summary(window, folded, self.settings.alert_source)
 
     async def on_change(self, change: dict[str, Any]) -> None:
         """A document from ``grade-changes``: resolve open incidents when it is a recovery."""
@@ -542,6 +709,12 @@ class Dispatcher:
 
     async def on_retry(self, doc: dict[str, Any]) -> None:
         """A document from the retry topic (already due)."""
+        if doc["kind"] == STORM_SUMMARY:
+            summary = await self.storm_summary(int(doc["item"]["window"]))
+            if summary is not None:
+                await asyncio.gather(*(self.deliver(TRIGGER, name, summary, 0)
+                                       for name in self.routes(summary["severity"])))
+            return
         self._count("retried", sink=doc["sink"])
         await self.deliver(doc["kind"], doc["sink"], doc["item"], int(doc["round"]))
 
@@ -647,7 +820,7 @@ class Dispatcher:
         if held is not None and held.decode().partition("|")[0] == ident:
             await self.redis.delete(key)
 
-    async def _send(self, sink: Sink, request: Request) -> None:
+    async def _send(self, sink: AlertSink, request: Request) -> None:
         """POST ``request``, retried in line (tenacity: jittered exponential back-off, Retry-After
         honoured) while the failure is transient and its wait short; raise the last DeliveryError."""
         cap = self._inline_cap_s()
@@ -677,9 +850,12 @@ class Dispatcher:
         await self.schedule({"kind": kind, "sink": sink, "item": item, "round": rounds,
                              "due": time.time() + delay_s})
 
-    async def _post(self, sink: Sink, request: Request) -> None:
+    async def _post(self, sink: AlertSink, request: Request) -> None:
         session = await self.session()
         secrets = sink.secrets()
+        limiter = self.limiters.get(sink.name)
+        if limiter is not None:
+            await limiter.acquire()
         try:
             async with session.post(request.url, data=orjson.dumps(request.body), headers=request.headers) as resp:
                 if resp.status >= 300:

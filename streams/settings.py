@@ -115,6 +115,16 @@ class Settings(BaseSettings):
         86400.0, ge=0, description="Alerts produced longer ago than this are not sent (a new deployment reading "
                                    "grade-alerts from its beginning must not page for last month); 0: no limit.")
 
+    # --- on-call delivery: rate limits and the alert-storm guard (streams/alerts.py) ----------
+    alert_webhook_rate_per_min: float = Field(600.0, gt=0, description="Most requests a minute to the generic webhook, per worker process.")
+    alert_slack_rate_per_min: float = Field(60.0, gt=0, description="Most messages a minute to the Slack webhook, per worker process (Slack allows about one a second).")
+    alert_pagerduty_rate_per_min: float = Field(120.0, gt=0, description="Most events a minute to PagerDuty per routing key, per worker process (PagerDuty's limit is 120).")
+    alert_alertmanager_rate_per_min: float = Field(600.0, gt=0, description="Most requests a minute to each Alertmanager, per worker process (re-sends carry many alerts each).")
+    alert_storm_threshold: int = Field(
+        50, ge=0, description="Pages (alerts to the sinks) per storm window, all customers together, past which further "
+                              "ones are folded into one summary alert per window; 0: never fold.")
+    alert_storm_window_s: float = Field(300.0, gt=0, description="The alert-storm window, in seconds.")
+
     # --- connection to the Kafka cluster (see streams/kafka_config.py) -------------------
     kafka_security_protocol: SecurityProtocol = Field(
         "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")

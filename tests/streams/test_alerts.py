@@ -684,3 +684,93 @@ def test_the_alert_dead_letter_topic_is_in_the_layout_topics_create_makes():
     assert s.topics.alert_dead_letters == spec.name
     assert spec.role == OUTPUT and spec.partitions == s.partitions and spec.cleanup_policy == "delete"
     assert spec.config["retention.ms"] == "3600000"
+
+
+# ----------------------------------------------------------------------------- rate limits and storms
+
+
+def clock_alert(customer: str, as_of: str = "2026-02-01T00:00:00+08:00", cause: str = "clock") -> dict:
+    """A downgrade alert whose grade change the clock (or new rules) made, with the id rules/changes.py gives it."""
+    from rules.changes import Cause, change_id
+
+    rs = compile_ruleset(load("rfm-5"))
+    doc = alert_doc(customer, "A", "B", as_of)
+    doc["grade_change_event_id"] = change_id(customer, "value", rs, Cause(cause, None), datetime.fromisoformat(as_of),
+                                             "A", "B")
+    return doc
+
+
+def test_the_cause_of_an_alert_is_told_from_its_grade_change_id():
+    from streams.alerts import cause_of
+
+    rs = compile_ruleset(load("rfm-5"))
+    assert cause_of(clock_alert("pia"), rs) == "clock"
+    assert cause_of(clock_alert("pia", cause="rules"), rs) == "rules"
+    assert cause_of(alert_doc("pia", "A", "B"), rs) == "event"  # a transaction's change id carries its event id
+    assert cause_of(at_risk_doc("pia"), rs) == "clock"
+
+
+def test_the_storm_guard_folds_past_its_threshold_and_sums_up():
+    from streams.alerts import StormGuard
+
+    guard = StormGuard(threshold=3, window_s=60)
+    assert [guard.folds(n) for n in range(1, 6)] == [False, False, False, True, True]
+    assert not StormGuard(0, 60).folds(10_000)
+    assert guard.window(119.9) == 1 and guard.bounds(1) == (60.0, 120.0)
+    summary = guard.summary(1, {("value", "clock", "critical"): 7, ("value", "event", "warning"): 2}, "gradeflow")
+    assert summary["count"] == 9 and summary["ladder"] == "value" and summary["severity"] == "critical"
+    assert summary["causes"] == {"clock": 7, "event": 2}
+    assert "9 more" in summary["summary"] and "7 on ladder 'value' caused by the clock" in summary["summary"]
+    assert summary == guard.summary(1, {("value", "event", "warning"): 2, ("value", "clock", "critical"): 7},
+                                    "gradeflow")  # deterministic: a re-send has the same alert_id
+
+
+def test_an_alert_storm_pages_up_to_the_threshold_then_sends_one_summary(redis_prefix):
+    alerts = [clock_alert(f"storm{i:02d}") for i in range(8)]
+
+    async def run() -> None:
+        async with Scripted() as server:
+            settings = scripted_settings(server, alert_storm_threshold=3, alert_storm_window_s=3600,
+                                         alert_routes={"critical": ["webhook", "pagerduty"]})
+            async with Harness(settings, redis_prefix) as h:
+                for doc in alerts:
+                    await h.dispatcher.on_alert(doc)
+                await h.dispatcher.on_alert(alerts[7])  # a replay of a folded alert is not counted twice
+                await h.dispatcher.on_alert(alerts[0])  # nor one of a paged alert, sent once
+                sent = [hit.body["customer_id"] for hit in server.at("/hook")]
+                assert sent == ["storm00", "storm01", "storm02"]
+                [summary_due] = h.retries
+                window_end = (int(time.time() // 3600) + 1) * 3600
+                assert summary_due["kind"] == "storm_summary" and summary_due["due"] >= window_end
+                await h.dispatcher.on_retry(summary_due)  # as the retry topic hands it back when due
+                await h.dispatcher.on_retry(summary_due)  # twice (a crash before the commit): sent once
+                summary = server.at("/hook")[-1].body
+                assert len(server.at("/hook")) == 4 and summary["kind"] == "storm"
+                assert summary["count"] == 5 and summary["ladder"] == "value" and summary["causes"] == {"clock": 5}
+                assert "caused by the clock" in summary["summary"]
+                [pd] = [hit.body for hit in server.at("/pd") if hit.body["payload"]["class"] == "alert-storm"]
+                assert pd["payload"]["custom_details"]["count"] == 5
+                assert len(server.at("/pd")) == 4
+
+    asyncio.run(run())
+
+
+def test_each_sink_is_held_to_its_rate(redis_prefix):
+    from streams.alerts import rate_limiter
+
+    pd = rate_limiter(load_settings().alert_pagerduty_rate_per_min)  # 120 a minute: 2 a second
+    assert (pd.max_rate, pd.time_period) == (2.0, 1.0)
+
+    async def run() -> None:
+        async with Scripted() as server:
+            settings = scripted_settings(server, alert_webhook_rate_per_min=120, alert_routes={"critical": ["webhook"]})
+            async with Harness(settings, redis_prefix) as h:
+                for i in range(6):
+                    await h.dispatcher.on_alert(alert_doc(f"rate{i}", "A", "B"))
+            hits = server.at("/hook")
+            assert len(hits) == 6
+            # Two at once, then one every half second: the sixth 2 s after the first.
+            assert hits[-1].at - hits[0].at >= 1.9
+            assert hits[2].at - hits[0].at >= 0.45
+
+    asyncio.run(run())
