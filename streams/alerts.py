@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
+import hmac
 import logging
 import random
 import time
@@ -310,6 +311,27 @@ class Request:
     url: str
     body: Any
     headers: dict[str, str]
+    # Headers computed from the exact body bytes at each attempt (a signature with a fresh timestamp).
+    sign: Callable[[bytes], dict[str, str]] | None = None
+
+
+def secret_value(value: Any) -> str | None:
+    """The plain value of a setting that is a ``str`` or a pydantic ``SecretStr`` (or unset)."""
+    if value is None:
+        return None
+    plain = getattr(value, "get_secret_value", lambda: value)()
+    return str(plain) if plain else None
+
+
+SIGNATURE_VERSION = "v1"
+
+
+def signature_headers(secret: bytes, body: bytes, now: float | None = None) -> dict[str, str]:
+    """``X-Gradeflow-Timestamp`` and ``X-Gradeflow-Signature: v1=<hex>``: HMAC-SHA256 with ``secret``
+    over ``<timestamp>.<body>`` (the timestamp lets a receiver refuse a replayed old request)."""
+    stamp = str(int(time.time() if now is None else now))
+    mac = hmac.new(secret, stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return {"X-Gradeflow-Timestamp": stamp, "X-Gradeflow-Signature": f"{SIGNATURE_VERSION}={mac}"}
 
 
 class AlertSink(Protocol):
@@ -339,6 +361,9 @@ class Sink:
         """Strings never to show in a log line or a dead letter (keys, secret URLs)."""
         return []
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"  # never the URL or key: they are credentials
+
     def trigger(self, alert: dict[str, Any]) -> Request:
         raise NotImplementedError
 
@@ -356,11 +381,22 @@ class WebhookSink(Sink):
     # No vendor: the generic HTTP rule (4xx but 408/425/429 permanent, 5xx transient).
     statuses: dict[int, str] = {}
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, secret: str | None = None) -> None:
         self.url = url
+        self._secret = secret.encode() if secret else None
+
+    def __repr__(self) -> str:
+        return f"WebhookSink(signed={self._secret is not None})"
+
+    def secrets(self) -> list[str]:
+        return [self._secret.decode()] if self._secret else []
+
+    def _sign(self, body: bytes) -> dict[str, str]:
+        assert self._secret is not None
+        return signature_headers(self._secret, body)
 
     def trigger(self, alert: dict[str, Any]) -> Request:
-        return Request(self.url, alert, dict(JSON))
+        return Request(self.url, alert, dict(JSON), self._sign if self._secret else None)
 
 
 class SlackSink(Sink):
@@ -390,7 +426,7 @@ class SlackSink(Sink):
                     f"Customer {alert['customer_id']}: {alert['previous_grade']} → {alert['grade']} "
                     f"on ladder '{alert['ladder']}'").strip()
         body = {
-            "text": head,
+            "text": _slack_escape(head),
             "blocks": [
                 {"type": "section", "text": {"type": "mrkdwn", "text": f"*{_slack_escape(head)}*"}},
                 {"type": "section", "text": {"type": "mrkdwn", "text": _slack_escape(alert["summary"])[:2900]}},
@@ -404,11 +440,13 @@ class SlackSink(Sink):
         text = (f":white_check_mark: [RESOLVED] Customer {recovery['customer_id']} is back in a key grade on "
                 f"ladder '{recovery['ladder']}': {recovery['previous_grade']} → {recovery['grade']} "
                 f"(as of {recovery['as_of']})")
-        return Request(self.url, {"text": text, "blocks": [
+        return Request(self.url, {"text": _slack_escape(text), "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": _slack_escape(text)}}]}, dict(JSON))
 
 
 def _slack_escape(text: str) -> str:
+    # Slack reads <...> as links and mentions (<!here>, <@U…>) in every text field: a customer id
+    # or a reason must never ping a channel. These three are the escapes Slack documents.
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
@@ -532,13 +570,16 @@ def _rfc3339(moment: datetime) -> str:
 def build_sinks(settings: Any) -> dict[str, AlertSink]:
     """The sinks that are configured, by name."""
     sinks: dict[str, AlertSink] = {}
-    if settings.alert_webhook_url:
-        sinks["webhook"] = WebhookSink(settings.alert_webhook_url)
-    if settings.alert_slack_webhook_url:
-        sinks["slack"] = SlackSink(settings.alert_slack_webhook_url)
-    if settings.alert_pagerduty_routing_key:
-        sinks["pagerduty"] = PagerDutySink(settings.alert_pagerduty_url, settings.alert_pagerduty_routing_key,
-                                           settings.alert_source)
+    # The URLs and keys may be plain strings or SecretStr settings: secret_value reads both.
+    webhook = secret_value(settings.alert_webhook_url)
+    if webhook:
+        sinks["webhook"] = WebhookSink(webhook, secret_value(settings.alert_webhook_secret))
+    slack = secret_value(settings.alert_slack_webhook_url)
+    if slack:
+        sinks["slack"] = SlackSink(slack)
+    routing_key = secret_value(settings.alert_pagerduty_routing_key)
+    if routing_key:
+        sinks["pagerduty"] = PagerDutySink(settings.alert_pagerduty_url, routing_key, settings.alert_source)
     if settings.alert_alertmanager_url:
         sinks["alertmanager"] = AlertmanagerSink(settings.alert_alertmanager_url, settings.alert_source,
                                                  settings.alert_alertmanager_active_s)
@@ -857,7 +898,9 @@ class Dispatcher:
         if limiter is not None:
             await limiter.acquire()
         try:
-            async with session.post(request.url, data=orjson.dumps(request.body), headers=request.headers) as resp:
+            body = orjson.dumps(request.body)
+            headers = {**request.headers, **request.sign(body)} if request.sign is not None else request.headers
+            async with session.post(request.url, data=body, headers=headers) as resp:
                 if resp.status >= 300:
                     excerpt = redact((await resp.text(errors="replace"))[:EXCERPT_CHARS], secrets)
                     verdict = classify(sink.statuses, resp.status)

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
         50, ge=0, description="Pages (alerts to the sinks) per storm window, all customers together, past which further "
                               "ones are folded into one summary alert per window; 0: never fold.")
     alert_storm_window_s: float = Field(300.0, gt=0, description="The alert-storm window, in seconds.")
+    alert_webhook_secret: SecretStr | None = Field(
+        None, description="Signs every generic-webhook request: X-Gradeflow-Signature: v1=HMAC-SHA256(secret, "
+                          "timestamp + '.' + body) with X-Gradeflow-Timestamp (never logged); unset: unsigned.")
 
     # --- connection to the Kafka cluster (see streams/kafka_config.py) -------------------
     kafka_security_protocol: SecurityProtocol = Field(

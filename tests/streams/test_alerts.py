@@ -774,3 +774,71 @@ def test_each_sink_is_held_to_its_rate(redis_prefix):
             assert hits[2].at - hits[0].at >= 0.45
 
     asyncio.run(run())
+
+
+# ----------------------------------------------------------------------------- Slack escapes, signatures
+
+
+def test_slack_text_never_pings_whatever_the_customer_id():
+    from streams.alerts import SlackSink
+
+    sink = SlackSink("http://127.0.0.1:9/slack")
+    alert = alert_doc("<!here>", "A", "B")
+    alert["summary"] = "Customer <!here> & <@U024BE7LH> dropped <https://evil.example|click>."
+    resolve = sink.resolve({"customer_id": "<!channel>", "ladder": "value", "previous_grade": "B", "grade": "A",
+                            "as_of": "2026-01-02T10:00:00+08:00", "recovery_id": "r", "dedup_key": "d"}, "")
+    assert resolve is not None
+    for body in (sink.trigger(alert).body, sink.trigger({**at_risk_doc("x"), "customer_id": "<!everyone>"}).body,
+                 resolve.body):
+        jsonschema.validate(body, SLACK)
+        texts = [body["text"]] + [b["text"]["text"] for b in body["blocks"] if "text" in b] + \
+                [e["text"] for b in body["blocks"] for e in b.get("elements", [])]
+        for text in texts:
+            assert "<" not in text and ">" not in text, text
+            assert "&" not in text.replace("&amp;", "").replace("&lt;", "").replace("&gt;", ""), text
+    assert "&lt;!here&gt;" in sink.trigger(alert).body["text"]
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes, now: float, tolerance_s: float = 300) -> bool:
+    """The receiver's check, as docs/downstream.md shows it."""
+    import hashlib
+    import hmac
+
+    stamp = headers["X-Gradeflow-Timestamp"]
+    if abs(now - int(stamp)) > tolerance_s:
+        return False
+    expected = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(headers["X-Gradeflow-Signature"], "v1=" + expected)
+
+
+def test_webhook_bodies_are_signed_and_the_secret_is_never_shown(redis_prefix, caplog):
+    import logging
+
+    secret = "whsec-" + uuid.uuid4().hex
+    alert = alert_doc("quinn", "A", "B")
+
+    async def run() -> None:
+        async with Scripted() as server:
+            server.answer("/hook", Answer(503, body=f"echo {secret}"))  # a failed attempt first: signed again
+            settings = scripted_settings(server, alert_webhook_secret=secret, alert_routes={"critical": ["webhook"]},
+                                         alert_backoff_s=0.05)
+            assert secret not in repr(settings) and secret not in str(settings.model_dump())
+            async with Harness(settings, redis_prefix) as h:
+                assert secret not in repr(h.dispatcher.sinks)
+                with caplog.at_level(logging.DEBUG):
+                    await h.dispatcher.on_alert(alert)
+                first, second = server.at("/hook")
+                for hit in (first, second):
+                    assert hit.headers["X-Gradeflow-Signature"].startswith("v1=")
+                    assert verify(secret, hit.headers, hit.raw, time.time())
+                    assert not verify("another secret", hit.headers, hit.raw, time.time())
+                    assert not verify(secret, hit.headers, hit.raw + b" ", time.time())
+                assert second.body == alert
+                assert not verify(secret, second.headers, second.raw, time.time() + 3600)  # a replay, an hour on
+
+    asyncio.run(run())
+    assert secret not in caplog.text
+    # Unset: no signature headers at all.
+    from streams.alerts import WebhookSink
+
+    assert WebhookSink("http://127.0.0.1:9/hook").trigger(alert).sign is None
