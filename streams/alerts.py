@@ -47,9 +47,10 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -313,6 +314,8 @@ class Request:
     headers: dict[str, str]
     # Headers computed from the exact body bytes at each attempt (a signature with a fresh timestamp).
     sign: Callable[[bytes], dict[str, str]] | None = None
+    # Several endpoints taking the same body (an HA set of Alertmanagers): posted to each.
+    urls: tuple[str, ...] = ()
 
 
 def secret_value(value: Any) -> str | None:
@@ -503,39 +506,61 @@ class PagerDutySink(Sink):
 
 
 class AlertmanagerSink(Sink):
-    """Prometheus Alertmanager API v2: ``POST /api/v2/alerts`` with a list of alerts.
+    """Prometheus Alertmanager API v2: ``POST /api/v2/alerts`` with a list of alerts, to every
+    Alertmanager of an HA set (each keeps its own copy; they share only silences and notifications).
 
-    Labels identify an alert (same labels on trigger and recovery); the
-    trigger carries an ``endsAt`` far ahead (gradeflow does not re-send
-    firing alerts), the recovery the same labels with ``endsAt`` = the
-    recovery time.
+    Labels identify an alert (same labels on trigger and recovery). As a Prometheus server does,
+    the dispatcher re-sends every firing alert each ``resend_s`` (:meth:`Dispatcher.resend_firing`)
+    with ``endsAt`` a few intervals ahead: an Alertmanager that restarted (it keeps alerts in
+    memory only) has them back within one interval, and one that stops hearing of an alert lets it
+    end by itself. The recovery sends the same labels with ``endsAt`` = the recovery time.
     """
 
     name = "alertmanager"
     resolves = True
+    refires = True
     # POST /api/v2/alerts: 200 ok, 400 bad request (invalid alerts), 500 internal error.
     statuses = {400: PERMANENT}
+    ENDS_AFTER_INTERVALS = 4  # Prometheus: endsAt = 4 x max(resend delay, evaluation interval) ahead
 
-    def __init__(self, base_url: str, source: str, active_s: float) -> None:
-        self.url = base_url.rstrip("/") + "/api/v2/alerts"
+    def __init__(self, base_urls: str | list[str], source: str, resend_s: float, link_base: str) -> None:
+        bases = base_urls.split(",") if isinstance(base_urls, str) else base_urls
+        self.urls = tuple(b.strip().rstrip("/") + "/api/v2/alerts" for b in bases if b.strip())
+        if not self.urls:
+            raise ValueError("no Alertmanager URL")
+        self.url = self.urls[0]
         self.source = source
-        self.active_s = active_s
+        self.resend_s = resend_s
+        self.link_base = link_base.rstrip("/")
 
     def labels(self, ladder: str, customer_id: str, name: str = "GradeflowKeyCustomerDowngrade") -> dict[str, str]:
         return {"alertname": name, "ladder": ladder, "customer_id": customer_id, "service": self.source}
 
-    def trigger(self, alert: dict[str, Any]) -> Request:
+    def link(self, customer_id: str) -> str:
+        """The customer in gradeflow's HTTP API (``GET /customers/{customer_id}``, streams/web.py)."""
+        if customer_id == "*":
+            return f"{self.link_base}/grades"
+        return f"{self.link_base}/customers/{quote(customer_id, safe='')}"
+
+    def ends_at(self, now: float, until: float | None = None) -> str:
+        """``endsAt`` of a firing alert sent at ``now``: a few re-send intervals ahead, at most ``until``."""
+        ends = now + self.ENDS_AFTER_INTERVALS * self.resend_s
+        return _rfc3339(datetime.fromtimestamp(ends if until is None else min(ends, until), timezone.utc))
+
+    def firing(self, alert: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+        """The alert as Alertmanager takes it, without ``endsAt``, and when it ends by itself (None: at recovery)."""
         starts = datetime.fromisoformat(alert["as_of"]).astimezone(timezone.utc)
         name = "GradeflowKeyCustomerDowngrade"
-        ends = max(starts, datetime.now(timezone.utc)) + timedelta(seconds=self.active_s)
+        until: float | None = None
         if is_storm(alert):
             name = "GradeflowAlertStorm"
+            until = time.time() + self.ENDS_AFTER_INTERVALS * self.resend_s  # one summary, sent once
         elif is_at_risk(alert) and alert.get("due_at"):
             # A warning is moot once the drop is due (the downgrade alert, or none if they bought):
             # it ends then (a few minutes ahead at least, so that a late delivery still shows).
             name = "GradeflowKeyCustomerAtRisk"
-            due = datetime.fromisoformat(alert["due_at"]).astimezone(timezone.utc)
-            ends = max(due, datetime.now(timezone.utc) + timedelta(minutes=5))
+            due = datetime.fromisoformat(alert["due_at"]).timestamp()
+            until = max(due, time.time() + 300)
         item = {
             "labels": {**self.labels(alert["ladder"], alert["customer_id"], name), "severity": alert["severity"]},
             "annotations": {
@@ -545,11 +570,20 @@ class AlertmanagerSink(Sink):
                 "alert_id": alert["alert_id"],
                 "dedup_key": alert["dedup_key"],
             },
-            "startsAt": _rfc3339(starts),
-            "endsAt": _rfc3339(ends),
-            "generatorURL": f"gradeflow://{self.source}/customers/{alert['customer_id']}",
+            "startsAt": _rfc3339(min(starts, datetime.now(timezone.utc))),
+            "generatorURL": self.link(alert["customer_id"]),
         }
-        return Request(self.url, [item], dict(JSON))
+        return item, until
+
+    def trigger(self, alert: dict[str, Any]) -> Request:
+        item, until = self.firing(alert)
+        return Request(self.url, [{**item, "endsAt": self.ends_at(time.time(), until)}], dict(JSON), urls=self.urls)
+
+    def resend(self, items: list[dict[str, Any]]) -> Request:
+        """Firing alerts again, as :meth:`trigger` sent them (``items``: alert and ``until`` each)."""
+        now = time.time()
+        body = [{**e["item"], "endsAt": self.ends_at(now, e.get("until"))} for e in items]
+        return Request(self.url, body, dict(JSON), urls=self.urls)
 
     def resolve(self, recovery: dict[str, Any], opened_by: str) -> Request:
         ends = datetime.fromisoformat(recovery["as_of"]).astimezone(timezone.utc)
@@ -557,14 +591,29 @@ class AlertmanagerSink(Sink):
         item = {
             "labels": {**self.labels(recovery["ladder"], recovery["customer_id"]), "severity": severity},
             "annotations": {"summary": f"Customer {recovery['customer_id']} is back in key grade {recovery['grade']}"},
-            "endsAt": _rfc3339(max(ends, datetime.now(timezone.utc) - timedelta(seconds=1))),
-            "generatorURL": f"gradeflow://{self.source}/customers/{recovery['customer_id']}",
+            "endsAt": _rfc3339(min(ends, datetime.now(timezone.utc) - timedelta(seconds=1))),
+            "generatorURL": self.link(recovery["customer_id"]),
         }
-        return Request(self.url, [item], dict(JSON))
+        return Request(self.url, [item], dict(JSON), urls=self.urls)
 
 
 def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def api_base_url(settings: Any) -> str:
+    """Where on-call reaches gradeflow's HTTP API: ``GRADEFLOW_ALERT_LINK_BASE_URL``, else the
+    worker's own address (a wildcard bind address replaced by the host name)."""
+    if settings.alert_link_base_url:
+        return str(settings.alert_link_base_url).rstrip("/")
+    host = settings.web_host
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.web_port}"
 
 
 def build_sinks(settings: Any) -> dict[str, AlertSink]:
@@ -582,7 +631,7 @@ def build_sinks(settings: Any) -> dict[str, AlertSink]:
         sinks["pagerduty"] = PagerDutySink(settings.alert_pagerduty_url, routing_key, settings.alert_source)
     if settings.alert_alertmanager_url:
         sinks["alertmanager"] = AlertmanagerSink(settings.alert_alertmanager_url, settings.alert_source,
-                                                 settings.alert_alertmanager_active_s)
+                                                 settings.alert_alertmanager_resend_s, api_base_url(settings))
     return sinks
 
 
@@ -824,6 +873,8 @@ class Dispatcher:
                 pipe.delete(self._k("open", sink_name, dk))
             pipe.delete(claim_key)
             await pipe.execute()
+            if getattr(sink, "refires", False):
+                await self._firing_update(kind, sink, item)
             self._count("sent", sink=sink_name, kind=kind)
             return "sent"
         if error.permanent:
@@ -850,6 +901,75 @@ class Dispatcher:
         await self._later(kind, sink_name, item, rounds + 1, delay)
         return "failed"
 
+    # -- Alertmanager: firing alerts re-sent until resolved
+
+    async def _firing_update(self, kind: str, sink: Any, item: dict[str, Any]) -> None:
+        """Keep the set of firing alerts (``P:alert:firing:<sink>``, a hash by dedup_key) in step:
+        a trigger adds its alert, a resolve removes it. It lives in Redis beside the ``open`` marks,
+        so a restarted worker re-sends the same set; bounded by GRADEFLOW_ALERT_ALERTMANAGER_MAX_FIRING."""
+        key = self._k("firing", sink.name)
+        if kind != TRIGGER:
+            await self.redis.hdel(key, item["dedup_key"])
+            return
+        if is_storm(item):
+            return  # a summary is sent once and ends by itself
+        entry, until = sink.firing(item)
+        # No longer than the open mark: a resolve after that finds nothing to resolve.
+        expires = time.time() + self.settings.alert_dedup_ttl_s
+        doc = orjson.dumps({"item": entry, "until": min(until, expires) if until is not None else expires})
+        if await self.redis.hexists(key, item["dedup_key"]) or \
+                await self.redis.hlen(key) < self.settings.alert_alertmanager_max_firing:
+            await self.redis.hset(key, item["dedup_key"], doc)
+        else:
+            self._count("firing_full", sink=sink.name)
+            log.warning("gradeflow: %d alerts already firing in %s; %s is sent once, not re-sent",
+                        self.settings.alert_alertmanager_max_firing, sink.name, item["dedup_key"])
+
+    async def resend_firing(self, batch: int = 500) -> int:
+        """Re-send every firing alert to each Alertmanager, once per interval across the workers
+        (a Redis lease); drop those past their end. Return how many were sent (0: not this worker's turn)."""
+        sent = 0
+        for name, sink in self.sinks.items():
+            if not getattr(sink, "refires", False):
+                continue
+            lease = self._k("resend", name)
+            if not await self.redis.set(lease, self.token, nx=True,
+                                        px=max(int(self.settings.alert_alertmanager_resend_s * 900), 1)):
+                continue
+            key = self._k("firing", name)
+            now = time.time()
+            entries: list[dict[str, Any]] = []
+            ended: list[bytes] = []
+            async for field, raw in self.redis.hscan_iter(key, count=batch):
+                entry = orjson.loads(raw)
+                if entry.get("until") is not None and entry["until"] <= now:
+                    ended.append(field)
+                else:
+                    entries.append(entry)
+            if ended:
+                await self.redis.hdel(key, *ended)
+            for i in range(0, len(entries), batch):
+                try:
+                    await self._send(sink, sink.resend(entries[i:i + batch]))
+                    sent += len(entries[i:i + batch])
+                except DeliveryError as exc:
+                    # The next interval tries again; until then the alerts stay up (endsAt ahead).
+                    self._count("resend_failed", sink=name)
+                    log.warning("gradeflow: re-sending %d firing alerts to %s failed (%s)",
+                                len(entries[i:i + batch]), name, exc)
+        return sent
+
+    async def resend_loop(self) -> None:
+        """Re-send firing alerts every GRADEFLOW_ALERT_ALERTMANAGER_RESEND_S, until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.alert_alertmanager_resend_s)
+            try:
+                await self.resend_firing()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis down: the next interval tries again
+                log.warning("gradeflow: re-sending firing alerts failed (%s: %s)", type(exc).__name__, exc)
+
     def _inline_cap_s(self) -> float:
         """The longest wait between two attempts in line; a longer Retry-After goes to the retry topic."""
         return float(self.settings.alert_backoff_s * 2 ** self.settings.alert_attempts)
@@ -862,6 +982,26 @@ class Dispatcher:
             await self.redis.delete(key)
 
     async def _send(self, sink: AlertSink, request: Request) -> None:
+        """POST ``request`` to its endpoint, or to each of its ``urls``: delivered when one accepted
+        (an Alertmanager that missed it gets it at the next re-send); else raise the error most worth
+        retrying."""
+        if not request.urls:
+            await self._send_one(sink, request)
+            return
+        results = await asyncio.gather(*(self._send_one(sink, replace(request, url=u)) for u in request.urls),
+                                       return_exceptions=True)
+        errors = [e for e in results if isinstance(e, BaseException)]
+        for e in errors:
+            if not isinstance(e, DeliveryError):
+                raise e
+        if len(errors) < len(results):
+            if errors:
+                log.warning("gradeflow: %d of %d %s endpoints failed (%s)", len(errors), len(results), sink.name,
+                            errors[0])
+            return
+        raise next((e for e in errors if isinstance(e, DeliveryError) and not e.permanent), errors[0])
+
+    async def _send_one(self, sink: AlertSink, request: Request) -> None:
         """POST ``request``, retried in line (tenacity: jittered exponential back-off, Retry-After
         honoured) while the failure is transient and its wait short; raise the last DeliveryError."""
         cap = self._inline_cap_s()

@@ -159,6 +159,16 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
     ds.alert_dead_letter_topic = app.topic(names.alert_dead_letters, key_type=bytes, value_type=bytes)
     alerts_topic = names.alerts
 
+    if settings.alert_alertmanager_url:
+        @app.timer(settings.alert_alertmanager_resend_s, name="alertmanager-resend")
+        async def alertmanager_resend() -> None:
+            # Every worker wakes; a Redis lease lets one of them re-send per interval.
+            try:
+                await ds.dispatcher().resend_firing()
+            except _TRANSIENT as exc:
+                log.warning("gradeflow: re-sending firing alerts to Alertmanager failed (%s: %s)",
+                            type(exc).__name__, exc)
+
     @app.agent(changes, name="redis-writer")
     async def redis_writer(stream: Any) -> None:
         async for events in stream.take_events(settings.redis_batch_size, within=0.2):

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     alert_slack_webhook_url: str | None = Field(None, description="Slack incoming-webhook URL.")
     alert_pagerduty_routing_key: str | None = Field(None, description="PagerDuty Events API v2 integration (routing) key.")
     alert_pagerduty_url: str = Field("https://events.pagerduty.com/v2/enqueue", description="PagerDuty Events API v2 endpoint.")
-    alert_alertmanager_url: str | None = Field(None, description="Alertmanager base URL, e.g. http://alertmanager:9093 (POST /api/v2/alerts).")
+    alert_alertmanager_url: str | None = Field(None, description="Alertmanager base URL(s), comma-separated for an HA set (each gets every alert), e.g. http://alertmanager:9093 (POST /api/v2/alerts).")
     alert_routes: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "critical": ["webhook", "slack", "pagerduty", "alertmanager"],
@@ -109,7 +109,9 @@ class Settings(BaseSettings):
     alert_timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one delivery attempt.")
     alert_cooldown_s: float = Field(3600.0, ge=0, description="At most one page per customer, ladder and sink in this time; later drops wait for its end.")
     alert_dedup_ttl_s: float = Field(30 * 86400.0, gt=0, description="How long delivered alert ids are remembered in Redis.")
-    alert_alertmanager_active_s: float = Field(7 * 86400.0, gt=0, description="endsAt of a firing Alertmanager alert (it is not re-sent); recovery sets the real end.")
+    alert_alertmanager_resend_s: float = Field(60.0, gt=0, description="Firing alerts are re-sent to Alertmanager this often (endsAt 4 intervals ahead), until resolved.")
+    alert_alertmanager_max_firing: int = Field(10_000, ge=1, description="Most alerts kept firing (re-sent) in Alertmanager; past it a new one is sent once and ends by itself.")
+    alert_link_base_url: str | None = Field(None, description="Base URL of gradeflow's HTTP API in alert links (Alertmanager generatorURL); default http://<web_host>:<web_port>.")
     alert_source: str = Field("gradeflow", description="Source/instance name shown in alerts.")
     alert_max_age_s: float = Field(
         86400.0, ge=0, description="Alerts produced longer ago than this are not sent (a new deployment reading "

@@ -842,3 +842,131 @@ def test_webhook_bodies_are_signed_and_the_secret_is_never_shown(redis_prefix, c
     from streams.alerts import WebhookSink
 
     assert WebhookSink("http://127.0.0.1:9/hook").trigger(alert).sign is None
+
+
+# ----------------------------------------------------------------------------- Alertmanager
+
+
+def test_alertmanager_alerts_link_to_the_api_and_end_a_few_resends_ahead():
+    from streams.alerts import AlertmanagerSink, api_base_url, build_sinks
+
+    settings = load_settings(alert_alertmanager_url="http://am-0:9093, http://am-1:9093/", web_host="10.1.2.3",
+                             web_port=6070, alert_alertmanager_resend_s=30)
+    sink = build_sinks(settings)["alertmanager"]
+    assert isinstance(sink, AlertmanagerSink)
+    assert sink.urls == ("http://am-0:9093/api/v2/alerts", "http://am-1:9093/api/v2/alerts")
+    request = sink.trigger(alert_doc("a/b c", "A", "B"))
+    [item] = request.body
+    jsonschema.validate(request.body, AM_ALERTS)
+    assert request.urls == sink.urls
+    assert item["generatorURL"] == "http://10.1.2.3:6070/customers/a%2Fb%20c"
+    ends = rfc3339(item["endsAt"]).timestamp()
+    assert time.time() + 110 < ends <= time.time() + 121  # four intervals of 30 s, not days
+    assert api_base_url(load_settings(alert_link_base_url="https://gradeflow.internal/")) == \
+        "https://gradeflow.internal"
+
+
+async def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def test_a_real_alertmanager_ha_pair_fires_keeps_firing_across_a_restart_and_resolves(redis_prefix):
+    """Two real Alertmanagers (built by deploy/local/alertmanager): fire → both show it; restart
+    one (it keeps alerts in memory only) → back within one re-send interval; recover → resolved."""
+    from oncall_helpers import Alertmanager, alertmanager_binary
+
+    binary = alertmanager_binary()
+    ams = [Alertmanager(binary, free_port()), Alertmanager(binary, free_port())]
+    resend_s = 1.5
+    alert = alert_doc("<rita>", "A", "B", datetime.now(timezone.utc).isoformat())
+
+    async def ours(am: Alertmanager) -> list[dict]:
+        return [a for a in await am.alerts() if a["labels"].get("customer_id") == "<rita>"]
+
+    async def firing(am: Alertmanager) -> dict | None:
+        found = [a for a in await ours(am) if a["status"]["state"] == "active"
+                 and rfc3339(a["endsAt"]) > datetime.now(timezone.utc)]
+        return found[0] if found else None
+
+    async def resolved(am: Alertmanager) -> bool:
+        # Alertmanager lists a resolved alert with its endsAt passed, or no longer at all.
+        return all(rfc3339(a["endsAt"]) <= datetime.now(timezone.utc) for a in await ours(am))
+
+    async def run() -> None:
+        for am in ams:
+            am.start()
+        for am in ams:
+            await am.ready()
+        settings = load_settings(alert_alertmanager_url=",".join(am.url for am in ams),
+                                 alert_alertmanager_resend_s=resend_s, alert_routes={"critical": ["alertmanager"]},
+                                 alert_attempts=2, alert_backoff_s=0.05, web_port=6077)
+        async with Harness(settings, redis_prefix) as h:
+            resender = asyncio.create_task(h.dispatcher.resend_loop())
+            try:
+                await h.dispatcher.on_alert(alert)
+                for am in ams:
+                    shown = await wait_for(lambda am=am: firing(am), 10, f"the alert in {am.url}")
+                    assert shown["labels"]["alertname"] == "GradeflowKeyCustomerDowngrade"
+                    assert shown["generatorURL"] == "http://127.0.0.1:6077/customers/%3Crita%3E"
+                    # endsAt a few re-send intervals ahead, not days.
+                    assert rfc3339(shown["endsAt"]).timestamp() <= time.time() + 4 * resend_s + 1
+
+                ams[0].stop()
+                ams[0].start()
+                await ams[0].ready()
+                restarted = time.monotonic()
+                await wait_for(lambda: firing(ams[0]), resend_s + 3, "the alert back after the restart")
+                assert time.monotonic() - restarted <= resend_s + 3
+
+                await h.dispatcher.on_change(upgrade_doc("<rita>", "B", "A", datetime.now(timezone.utc).isoformat()))
+                for am in ams:
+                    await wait_for(lambda am=am: resolved(am), 10, f"resolved in {am.url}")
+                # Not re-sent once resolved: still resolved over the next two intervals.
+                later = time.monotonic() + 2 * resend_s
+                while time.monotonic() < later:
+                    for am in ams:
+                        assert await resolved(am), await ours(am)
+                    await asyncio.sleep(0.3)
+            finally:
+                resender.cancel()
+
+    try:
+        asyncio.run(run())
+    except BaseException:
+        print("\n".join(am.log() for am in ams))
+        raise
+    finally:
+        for am in ams:
+            am.remove()
+
+
+def test_the_firing_set_outlives_the_worker_and_is_bounded(redis_prefix):
+    """The set re-sent to Alertmanager is in Redis: a new worker (dispatcher) re-sends what the old
+    one fired; resolved alerts leave it; past the bound a new alert is sent once, not kept."""
+
+    async def run() -> None:
+        async with Scripted() as server:
+            settings = scripted_settings(server, alert_routes={"critical": ["alertmanager"]},
+                                         alert_alertmanager_max_firing=2)
+            async with Harness(settings, redis_prefix) as first:
+                for c in ("sam", "tess", "uma"):
+                    await first.dispatcher.on_alert(alert_doc(c, "A", "B"))
+            assert len(server.at("/am/api/v2/alerts")) == 3
+            async with Harness(settings, redis_prefix) as second:  # a restarted worker
+                assert await second.dispatcher.resend_firing() == 2
+                [resent] = server.at("/am/api/v2/alerts")[3:]
+                assert sorted(a["labels"]["customer_id"] for a in resent.body) == ["sam", "tess"]
+                assert await second.dispatcher.resend_firing() == 0  # another worker had this interval
+                await second.redis.delete(f"{redis_prefix}:alert:resend:alertmanager")
+                await second.dispatcher.on_change(upgrade_doc("sam", "B", "A", "2026-01-05T10:00:00+08:00"))
+                assert await second.dispatcher.resend_firing() == 1
+                assert [a["labels"]["customer_id"] for a in server.at("/am/api/v2/alerts")[-1].body] == ["tess"]
+
+    asyncio.run(run())
