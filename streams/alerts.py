@@ -518,7 +518,6 @@ class AlertmanagerSink(Sink):
 
     name = "alertmanager"
     resolves = True
-    refires = True
     # POST /api/v2/alerts: 200 ok, 400 bad request (invalid alerts), 500 internal error.
     statuses = {400: PERMANENT}
     ENDS_AFTER_INTERVALS = 4  # Prometheus: endsAt = 4 x max(resend delay, evaluation interval) ahead
@@ -873,7 +872,7 @@ class Dispatcher:
                 pipe.delete(self._k("open", sink_name, dk))
             pipe.delete(claim_key)
             await pipe.execute()
-            if getattr(sink, "refires", False):
+            if isinstance(sink, AlertmanagerSink):
                 await self._firing_update(kind, sink, item)
             self._count("sent", sink=sink_name, kind=kind)
             return "sent"
@@ -903,7 +902,7 @@ class Dispatcher:
 
     # -- Alertmanager: firing alerts re-sent until resolved
 
-    async def _firing_update(self, kind: str, sink: Any, item: dict[str, Any]) -> None:
+    async def _firing_update(self, kind: str, sink: "AlertmanagerSink", item: dict[str, Any]) -> None:
         """Keep the set of firing alerts (``P:alert:firing:<sink>``, a hash by dedup_key) in step:
         a trigger adds its alert, a resolve removes it. It lives in Redis beside the ``open`` marks,
         so a restarted worker re-sends the same set; bounded by GRADEFLOW_ALERT_ALERTMANAGER_MAX_FIRING."""
@@ -930,7 +929,7 @@ class Dispatcher:
         (a Redis lease); drop those past their end. Return how many were sent (0: not this worker's turn)."""
         sent = 0
         for name, sink in self.sinks.items():
-            if not getattr(sink, "refires", False):
+            if not isinstance(sink, AlertmanagerSink):
                 continue
             lease = self._k("resend", name)
             if not await self.redis.set(lease, self.token, nx=True,

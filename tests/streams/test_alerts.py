@@ -355,6 +355,8 @@ def worker_env(server: StandIn, **extra: str) -> dict[str, str]:
         "GRADEFLOW_ALERT_BACKOFF_S": "0.05",
         "GRADEFLOW_ALERT_RETRY_DELAY_S": "1",
         "GRADEFLOW_WEB_PORT": str(free_port()),
+        # Re-sends of firing alerts would read as repeats in the once-only checks below.
+        "GRADEFLOW_ALERT_ALERTMANAGER_RESEND_S": "3600",
     }
     env.update(extra)
     return env
