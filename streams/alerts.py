@@ -27,13 +27,21 @@ Once-only delivery, per sink, in Redis (``P`` the key prefix):
 ``P:alert:open:<sink>:<dedup>``     an incident is open at the sink (a recovery resolves it)
 ``P:alert:recovered:<dedup>``       ``as_of`` (µs) of the latest recovery seen
 
-A delivery that fails after ``alert_attempts`` tries in line (exponential
-backoff) goes to the retry topic with a due time and is tried again, round
-after round with a growing (capped) delay: never dropped. A trigger held back
-by the cooldown goes there too, due when the cooldown ends; if the customer
-recovered meanwhile it is superseded. Only a crash between a sink's answer and
-the ``sent`` mark can deliver twice; PagerDuty (dedup_key) and Alertmanager
+Each sink's refusals are classified as its vendor documents them (:func:`classify`). A
+permanent one (the request itself is wrong, or its target gone: PagerDuty 400, Slack 410 …)
+goes to the alert dead-letter topic and is marked done: never retried. A transient one is
+retried in line (tenacity: jittered exponential back-off, ``Retry-After`` honoured) up to
+``alert_attempts`` tries, then goes to the retry topic with a due time and is tried again,
+round after round with a growing (capped, jittered) delay: never dropped, nothing lost across
+a crash (the topic holds it). A trigger held back by the cooldown goes there too, due when the
+cooldown ends; if the customer recovered meanwhile it is superseded. Only a crash between a
+sink's answer and the ``sent`` mark can deliver twice; PagerDuty (dedup_key) and Alertmanager
 (labels) merge such a repeat into the same incident.
+
+Each sink has a request rate (:func:`rate_limiter`); past ``alert_storm_threshold`` pages in a
+window, further pages are folded into one summary alert per window (:class:`StormGuard`).
+Alertmanager's firing alerts are re-sent every interval until resolved
+(:meth:`Dispatcher.resend_firing`, the set in ``P:alert:firing:alertmanager``).
 """
 
 from __future__ import annotations
