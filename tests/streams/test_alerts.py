@@ -879,6 +879,7 @@ async def wait_for(check, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
+@pytest.mark.timeout(1800)  # the first run on a machine builds Alertmanager (minutes on 2 cores)
 def test_a_real_alertmanager_ha_pair_fires_keeps_firing_across_a_restart_and_resolves(redis_prefix):
     """Two real Alertmanagers (built by deploy/local/alertmanager): fire → both show it; restart
     one (it keeps alerts in memory only) → back within one re-send interval; recover → resolved."""
