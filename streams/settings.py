@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     alert_webhook_rate_per_min: float = Field(600.0, gt=0, description="Most requests a minute to the generic webhook, per worker process.")
     alert_slack_rate_per_min: float = Field(60.0, gt=0, description="Most messages a minute to the Slack webhook, per worker process (Slack allows about one a second).")
     alert_pagerduty_rate_per_min: float = Field(120.0, gt=0, description="Most events a minute to PagerDuty per routing key, per worker process (PagerDuty's limit is 120).")
-    alert_alertmanager_rate_per_min: float = Field(600.0, gt=0, description="Most requests a minute to each Alertmanager, per worker process (re-sends carry many alerts each).")
+    alert_alertmanager_rate_per_min: float = Field(600.0, gt=0, description="Most requests a minute to the Alertmanagers (all URLs together), per worker process; a re-send carries up to 500 alerts.")
     alert_storm_threshold: int = Field(
         50, ge=0, description="Pages (alerts to the sinks) per storm window, all customers together, past which further "
                               "ones are folded into one summary alert per window; 0: never fold.")
