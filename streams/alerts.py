@@ -27,36 +27,52 @@ Once-only delivery, per sink, in Redis (``P`` the key prefix):
 ``P:alert:open:<sink>:<dedup>``     an incident is open at the sink (a recovery resolves it)
 ``P:alert:recovered:<dedup>``       ``as_of`` (µs) of the latest recovery seen
 
-A delivery that fails after ``alert_attempts`` tries in line (exponential
-backoff) goes to the retry topic with a due time and is tried again, round
-after round with a growing (capped) delay: never dropped. A trigger held back
-by the cooldown goes there too, due when the cooldown ends; if the customer
-recovered meanwhile it is superseded. Only a crash between a sink's answer and
-the ``sent`` mark can deliver twice; PagerDuty (dedup_key) and Alertmanager
+Each sink's refusals are classified as its vendor documents them (:func:`classify`). A
+permanent one (the request itself is wrong, or its target gone: PagerDuty 400, Slack 410 …)
+goes to the alert dead-letter topic and is marked done: never retried. A transient one is
+retried in line (tenacity: jittered exponential back-off, ``Retry-After`` honoured) up to
+``alert_attempts`` tries, then goes to the retry topic with a due time and is tried again,
+round after round with a growing (capped, jittered) delay: never dropped, nothing lost across
+a crash (the topic holds it). A trigger held back by the cooldown goes there too, due when the
+cooldown ends; if the customer recovered meanwhile it is superseded. Only a crash between a
+sink's answer and the ``sent`` mark can deliver twice; PagerDuty (dedup_key) and Alertmanager
 (labels) merge such a repeat into the same incident.
+
+Each sink has a request rate (:func:`rate_limiter`); past ``alert_storm_threshold`` pages in a
+window, further pages are folded into one summary alert per window (:class:`StormGuard`).
+Alertmanager's firing alerts are re-sent every interval until resolved
+(:meth:`Dispatcher.resend_firing`, the set in ``P:alert:firing:alertmanager``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
+import hmac
 import logging
+import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import quote
 
 import aiohttp
 import orjson
+from aiolimiter import AsyncLimiter
+from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential,
+                      wait_random)
 
+from rules.changes import Cause, change_id
 from rules.engine import CompiledLadder, CompiledRuleset
 from streams.redis_grades import epoch_us
 
 log = logging.getLogger("gradeflow.alerts")
 
-TRIGGER, RESOLVE = "trigger", "resolve"
+TRIGGER, RESOLVE, STORM_SUMMARY = "trigger", "resolve", "storm_summary"
 SEVERITIES = ("critical", "warning", "info")
 SEV_RANK = {"info": 0, "warning": 1, "critical": 2}
 PD_SEVERITY = {"critical": "critical", "warning": "warning", "info": "info"}
@@ -113,6 +129,98 @@ def is_at_risk(alert: dict[str, Any]) -> bool:
     return alert.get("kind") == "at_risk"
 
 
+def is_storm(alert: dict[str, Any]) -> bool:
+    """Whether ``alert`` is the summary of an alert storm (:class:`StormGuard`), not one customer's."""
+    return alert.get("kind") == "storm"
+
+
+def cause_of(alert: dict[str, Any], ruleset: CompiledRuleset) -> str:
+    """What made the alert: ``clock`` (time alone), ``rules`` (a new ruleset) or ``event`` (a
+    transaction or interaction).
+
+    The alert carries no cause, but its ``grade_change_event_id`` is the change's deterministic id
+    (rules/changes.py ``change_id``), which for the clock and the rules is made of what the alert
+    holds: rebuilding it tells them apart without reading grade-changes (not ordered with alerts).
+    """
+    if is_at_risk(alert):
+        return "clock"
+    try:
+        as_of = datetime.fromisoformat(alert["as_of"])
+        for kind in ("clock", "rules"):
+            if change_id(alert["customer_id"], alert["ladder"], ruleset, Cause(kind, None), as_of,
+                         alert["previous_grade"], alert["grade"]) == alert.get("grade_change_event_id"):
+                return kind
+    except (KeyError, TypeError, ValueError):
+        pass
+    return "event"
+
+
+@dataclass(frozen=True)
+class StormGuard:
+    """Past ``threshold`` pages in a window (all customers together), further pages of that window
+    are folded: not sent, counted by ladder, cause and severity, and summed up in one summary alert
+    sent when the window ends. ``threshold`` 0: never fold."""
+
+    threshold: int
+    window_s: float
+
+    def window(self, now: float) -> int:
+        return int(now // self.window_s)
+
+    def bounds(self, window: int) -> tuple[float, float]:
+        return window * self.window_s, (window + 1) * self.window_s
+
+    def folds(self, count: int) -> bool:
+        """Whether the ``count``-th page of a window is folded."""
+        return self.threshold > 0 and count > self.threshold
+
+    def summary(self, window: int, folded: dict[tuple[str, str, str], int], source: str) -> dict[str, Any]:
+        """The summary alert of ``window``: ``folded`` counts pages by (ladder, cause, severity)."""
+        start, end = (datetime.fromtimestamp(t, timezone.utc) for t in self.bounds(window))
+        total = sum(folded.values())
+        ladders = sorted({ladder for ladder, _, _ in folded})
+        by_cause: dict[str, int] = {}
+        for (_ladder, cause, _sev), n in folded.items():
+            by_cause[cause] = by_cause.get(cause, 0) + n
+        worst = max((sev for _, _, sev in folded), key=lambda v: SEV_RANK.get(v, 0), default="critical")
+        parts = ", ".join(f"{n} on ladder '{ladder}' caused by {CAUSE_WORDS.get(cause, cause)}"
+                          for (ladder, cause, _), n in sorted(folded.items()))
+        ident = uuid.uuid5(uuid.NAMESPACE_URL, f"gradeflow/{source}/alert-storm/{window}/{self.window_s}")
+        return {
+            "schema_version": 1,
+            "kind": "storm",
+            "alert_id": str(ident),
+            "customer_id": "*",
+            "ladder": ",".join(ladders),
+            "severity": worst,
+            "summary": (f"Alert storm: {total} more key-customer pages between {_rfc3339(start)} and "
+                        f"{_rfc3339(end)} than the {self.threshold} sent were folded into this one: {parts}. "
+                        f"Every alert is on the alerts topic."),
+            "previous_grade": "",
+            "grade": "",
+            "grade_change_event_id": "",
+            "as_of": end.isoformat(),
+            "dedup_key": f"gradeflow/alert-storm/{_rfc3339(start)}",
+            "count": total,
+            "causes": by_cause,
+            "folded": [{"ladder": ladder, "cause": cause, "severity": sev, "count": n}
+                       for (ladder, cause, sev), n in sorted(folded.items())],
+            "window_start": start.isoformat(),
+            "window_end": end.isoformat(),
+        }
+
+
+CAUSE_WORDS = {"clock": "the clock (time alone)", "rules": "a new ruleset", "event": "transactions or interactions"}
+
+
+def rate_limiter(rate_per_min: float) -> AsyncLimiter:
+    """A leaky bucket letting ``rate_per_min`` requests a minute through, evenly: a burst of at
+    most one second's worth (one request at least), so that a storm does not hit the vendor's
+    limit in its first second."""
+    burst = max(1.0, rate_per_min / 60.0)
+    return AsyncLimiter(burst, 60.0 * burst / rate_per_min)
+
+
 def recovery_of(change: dict[str, Any], ruleset: CompiledRuleset) -> dict[str, Any] | None:
     """A recovery if ``change`` is an upgrade into a key grade, else None."""
     if change.get("direction") != "upgrade":
@@ -135,8 +243,76 @@ def recovery_of(change: dict[str, Any], ruleset: CompiledRuleset) -> dict[str, A
 # --------------------------------------------------------------------------- sinks
 
 
+PERMANENT, TRANSIENT = "permanent", "transient"
+# Answers a retry cannot change whatever the vendor: the request itself is wrong (or gone).
+_TRANSIENT_4XX = (408, 425, 429)
+EXCERPT_CHARS = 500
+
+
+def classify(documented: dict[int, str], status: int | None) -> str:
+    """PERMANENT or TRANSIENT for an answer ``status`` (None: no answer at all), given what the
+    vendor documents for its endpoint (``documented``); a status it does not list follows the
+    generic HTTP rule: 4xx but 408/425/429 permanent, everything else transient."""
+    if status is None:
+        return TRANSIENT  # refused, reset, timed out: the sink may be back in a moment
+    if status in documented:
+        return documented[status]
+    if 400 <= status < 500 and status not in _TRANSIENT_4XX:
+        return PERMANENT
+    # 5xx, 408/425/429, and the odd 1xx/3xx: not the request's fault, so never dropped.
+    return TRANSIENT
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date (RFC 9110 §10.2.3);
+    None when absent or unreadable, 0 for a date already past."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(int(text))
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced (a sink may echo a key or URL back in its answer)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 class DeliveryError(Exception):
-    """A sink did not accept a message."""
+    """A sink did not accept a message; ``permanent`` when retrying cannot help (see :func:`classify`)."""
+
+    def __init__(self, message: str, *, status: int | None = None, excerpt: str = "",
+                 retry_after: float | None = None, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.excerpt = excerpt
+        self.retry_after = retry_after
+        self.permanent = permanent
+
+
+def dead_letter_doc(kind: str, sink: str, item: dict[str, Any], error: DeliveryError,
+                    at: datetime | None = None) -> dict[str, Any]:
+    """The value put on the alert dead-letter topic for a delivery a sink refused for good."""
+    return {
+        "schema_version": 1,
+        "action": kind,  # trigger: ``alert`` is the grade-alerts document; resolve: the recovery
+        "sink": sink,
+        "status": error.status,
+        "error": str(error),
+        "response_excerpt": error.excerpt,
+        "dead_lettered_at": (at or datetime.now(timezone.utc)).isoformat(),
+        "alert": item,
+    }
 
 
 @dataclass(frozen=True)
@@ -144,6 +320,44 @@ class Request:
     url: str
     body: Any
     headers: dict[str, str]
+    # Headers computed from the exact body bytes at each attempt (a signature with a fresh timestamp).
+    sign: Callable[[bytes], dict[str, str]] | None = None
+    # Several endpoints taking the same body (an HA set of Alertmanagers): posted to each.
+    urls: tuple[str, ...] = ()
+
+
+def secret_value(value: Any) -> str | None:
+    """The plain value of a setting that is a ``str`` or a pydantic ``SecretStr`` (or unset)."""
+    if value is None:
+        return None
+    plain = getattr(value, "get_secret_value", lambda: value)()
+    return str(plain) if plain else None
+
+
+SIGNATURE_VERSION = "v1"
+
+
+def signature_headers(secret: bytes, body: bytes, now: float | None = None) -> dict[str, str]:
+    """``X-Gradeflow-Timestamp`` and ``X-Gradeflow-Signature: v1=<hex>``: HMAC-SHA256 with ``secret``
+    over ``<timestamp>.<body>`` (the timestamp lets a receiver refuse a replayed old request)."""
+    stamp = str(int(time.time() if now is None else now))
+    mac = hmac.new(secret, stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return {"X-Gradeflow-Timestamp": stamp, "X-Gradeflow-Signature": f"{SIGNATURE_VERSION}={mac}"}
+
+
+class AlertSink(Protocol):
+    """What the dispatcher needs of a destination: its name, whether it resolves incidents, how its
+    vendor documents refusals, the secrets to keep out of logs, and its requests."""
+
+    name: str
+    resolves: bool
+    statuses: dict[int, str]
+
+    def secrets(self) -> list[str]: ...
+
+    def trigger(self, alert: dict[str, Any]) -> Request: ...
+
+    def resolve(self, recovery: dict[str, Any], opened_by: str) -> Request | None: ...
 
 
 class Sink:
@@ -151,6 +365,15 @@ class Sink:
 
     name = "sink"
     resolves = False
+    # The statuses the vendor documents for this endpoint; others follow the generic rule (classify).
+    statuses: dict[int, str] = {}
+
+    def secrets(self) -> list[str]:
+        """Strings never to show in a log line or a dead letter (keys, secret URLs)."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"  # never the URL or key: they are credentials
 
     def trigger(self, alert: dict[str, Any]) -> Request:
         raise NotImplementedError
@@ -166,12 +389,25 @@ class WebhookSink(Sink):
     """Generic JSON webhook: the alert document of ``grade-alerts``, as is (severity as dispatched)."""
 
     name = "webhook"
+    # No vendor: the generic HTTP rule (4xx but 408/425/429 permanent, 5xx transient).
+    statuses: dict[int, str] = {}
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, secret: str | None = None) -> None:
         self.url = url
+        self._secret = secret.encode() if secret else None
+
+    def __repr__(self) -> str:
+        return f"WebhookSink(signed={self._secret is not None})"
+
+    def secrets(self) -> list[str]:
+        return [self._secret.decode()] if self._secret else []
+
+    def _sign(self, body: bytes) -> dict[str, str]:
+        assert self._secret is not None
+        return signature_headers(self._secret, body)
 
     def trigger(self, alert: dict[str, Any]) -> Request:
-        return Request(self.url, alert, dict(JSON))
+        return Request(self.url, alert, dict(JSON), self._sign if self._secret else None)
 
 
 class SlackSink(Sink):
@@ -179,13 +415,21 @@ class SlackSink(Sink):
 
     name = "slack"
     resolves = True
+    # Slack incoming webhooks: 400 invalid_payload / no_text, 403 action_prohibited, 404 no_service
+    # (webhook revoked), 410 channel_is_archived; 429 rate limited with Retry-After; 5xx.
+    statuses = {400: PERMANENT, 403: PERMANENT, 404: PERMANENT, 410: PERMANENT, 429: TRANSIENT}
     ICON = {"critical": ":rotating_light:", "warning": ":warning:", "info": ":information_source:"}
 
     def __init__(self, url: str) -> None:
         self.url = url
 
+    def secrets(self) -> list[str]:
+        return [self.url]  # an incoming-webhook URL is its own credential
+
     def trigger(self, alert: dict[str, Any]) -> Request:
-        if is_at_risk(alert):
+        if is_storm(alert):
+            head = f":rotating_light: [ALERT STORM] {alert['count']} pages folded into this one"
+        elif is_at_risk(alert):
             head = (f":hourglass: [AT RISK] Customer {alert['customer_id']}: {alert['previous_grade']} → "
                     f"{alert['grade']} on ladder '{alert['ladder']}' at {alert.get('due_at')} unless something changes")
         else:
@@ -193,7 +437,7 @@ class SlackSink(Sink):
                     f"Customer {alert['customer_id']}: {alert['previous_grade']} → {alert['grade']} "
                     f"on ladder '{alert['ladder']}'").strip()
         body = {
-            "text": head,
+            "text": _slack_escape(head),
             "blocks": [
                 {"type": "section", "text": {"type": "mrkdwn", "text": f"*{_slack_escape(head)}*"}},
                 {"type": "section", "text": {"type": "mrkdwn", "text": _slack_escape(alert["summary"])[:2900]}},
@@ -207,11 +451,13 @@ class SlackSink(Sink):
         text = (f":white_check_mark: [RESOLVED] Customer {recovery['customer_id']} is back in a key grade on "
                 f"ladder '{recovery['ladder']}': {recovery['previous_grade']} → {recovery['grade']} "
                 f"(as of {recovery['as_of']})")
-        return Request(self.url, {"text": text, "blocks": [
+        return Request(self.url, {"text": _slack_escape(text), "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": _slack_escape(text)}}]}, dict(JSON))
 
 
 def _slack_escape(text: str) -> str:
+    # Slack reads <...> as links and mentions (<!here>, <@U…>) in every text field: a customer id
+    # or a reason must never ping a channel. These three are the escapes Slack documents.
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
@@ -220,11 +466,17 @@ class PagerDutySink(Sink):
 
     name = "pagerduty"
     resolves = True
+    # Events API v2: 202 accepted; 400 invalid event (never accepted as sent); 429 rate limited
+    # (per routing key), retry later; 5xx retry.
+    statuses = {400: PERMANENT, 429: TRANSIENT}
 
     def __init__(self, url: str, routing_key: str, source: str) -> None:
         self.url = url
         self.routing_key = routing_key
         self.source = source
+
+    def secrets(self) -> list[str]:
+        return [self.routing_key]
 
     @staticmethod
     def dedup(key: str) -> str:
@@ -245,9 +497,11 @@ class PagerDutySink(Sink):
                 "timestamp": alert["as_of"],
                 "component": f"customer/{alert['customer_id']}"[:255],
                 "group": f"ladder/{alert['ladder']}",
-                "class": "key-customer-at-risk" if is_at_risk(alert) else "key-customer-downgrade",
+                "class": ("alert-storm" if is_storm(alert) else
+                          "key-customer-at-risk" if is_at_risk(alert) else "key-customer-downgrade"),
                 "custom_details": {k: alert[k] for k in (
-                    "alert_id", "customer_id", "ladder", "previous_grade", "grade", "grade_change_event_id", "as_of")},
+                    "alert_id", "customer_id", "ladder", "previous_grade", "grade", "grade_change_event_id", "as_of",
+                    "count", "folded") if k in alert},
             },
             "client": "gradeflow",
         }
@@ -260,35 +514,60 @@ class PagerDutySink(Sink):
 
 
 class AlertmanagerSink(Sink):
-    """Prometheus Alertmanager API v2: ``POST /api/v2/alerts`` with a list of alerts.
+    """Prometheus Alertmanager API v2: ``POST /api/v2/alerts`` with a list of alerts, to every
+    Alertmanager of an HA set (each keeps its own copy; they share only silences and notifications).
 
-    Labels identify an alert (same labels on trigger and recovery); the
-    trigger carries an ``endsAt`` far ahead (gradeflow does not re-send
-    firing alerts), the recovery the same labels with ``endsAt`` = the
-    recovery time.
+    Labels identify an alert (same labels on trigger and recovery). As a Prometheus server does,
+    the dispatcher re-sends every firing alert each ``resend_s`` (:meth:`Dispatcher.resend_firing`)
+    with ``endsAt`` a few intervals ahead: an Alertmanager that restarted (it keeps alerts in
+    memory only) has them back within one interval, and one that stops hearing of an alert lets it
+    end by itself. The recovery sends the same labels with ``endsAt`` = the recovery time.
     """
 
     name = "alertmanager"
     resolves = True
+    # POST /api/v2/alerts: 200 ok, 400 bad request (invalid alerts), 500 internal error.
+    statuses = {400: PERMANENT}
+    ENDS_AFTER_INTERVALS = 4  # Prometheus: endsAt = 4 x max(resend delay, evaluation interval) ahead
 
-    def __init__(self, base_url: str, source: str, active_s: float) -> None:
-        self.url = base_url.rstrip("/") + "/api/v2/alerts"
+    def __init__(self, base_urls: str | list[str], source: str, resend_s: float, link_base: str) -> None:
+        bases = base_urls.split(",") if isinstance(base_urls, str) else base_urls
+        self.urls = tuple(b.strip().rstrip("/") + "/api/v2/alerts" for b in bases if b.strip())
+        if not self.urls:
+            raise ValueError("no Alertmanager URL")
+        self.url = self.urls[0]
         self.source = source
-        self.active_s = active_s
+        self.resend_s = resend_s
+        self.link_base = link_base.rstrip("/")
 
     def labels(self, ladder: str, customer_id: str, name: str = "GradeflowKeyCustomerDowngrade") -> dict[str, str]:
         return {"alertname": name, "ladder": ladder, "customer_id": customer_id, "service": self.source}
 
-    def trigger(self, alert: dict[str, Any]) -> Request:
+    def link(self, customer_id: str) -> str:
+        """The customer in gradeflow's HTTP API (``GET /customers/{customer_id}``, streams/web.py)."""
+        if customer_id == "*":
+            return f"{self.link_base}/grades"
+        return f"{self.link_base}/customers/{quote(customer_id, safe='')}"
+
+    def ends_at(self, now: float, until: float | None = None) -> str:
+        """``endsAt`` of a firing alert sent at ``now``: a few re-send intervals ahead, at most ``until``."""
+        ends = now + self.ENDS_AFTER_INTERVALS * self.resend_s
+        return _rfc3339(datetime.fromtimestamp(ends if until is None else min(ends, until), timezone.utc))
+
+    def firing(self, alert: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+        """The alert as Alertmanager takes it, without ``endsAt``, and when it ends by itself (None: at recovery)."""
         starts = datetime.fromisoformat(alert["as_of"]).astimezone(timezone.utc)
         name = "GradeflowKeyCustomerDowngrade"
-        ends = max(starts, datetime.now(timezone.utc)) + timedelta(seconds=self.active_s)
-        if is_at_risk(alert) and alert.get("due_at"):
+        until: float | None = None
+        if is_storm(alert):
+            name = "GradeflowAlertStorm"
+            until = time.time() + self.ENDS_AFTER_INTERVALS * self.resend_s  # one summary, sent once
+        elif is_at_risk(alert) and alert.get("due_at"):
             # A warning is moot once the drop is due (the downgrade alert, or none if they bought):
             # it ends then (a few minutes ahead at least, so that a late delivery still shows).
             name = "GradeflowKeyCustomerAtRisk"
-            due = datetime.fromisoformat(alert["due_at"]).astimezone(timezone.utc)
-            ends = max(due, datetime.now(timezone.utc) + timedelta(minutes=5))
+            due = datetime.fromisoformat(alert["due_at"]).timestamp()
+            until = max(due, time.time() + 300)
         item = {
             "labels": {**self.labels(alert["ladder"], alert["customer_id"], name), "severity": alert["severity"]},
             "annotations": {
@@ -298,11 +577,20 @@ class AlertmanagerSink(Sink):
                 "alert_id": alert["alert_id"],
                 "dedup_key": alert["dedup_key"],
             },
-            "startsAt": _rfc3339(starts),
-            "endsAt": _rfc3339(ends),
-            "generatorURL": f"gradeflow://{self.source}/customers/{alert['customer_id']}",
+            "startsAt": _rfc3339(min(starts, datetime.now(timezone.utc))),
+            "generatorURL": self.link(alert["customer_id"]),
         }
-        return Request(self.url, [item], dict(JSON))
+        return item, until
+
+    def trigger(self, alert: dict[str, Any]) -> Request:
+        item, until = self.firing(alert)
+        return Request(self.url, [{**item, "endsAt": self.ends_at(time.time(), until)}], dict(JSON), urls=self.urls)
+
+    def resend(self, items: list[dict[str, Any]]) -> Request:
+        """Firing alerts again, as :meth:`trigger` sent them (``items``: alert and ``until`` each)."""
+        now = time.time()
+        body = [{**e["item"], "endsAt": self.ends_at(now, e.get("until"))} for e in items]
+        return Request(self.url, body, dict(JSON), urls=self.urls)
 
     def resolve(self, recovery: dict[str, Any], opened_by: str) -> Request:
         ends = datetime.fromisoformat(recovery["as_of"]).astimezone(timezone.utc)
@@ -310,29 +598,47 @@ class AlertmanagerSink(Sink):
         item = {
             "labels": {**self.labels(recovery["ladder"], recovery["customer_id"]), "severity": severity},
             "annotations": {"summary": f"Customer {recovery['customer_id']} is back in key grade {recovery['grade']}"},
-            "endsAt": _rfc3339(max(ends, datetime.now(timezone.utc) - timedelta(seconds=1))),
-            "generatorURL": f"gradeflow://{self.source}/customers/{recovery['customer_id']}",
+            "endsAt": _rfc3339(min(ends, datetime.now(timezone.utc) - timedelta(seconds=1))),
+            "generatorURL": self.link(recovery["customer_id"]),
         }
-        return Request(self.url, [item], dict(JSON))
+        return Request(self.url, [item], dict(JSON), urls=self.urls)
 
 
 def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def build_sinks(settings: Any) -> dict[str, Sink]:
+def api_base_url(settings: Any) -> str:
+    """Where on-call reaches gradeflow's HTTP API: ``GRADEFLOW_ALERT_LINK_BASE_URL``, else the
+    worker's own address (a wildcard bind address replaced by the host name)."""
+    if settings.alert_link_base_url:
+        return str(settings.alert_link_base_url).rstrip("/")
+    host = settings.web_host
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.web_port}"
+
+
+def build_sinks(settings: Any) -> dict[str, AlertSink]:
     """The sinks that are configured, by name."""
-    sinks: dict[str, Sink] = {}
-    if settings.alert_webhook_url:
-        sinks["webhook"] = WebhookSink(settings.alert_webhook_url)
-    if settings.alert_slack_webhook_url:
-        sinks["slack"] = SlackSink(settings.alert_slack_webhook_url)
-    if settings.alert_pagerduty_routing_key:
-        sinks["pagerduty"] = PagerDutySink(settings.alert_pagerduty_url, settings.alert_pagerduty_routing_key,
-                                           settings.alert_source)
+    sinks: dict[str, AlertSink] = {}
+    # The URLs and keys may be plain strings or SecretStr settings: secret_value reads both.
+    webhook = secret_value(settings.alert_webhook_url)
+    if webhook:
+        sinks["webhook"] = WebhookSink(webhook, secret_value(settings.alert_webhook_secret))
+    slack = secret_value(settings.alert_slack_webhook_url)
+    if slack:
+        sinks["slack"] = SlackSink(slack)
+    routing_key = secret_value(settings.alert_pagerduty_routing_key)
+    if routing_key:
+        sinks["pagerduty"] = PagerDutySink(settings.alert_pagerduty_url, routing_key, settings.alert_source)
     if settings.alert_alertmanager_url:
         sinks["alertmanager"] = AlertmanagerSink(settings.alert_alertmanager_url, settings.alert_source,
-                                                 settings.alert_alertmanager_active_s)
+                                                 settings.alert_alertmanager_resend_s, api_base_url(settings))
     return sinks
 
 
@@ -381,17 +687,21 @@ class Dispatcher:
     """Deliver alerts and recoveries to the configured sinks, once each, never dropping one."""
 
     def __init__(self, settings: Any, ruleset: CompiledRuleset, redis: Any, prefix: str,
-                 schedule: Schedule, metrics: Any = None, sinks: dict[str, Sink] | None = None) -> None:
+                 schedule: Schedule, metrics: Any = None, sinks: dict[str, AlertSink] | None = None, *,
+                 dead_letter: Schedule) -> None:
         self.settings = settings
         self.ruleset = ruleset
         self.redis = redis
         self.prefix = prefix
         self.schedule = schedule  # sends a retry document to the retry topic
+        self.dead_letter = dead_letter  # sends a refused delivery to the alert dead-letter topic
         self.metrics = metrics
         self.sinks = build_sinks(settings) if sinks is None else sinks
         self.ladders = {lad.name: lad for lad in ruleset.ladders}
         self.rules = check_settings(settings, ruleset)
         self.token = uuid.uuid4().hex
+        self.storm = StormGuard(settings.alert_storm_threshold, settings.alert_storm_window_s)
+        self.limiters = {name: rate_limiter(getattr(settings, f"alert_{name}_rate_per_min")) for name in self.sinks}
         self._session: aiohttp.ClientSession | None = None
 
     # -- plumbing
@@ -432,7 +742,57 @@ class Dispatcher:
             # (GRADEFLOW_AT_RISK_SEVERITY, set by the clock), whatever the drop it warns about.
             alert = {**alert, "severity": severity(ladder, alert["previous_grade"], alert["grade"],
                                                    self.rules[ladder.name])}
-        await asyncio.gather(*(self.deliver(TRIGGER, name, alert, 0) for name in self.routes(alert["severity"])))
+        routes = self.routes(alert["severity"])
+        if routes and self.storm.threshold > 0 and await self._storm_folds(alert):
+            self._count("folded", sink="-")
+            return
+        await asyncio.gather(*(self.deliver(TRIGGER, name, alert, 0) for name in routes))
+
+    async def _storm_folds(self, alert: dict[str, Any]) -> bool:
+        """Count ``alert`` as a page of this storm window; True when it is folded instead of sent.
+
+        Counts live in Redis, so the threshold holds across workers. A replayed alert keeps the
+        decision made the first time (``storm:member``); the first fold of a window puts the
+        window's summary on the retry topic, due when the window ends, so it survives a crash.
+        """
+        r = self.redis
+        ttl = int(self.storm.window_s * 2000) + 60_000
+        member = self._k("storm", "member", alert["alert_id"])
+        prior = await r.get(member)
+        if prior is not None:
+            return bool(prior == b"fold")
+        window = self.storm.window(time.time())
+        count_key = self._k("storm", str(window), "count")
+        pipe = r.pipeline(transaction=True)
+        pipe.incr(count_key)
+        pipe.pexpire(count_key, ttl)
+        count = int((await pipe.execute())[0])
+        folds = self.storm.folds(count)
+        await r.set(member, b"fold" if folds else b"page", px=ttl)
+        if not folds:
+            return False
+        folded_key = self._k("storm", str(window), "folded")
+        field = "\x1f".join((alert["ladder"], cause_of(alert, self.ruleset), alert["severity"]))
+        pipe = r.pipeline(transaction=True)
+        pipe.hincrby(folded_key, field, 1)
+        pipe.pexpire(folded_key, ttl)
+        await pipe.execute()
+        if count == self.storm.threshold + 1:
+            # One second after the window: a fold counted at its very end is in the sum.
+            await self.schedule({"kind": STORM_SUMMARY, "sink": "*", "item": {"window": window},
+                                 "round": 0, "due": self.storm.bounds(window)[1] + 1.0})
+        return True
+
+    async def storm_summary(self, window: int) -> dict[str, Any] | None:
+        """The summary alert of a storm window, from the folded counts in Redis (None: nothing folded)."""
+        raw = await self.redis.hgetall(self._k("storm", str(window), "folded"))
+        folded: dict[tuple[str, str, str], int] = {}
+        for field, n in raw.items():
+            ladder, cause, sev = (field.decode() if isinstance(field, bytes) else field).split("\x1f")
+            folded[(ladder, cause, sev)] = int(n)
+        if not folded:
+            return None
+        return self.storm.summary(window, folded, self.settings.alert_source)
 
     async def on_change(self, change: dict[str, Any]) -> None:
         """A document from ``grade-changes``: resolve open incidents when it is a recovery."""
@@ -446,6 +806,12 @@ class Dispatcher:
 
     async def on_retry(self, doc: dict[str, Any]) -> None:
         """A document from the retry topic (already due)."""
+        if doc["kind"] == STORM_SUMMARY:
+            summary = await self.storm_summary(int(doc["item"]["window"]))
+            if summary is not None:
+                await asyncio.gather(*(self.deliver(TRIGGER, name, summary, 0)
+                                       for name in self.routes(summary["severity"])))
+            return
         self._count("retried", sink=doc["sink"])
         await self.deliver(doc["kind"], doc["sink"], doc["item"], int(doc["round"]))
 
@@ -490,28 +856,22 @@ class Dispatcher:
             if opened is None:
                 return "nothing_open"
             opened_by = opened.decode()
-        lease_ms = int((self.settings.alert_timeout_s + self.settings.alert_backoff_s * 2 ** self.settings.alert_attempts)
-                       * self.settings.alert_attempts * 1000) + 5000
+        lease_ms = int(self.settings.alert_attempts * (self.settings.alert_timeout_s + 2 * self._inline_cap_s())
+                       * 1000) + 5000
         claim_key = self._k("claim", sink_name, ident)
         if not await r.set(claim_key, self.token, nx=True, px=lease_ms):
             # Another worker is delivering it (a rebalance): check again once its lease ends.
             await self._later(kind, sink_name, item, rounds, lease_ms / 1000.0)
             return "claimed_elsewhere"
         request = sink.trigger(item) if kind == TRIGGER else sink.resolve(item, opened_by)
-        error: Exception | None = None
+        error: DeliveryError | None = None
         if request is not None:
-            for attempt in range(self.settings.alert_attempts):
-                try:
-                    await self._post(request)
-                    error = None
-                    break
-                except DeliveryError as exc:
-                    error = exc
-                    self._count("attempt_failed", sink=sink_name)
-                    if attempt + 1 < self.settings.alert_attempts:
-                        await asyncio.sleep(self.settings.alert_backoff_s * 2 ** attempt)
+            try:
+                await self._send(sink, request)
+            except DeliveryError as exc:
+                error = exc
+        ttl = int(self.settings.alert_dedup_ttl_s * 1000)
         if error is None:
-            ttl = int(self.settings.alert_dedup_ttl_s * 1000)
             pipe = r.pipeline(transaction=True)
             pipe.set(sent_key, self.token, px=ttl)
             if kind == TRIGGER:
@@ -520,27 +880,186 @@ class Dispatcher:
                 pipe.delete(self._k("open", sink_name, dk))
             pipe.delete(claim_key)
             await pipe.execute()
+            if isinstance(sink, AlertmanagerSink):
+                await self._firing_update(kind, sink, item)
             self._count("sent", sink=sink_name, kind=kind)
             return "sent"
+        if error.permanent:
+            # The sink said the request itself is wrong (or its target gone): repeating it cannot
+            # help, so it is kept on the dead-letter topic and marked done, never retried.
+            await self.dead_letter(dead_letter_doc(kind, sink_name, item, error))
+            pipe = r.pipeline(transaction=True)
+            pipe.set(sent_key, "dead-letter", px=ttl)
+            pipe.delete(claim_key)
+            await pipe.execute()
+            if kind == TRIGGER:
+                await self._release_cooldown(sink_name, dk, ident)
+            self._count("dead_lettered", sink=sink_name)
+            log.error("gradeflow: %s to %s refused for good (%s); kept on the alert dead-letter topic",
+                      kind, sink_name, error)
+            return "dead_lettered"
         await r.delete(claim_key)
         self._count("failed", sink=sink_name)
-        delay = min(self.settings.alert_retry_delay_s * 2 ** rounds, self.settings.alert_retry_max_delay_s)
-        log.warning("gradeflow: %s to %s failed %d times (%s); retrying in %.0fs via the retry topic",
-                    kind, sink_name, self.settings.alert_attempts, error, delay)
+        delay = round_delay(rounds, self.settings.alert_retry_delay_s, self.settings.alert_retry_max_delay_s)
+        if error.retry_after is not None:
+            delay = max(delay, min(error.retry_after, self.settings.alert_retry_max_delay_s))
+        log.warning("gradeflow: %s to %s failed (%s); retrying in %.0fs via the retry topic",
+                    kind, sink_name, error, delay)
         await self._later(kind, sink_name, item, rounds + 1, delay)
         return "failed"
+
+    # -- Alertmanager: firing alerts re-sent until resolved
+
+    async def _firing_update(self, kind: str, sink: "AlertmanagerSink", item: dict[str, Any]) -> None:
+        """Keep the set of firing alerts (``P:alert:firing:<sink>``, a hash by dedup_key) in step:
+        a trigger adds its alert, a resolve removes it. It lives in Redis beside the ``open`` marks,
+        so a restarted worker re-sends the same set; bounded by GRADEFLOW_ALERT_ALERTMANAGER_MAX_FIRING."""
+        key = self._k("firing", sink.name)
+        if kind != TRIGGER:
+            await self.redis.hdel(key, item["dedup_key"])
+            return
+        if is_storm(item):
+            return  # a summary is sent once and ends by itself
+        entry, until = sink.firing(item)
+        # No longer than the open mark: a resolve after that finds nothing to resolve.
+        expires = time.time() + self.settings.alert_dedup_ttl_s
+        doc = orjson.dumps({"item": entry, "until": min(until, expires) if until is not None else expires})
+        if await self.redis.hexists(key, item["dedup_key"]) or \
+                await self.redis.hlen(key) < self.settings.alert_alertmanager_max_firing:
+            await self.redis.hset(key, item["dedup_key"], doc)
+        else:
+            self._count("firing_full", sink=sink.name)
+            log.warning("gradeflow: %d alerts already firing in %s; %s is sent once, not re-sent",
+                        self.settings.alert_alertmanager_max_firing, sink.name, item["dedup_key"])
+
+    async def resend_firing(self, batch: int = 500) -> int:
+        """Re-send every firing alert to each Alertmanager, once per interval across the workers
+        (a Redis lease); drop those past their end. Return how many were sent (0: not this worker's turn)."""
+        sent = 0
+        for name, sink in self.sinks.items():
+            if not isinstance(sink, AlertmanagerSink):
+                continue
+            lease = self._k("resend", name)
+            if not await self.redis.set(lease, self.token, nx=True,
+                                        px=max(int(self.settings.alert_alertmanager_resend_s * 900), 1)):
+                continue
+            key = self._k("firing", name)
+            now = time.time()
+            entries: list[dict[str, Any]] = []
+            ended: list[bytes] = []
+            async for field, raw in self.redis.hscan_iter(key, count=batch):
+                entry = orjson.loads(raw)
+                if entry.get("until") is not None and entry["until"] <= now:
+                    ended.append(field)
+                else:
+                    entries.append(entry)
+            if ended:
+                await self.redis.hdel(key, *ended)
+            for i in range(0, len(entries), batch):
+                try:
+                    await self._send(sink, sink.resend(entries[i:i + batch]))
+                    sent += len(entries[i:i + batch])
+                except DeliveryError as exc:
+                    # The next interval tries again; until then the alerts stay up (endsAt ahead).
+                    self._count("resend_failed", sink=name)
+                    log.warning("gradeflow: re-sending %d firing alerts to %s failed (%s)",
+                                len(entries[i:i + batch]), name, exc)
+        return sent
+
+    async def resend_loop(self) -> None:
+        """Re-send firing alerts every GRADEFLOW_ALERT_ALERTMANAGER_RESEND_S, until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.alert_alertmanager_resend_s)
+            try:
+                await self.resend_firing()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis down: the next interval tries again
+                log.warning("gradeflow: re-sending firing alerts failed (%s: %s)", type(exc).__name__, exc)
+
+    def _inline_cap_s(self) -> float:
+        """The longest wait between two attempts in line; a longer Retry-After goes to the retry topic."""
+        return float(self.settings.alert_backoff_s * 2 ** self.settings.alert_attempts)
+
+    async def _release_cooldown(self, sink_name: str, dk: str, ident: str) -> None:
+        """Nothing paged: a later drop of the same customer must not wait for this one's cooldown."""
+        key = self._k("cooldown", sink_name, dk)
+        held = await self.redis.get(key)
+        if held is not None and held.decode().partition("|")[0] == ident:
+            await self.redis.delete(key)
+
+    async def _send(self, sink: AlertSink, request: Request) -> None:
+        """POST ``request`` to its endpoint, or to each of its ``urls``: delivered when one accepted
+        (an Alertmanager that missed it gets it at the next re-send); else raise the error most worth
+        retrying."""
+        if not request.urls:
+            await self._send_one(sink, request)
+            return
+        results = await asyncio.gather(*(self._send_one(sink, replace(request, url=u)) for u in request.urls),
+                                       return_exceptions=True)
+        errors = [e for e in results if isinstance(e, BaseException)]
+        for e in errors:
+            if not isinstance(e, DeliveryError):
+                raise e
+        if len(errors) < len(results):
+            if errors:
+                log.warning("gradeflow: %d of %d %s endpoints failed (%s)", len(errors), len(results), sink.name,
+                            errors[0])
+            return
+        raise next((e for e in errors if isinstance(e, DeliveryError) and not e.permanent), errors[0])
+
+    async def _send_one(self, sink: AlertSink, request: Request) -> None:
+        """POST ``request``, retried in line (tenacity: jittered exponential back-off, Retry-After
+        honoured) while the failure is transient and its wait short; raise the last DeliveryError."""
+        cap = self._inline_cap_s()
+
+        def in_line(exc: BaseException) -> bool:
+            return (isinstance(exc, DeliveryError) and not exc.permanent
+                    and (exc.retry_after is None or exc.retry_after <= cap))
+
+        backoff = self.settings.alert_backoff_s
+        jitter = wait_exponential(multiplier=backoff, max=cap) + wait_random(0, backoff)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            after = getattr(exc, "retry_after", None)
+            return max(jitter(state), after) if after is not None else jitter(state)
+
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.alert_attempts), wait=wait,
+                                           retry=retry_if_exception(in_line), reraise=True):
+            with attempt:
+                try:
+                    await self._post(sink, request)
+                except DeliveryError:
+                    self._count("attempt_failed", sink=sink.name)
+                    raise
 
     async def _later(self, kind: str, sink: str, item: dict[str, Any], rounds: int, delay_s: float) -> None:
         await self.schedule({"kind": kind, "sink": sink, "item": item, "round": rounds,
                              "due": time.time() + delay_s})
 
-    async def _post(self, request: Request) -> None:
+    async def _post(self, sink: AlertSink, request: Request) -> None:
         session = await self.session()
+        secrets = sink.secrets()
+        limiter = self.limiters.get(sink.name)
+        if limiter is not None:
+            await limiter.acquire()
         try:
-            async with session.post(request.url, data=orjson.dumps(request.body), headers=request.headers) as resp:
+            body = orjson.dumps(request.body)
+            headers = {**request.headers, **request.sign(body)} if request.sign is not None else request.headers
+            async with session.post(request.url, data=body, headers=headers) as resp:
                 if resp.status >= 300:
-                    text = (await resp.text())[:200]
-                    raise DeliveryError(f"HTTP {resp.status}: {text}")
+                    excerpt = redact((await resp.text(errors="replace"))[:EXCERPT_CHARS], secrets)
+                    verdict = classify(sink.statuses, resp.status)
+                    raise DeliveryError(f"HTTP {resp.status}: {excerpt[:200]}", status=resp.status, excerpt=excerpt,
+                                        retry_after=retry_after_s(resp.headers.get("Retry-After")),
+                                        permanent=verdict == PERMANENT)
                 await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+            raise DeliveryError(redact(f"{type(exc).__name__}: {exc}", secrets)) from None
+
+
+def round_delay(rounds: int, first_s: float, cap_s: float) -> float:
+    """Delay before retry round ``rounds`` + 1 on the retry topic: exponential, capped, with jitter
+    (half to all of it) so that deliveries failed together do not come back together."""
+    return min(first_s * 2 ** rounds, cap_s) * random.uniform(0.5, 1.0)

@@ -5,7 +5,8 @@ slow or break the grading hot path:
 
 - ``redis-writer`` (grade-changes → Redis current grades, streams/redis_grades.py)
 - ``alert-dispatcher`` (grade-alerts + grade-changes → on-call sinks, streams/alerts.py)
-- ``alert-retry`` (the retry topic → the same sinks, when due)
+- ``alert-retry`` (the retry topic → the same sinks, when due); what a sink refuses for good
+  goes to the alert dead-letter topic instead, never retried
 - the HTTP API and /metrics (streams/web.py, streams/metrics.py)
 
 All three agents share the app's consumer group, so each partition of those
@@ -56,6 +57,7 @@ class Downstream:
         self._grades: AsyncGrades | None = None
         self._dispatcher: Dispatcher | None = None
         self.retry_topic: Any = None
+        self.alert_dead_letter_topic: Any = None
 
     def redis(self) -> Any:
         if self._redis is None:
@@ -73,7 +75,7 @@ class Downstream:
     def dispatcher(self) -> Dispatcher:
         if self._dispatcher is None:
             self._dispatcher = Dispatcher(self.settings, self.ruleset, self.redis(), self.prefix,
-                                          self.schedule_retry, self.metrics)
+                                          self.schedule_retry, self.metrics, dead_letter=self.dead_letter_alert)
         return self._dispatcher
 
     async def close(self) -> None:
@@ -87,6 +89,12 @@ class Downstream:
         """Put a delivery on the retry topic and wait until the broker has it."""
         key = str(doc["item"].get("customer_id", "")).encode()
         fut = await self.retry_topic.send(key=key, value=orjson.dumps(doc))
+        await fut
+
+    async def dead_letter_alert(self, doc: dict[str, Any]) -> None:
+        """Put a delivery a sink refused for good on the alert dead-letter topic; wait until the broker has it."""
+        key = str(doc["alert"].get("customer_id", "")).encode()
+        fut = await self.alert_dead_letter_topic.send(key=key, value=orjson.dumps(doc))
         await fut
 
     async def write_grades(self, items: list[tuple[dict[str, Any], int]]) -> None:
@@ -148,7 +156,18 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
     ds.retry_topic = app.topic(alert_retries_topic(settings), key_type=bytes, value_type=bytes, internal=True,
                                partitions=settings.partitions, replicas=settings.replication_factor,
                                retention=RETRY_RETENTION_S)
+    ds.alert_dead_letter_topic = app.topic(names.alert_dead_letters, key_type=bytes, value_type=bytes)
     alerts_topic = names.alerts
+
+    if settings.alert_alertmanager_url:
+        @app.timer(settings.alert_alertmanager_resend_s, name="alertmanager-resend")
+        async def alertmanager_resend() -> None:
+            # Every worker wakes; a Redis lease lets one of them re-send per interval.
+            try:
+                await ds.dispatcher().resend_firing()
+            except _TRANSIENT as exc:
+                log.warning("gradeflow: re-sending firing alerts to Alertmanager failed (%s: %s)",
+                            type(exc).__name__, exc)
 
     @app.agent(changes, name="redis-writer")
     async def redis_writer(stream: Any) -> None:

@@ -27,6 +27,7 @@ class TopicNames:
     grade_changes: str
     alerts: str
     dead_letters: str
+    alert_dead_letters: str
 
 
 class Settings(BaseSettings):
@@ -43,6 +44,9 @@ class Settings(BaseSettings):
     topic_grade_changes: str = "grade-changes"
     topic_alerts: str = "grade-alerts"
     topic_dead_letters: str = "gradeflow-dead-letters"
+    topic_alert_dead_letters: str = Field(
+        "alert-dead-letters", description="Alerts a sink refused for good (HTTP 400, 410, ...): never retried, kept "
+                                          "here with the sink, status and answer (docs/downstream.md, On-call).")
     partitions: int = Field(4, ge=1, description="Partitions of every topic gradeflow creates (inputs and changelogs must agree).")
     replication_factor: int = Field(1, ge=1, description="Replication factor of the topics gradeflow creates.")
     data_dir: Path = Field(Path(".local/worker"), description="Worker state directory (table offsets, RocksDB).")
@@ -87,7 +91,7 @@ class Settings(BaseSettings):
     alert_slack_webhook_url: str | None = Field(None, description="Slack incoming-webhook URL.")
     alert_pagerduty_routing_key: str | None = Field(None, description="PagerDuty Events API v2 integration (routing) key.")
     alert_pagerduty_url: str = Field("https://events.pagerduty.com/v2/enqueue", description="PagerDuty Events API v2 endpoint.")
-    alert_alertmanager_url: str | None = Field(None, description="Alertmanager base URL, e.g. http://alertmanager:9093 (POST /api/v2/alerts).")
+    alert_alertmanager_url: str | None = Field(None, description="Alertmanager base URL(s), comma-separated for an HA set (each gets every alert), e.g. http://alertmanager:9093 (POST /api/v2/alerts).")
     alert_routes: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "critical": ["webhook", "slack", "pagerduty", "alertmanager"],
@@ -105,11 +109,26 @@ class Settings(BaseSettings):
     alert_timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one delivery attempt.")
     alert_cooldown_s: float = Field(3600.0, ge=0, description="At most one page per customer, ladder and sink in this time; later drops wait for its end.")
     alert_dedup_ttl_s: float = Field(30 * 86400.0, gt=0, description="How long delivered alert ids are remembered in Redis.")
-    alert_alertmanager_active_s: float = Field(7 * 86400.0, gt=0, description="endsAt of a firing Alertmanager alert (it is not re-sent); recovery sets the real end.")
+    alert_alertmanager_resend_s: float = Field(60.0, gt=0, description="Firing alerts are re-sent to Alertmanager this often (endsAt 4 intervals ahead), until resolved.")
+    alert_alertmanager_max_firing: int = Field(10_000, ge=1, description="Most alerts kept firing (re-sent) in Alertmanager; past it a new one is sent once and ends by itself.")
+    alert_link_base_url: str | None = Field(None, description="Base URL of gradeflow's HTTP API in alert links (Alertmanager generatorURL); default http://<web_host>:<web_port>.")
     alert_source: str = Field("gradeflow", description="Source/instance name shown in alerts.")
     alert_max_age_s: float = Field(
         86400.0, ge=0, description="Alerts produced longer ago than this are not sent (a new deployment reading "
                                    "grade-alerts from its beginning must not page for last month); 0: no limit.")
+
+    # --- on-call delivery: rate limits and the alert-storm guard (streams/alerts.py) ----------
+    alert_webhook_rate_per_min: float = Field(600.0, gt=0, description="Most requests a minute to the generic webhook, per worker process.")
+    alert_slack_rate_per_min: float = Field(60.0, gt=0, description="Most messages a minute to the Slack webhook, per worker process (Slack allows about one a second).")
+    alert_pagerduty_rate_per_min: float = Field(120.0, gt=0, description="Most events a minute to PagerDuty per routing key, per worker process (PagerDuty's limit is 120).")
+    alert_alertmanager_rate_per_min: float = Field(600.0, gt=0, description="Most requests a minute to the Alertmanagers (all URLs together), per worker process; a re-send carries up to 500 alerts.")
+    alert_storm_threshold: int = Field(
+        50, ge=0, description="Pages (alerts to the sinks) per storm window, all customers together, past which further "
+                              "ones are folded into one summary alert per window; 0: never fold.")
+    alert_storm_window_s: float = Field(300.0, gt=0, description="The alert-storm window, in seconds.")
+    alert_webhook_secret: SecretStr | None = Field(
+        None, description="Signs every generic-webhook request: X-Gradeflow-Signature: v1=HMAC-SHA256(secret, "
+                          "timestamp + '.' + body) with X-Gradeflow-Timestamp (never logged); unset: unsigned.")
 
     # --- connection to the Kafka cluster (see streams/kafka_config.py) -------------------
     kafka_security_protocol: SecurityProtocol = Field(
@@ -148,6 +167,7 @@ class Settings(BaseSettings):
         None, description="retention.ms of the input topics gradeflow creates; broker default when unset.")
     alerts_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the alerts topic.")
     dead_letters_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the dead-letter topic.")
+    alert_dead_letters_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the alert dead-letter topic.")
 
     # --- the clock: re-grading by time alone (streams/clock.py, docs/clock.md) ---------------
     clock: Literal["wall", "event", "off"] = Field(
@@ -202,7 +222,7 @@ class Settings(BaseSettings):
         """Full topic names, ``topic_prefix`` applied."""
         p = self.topic_prefix
         return TopicNames(p + self.topic_transactions, p + self.topic_interactions, p + self.topic_grade_changes,
-                          p + self.topic_alerts, p + self.topic_dead_letters)
+                          p + self.topic_alerts, p + self.topic_dead_letters, p + self.topic_alert_dead_letters)
 
     def changelog_topic(self, table: str) -> str:
         """The changelog topic Faust uses for ``table`` (``<app id>-<table>-changelog``)."""

@@ -7,7 +7,8 @@ Layout, from settings (all ``GRADEFLOW_*``):
 * grade changes: ``grade_changes_cleanup_policy`` (compact by default);
 * alerts and dead letters: delete with ``alerts_retention_ms`` / ``dead_letters_retention_ms``;
 * the alert retry topic (``<app id>-alert-retries`` or ``topic_alert_retries``), when the
-  worker runs the downstream agents: ``partitions``, delete after 14 days;
+  worker runs the downstream agents: ``partitions``, delete after 14 days; with it the alert
+  dead-letter topic (``topic_alert_dead_letters``), delete after ``alert_dead_letters_retention_ms``;
 * each table's changelog (``<app id>-<table>-changelog``): compact, and exactly
   as many partitions as the inputs: Faust restores partition *n* of a table
   from partition *n* of its changelog, for the worker that owns partition *n*
@@ -101,6 +102,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         specs.append(TopicSpec(alert_retries_topic(settings), INTERNAL, n, rf,
                                {**common, "cleanup.policy": "delete",
                                 "retention.ms": str(ALERT_RETRIES_RETENTION_S * 1000)}))
+        # Alerts a sink refused for good (streams/alerts.py): written by the dispatcher only.
+        specs.append(TopicSpec(names.alert_dead_letters, OUTPUT, n, rf,
+                               {**common, "cleanup.policy": "delete",
+                                "retention.ms": str(settings.alert_dead_letters_retention_ms)}))
     return specs
 
 

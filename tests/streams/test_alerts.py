@@ -29,6 +29,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from downstream_helpers import StandIn, delete_prefix, free_port, wait_until
+from oncall_helpers import Answer, Scripted
 from rules.engine import compile_ruleset
 from rules.ruleset import load
 from schemas.events import Alert
@@ -171,6 +172,7 @@ class Harness:
         self.settings = settings
         self.prefix = prefix
         self.retries: list[dict] = []
+        self.dead: list[dict] = []
 
     async def __aenter__(self) -> "Harness":
         self.redis = aioredis.Redis.from_url(REDIS_URL)
@@ -179,7 +181,10 @@ class Harness:
         async def schedule(doc: dict) -> None:
             self.retries.append(doc)
 
-        self.dispatcher = Dispatcher(self.settings, rs, self.redis, self.prefix, schedule)
+        async def dead_letter(doc: dict) -> None:
+            self.dead.append(doc)
+
+        self.dispatcher = Dispatcher(self.settings, rs, self.redis, self.prefix, schedule, dead_letter=dead_letter)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -350,6 +355,8 @@ def worker_env(server: StandIn, **extra: str) -> dict[str, str]:
         "GRADEFLOW_ALERT_BACKOFF_S": "0.05",
         "GRADEFLOW_ALERT_RETRY_DELAY_S": "1",
         "GRADEFLOW_WEB_PORT": str(free_port()),
+        # Re-sends of firing alerts would read as repeats in the once-only checks below.
+        "GRADEFLOW_ALERT_ALERTMANAGER_RESEND_S": "3600",
     }
     env.update(extra)
     return env
@@ -558,3 +565,411 @@ def test_an_at_risk_warning_routed_to_slack_and_pagerduty_reads_as_one():
     pd = PagerDutySink("http://x", "R0UT1NGKEY0000000000000000000000", "gradeflow").trigger(warning).body
     jsonschema.validate(pd, PD_TRIGGER)
     assert pd["payload"]["class"] == "key-customer-at-risk" and pd["dedup_key"] == warning["dedup_key"]
+
+
+# ----------------------------------------------------------------------------- errors per vendor
+
+
+def test_errors_are_classified_as_each_vendor_documents():
+    from streams.alerts import PERMANENT, TRANSIENT, AlertmanagerSink, PagerDutySink, SlackSink, WebhookSink, classify
+
+    table = {
+        # PagerDuty Events API v2: 400 invalid event; 429 rate limited; 5xx.
+        PagerDutySink: {400: PERMANENT, 429: TRANSIENT, 500: TRANSIENT, 502: TRANSIENT, 503: TRANSIENT},
+        # Slack incoming webhooks: invalid payload, action prohibited, no service, archived channel.
+        SlackSink: {400: PERMANENT, 403: PERMANENT, 404: PERMANENT, 410: PERMANENT, 429: TRANSIENT, 500: TRANSIENT},
+        # Generic webhook: 4xx but 408/425/429 permanent; 5xx transient.
+        WebhookSink: {400: PERMANENT, 401: PERMANENT, 404: PERMANENT, 422: PERMANENT, 408: TRANSIENT,
+                      425: TRANSIENT, 429: TRANSIENT, 500: TRANSIENT, 504: TRANSIENT},
+        # Alertmanager: 400 bad request; 5xx.
+        AlertmanagerSink: {400: PERMANENT, 500: TRANSIENT, 503: TRANSIENT},
+    }
+    for sink, expected in table.items():
+        for status, verdict in expected.items():
+            assert classify(sink.statuses, status) == verdict, (sink.name, status)
+        assert classify(sink.statuses, None) == TRANSIENT, sink.name  # no answer: refused, reset, timeout
+
+
+def test_retry_after_is_read_in_seconds_or_as_an_http_date():
+    from email.utils import format_datetime
+
+    from streams.alerts import retry_after_s
+
+    now = time.time()
+    assert retry_after_s("7", now) == 7.0
+    later = format_datetime(datetime.fromtimestamp(int(now) + 30, timezone.utc), usegmt=True)
+    assert retry_after_s(later, int(now)) == 30.0
+    assert retry_after_s(format_datetime(datetime(2000, 1, 1, tzinfo=timezone.utc), usegmt=True), now) == 0.0
+    assert retry_after_s(None) is None and retry_after_s("soon") is None
+
+
+def scripted_settings(server: Scripted, **extra):
+    return load_settings(
+        alert_webhook_url=server.url("/hook"),
+        alert_slack_webhook_url=server.url("/slack/T000/B000/XXX"),
+        alert_pagerduty_routing_key="R0UT1NGKEY0000000000000000000000",
+        alert_pagerduty_url=server.url("/pd"),
+        alert_alertmanager_url=server.url("/am"),
+        **{"alert_attempts": 3, "alert_backoff_s": 0.01, "alert_retry_delay_s": 0.1, **extra})
+
+
+def test_a_permanent_refusal_gets_one_attempt_and_one_alert_dead_letter(redis_prefix):
+    alert = alert_doc("ned", "A", "B")
+    paths = {"webhook": "/hook", "slack": "/slack/T000/B000/XXX", "pagerduty": "/pd", "alertmanager": "/am/api/v2/alerts"}
+    refusals = {"webhook": 404, "slack": 410, "pagerduty": 400, "alertmanager": 400}
+
+    async def run() -> None:
+        async with Scripted() as server:
+            server.answer("/hook", Answer(404, body="no such hook"))
+            server.answer("/slack/T000/B000/XXX", Answer(410, body="channel_is_archived"))
+            # A vendor may echo the request back: the routing key must not reach the dead letter.
+            server.answer("/pd", Answer(400, body='{"status":"invalid event","message":"Event object is invalid",'
+                                                  '"errors":["bad key R0UT1NGKEY0000000000000000000000"]}'))
+            server.answer("/am/api/v2/alerts", Answer(400, body="bad alert"))
+            async with Harness(scripted_settings(server), redis_prefix) as h:
+                await h.dispatcher.on_alert(alert)
+                await h.dispatcher.on_alert(alert)  # a replay (rebalance) is not tried again
+                assert h.retries == []
+                for path in paths.values():
+                    assert len(server.at(path)) == 1, path
+                dead = {d["sink"]: d for d in h.dead}
+                assert sorted(dead) == sorted(paths) and len(h.dead) == 4
+                for sink, doc in dead.items():
+                    assert doc["status"] == refusals[sink] and doc["action"] == "trigger"
+                    assert doc["alert"]["alert_id"] == alert["alert_id"] and doc["alert"]["customer_id"] == "ned"
+                    datetime.fromisoformat(doc["dead_lettered_at"])
+                assert dead["slack"]["response_excerpt"] == "channel_is_archived"
+                assert "invalid event" in dead["pagerduty"]["response_excerpt"]
+                assert "R0UT1NGKEY" not in orjson.dumps(h.dead).decode()
+                # Nothing paged, so a later drop of the same customer is not held back by a cooldown.
+                later = alert_doc("ned", "A", "C", "2026-01-02T10:00:00+08:00")
+                await h.dispatcher.on_alert(later)
+                assert h.retries == [] and len(server.at("/hook")) == 2
+
+    asyncio.run(run())
+
+
+def test_a_429_with_retry_after_is_retried_after_at_least_that_delay(redis_prefix):
+    from email.utils import format_datetime
+
+    alert = alert_doc("olga", "A", "B")
+
+    async def run() -> None:
+        async with Scripted() as server:
+            server.answer("/slack/T000/B000/XXX", Answer(429, {"Retry-After": "1"}, "rate_limited"))
+            # An HTTP date two seconds ahead (whole seconds): at least one second away.
+            when = format_datetime(datetime.fromtimestamp(int(time.time()) + 2, timezone.utc), usegmt=True)
+            server.answer("/pd", Answer(429, {"Retry-After": when}, '{"status":"throttle event"}'))
+            # A wait longer than the in-line back-off goes to the retry topic, due no earlier.
+            server.answer("/hook", Answer(503, {"Retry-After": "30"}, "maintenance"))
+            settings = scripted_settings(server, alert_backoff_s=0.4, alert_routes={"critical": ["slack", "pagerduty",
+                                                                                                 "webhook"]})
+            async with Harness(settings, redis_prefix) as h:
+                before = time.time()
+                await h.dispatcher.on_alert(alert)
+                for path in ("/slack/T000/B000/XXX", "/pd"):
+                    first, second = server.at(path)
+                    assert second.at - first.at >= 1.0, path
+                [retry] = h.retries
+                assert retry["sink"] == "webhook" and retry["due"] - before >= 30
+                assert len(server.at("/hook")) == 1 and h.dead == []
+
+    asyncio.run(run())
+
+
+def test_the_alert_dead_letter_topic_is_in_the_layout_topics_create_makes():
+    from streams.topics import OUTPUT, topic_specs
+
+    s = load_settings(topic_prefix="team-risk.", alert_dead_letters_retention_ms=3_600_000)
+    specs = {spec.name: spec for spec in topic_specs(s)}
+    spec = specs["team-risk.alert-dead-letters"]
+    assert s.topics.alert_dead_letters == spec.name
+    assert spec.role == OUTPUT and spec.partitions == s.partitions and spec.cleanup_policy == "delete"
+    assert spec.config["retention.ms"] == "3600000"
+
+
+# ----------------------------------------------------------------------------- rate limits and storms
+
+
+def clock_alert(customer: str, as_of: str = "2026-02-01T00:00:00+08:00", cause: str = "clock") -> dict:
+    """A downgrade alert whose grade change the clock (or new rules) made, with the id rules/changes.py gives it."""
+    from rules.changes import Cause, change_id
+
+    rs = compile_ruleset(load("rfm-5"))
+    doc = alert_doc(customer, "A", "B", as_of)
+    doc["grade_change_event_id"] = change_id(customer, "value", rs, Cause(cause, None), datetime.fromisoformat(as_of),
+                                             "A", "B")
+    return doc
+
+
+def test_the_cause_of_an_alert_is_told_from_its_grade_change_id():
+    from streams.alerts import cause_of
+
+    rs = compile_ruleset(load("rfm-5"))
+    assert cause_of(clock_alert("pia"), rs) == "clock"
+    assert cause_of(clock_alert("pia", cause="rules"), rs) == "rules"
+    assert cause_of(alert_doc("pia", "A", "B"), rs) == "event"  # a transaction's change id carries its event id
+    assert cause_of(at_risk_doc("pia"), rs) == "clock"
+
+
+def test_the_storm_guard_folds_past_its_threshold_and_sums_up():
+    from streams.alerts import StormGuard
+
+    guard = StormGuard(threshold=3, window_s=60)
+    assert [guard.folds(n) for n in range(1, 6)] == [False, False, False, True, True]
+    assert not StormGuard(0, 60).folds(10_000)
+    assert guard.window(119.9) == 1 and guard.bounds(1) == (60.0, 120.0)
+    summary = guard.summary(1, {("value", "clock", "critical"): 7, ("value", "event", "warning"): 2}, "gradeflow")
+    assert summary["count"] == 9 and summary["ladder"] == "value" and summary["severity"] == "critical"
+    assert summary["causes"] == {"clock": 7, "event": 2}
+    assert "9 more" in summary["summary"] and "7 on ladder 'value' caused by the clock" in summary["summary"]
+    assert summary == guard.summary(1, {("value", "event", "warning"): 2, ("value", "clock", "critical"): 7},
+                                    "gradeflow")  # deterministic: a re-send has the same alert_id
+
+
+def test_an_alert_storm_pages_up_to_the_threshold_then_sends_one_summary(redis_prefix):
+    alerts = [clock_alert(f"storm{i:02d}") for i in range(8)]
+
+    async def run() -> None:
+        async with Scripted() as server:
+            settings = scripted_settings(server, alert_storm_threshold=3, alert_storm_window_s=3600,
+                                         alert_routes={"critical": ["webhook", "pagerduty"]})
+            async with Harness(settings, redis_prefix) as h:
+                for doc in alerts:
+                    await h.dispatcher.on_alert(doc)
+                await h.dispatcher.on_alert(alerts[7])  # a replay of a folded alert is not counted twice
+                await h.dispatcher.on_alert(alerts[0])  # nor one of a paged alert, sent once
+                sent = [hit.body["customer_id"] for hit in server.at("/hook")]
+                assert sent == ["storm00", "storm01", "storm02"]
+                [summary_due] = h.retries
+                window_end = (int(time.time() // 3600) + 1) * 3600
+                assert summary_due["kind"] == "storm_summary" and summary_due["due"] >= window_end
+                await h.dispatcher.on_retry(summary_due)  # as the retry topic hands it back when due
+                await h.dispatcher.on_retry(summary_due)  # twice (a crash before the commit): sent once
+                summary = server.at("/hook")[-1].body
+                assert len(server.at("/hook")) == 4 and summary["kind"] == "storm"
+                assert summary["count"] == 5 and summary["ladder"] == "value" and summary["causes"] == {"clock": 5}
+                assert "caused by the clock" in summary["summary"]
+                [pd] = [hit.body for hit in server.at("/pd") if hit.body["payload"]["class"] == "alert-storm"]
+                assert pd["payload"]["custom_details"]["count"] == 5
+                assert len(server.at("/pd")) == 4
+
+    asyncio.run(run())
+
+
+def test_each_sink_is_held_to_its_rate(redis_prefix):
+    from streams.alerts import rate_limiter
+
+    pd = rate_limiter(load_settings().alert_pagerduty_rate_per_min)  # 120 a minute: 2 a second
+    assert (pd.max_rate, pd.time_period) == (2.0, 1.0)
+
+    async def run() -> None:
+        async with Scripted() as server:
+            settings = scripted_settings(server, alert_webhook_rate_per_min=120, alert_routes={"critical": ["webhook"]})
+            async with Harness(settings, redis_prefix) as h:
+                for i in range(6):
+                    await h.dispatcher.on_alert(alert_doc(f"rate{i}", "A", "B"))
+            hits = server.at("/hook")
+            assert len(hits) == 6
+            # Two at once, then one every half second: the sixth 2 s after the first.
+            assert hits[-1].at - hits[0].at >= 1.9
+            assert hits[2].at - hits[0].at >= 0.45
+
+    asyncio.run(run())
+
+
+# ----------------------------------------------------------------------------- Slack escapes, signatures
+
+
+def test_slack_text_never_pings_whatever_the_customer_id():
+    from streams.alerts import SlackSink
+
+    sink = SlackSink("http://127.0.0.1:9/slack")
+    alert = alert_doc("<!here>", "A", "B")
+    alert["summary"] = "Customer <!here> & <@U024BE7LH> dropped <https://evil.example|click>."
+    resolve = sink.resolve({"customer_id": "<!channel>", "ladder": "value", "previous_grade": "B", "grade": "A",
+                            "as_of": "2026-01-02T10:00:00+08:00", "recovery_id": "r", "dedup_key": "d"}, "")
+    assert resolve is not None
+    for body in (sink.trigger(alert).body, sink.trigger({**at_risk_doc("x"), "customer_id": "<!everyone>"}).body,
+                 resolve.body):
+        jsonschema.validate(body, SLACK)
+        texts = [body["text"]] + [b["text"]["text"] for b in body["blocks"] if "text" in b] + \
+                [e["text"] for b in body["blocks"] for e in b.get("elements", [])]
+        for text in texts:
+            assert "<" not in text and ">" not in text, text
+            assert "&" not in text.replace("&amp;", "").replace("&lt;", "").replace("&gt;", ""), text
+    assert "&lt;!here&gt;" in sink.trigger(alert).body["text"]
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes, now: float, tolerance_s: float = 300) -> bool:
+    """The receiver's check, as docs/downstream.md shows it."""
+    import hashlib
+    import hmac
+
+    stamp = headers["X-Gradeflow-Timestamp"]
+    if abs(now - int(stamp)) > tolerance_s:
+        return False
+    expected = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(headers["X-Gradeflow-Signature"], "v1=" + expected)
+
+
+def test_webhook_bodies_are_signed_and_the_secret_is_never_shown(redis_prefix, caplog):
+    import logging
+
+    secret = "whsec-" + uuid.uuid4().hex
+    alert = alert_doc("quinn", "A", "B")
+
+    async def run() -> None:
+        async with Scripted() as server:
+            server.answer("/hook", Answer(503, body=f"echo {secret}"))  # a failed attempt first: signed again
+            settings = scripted_settings(server, alert_webhook_secret=secret, alert_routes={"critical": ["webhook"]},
+                                         alert_backoff_s=0.05)
+            assert secret not in repr(settings) and secret not in str(settings.model_dump())
+            async with Harness(settings, redis_prefix) as h:
+                assert secret not in repr(h.dispatcher.sinks)
+                with caplog.at_level(logging.DEBUG):
+                    await h.dispatcher.on_alert(alert)
+                first, second = server.at("/hook")
+                for hit in (first, second):
+                    assert hit.headers["X-Gradeflow-Signature"].startswith("v1=")
+                    assert verify(secret, hit.headers, hit.raw, time.time())
+                    assert not verify("another secret", hit.headers, hit.raw, time.time())
+                    assert not verify(secret, hit.headers, hit.raw + b" ", time.time())
+                assert second.body == alert
+                assert not verify(secret, second.headers, second.raw, time.time() + 3600)  # a replay, an hour on
+
+    asyncio.run(run())
+    assert secret not in caplog.text
+    # Unset: no signature headers at all.
+    from streams.alerts import WebhookSink
+
+    assert WebhookSink("http://127.0.0.1:9/hook").trigger(alert).sign is None
+
+
+# ----------------------------------------------------------------------------- Alertmanager
+
+
+def test_alertmanager_alerts_link_to_the_api_and_end_a_few_resends_ahead():
+    from streams.alerts import AlertmanagerSink, api_base_url, build_sinks
+
+    settings = load_settings(alert_alertmanager_url="http://am-0:9093, http://am-1:9093/", web_host="10.1.2.3",
+                             web_port=6070, alert_alertmanager_resend_s=30)
+    sink = build_sinks(settings)["alertmanager"]
+    assert isinstance(sink, AlertmanagerSink)
+    assert sink.urls == ("http://am-0:9093/api/v2/alerts", "http://am-1:9093/api/v2/alerts")
+    request = sink.trigger(alert_doc("a/b c", "A", "B"))
+    [item] = request.body
+    jsonschema.validate(request.body, AM_ALERTS)
+    assert request.urls == sink.urls
+    assert item["generatorURL"] == "http://10.1.2.3:6070/customers/a%2Fb%20c"
+    ends = rfc3339(item["endsAt"]).timestamp()
+    assert time.time() + 110 < ends <= time.time() + 121  # four intervals of 30 s, not days
+    assert api_base_url(load_settings(alert_link_base_url="https://gradeflow.internal/")) == \
+        "https://gradeflow.internal"
+
+
+async def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+@pytest.mark.timeout(1800)  # the first run on a machine builds Alertmanager (minutes on 2 cores)
+def test_a_real_alertmanager_ha_pair_fires_keeps_firing_across_a_restart_and_resolves(redis_prefix):
+    """Two real Alertmanagers (built by deploy/local/alertmanager): fire → both show it; restart
+    one (it keeps alerts in memory only) → back within one re-send interval; recover → resolved."""
+    from oncall_helpers import Alertmanager, alertmanager_binary
+
+    binary = alertmanager_binary()
+    ams = [Alertmanager(binary, free_port()), Alertmanager(binary, free_port())]
+    resend_s = 1.5
+    alert = alert_doc("<rita>", "A", "B", datetime.now(timezone.utc).isoformat())
+
+    async def ours(am: Alertmanager) -> list[dict]:
+        return [a for a in await am.alerts() if a["labels"].get("customer_id") == "<rita>"]
+
+    async def firing(am: Alertmanager) -> dict | None:
+        found = [a for a in await ours(am) if a["status"]["state"] == "active"
+                 and rfc3339(a["endsAt"]) > datetime.now(timezone.utc)]
+        return found[0] if found else None
+
+    async def resolved(am: Alertmanager) -> bool:
+        # Alertmanager lists a resolved alert with its endsAt passed, or no longer at all.
+        return all(rfc3339(a["endsAt"]) <= datetime.now(timezone.utc) for a in await ours(am))
+
+    async def run() -> None:
+        for am in ams:
+            am.start()
+        for am in ams:
+            await am.ready()
+        settings = load_settings(alert_alertmanager_url=",".join(am.url for am in ams),
+                                 alert_alertmanager_resend_s=resend_s, alert_routes={"critical": ["alertmanager"]},
+                                 alert_attempts=2, alert_backoff_s=0.05, web_port=6077)
+        async with Harness(settings, redis_prefix) as h:
+            resender = asyncio.create_task(h.dispatcher.resend_loop())
+            try:
+                await h.dispatcher.on_alert(alert)
+                for am in ams:
+                    shown = await wait_for(lambda am=am: firing(am), 10, f"the alert in {am.url}")
+                    assert shown["labels"]["alertname"] == "GradeflowKeyCustomerDowngrade"
+                    assert shown["generatorURL"] == "http://127.0.0.1:6077/customers/%3Crita%3E"
+                    # endsAt a few re-send intervals ahead, not days.
+                    assert rfc3339(shown["endsAt"]).timestamp() <= time.time() + 4 * resend_s + 1
+
+                ams[0].stop()
+                ams[0].start()
+                await ams[0].ready()
+                restarted = time.monotonic()
+                await wait_for(lambda: firing(ams[0]), resend_s + 3, "the alert back after the restart")
+                assert time.monotonic() - restarted <= resend_s + 3
+
+                await h.dispatcher.on_change(upgrade_doc("<rita>", "B", "A", datetime.now(timezone.utc).isoformat()))
+                for am in ams:
+                    await wait_for(lambda am=am: resolved(am), 10, f"resolved in {am.url}")
+                # Not re-sent once resolved: still resolved over the next two intervals.
+                later = time.monotonic() + 2 * resend_s
+                while time.monotonic() < later:
+                    for am in ams:
+                        assert await resolved(am), await ours(am)
+                    await asyncio.sleep(0.3)
+            finally:
+                resender.cancel()
+
+    try:
+        asyncio.run(run())
+    except BaseException:
+        print("\n".join(am.log() for am in ams))
+        raise
+    finally:
+        for am in ams:
+            am.remove()
+
+
+def test_the_firing_set_outlives_the_worker_and_is_bounded(redis_prefix):
+    """The set re-sent to Alertmanager is in Redis: a new worker (dispatcher) re-sends what the old
+    one fired; resolved alerts leave it; past the bound a new alert is sent once, not kept."""
+
+    async def run() -> None:
+        async with Scripted() as server:
+            settings = scripted_settings(server, alert_routes={"critical": ["alertmanager"]},
+                                         alert_alertmanager_max_firing=2)
+            async with Harness(settings, redis_prefix) as first:
+                for c in ("sam", "tess", "uma"):
+                    await first.dispatcher.on_alert(alert_doc(c, "A", "B"))
+            assert len(server.at("/am/api/v2/alerts")) == 3
+            async with Harness(settings, redis_prefix) as second:  # a restarted worker
+                assert await second.dispatcher.resend_firing() == 2
+                [resent] = server.at("/am/api/v2/alerts")[3:]
+                assert sorted(a["labels"]["customer_id"] for a in resent.body) == ["sam", "tess"]
+                assert await second.dispatcher.resend_firing() == 0  # another worker had this interval
+                await second.redis.delete(f"{redis_prefix}:alert:resend:alertmanager")
+                await second.dispatcher.on_change(upgrade_doc("sam", "B", "A", "2026-01-05T10:00:00+08:00"))
+                assert await second.dispatcher.resend_firing() == 1
+                assert [a["labels"]["customer_id"] for a in server.at("/am/api/v2/alerts")[-1].body] == ["tess"]
+
+    asyncio.run(run())
