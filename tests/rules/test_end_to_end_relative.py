@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from rules.population import RELATIVE_ACCURACY
-from streams.local import ROOT, consume, produce
+from streams.local import ROOT, consume
+from tests.streams.producerhelp import produce_librdkafka as produce
 
 WIRED = "attach_population" in (ROOT / "streams" / "app.py").read_text(encoding="utf-8")
 pytestmark = pytest.mark.skipif(not WIRED, reason="streams/app.py does not attach_population yet")

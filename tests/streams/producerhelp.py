@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -49,3 +49,29 @@ class RecordingProducer:
 
         loop.call_soon(ack)
         return future
+
+
+def produce_librdkafka(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
+                       env: Mapping[str, str] | None = None) -> dict[bytes | None, int]:
+    """Send (key, value) records in order with confluent-kafka's default producer (librdkafka, whose
+    default partitioner is CRC32-based, not Kafka's Java murmur2), flush, and return the partition
+    each key landed on. ``env`` is accepted for the same call shape as ``streams.local.produce``
+    (these tests run on the plain local broker)."""
+    from confluent_kafka import Producer
+
+    placed: dict[bytes | None, int] = {}
+    errors: list[str] = []
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+        else:
+            placed[msg.key()] = msg.partition()
+
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    for key, value in records:
+        producer.produce(topic, value=value, key=key, on_delivery=delivered)
+        producer.poll(0)
+    assert producer.flush(60) == 0, "records left unsent"
+    assert not errors, errors
+    return placed

@@ -8,7 +8,8 @@ from collections import defaultdict
 
 import orjson
 
-from streams.local import ROOT, consume, produce
+from streams.local import ROOT, consume
+from tests.streams.producerhelp import produce_librdkafka as produce
 
 
 def txn(event_id: str, customer: str, at: str, amount: str, kind: str = "purchase") -> tuple[bytes, bytes]:
