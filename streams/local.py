@@ -52,7 +52,7 @@ def drop_run(bootstrap: str, env: Mapping[str, str]) -> list[str]:
     Every topic of the run starts with its app id: the ones ``unique_env`` names and Faust's own
     (changelogs, the assignor's). A broker that keeps every run's topics slows down: after a day of
     benchmark and test runs (~1,300 partitions, 6.5 GB) the benchmark's latency run went from a p99
-    of ~0.1 s to ~2 s on this VM, so runs that measure clean up after themselves.
+    of ~0.1 s to ~2 s on a 2-core VM, so runs that measure clean up after themselves.
     """
     import shutil
 

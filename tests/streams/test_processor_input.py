@@ -1,4 +1,4 @@
-"""process_batch against bad, late, future and duplicate input (issue 5), without a broker.
+"""process_batch against bad, late, future and duplicate input, without a broker.
 
 Every record ends as exactly one of applied, duplicate, replayed or dead letter
 (``consumed == applied + duplicates + replayed + dead``), checked in every test.
