@@ -134,7 +134,7 @@ def _log_time(line: str) -> float | None:
     if not line.startswith("[") or len(line) < 24:
         return None
     try:
-        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()
     except ValueError:
         return None
 
@@ -372,7 +372,7 @@ async def _read_all(bootstrap: str, topic: str) -> list:
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 enable_auto_commit=False, group_id=None)
     await consumer.start()
-    out = []
+    out: list[Any] = []
     try:
         while True:
             batches = await consumer.getmany(timeout_ms=2000, max_records=10000)

@@ -228,7 +228,7 @@ def wait_group(bootstrap: str, group: str, members: int, topic: str, timeout_s: 
                env: Mapping[str, str] | None = None) -> dict[str, dict[str, set[int]]]:
     """Wait until ``group`` is stable with ``members`` members, each owning partitions of ``topic``."""
     deadline = time.monotonic() + timeout_s
-    state, assignment = "", {}
+    state, assignment = "", dict[str, dict[str, set[int]]]()
     while time.monotonic() < deadline:
         state, assignment = group_assignment(bootstrap, group, env)
         if state == "Stable" and len(assignment) == members and all(a.get(topic) for a in assignment.values()):
@@ -253,7 +253,7 @@ def faust_log_tables(text: str, title: str) -> list[tuple[float, dict[tuple[str,
         line = lines[i]
         if line.startswith("[") and len(line) > 24 and line[24] == "]":
             try:
-                stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()
             except ValueError:
                 pass
         if line.startswith(f"+{title}-"):

@@ -49,7 +49,7 @@ def test_relative_ladder_agrees_with_an_exact_offline_computation(worker_factory
     # The worker publishes one sketch per partition it owns; wait for them and for it to read them back.
     population = f"{env['GRADEFLOW_APP_ID']}-population"
     deadline = time.monotonic() + 60
-    keys: set[bytes] = set()
+    keys: set[bytes | None] = set()
     while time.monotonic() < deadline and len(keys) < 4:
         keys = {k for _, k, _ in consume(bootstrap, [population], idle_s=2, timeout_s=10)}
     assert keys == {f"key-account-abc@1/{p}".encode() for p in range(4)}, worker.tail()
@@ -60,8 +60,8 @@ def test_relative_ladder_agrees_with_an_exact_offline_computation(worker_factory
             [purchase(f"q-{c}", c, "2026-05-02T10:00:00+08:00", "0.01") for c in spend])
     got = list(consume(bootstrap, [changes_topic], idle_s=8, timeout_s=120))
     grade = defaultdict(lambda: "C")
-    for _, _, value in got:
-        doc = orjson.loads(value)
+    for _, _, raw in got:
+        doc = orjson.loads(raw)
         grade[doc["customer_id"]] = doc["grade"]
 
     t95, t80 = _exact(list(spend.values()), 0.95), _exact(list(spend.values()), 0.80)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from rules import population as pop
 from streams.population import Population, partition_of
 
-from presethelp import local, preset, state_of, txn
+from tests.rules.presethelp import local, preset, state_of, txn
 
 
 def _population(table=None) -> Population:
