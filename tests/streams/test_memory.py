@@ -102,8 +102,8 @@ _MAPPED_AFTER_A_BIG_FREE = textwrap.dedent("""
 
 
 def _mapped_after_a_big_free(threshold: int) -> tuple[str, str]:
-    tests = str(Path(__file__).resolve().parents[1])  # where mallochelp is
-    done = subprocess.run([sys.executable, "-c", _MAPPED_AFTER_A_BIG_FREE, str(threshold), tests],
+    root = str(Path(__file__).resolve().parents[2])  # where tests.mallochelp is imported from
+    done = subprocess.run([sys.executable, "-c", _MAPPED_AFTER_A_BIG_FREE, str(threshold), root],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     if done.stdout.split() == ["ok", "not", "glibc"]:
