@@ -1,4 +1,4 @@
-# gradeflow: `make demo` runs the whole flow, `make test` the whole suite.
+# gradeflow: `make demo` runs the whole flow, `make test` lints and runs the whole suite.
 # Both set up everything on a fresh machine (venv, Python deps, Kafka, Redis)
 # and stop the local servers afterwards if they started them.
 
@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 WITH_SERVERS := deploy/local/with-servers
 
-.PHONY: venv compile up down test test-fast demo bench bench-hot schemas clean
+.PHONY: venv compile up down lint test test-fast demo bench bench-hot schemas clean
 
 venv: $(VENV)/.installed
 
@@ -29,7 +29,12 @@ up:
 down:
 	deploy/local/down
 
-test: venv compile
+# ruff (pyflakes, bugbear, timezone-aware datetimes) and mypy, as configured in pyproject.toml.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: venv lint compile
 	$(WITH_SERVERS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
@@ -48,4 +53,4 @@ schemas: venv
 	$(BIN)/python -m schemas.generate
 
 clean:
-	rm -rf $(VENV) .pytest_cache .build
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .build

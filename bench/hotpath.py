@@ -16,7 +16,7 @@ grading alone are those of a run less those of the same run with ``--setup-only`
     valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
         python -m bench.hotpath --events 10000 --customers 1000 --no-clock [--setup-only]
 
-(``I refs`` of the two, difference divided by the events; docs/performance.md §12).
+(``I refs`` of the two, difference divided by the events; docs/performance.md, "Measuring on a shared VM").
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 A dict lookup is a chain of dependent loads (index slot, entry, stored key, value) and CPython
 runs one at a time, so at a million customers a batch's lookups wait for their cache misses one
-after another (docs/performance.md §16-17). :class:`ArrayIndex` holds the same keys and values in
+after another (docs/performance.md, "The state table in C"). :class:`ArrayIndex` holds the same keys and values in
 NumPy arrays (open addressing, linear probing on the key's Python hash) and reads or writes a
 whole batch with array operations, whose loads do not depend on each other. The memory store's
 own table (streams/state_index.py, in C) looks a batch up in stages whose misses overlap, with no
 fixed cost per call. This times the three on `bench.dictcost`'s scattered states, a fresh key
 object per access, batches of 2,000 as a worker takes them (the C table only when ``make compile``
-built it). §17 says why the worker did not keep the NumPy index, §18 what the C table changed.
+built it). docs/performance.md says why the worker did not keep the NumPy index ("Measured
+alternatives, rejected") and what the C table changed ("The state table in C").
 
     python -m bench.indexcost --sizes 10000,1000000
 """

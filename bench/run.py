@@ -11,8 +11,8 @@ then, in one run:
   (:func:`steady_rate`; both figures are printed);
 - the workers' peak RSS (VmHWM) above as many idle workers' RSS (:func:`idle_rss_kb`), per 100k
   customers;
-- with no clock (``--clock off``, the default): the job of the issue's reference
-  processor; then a second group grades the same backlog with the event clock
+- with no clock (``--clock off``, the default): the reference job (decode, fold,
+  grade, emit, changelog); then a second group grades the same backlog with the event clock
   (``--also-clock``), time-driven re-grading included, printed beside it;
 - latency at a steady offered rate, on a fresh worker with the wall clock.
 The last line is machine-readable:
@@ -60,7 +60,7 @@ def generate(n: int, customers: int, seed: int = 1) -> list[tuple[bytes, bytes]]
                "type": "refund" if refund else "purchase",
                "amount": f"{rng.randint(1, 500 if refund else 3000)}.{rng.randint(0, 99):02d}", "currency": "CNY"}
         # A right-sized copy: orjson's output holds a 4 KiB allocation whatever its length, and the
-        # 10M events of a 1M-customer growth size took all 24 GB of this VM (docs/performance.md §5).
+        # 10M events of a 1M-customer growth size took all 24 GB of a 24 GB VM (docs/performance.md, "Memory").
         out.append((cid.encode(), bytes(memoryview(orjson.dumps(doc)))))
     return out
 
@@ -134,7 +134,7 @@ def _log_time(line: str) -> float | None:
     if not line.startswith("[") or len(line) < 24:
         return None
     try:
-        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()
     except ValueError:
         return None
 
@@ -240,7 +240,7 @@ def idle_rss_kb(settings, clock: str = "off") -> int:  # noqa: ANN001 - Settings
     A worker's RSS as it reports ready is no baseline: with a backlog waiting, it starts consuming
     within a second of that line and grows by ~30 MB as it does (fetches, first states); read at
     the line, the figure for the same code spread over 111-176 MB per 100k customers
-    (docs/performance.md §14-15). An idle worker, started the same way on empty topics of its own,
+    (docs/performance.md, "Memory: right-sized bytes and malloc settings"). An idle worker, started the same way on empty topics of its own,
     stays flat from a second after ready."""
     env = unique_env("idle", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap)
     create_topics(settings_of(env))
@@ -283,7 +283,7 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
                also_clock: str | None = None, records: list[tuple[bytes, bytes]] | None = None) -> dict:
     """One throughput run on a fresh topic: raw consumer, then the worker, same records.
 
-    ``clock``: the workers' GRADEFLOW_CLOCK. ``off`` is the job the issue's reference processor
+    ``clock``: the workers' GRADEFLOW_CLOCK. ``off`` is the reference job a stream processor
     does (decode, fold, grade, emit, changelog); a clock adds time-driven re-grading on top. With
     ``also_clock``, a second group (its own app id, state and outputs) then grades the same topic
     with that clock, and its figures are returned as ``also_*``.
@@ -372,7 +372,7 @@ async def _read_all(bootstrap: str, topic: str) -> list:
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 enable_auto_commit=False, group_id=None)
     await consumer.start()
-    out = []
+    out: list[Any] = []
     try:
         while True:
             batches = await consumer.getmany(timeout_ms=2000, max_records=10000)
@@ -584,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-events", type=int, default=0, help="fewest events of a growth run's size")
     parser.add_argument("--repeat", type=int, default=5,
                         help="runs of each growth size, in rounds (the median is the row); five because "
-                             "one size's runs move by a third on a shared VM (docs/performance.md §19)")
+                             "one size's runs move by a third on a shared VM (docs/performance.md, Measuring on a shared VM)")
     parser.add_argument("--repeat-max-events", type=int, default=None,
                         help="a growth size of more events runs once (default: every size repeats)")
     parser.add_argument("--replot", default="", help="draw the growth table and plot again from a growth JSON")
@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                              "at most one per partition")
     parser.add_argument("--clock", default="off", choices=("event", "wall", "off"),
                         help="GRADEFLOW_CLOCK of the backlog run that gives the ratio: off (the default) is the "
-                             "job of the issue's reference processor, without time-driven re-grading")
+                             "reference job (decode, fold, grade, emit, changelog), without time-driven re-grading")
     parser.add_argument("--also-clock", default="event", choices=("event", "wall", "off", "none"),
                         help="then a second group grades the same backlog with this clock (default event: a "
                              "replay re-graded by the history's own time, all of gradeflow's work); none: skip")

@@ -52,6 +52,7 @@ def wait_ready(worker: WorkerProcess, timeout: float = 900) -> float:
     """Start ``worker`` and return seconds from process start to its ready line."""
     started = time.monotonic()
     worker.start(ready_timeout=timeout)  # waits for "Ready" (Faust's, may precede recovery)
+    assert worker.log_path is not None, "a started worker has a log"
     while not READY.search(worker.log_path.read_bytes()):
         if time.monotonic() - started > timeout:
             raise TimeoutError(worker.tail())
@@ -115,7 +116,7 @@ def log_events_after(text: str, since: float) -> dict[str, float]:
     """Wall times of the first rebalance start, and of the end of the recovery it started, after ``since``."""
     out: dict[str, float] = {}
     for m in LOG_STAMP.finditer(text):
-        at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()  # Faust stamps local time
         if at < since:
             continue
         key = "rebalance" if m.group(2).startswith("Revoking") else "recovered"
@@ -302,8 +303,8 @@ def main() -> int:
                     print("failover " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
         return 0
     for store in args.stores.split(","):
-        result = measure(store, args.customers, bootstrap)
-        print(f"store={store} customers={args.customers} " + " ".join(f"{k}={v:.1f}" for k, v in result.items()),
+        timings = measure(store, args.customers, bootstrap)
+        print(f"store={store} customers={args.customers} " + " ".join(f"{k}={v:.1f}" for k, v in timings.items()),
               flush=True)
     return 0
 

@@ -1,6 +1,6 @@
 """At-risk warnings: a key customer whose grade time alone will lower within a horizon.
 
-The pure part of issue 6's at-risk warning, built on the clock's schedule
+The pure part of the at-risk warning, built on the clock's schedule
 (:mod:`rules.schedule`): given a customer's state and the clock's instant
 ``now``, :func:`scan` follows the grades time alone would give, change after
 change (``next_wake``), and finds, per ladder, the first instant ``T`` at which

@@ -519,7 +519,7 @@ class Schedule:
     instants and, per instant, the customers due then. Rescheduling moves a customer between
     groups and leaves nothing behind. (It was a heap of ``(due, key)`` with lazy deletion:
     every note of a customer left a stale entry until a rebuild, 65 MB per 100k customers
-    noted ten times, against 22 MB now; docs/performance.md §13.)
+    noted ten times, against 22 MB now; docs/performance.md, "The clock's cost".)
 
     A due instant is *exact* (the customer's next change or warning) or a lower bound
     (``first_look``, before anyone evaluated the customer): :meth:`pop_due` says which.

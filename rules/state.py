@@ -17,13 +17,13 @@ keys of ``ext`` (readers take a missing key as empty), so adding one keeps the
 format number and old bytes on the changelogs stay readable; the number changes
 only for a change an older reader would misread. Every earlier format is read:
 
-- 3 (session 10): the daily buckets of two numbers as one flat list
+- 3: the daily buckets of two numbers as one flat list
   ``[day, purchases, net, day, …]`` (wider ones, with detail, in ext ``bw`` as
   ``[[day, …], …]``), and the applied event ids as ext ``sd``, an object
   ``{event_id: day}`` (a list of days for an id seen on several). Format 2 made
   a list per bucket and two per day of ids: fewer bytes, and half the objects
   to build and free for every state a batch reads and writes.
-- 2 (issue 4): ``ext`` added; buckets ``[[day, purchases, net, …], …]``, ids ext
+- 2: ``ext`` added; buckets ``[[day, purchases, net, …], …]``, ids ext
   ``se`` as ``[[day, [id, …]], …]``.
 - 1: no ``ext``.
 """
@@ -158,7 +158,8 @@ class CustomerState:
         if self.ruleset is not None:
             ext["rs"] = self.ruleset  # last, always: see graded_by
         # orjson's output holds a 4 KiB allocation whatever its length, and a state lives on in the
-        # table: the right-sized copy is what is kept (docs/performance.md §5, §15).
+        # table: the right-sized copy is what is kept (docs/performance.md,
+        # "Memory: right-sized bytes and malloc settings").
         return bytes(memoryview(orjson.dumps([
             _FORMAT,
             self.last_event_ts,

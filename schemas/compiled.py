@@ -5,7 +5,7 @@ compiles :data:`MODULES` into ``.build/mypyc/`` beside the checkout; each packag
 ``__init__`` calls :func:`attach`, which puts the compiled modules ahead of the sources only
 when the build's stamp is the hash of the sources as they are now. An edited source therefore
 runs as written, never an older compiled copy; without a C compiler, or with a stale build, the
-same code runs as plain Python, slower (docs/performance.md §13). The modules are the ones a
+same code runs as plain Python, slower (docs/performance.md, "The hot path compiled"). The modules are the ones a
 batch spends its time in; they type-check clean under mypy, which mypyc needs. The same build
 compiles :data:`EXTENSIONS`, written in C (the memory store's state table); without it the store
 runs on a dict (streams/state_index.py).

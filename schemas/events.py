@@ -10,7 +10,7 @@ retypes a field bumps it; adding an optional field does not.
 
 Input contract history (inputs carry no version field; additions only):
 - 1.0: transaction types ``purchase`` and ``refund``.
-- 1.1 (issue 4): transaction types ``deposit``, ``withdrawal`` (balances),
+- 1.1: transaction types ``deposit``, ``withdrawal`` (balances),
   ``invoice`` and ``payment`` (days to pay, linked by the new optional
   ``invoice_id``, required for these two); interaction types ``assessment``
   (facts recorded about a customer in ``attributes``), ``overdue``,

@@ -1,6 +1,6 @@
 /* The memory store's map of customer key to state, read and written a batch at a time.
  *
- * Why it exists (docs/performance.md §17-18): a worker grading a million customers spent half of
+ * Why it exists (docs/performance.md, "The state table in C"): a worker grading a million customers spent half of
  * what an event costs more there than among ten thousand in two dict operations per customer, the
  * read of its state and the write of the new one. A dict lookup is a chain of dependent cache
  * misses (index slot, entry, stored key, value) and CPython runs one at a time, so a batch's 2,000

@@ -18,6 +18,7 @@ alert ``sent`` marks).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -211,9 +212,9 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
                 await asyncio.sleep(min(wait, 1.0))
                 if float(doc["due"]) - time.time() > 0:
                     # Not due yet: back to the end of the queue, so later records are not held up.
-                    await ds.persist("requeue of an alert retry", lambda d=doc: ds.schedule_retry(d))
+                    await ds.persist("requeue of an alert retry", functools.partial(ds.schedule_retry, doc))
                     continue
-            await ds.persist(f"retry of a {doc['kind']} to {doc['sink']}", lambda d=doc: ds.dispatcher().on_retry(d))
+            await ds.persist(f"retry of a {doc['kind']} to {doc['sink']}", functools.partial(ds.dispatcher().on_retry, doc))
 
     return ds
 
@@ -223,6 +224,6 @@ async def _dispatch_all(ds: Downstream, docs: list[tuple[bool, float | None, dic
     dispatcher = ds.dispatcher()
     for is_alert, produced_at, doc in docs:
         if is_alert:
-            await ds.persist("alert dispatch", lambda d=doc, t=produced_at: dispatcher.on_alert(d, t))
+            await ds.persist("alert dispatch", functools.partial(dispatcher.on_alert, doc, produced_at))
         else:
-            await ds.persist("recovery dispatch", lambda d=doc: dispatcher.on_change(d))
+            await ds.persist("recovery dispatch", functools.partial(dispatcher.on_change, doc))

@@ -52,7 +52,7 @@ def drop_run(bootstrap: str, env: Mapping[str, str]) -> list[str]:
     Every topic of the run starts with its app id: the ones ``unique_env`` names and Faust's own
     (changelogs, the assignor's). A broker that keeps every run's topics slows down: after a day of
     benchmark and test runs (~1,300 partitions, 6.5 GB) the benchmark's latency run went from a p99
-    of ~0.1 s to ~2 s on this VM, so runs that measure clean up after themselves.
+    of ~0.1 s to ~2 s on a 2-core VM, so runs that measure clean up after themselves.
     """
     import shutil
 
@@ -228,7 +228,7 @@ def wait_group(bootstrap: str, group: str, members: int, topic: str, timeout_s: 
                env: Mapping[str, str] | None = None) -> dict[str, dict[str, set[int]]]:
     """Wait until ``group`` is stable with ``members`` members, each owning partitions of ``topic``."""
     deadline = time.monotonic() + timeout_s
-    state, assignment = "", {}
+    state, assignment = "", dict[str, dict[str, set[int]]]()
     while time.monotonic() < deadline:
         state, assignment = group_assignment(bootstrap, group, env)
         if state == "Stable" and len(assignment) == members and all(a.get(topic) for a in assignment.values()):
@@ -253,7 +253,7 @@ def faust_log_tables(text: str, title: str) -> list[tuple[float, dict[tuple[str,
         line = lines[i]
         if line.startswith("[") and len(line) > 24 and line[24] == "]":
             try:
-                stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()
             except ValueError:
                 pass
         if line.startswith(f"+{title}-"):

@@ -4,7 +4,7 @@ glibc gives each thread that allocates under contention an arena of its own (up 
 and returns freed memory only to the arena it came from. In a worker, Faust's consumer thread
 builds every fetched record and the main thread frees them after grading: with the default
 arenas the worker's peak RSS above ready was 159 MB per 100k customers in a `make bench` run
-where two arenas gave 116 (docs/performance.md §11). ``mallopt(M_ARENA_MAX)`` is what the
+where two arenas gave 116 (docs/performance.md, "Memory: right-sized bytes and malloc settings"). ``mallopt(M_ARENA_MAX)`` is what the
 ``MALLOC_ARENA_MAX`` environment variable sets, applied before the worker starts its threads.
 
 glibc serves an allocation of at least its mmap threshold (128 KiB at start) with a mapping of
@@ -12,7 +12,7 @@ its own, returned to the system when freed; but freeing such a mapping raises th
 its size (up to 32 MiB), and from then on the consumer's fetch responses (up to 1 MiB per
 partition), the producer's batches and the batch handler's buffers come from the heap, where
 freed space between live chunks is held rather than returned. Sampled through a `make bench`
-worker (mallinfo2, docs/performance.md §15), the heap reached 65 MB with 35 MB of it in use; with
+worker (mallinfo2, docs/performance.md, "Memory: right-sized bytes and malloc settings"), the heap reached 65 MB with 35 MB of it in use; with
 the threshold fixed at 64 KiB (``mallopt(M_MMAP_THRESHOLD)``, what ``MALLOC_MMAP_THRESHOLD_``
 sets; a fixed value also turns the raising off) the same run peaked 11 MB lower.
 
@@ -20,7 +20,7 @@ CPython's cycle collector runs a young-generation pass each time 700 more contai
 allocated than freed. Grading a batch allocates tens of thousands (decoded events and states,
 change documents) that are freed a moment later, so the collector ran ~60 times a second and,
 every hundred passes, walked the whole heap: 7% of a worker's CPU in a `make bench` run
-(docs/performance.md §12). Raising the first threshold lets a batch's garbage be freed by
+(docs/performance.md, "The cycle collector"). Raising the first threshold lets a batch's garbage be freed by
 reference counting before a pass is due; cycles (Faust's and asyncio's) are still collected,
 only after more of them have piled up.
 """

@@ -82,7 +82,7 @@ class StateReader(Protocol):
 def read_states(store: StateReader, customer_ids: list[str]) -> list[bytes | None]:
     """The state bytes of each of ``customer_ids`` (None for a customer never seen), in order:
     with the store's ``get_many`` where it has one (the memory store's index reads a batch of
-    states at once, docs/performance.md §18), else one ``get`` each."""
+    states at once, docs/performance.md, "The state table in C"), else one ``get`` each."""
     many = getattr(store, "get_many", None)
     if many is not None:
         return many(customer_ids)
@@ -293,7 +293,7 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
             prune(state, windows.day_of_ts(as_of_ts, tz), longest)
             changes, alerts = grade(customer_id, rs, state, as_of, cause, now, population, as_of_ts)
             # Right-sized: a batch holds its documents until the outbox is acked, and each orjson
-            # output holds 4 KiB whatever its length (docs/performance.md §15).
+            # output holds 4 KiB whatever its length (docs/performance.md, "Memory").
             for change in changes:
                 result.grade_changes.append((key, bytes(memoryview(orjson.dumps(change)))))
             for alert in alerts:

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
                                   "in the worker (CPython's default 700 spent 7% of its CPU there; streams/memory.py); "
                                   "0: Python's default.")
     population_interval_s: float = Field(30.0, gt=0, description="Seconds between publications of the population sketches (relative grades).")
-    # Late and future events (issue 5; schemas/README.md, docs/guarantees.md).
+    # Late and future events (schemas/README.md, docs/guarantees.md).
     allowed_lateness_days: float | None = Field(
         None, gt=0, description="An event older than this many days before its customer's latest event goes to the "
                                 "dead-letter topic (reason late); default: the ruleset's retention (longest window).")
@@ -78,7 +78,7 @@ class Settings(BaseSettings):
         86400.0, gt=0, description="An event whose occurred_at is more than this many seconds after the worker's wall "
                                    "clock goes to the dead-letter topic (reason future_timestamp).")
 
-    # Downstream (issue 6): Redis current grades, alerts to on-call, HTTP API, metrics.
+    # Downstream: Redis current grades, alerts to on-call, HTTP API, metrics.
     # See docs/downstream.md.
     redis_prefix: str | None = Field(None, description="Prefix of every Redis key gradeflow writes; default: the app id with the topic prefix (so 'gradeflow').")
     downstream: bool = Field(True, description="Run the redis-writer and alert-dispatcher agents and the HTTP API in the worker.")
@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_s: float = Field(3.0, gt=0, description="Consumer group heartbeat interval.")
     kafka_fetch_max_wait_ms: int = Field(
         20, ge=0, le=10_000, description="Longest a fetch waits at the broker for data (the consumer's fetch.max.wait.ms; "
-                                         "Faust's 1,500 ms let idle partitions stall busy ones: docs/performance.md §10).")
+                                         "Faust's 1,500 ms let idle partitions stall busy ones: docs/performance.md, \"Fetch wait and idle partitions\").")
     topic_prefix: str = Field(
         "", description="Prepended to every topic name and to the app id (so also to changelog topics and the "
                         "consumer group), for clusters with prefixed ACLs, e.g. 'team-risk.'.")

@@ -2,14 +2,14 @@
 
 A worker grading a million customers spent half of what an event costs more there than among ten
 thousand in two dict operations per customer: the read of its state and the write of the new one
-(docs/performance.md §17). A dict lookup is a chain of dependent cache misses (index slot, entry,
+(docs/performance.md, "The state table in C"). A dict lookup is a chain of dependent cache misses (index slot, entry,
 stored key, value) and CPython runs one at a time, so a batch's 2,000 lookups wait for their misses
 one behind another. :class:`StateIndex` is a mapping of ``bytes`` keys whose :meth:`get_many` and
 :meth:`set_many` look a whole batch up in stages, each stage's misses overlapping: an
 open-addressing table in C (``streams/_statetable.c``, built by ``make compile`` with the compiled
 hot path). A batch of 2,000 reads at a million customers takes ~115 ns per key against ~600 for a
 dict, and its write-back ~55 against ~400; among ten thousand it is faster than a dict too
-(``python -m bench.indexcost``, docs/performance.md §18).
+(``python -m bench.indexcost``, docs/performance.md, "The state table in C").
 
 Without a C compiler, or with a build older than the sources (``schemas/compiled.py``), the same
 interface runs on a dict (:class:`DictStateIndex`), as fast as the store was before.

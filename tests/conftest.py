@@ -47,8 +47,8 @@ def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
     for env in {w.env["GRADEFLOW_APP_ID"]: w.env for w in started}.values():
         try:
             drop_run(env.get("GRADEFLOW_KAFKA_BOOTSTRAP", bootstrap), env)  # the cluster the workers used
-        except Exception as exc:  # a test's outcome does not depend on the clean-up
-            warnings.warn(f"could not delete the topics of {env['GRADEFLOW_APP_ID']}: {exc!r}")
+        except Exception as exc:  # noqa: BLE001 - a test's outcome does not depend on the clean-up
+            warnings.warn(f"could not delete the topics of {env['GRADEFLOW_APP_ID']}: {exc!r}", stacklevel=2)
 
 
 # Fixtures that need a local server: `bootstrap` (Kafka) and `redis_prefix` (the Redis key prefix

@@ -259,6 +259,7 @@ cluster_up() {
   write_cluster_config
   format_cluster
   STARTED=()
+  trap stop_started_on_failure EXIT
   ensure_server controller-1 "$CPORT" "$CONTROLLER_HEAP_OPTS"
   local i
   for ((i = 1; i <= BROKERS; i++)); do

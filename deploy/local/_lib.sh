@@ -69,20 +69,33 @@ use_default() {
   LOG_DIR="$LOCAL/logs"
 }
 
-# use_selected: the set GRADEFLOW_KAFKA_BOOTSTRAP names (call parse_kafka first): the cluster in
-# $CLUSTERS_DIR/<port> if there is one, else the default set, but only if its Kafka runs (or
-# last ran) on that port or it has no Kafka. Returns 1 when the env names neither, so that a
-# `down` for a cluster already gone never stops the default servers others use.
-use_selected() {
+# each_selected <fn>: run <fn> in every set GRADEFLOW_KAFKA_BOOTSTRAP's port selects (call
+# parse_kafka first): the cluster in $CLUSTERS_DIR/<port> if there is one, and the default set if
+# its Kafka runs (or last ran) on that port, or if it has no Kafka and no cluster has the port.
+# Both, when a cluster and the single-node set used the same port one after the other: each set
+# keeps its own pid files, so `down` stops whatever `up` started there, whichever ran first.
+# Returns 1 when the port selects neither, so that a `down` for a cluster already gone never
+# stops the default servers others use.
+each_selected() {
+  local fn="$1" found=1 info addr
   if [[ -d "$CLUSTERS_DIR/$KAFKA_PORT" ]]; then
     use_cluster "$KAFKA_PORT"
-    return 0
+    "$fn"
+    found=0
   fi
   use_default
-  local info="$RUN_DIR/kafka.info" addr
-  [[ -f "$info" ]] || return 0
-  addr="$(cut -d' ' -f2 "$info" 2>/dev/null)"
-  [[ "${addr##*:}" == "$KAFKA_PORT" ]]
+  info="$RUN_DIR/kafka.info"
+  if [[ -f "$info" ]]; then
+    addr="$(cut -d' ' -f2 "$info" 2>/dev/null)"
+    if [[ "${addr##*:}" == "$KAFKA_PORT" ]]; then
+      "$fn"
+      found=0
+    fi
+  elif ((found)); then
+    "$fn"
+    found=0
+  fi
+  return "$found"
 }
 
 # cluster_ports: the ports keying existing cluster dirs, one a line.
@@ -173,10 +186,55 @@ known_services() {
   shopt -u nullglob
 }
 
-# services in stop order: brokers (kafka*) first, then the rest, KRaft controllers last
-# (a broker's controlled shutdown needs its controller).
+# in_stop_order: the service names on stdin, brokers (kafka*) first, then the rest, KRaft
+# controllers last (a broker's controlled shutdown needs its controller).
+in_stop_order() {
+  sort | awk '/^controller/ { c = c $0 "\n"; next } { print } END { printf "%s", c }'
+}
+
 services_in_stop_order() {
-  known_services | sort | awk '/^controller/ { c = c $0 "\n"; next } { print } END { printf "%s", c }'
+  known_services | in_stop_order
+}
+
+# What this run of `up` started, by service name (its pid file is in $RUN_DIR). A failed `up`
+# stops exactly these on its way out (stop_started_on_failure, an EXIT trap), so that it never
+# leaves a controller or half a set running; servers that ran before it are left alone.
+STARTED=()
+
+stop_started_on_failure() {
+  local rc=$? svc
+  ((rc != 0)) || return 0
+  ((${#STARTED[@]} > 0)) || return 0
+  log "up failed: stopping what it started (${STARTED[*]})"
+  for svc in $(printf '%s\n' "${STARTED[@]}" | in_stop_order); do
+    stop_own_child "$svc" || stop_service "$svc" || true
+  done
+  STARTED=()
+}
+
+# stop_own_child <service>: stop a server this shell started, even one that has not yet become
+# the server (is_ours cannot recognise a JVM still starting through setsid and nohup): its pid
+# file must name a live child of this very shell, which /proc/<pid>/stat says. SIGTERM, up to
+# 30 s, then SIGKILL; removes the pid and info files. Returns 1 when it is no child of ours.
+stop_own_child() {
+  local svc="$1" pid stat i
+  pid="$(cat "$RUN_DIR/$svc.pid" 2>/dev/null)" || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"  # after the command name, which may hold spaces: "<state> <ppid> ..."
+  [[ "$(cut -d' ' -f2 <<<"$stat")" == "$$" ]] || return 1
+  log "stopping $svc (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 300; i++)); do
+    grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null || [[ ! -d "/proc/$pid" ]] && break
+    sleep 0.1
+  done
+  if [[ -d "/proc/$pid" ]] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null; then
+    log "$svc did not stop within 30 s, sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  rm -f "$RUN_DIR/$svc.pid" "$RUN_DIR/$svc.info"
 }
 
 # Java classpath / options for Kafka tools (short-lived JVMs).

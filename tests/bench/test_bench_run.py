@@ -4,6 +4,7 @@ and the environment its workers get."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, cast
 
 import orjson
 
@@ -12,7 +13,7 @@ from streams.local import unique_env
 
 
 def _at(clock: str) -> float:
-    return datetime.strptime(f"2026-11-24 {clock}", "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return datetime.strptime(f"2026-11-24 {clock}", "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()  # local, as Faust
 
 
 def _stats(clock: str, consumed: int) -> str:
@@ -107,7 +108,7 @@ def test_the_growth_table_shows_rate_and_cpu_per_event_and_how_far_apart_the_siz
             {"customers": 1_000_000, "events": 10_000_000, "grade_changes": 2_500_000, "worker_eps": 42_000.0,
              "cpu_us_per_event": 20.0, "raw_eps": 800_000.0, "ratio": 0.0525, "rss_mb_per_100k": 80.0,
              "p50_ms": 2, "p99_ms": 6}]
-    draw(rows, str(tmp_path / "g.png"), 5000, "2026-12-04")
+    draw(cast(list[dict[str, Any]], rows), str(tmp_path / "g.png"), 5000, "2026-12-04")
     out = capsys.readouterr().out
     assert "| 10,000 | 100,000 | 25% | 50,000 (median of 50,000, 48,000, 52,000) | 16.0 (median of 16.0, 15.5, 16.5) |" in out
     assert "| 1,000,000 | 10,000,000 | 25% | 42,000 | 20.0 | 800,000 |" in out

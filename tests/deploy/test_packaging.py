@@ -132,8 +132,8 @@ def test_built_wheel_installs_a_working_gradeflow(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src / "pyproject.toml")
-    readme = ROOT / "README.md"  # pyproject's readme; written by another issue, maybe not yet
-    (src / "README.md").write_text(readme.read_text() if readme.exists() else "gradeflow\n")
+    for name in ("README.md", "LICENSE"):  # pyproject's readme; the licence file setuptools ships
+        shutil.copy(ROOT / name, src / name)
     for pkg in ("streams", "schemas", "rules"):
         shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",

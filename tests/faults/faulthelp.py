@@ -97,7 +97,7 @@ class Offline:
             for _key, doc in result.grade_changes:
                 change = orjson.loads(doc)
                 self.changes.setdefault(change["customer_id"], []).append(summarize(change))
-            for _key, doc in result.dead_letters:
+            for _dead_key, doc in result.dead_letters:
                 dead = orjson.loads(doc)
                 self.dead.append(dead)
                 if dead["reason"] == "late":

@@ -1,4 +1,4 @@
-"""The whole bad-input catalogue on the real broker, between good events (issue 5).
+"""The whole bad-input catalogue on the real broker, between good events.
 
 Every bad record lands on the dead-letter topic with its reason, every good one around them is
 graded exactly as offline, the duplicate counts once, and the worker's counters reconcile:

@@ -1,4 +1,4 @@
-"""Fault injection on a real broker (issue 5): a fixed history under each fault gives every
+"""Fault injection on a real broker: a fixed history under each fault gives every
 customer the same grade changes as an offline run of the worker's code, and the same final grades
 as every other run.
 

@@ -12,8 +12,8 @@ from rules.engine import compile_ruleset
 from rules.ruleset import parse
 from streams.processor import INTERACTIONS, TRANSACTIONS, Record, process_batch
 
-from presethelp import contact, local, txn
-from rulehelp import two_ladder_ruleset
+from tests.rules.presethelp import contact, local, txn
+from tests.rules.rulehelp import two_ladder_ruleset
 
 RS = compile_ruleset(parse(two_ladder_ruleset(
     "multi",

@@ -11,7 +11,7 @@ from rules.changes import Cause, decide_changes
 from rules.engine import evaluate
 from schemas.events import Alert, GradeChange
 
-from rulehelp import customer
+from tests.rules.rulehelp import customer
 
 AS_OF = datetime.fromisoformat("2025-06-30T20:00:00+08:00")
 NOW = datetime(2025, 7, 1, 0, 0, tzinfo=timezone.utc)
@@ -32,7 +32,10 @@ def _ev(rs, grade: str):
     return ev
 
 
-def _decide(rs, grades, grade, cause=Cause("transaction", "e-1"), customer_id="c-1"):
+FIRST_CAUSE = Cause("transaction", "e-1")
+
+
+def _decide(rs, grades, grade, cause=FIRST_CAUSE, customer_id="c-1"):
     changes, alerts = decide_changes(customer_id, rs, grades, _ev(rs, grade), AS_OF, cause, NOW)
     for change in changes:
         GradeChange.model_validate(change)

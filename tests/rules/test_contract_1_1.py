@@ -1,4 +1,4 @@
-"""Input contract 1.1 (issue 4): new transaction and interaction types, the same verdict from decoder, model and JSON Schema."""
+"""Input contract 1.1: new transaction and interaction types, the same verdict from decoder, model and JSON Schema."""
 
 from __future__ import annotations
 

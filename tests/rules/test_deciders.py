@@ -14,7 +14,7 @@ from rules.state import CustomerState
 from schemas.errors import RulesetError
 from schemas.events import GradeChange
 
-from presethelp import contact, fold_one, grade_of, local, state_of, txn
+from tests.rules.presethelp import contact, fold_one, grade_of, local, state_of, txn
 
 D0 = local("2026-03-10")
 NOW = datetime(2026, 3, 11, tzinfo=timezone.utc)

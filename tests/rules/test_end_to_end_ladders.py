@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from streams.local import consume, produce
-
-from rulehelp import two_ladder_ruleset
+from tests.rules.rulehelp import two_ladder_ruleset
 
 RULESET = two_ladder_ruleset("e2e-multi", [
     "{grade: D, because: no need, when: {metric: attribute.stage, eq: no_need}}",
@@ -25,7 +25,8 @@ RULESET = two_ladder_ruleset("e2e-multi", [
 
 
 def interaction(event_id: str, customer: str, day: int, kind: str, **attributes) -> tuple[bytes, bytes]:
-    doc = {"event_id": event_id, "customer_id": customer, "occurred_at": f"2026-04-{day:02d}T10:00:00+08:00",
+    doc: dict[str, Any] = {"event_id": event_id, "customer_id": customer,
+                           "occurred_at": f"2026-04-{day:02d}T10:00:00+08:00",
            "type": kind}
     if attributes:
         doc["attributes"] = attributes
@@ -53,7 +54,10 @@ TRANSACTIONS = [
     txn("t4", "ann", 8, "2000", kind="refund"),
 ]
 # (customer, ladder) → [(previous, grade, cause kind, cause event)]
-PHASE1 = {
+# (customer, ladder) -> its changes: (previous grade, grade, cause kind, cause event id).
+Changes = dict[tuple[str, str], list[tuple[str | None, str, str, str]]]
+
+PHASE1: Changes = {
     ("ann", "intent"): [(None, "C", "interaction", "i1"), ("C", "B", "interaction", "i3"),
                         ("B", "A", "interaction", "i4"), ("A", "S", "interaction", "i5"),
                         ("S", "D", "interaction", "i6")],
@@ -61,7 +65,7 @@ PHASE1 = {
     ("ben", "intent"): [(None, "C", "interaction", "i2")],
     ("ben", "value"): [(None, "C", "interaction", "i2")],
 }
-PHASE2 = {
+PHASE2: Changes = {
     ("ann", "value"): [("C", "A", "transaction", "t1"), ("A", "VIP", "transaction", "t3"),
                        ("VIP", "A", "transaction", "t4")],
     ("ben", "value"): [("C", "B", "transaction", "t2")],

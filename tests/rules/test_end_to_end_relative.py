@@ -1,24 +1,20 @@
-"""End to end on the broker: a relative ladder (top 5% / top 20% by spend) agrees with exact quantiles.
-
-Needs the population wiring in streams/app.py (streams/population.py's
-``attach_population``); skipped until create_app attaches it.
-"""
+"""End to end on the broker: a relative ladder (top 5% / top 20% by spend) agrees with exact quantiles."""
 
 from __future__ import annotations
 
+import ast
 import random
 import time
 from collections import defaultdict
 
 import orjson
-import pytest
 
+from rules import population as pop
+from rules.engine import compile_ruleset
 from rules.population import RELATIVE_ACCURACY
-from streams.local import ROOT, consume
+from rules.ruleset import load
+from streams.local import consume
 from tests.streams.producerhelp import produce_librdkafka as produce
-
-WIRED = "attach_population" in (ROOT / "streams" / "app.py").read_text(encoding="utf-8")
-pytestmark = pytest.mark.skipif(not WIRED, reason="streams/app.py does not attach_population yet")
 
 N = 240
 
@@ -32,6 +28,20 @@ def _exact(values: list[int], q: float) -> tuple[int, int]:
     ordered = sorted(values)
     rank = q * (len(ordered) - 1)
     return ordered[int(rank)], ordered[min(len(ordered) - 1, int(rank) + (rank % 1 > 0))]
+
+
+def _logged_thresholds(log: str) -> dict | None:
+    """The population thresholds the worker logged last (it logs them each time they change)."""
+    mark = "gradeflow: population thresholds "
+    at = log.rfind(mark)
+    return ast.literal_eval(log[at + len(mark):].splitlines()[0]) if at >= 0 else None
+
+
+def _published_thresholds(bootstrap: str, topic: str) -> dict:
+    """The thresholds every partition's latest sketch on the population topic gives, merged."""
+    latest = {key: value for _, key, value in consume(bootstrap, [topic], idle_s=2, timeout_s=10)}
+    rs = compile_ruleset(load("key-account-abc"))
+    return pop.thresholds(rs, pop.merge(pop.decode(value) for value in latest.values() if value is not None))
 
 
 def test_relative_ladder_agrees_with_an_exact_offline_computation(worker_factory, bootstrap) -> None:
@@ -50,19 +60,26 @@ def test_relative_ladder_agrees_with_an_exact_offline_computation(worker_factory
     # The worker publishes one sketch per partition it owns; wait for them and for it to read them back.
     population = f"{env['GRADEFLOW_APP_ID']}-population"
     deadline = time.monotonic() + 60
-    keys: set[bytes] = set()
+    keys: set[bytes | None] = set()
     while time.monotonic() < deadline and len(keys) < 4:
         keys = {k for _, k, _ in consume(bootstrap, [population], idle_s=2, timeout_s=10)}
     assert keys == {f"key-account-abc@1/{p}".encode() for p in range(4)}, worker.tail()
-    time.sleep(3)
+    # ... and until the worker grades with the thresholds of all of them merged.
+    assert worker.log_path is not None
+    published = _published_thresholds(bootstrap, population)
+    assert published, "the published sketches give no thresholds"
+    deadline = time.monotonic() + 60
+    while _logged_thresholds(worker.log_path.read_text(errors="replace")) != published:
+        assert time.monotonic() < deadline, f"the worker never graded with {published}:\n{worker.tail()}"
+        time.sleep(0.2)
 
     # Phase 2: one more cent each; every customer is re-graded against the merged population.
     produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"],
             [purchase(f"q-{c}", c, "2026-05-02T10:00:00+08:00", "0.01") for c in spend])
     got = list(consume(bootstrap, [changes_topic], idle_s=8, timeout_s=120))
     grade = defaultdict(lambda: "C")
-    for _, _, value in got:
-        doc = orjson.loads(value)
+    for _, _, raw in got:
+        doc = orjson.loads(raw)
         grade[doc["customer_id"]] = doc["grade"]
 
     t95, t80 = _exact(list(spend.values()), 0.95), _exact(list(spend.values()), 0.80)

@@ -17,7 +17,7 @@ from streams.local import consume
 from tests.streams.producerhelp import produce_librdkafka as produce
 from streams.rules_start import plan
 
-from presethelp import local, state_of, txn
+from tests.rules.presethelp import local, state_of, txn
 
 RFM5 = (PRESETS_DIR / "rfm-5.yaml").read_text(encoding="utf-8")
 # Version 2: A needs 11 points instead of 10.

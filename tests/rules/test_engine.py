@@ -16,7 +16,7 @@ import pytest
 from rules.engine import evaluate
 from rules.state import CustomerState
 
-from rulehelp import buy, customer
+from tests.rules.rulehelp import buy, customer
 
 AS_OF = datetime.fromisoformat("2025-06-30T20:00:00+08:00")
 

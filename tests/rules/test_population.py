@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
 
 from rules import population as pop
 from rules.engine import evaluate
-
-from presethelp import local, preset, state_of, txn
+from tests.rules.presethelp import local, preset, state_of, txn
 
 ALPHA = pop.RELATIVE_ACCURACY
 
 
-def _exact_candidates(values: list[float], q: float) -> tuple[float, float]:
+def _exact_candidates(values: Sequence[float], q: float) -> tuple[float, float]:
     ordered = sorted(values)
     rank = q * (len(ordered) - 1)
     return ordered[math.floor(rank)], ordered[math.ceil(rank)]
 
 
-def _within(estimate: float, exact: tuple[float, float]) -> bool:
+def _within(estimate: float | None, exact: tuple[float, float]) -> bool:
+    assert estimate is not None, "the sketch has no values"
     return any(abs(estimate - x) <= ALPHA * abs(x) + 1e-9 for x in exact)
 
 

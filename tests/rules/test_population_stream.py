@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from rules import population as pop
 from streams.population import Population
 
-from presethelp import local, preset, state_of, txn
+from tests.rules.presethelp import local, preset, state_of, txn
 
 
 class States:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rules.engine import evaluate
 from rules.state import CustomerState
-
-from presethelp import contact, local, preset, state_of, txn
+from tests.rules.presethelp import contact, local, preset, state_of, txn
 
 END = local("2026-06-30", 20)
 PRESETS = ["rfm-5", "rfm-8", "education-sadc", "sales-cycle-abcde", "b2b-pipeline-abcd", "real-estate-abcd",
@@ -18,7 +18,7 @@ PRESETS = ["rfm-5", "rfm-8", "education-sadc", "sales-cycle-abcde", "b2b-pipelin
            "loyalty", "key-account-abc"]
 POPULATION = {("purchases.net.365d", 0.95): 30_000_00.0, ("purchases.net.365d", 0.8): 5_000_00.0}
 
-ATTRIBUTES = {
+ATTRIBUTES: dict[str, st.SearchStrategy[Any]] = {
     "stage": st.sampled_from(["negotiating", "comparing", "trial", "consulting", "no_need"]),
     "budget_confirmed": st.booleans(),
     "probability": st.sampled_from([0.2, 0.5, 0.7, "70%", None]),
@@ -41,7 +41,7 @@ def histories(draw: st.DrawFn) -> list[dict]:
     # Distinct minutes inside the last 360 days: the window of every preset, no ties between events.
     minutes = draw(st.lists(st.integers(0, 360 * 24 * 60), min_size=n, max_size=n, unique=True))
     events = []
-    for i, m in enumerate(minutes):
+    for m in minutes:
         when = END - timedelta(minutes=m)
         kind = draw(st.sampled_from(["purchase", "purchase", "refund", "deposit", "withdrawal", "invoice", "payment",
                                      "visit", "call", "meeting", "trial_class", "stage_update", "assessment",

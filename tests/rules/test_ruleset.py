@@ -21,6 +21,7 @@ def test_rfm5_loads_as_documented() -> None:
     assert [b.min for b in rs.scores["m"].bands] == [Decimal(50000), Decimal(20000), Decimal(5000), Decimal(1000)]
     ladder = rs.ladders["value"]
     assert ladder.grades == ["S", "A", "B", "C", "D"] and ladder.key == ["S", "A"]
+    assert ladder.decide.bands is not None
     assert [(b.min, b.grade) for b in ladder.decide.bands] == [(13, "S"), (10, "A"), (7, "B"), (5, "C")]
     assert ladder.decide.otherwise == "D"
 

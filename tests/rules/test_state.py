@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mallochelp import malloc_in_use
+from tests.mallochelp import malloc_in_use
 from rules.state import CustomerState
 
 

@@ -8,7 +8,7 @@ import orjson
 
 from streams.cli import main
 
-from presethelp import contact, local, txn
+from tests.rules.presethelp import contact, local, txn
 
 RFM5 = Path(__file__).parents[2] / "rules" / "presets" / "rfm-5.yaml"
 

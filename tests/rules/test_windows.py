@@ -12,7 +12,7 @@ from rules import windows
 from rules.engine import evaluate
 from rules.state import CustomerState
 
-from rulehelp import SHANGHAI, buy
+from tests.rules.rulehelp import SHANGHAI, buy
 
 X = date(2025, 1, 1).toordinal()
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas.decode import decode_interaction, decode_transaction
 from schemas.errors import InvalidEvent
@@ -155,7 +155,7 @@ def fast_accepts(model: type, value: bytes) -> bool:
     return True
 
 
-def model_accepts(model: type, value: bytes) -> bool:
+def model_accepts(model: type[BaseModel], value: bytes) -> bool:
     try:
         model.model_validate_json(value)
     except ValidationError:

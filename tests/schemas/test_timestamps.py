@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -14,7 +14,8 @@ offsets = st.integers(min_value=-(23 * 60 + 59), max_value=23 * 60 + 59)  # minu
 
 @st.composite
 def rfc3339(draw: st.DrawFn) -> str:
-    moment = draw(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)))
+    # Hypothesis takes naive bounds (a time zone is drawn separately, through its `timezones`).
+    moment = draw(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)))  # noqa: DTZ001
     digits = draw(st.sampled_from([0, 1, 3, 6, 7, 9]))
     fraction = "" if digits == 0 else "." + "".join(draw(st.lists(st.sampled_from("0123456789"),
                                                                 min_size=digits, max_size=digits)))
@@ -47,7 +48,7 @@ def test_epoch_seconds_of_known_instants() -> None:
 
 @given(st.dates())
 def test_days_from_civil_counts_days_from_the_epoch(day) -> None:
-    assert _days_from_civil(day.year, day.month, day.day) == (day - datetime(1970, 1, 1).date()).days
+    assert _days_from_civil(day.year, day.month, day.day) == (day - date(1970, 1, 1)).days
 
 
 def test_an_offset_far_from_utc_moves_the_instant_by_it() -> None:

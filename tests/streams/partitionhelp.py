@@ -14,7 +14,8 @@ def partition_of(key: bytes, partitions: int) -> int:
 
 def customers_on(partition: int, n: int, partitions: int = 4, prefix: str = "cust") -> list[str]:
     """The first ``n`` names ``<prefix><i>`` whose key lands on ``partition`` of ``partitions``."""
-    out, i = [], 0
+    out: list[str] = []
+    i = 0
     while len(out) < n:
         name = f"{prefix}{i}"
         if partition_of(name.encode(), partitions) == partition:

@@ -35,7 +35,12 @@ class RecordingProducer:
 
     def create_batch(self) -> Any:
         records: list[tuple[bytes, bytes]] = []
-        return SimpleNamespace(records=records, append=lambda timestamp, key, value: records.append((key, value)) or 1)
+
+        def append(timestamp: int | None, key: bytes, value: bytes) -> int:
+            records.append((key, value))
+            return 1  # aiokafka's: the appended record's metadata, never None while there is room
+
+        return SimpleNamespace(records=records, append=append)
 
     async def send_batch(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
         self.sent.append((topic, partition, batch.records))

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar, cast
 
 import pytest
 from faust.types import TP
+from mode.utils.times import Seconds
 
 from streams.batching import BatchConsumer
 
@@ -21,8 +23,9 @@ class _Harness(BatchConsumer):
     """A BatchConsumer with just the state `_drain_messages` reads, fed scripted fetches."""
 
     def __init__(self, fetches: list[Any]) -> None:  # no Service.__init__: nothing runs
-        self._stopped = asyncio.Event()
-        self._crashed = asyncio.Event()
+        # Plain asyncio events stand in for mode's (the same interface, no Service running).
+        self._stopped = cast(Any, asyncio.Event())
+        self._crashed = cast(Any, asyncio.Event())
         self._fetches = fetches
         self._read_offset: dict[TP, int | None] = {TPART: 4, CHANGELOG: None}  # committed 5: the next to read
         self._unacked_messages: set[Any] = set()
@@ -35,9 +38,9 @@ class _Harness(BatchConsumer):
         self.unread: list[tuple[str, int, int]] = []  # records put back: (topic, first, last offset)
         self.steps: list[str] = []  # seeks and put-backs, in order
         self.graded: list[int] = []  # the offsets the batch handler got, in order
-        self.app = SimpleNamespace(_gradeflow_batch_handler=self._grade, _gradeflow_batch_topics=frozenset({TOPIC}),
+        self.app = cast(Any, SimpleNamespace(_gradeflow_batch_handler=self._grade, _gradeflow_batch_topics=frozenset({TOPIC}),
                                    consumer_generation_id=1, monitor=None,
-                                   topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
+                                   topics=SimpleNamespace(acks_enabled_for=lambda topic: True)))
 
     async def _grade(self, batch: list[Any]) -> None:
         self.graded.extend(r.offset for r in batch)
@@ -48,16 +51,16 @@ class _Harness(BatchConsumer):
     def _to_message(self, tp: TP, record: Any) -> Any:
         return record
 
-    async def wait_first(self, *coros: Any, timeout: float | None = None) -> None:
+    async def wait_first(self, *coros: Any, timeout: Seconds | None = None) -> Any:
         await coros[0]
         for extra in coros[1:]:
             extra.close()
 
-    @property
-    def suspend_flow(self) -> Any:
+    @property  # a fake: the drain loop only reads it
+    def suspend_flow(self) -> Any:  # type: ignore[override]
         return SimpleNamespace(wait=lambda: asyncio.sleep(3600))
 
-    async def _unread(self, tp: TP, records: list[Any]) -> None:
+    async def _unread(self, tp: TP, records: Sequence[Any]) -> None:
         if records:
             self.unread.append((tp.topic, records[0].offset, records[-1].offset))
             self.steps.append(f"put back {tp.topic}")
@@ -69,7 +72,7 @@ class _Harness(BatchConsumer):
         self._read_offset[TPART] = 4  # back to the committed offset, 5 the next to read
         self._read_offset[CHANGELOG] = None
 
-    async def sleep(self, seconds: float) -> None:
+    async def sleep(self, seconds: Seconds) -> None:
         await asyncio.sleep(0)
 
     async def _wait_next_records(self, timeout: float):
@@ -82,7 +85,10 @@ class _Harness(BatchConsumer):
         return got if isinstance(got, tuple) else (got, {TPART, CHANGELOG})
 
 
-def _drain(harness: type[_Harness], fetches: list[Any]) -> _Harness:
+H = TypeVar("H", bound=_Harness)
+
+
+def _drain(harness: type[H], fetches: list[Any]) -> H:
     """Run the drain loop over the scripted ``fetches``; the harness tells what it did."""
     consumer = harness(fetches)
     asyncio.run(consumer._drain_messages(SimpleNamespace(_stopped=asyncio.Event())))
@@ -228,9 +234,9 @@ class _Recovering(_Harness):
         super().__init__(fetches)
         import faust
 
-        app = faust.App("t", store=self.store, **({"datadir": self.datadir} if self.datadir else {}))
-        self.table = app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
-        recovery = app.tables.recovery
+        app = faust.App("t", store=self.store, datadir=self.datadir) if self.datadir else faust.App("t", store=self.store)
+        self.table: Any = app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
+        recovery: Any = cast(Any, app.tables).recovery
         recovery.tp_to_table = {CHANGELOG: self.table}
         recovery.active_tps = {CHANGELOG}
         recovery.active_highwaters[CHANGELOG] = 44
@@ -238,10 +244,10 @@ class _Recovering(_Harness):
         recovery._set_recovery_started()
         self.recovery = recovery
         self.logged: list[str] = []
-        self.log = SimpleNamespace(info=lambda fmt, *args: self.logged.append(fmt % args))
+        self.log = cast(Any, SimpleNamespace(info=lambda fmt, *args: self.logged.append(fmt % args)))
         self.app.tables = app.tables
         # Changelog topics are not acked (Faust commits no offsets for them); input topics are.
-        self.app.topics = SimpleNamespace(acks_enabled_for=lambda topic: topic == TOPIC)
+        self.app.topics = cast(Any, SimpleNamespace(acks_enabled_for=lambda topic: topic == TOPIC))
 
 
 def _versions(first: int, last: int) -> list[Any]:
@@ -254,8 +260,11 @@ def _versions(first: int, last: int) -> list[Any]:
 def test_a_recovering_changelog_partition_is_applied_a_fetch_at_a_time_and_ends_the_recovery(store, tmp_path) -> None:
     from streams.tables import FaustStateStore
 
-    harness = type("_In", (_Recovering,), {"store": store, "datadir": str(tmp_path)})
-    consumer = _drain(harness, [lambda c: {CHANGELOG: _versions(0, 40), TPART: _records(5, 9)},
+    class _InStore(_Recovering):
+        pass
+
+    _InStore.store, _InStore.datadir = store, str(tmp_path)
+    consumer = _drain(_InStore, [lambda c: {CHANGELOG: _versions(0, 40), TPART: _records(5, 9)},
                                 lambda c: {CHANGELOG: _versions(41, 44)}])
     assert consumer.delivered == []  # no record took Faust's path (a Message and an Event each)
     assert consumer.bulk_recovered == 45
@@ -323,7 +332,7 @@ def test_records_buffered_by_faust_s_path_are_applied_before_the_fetch_that_foll
 def test_faust_s_path_runs_while_its_queue_holds_records_and_outside_recovery() -> None:
     def queued(consumer: _Recovering) -> dict:
         # Records Faust's path delivered are still in its queue: later ones must go behind them.
-        consumer.app.tables.changelog_queue.put_nowait(object())
+        cast(Any, consumer.app.tables).changelog_queue.put_nowait(object())
         return {CHANGELOG: _versions(0, 3)}
 
     consumer = _drain(_Recovering, [queued])

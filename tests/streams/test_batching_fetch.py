@@ -8,7 +8,7 @@ really uses (an aiokafka upgrade that renamed it would fail here, not silently f
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from rules.engine import compile_ruleset
 from rules.ruleset import load
@@ -23,8 +23,8 @@ async def _started_fetcher_wait(bootstrap: str, fausts: bool = False, **override
     settings = load_settings(kafka_bootstrap=bootstrap, app_id=env["GRADEFLOW_APP_ID"], downstream=False, **overrides)
     app = create_app(settings, compile_ruleset(load("rfm-5")))
     if fausts:
-        app.fetch_max_wait_ms = None
-    thread = app.consumer._new_consumer_thread()
+        cast(Any, app).fetch_max_wait_ms = None  # set by create_app, not a Faust attribute
+    thread = cast(Any, app.consumer)._new_consumer_thread()
     consumer = thread._create_worker_consumer(app.transport)
     await consumer.start()
     try:

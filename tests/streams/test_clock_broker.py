@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from typing import Any
 
 import orjson
 import pytest
@@ -55,7 +56,8 @@ def env_for(**extra: str) -> dict[str, str]:
 
 def read(bootstrap: str, env: dict[str, str], until: int | None = None, idle_s: float = 4.0) -> tuple[list, list]:
     topics = [env["GRADEFLOW_TOPIC_GRADE_CHANGES"], env["GRADEFLOW_TOPIC_ALERTS"]]
-    changes, alerts = [], []
+    changes: list[dict[str, Any]] = []
+    alerts: list[dict[str, Any]] = []
     for topic, _, value in consume(bootstrap, topics, until=until, idle_s=idle_s, timeout_s=60):
         (changes if topic == topics[0] else alerts).append(orjson.loads(value))
     return changes, alerts

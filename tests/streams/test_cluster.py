@@ -23,6 +23,7 @@ from streams.settings import load_settings
 from streams.topics import check_topics, create_topics
 from tests.deploy.localcluster import LocalCluster, port_from_env
 from tests.faults.faulthelp import Offline
+from tests.streams.downstream_helpers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(400)]  # its own cluster (deploy/local/up)
 PORT = port_from_env("GRADEFLOW_TEST_CLUSTER_PORT", 4)  # free ports of this run unless set
@@ -84,6 +85,7 @@ def test_workers_and_brokers_fail_and_every_grade_change_arrives(cluster):
         return w.start(ready_timeout=120)
 
     produced = threading.Event()
+    acked = [0]  # records the brokers have acknowledged so far (flushed)
     failure: list[BaseException] = []
 
     def produce_slowly() -> None:
@@ -96,8 +98,10 @@ def test_workers_and_brokers_fail_and_every_grade_change_arrives(cluster):
                 p.send(topic, key=key, value=value)
                 if i % 40 == 39:
                     p.flush()
+                    acked[0] = i + 1
                     time.sleep(0.25)  # ~30 s of stream
             p.flush()
+            acked[0] = len(records)
             p.close()
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             failure.append(exc)
@@ -109,9 +113,11 @@ def test_workers_and_brokers_fail_and_every_grade_change_arrives(cluster):
         start_worker("w2")
         producer = threading.Thread(target=produce_slowly, daemon=True)
         producer.start()
-        time.sleep(4)
+        wait_until(lambda: acked[0] >= len(records) // 6 or failure, timeout=60, what="a sixth of the stream acked")
         cluster.kill("kafka-2")  # mid-stream: RF 3, min.insync 2 → writes go on
-        time.sleep(6)
+        down_at = acked[0]
+        wait_until(lambda: acked[0] >= down_at + len(records) // 6 or failure, timeout=60,
+                   what="another sixth acked with kafka-2 down")
         cluster.up()  # restarts kafka-2 only
         assert set(cluster.ps()) == {"controller-1", "kafka-1", "kafka-2", "kafka-3"}
         start_worker("w3")

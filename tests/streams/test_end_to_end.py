@@ -20,7 +20,7 @@ def txn(event_id: str, customer: str, at: str, amount: str, kind: str = "purchas
 
 def history() -> list[tuple[bytes | None, bytes | None]]:
     """Three customers and three bad events, in the order produced."""
-    records = []
+    records: list[tuple[bytes | None, bytes | None]] = []
     # carol: a big purchase that rolls out of the window exactly 365 days later.
     records.append(txn("c1", "carol", "2025-01-01T10:00:00+08:00", "60000"))
     records.append(txn("c2", "carol", "2025-12-31T10:00:00+08:00", "100"))

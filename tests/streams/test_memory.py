@@ -47,7 +47,7 @@ def test_the_cap_applies_on_glibc_and_threads_still_allocate() -> None:
 def test_the_allocator_settings_default_and_refuse_negative(name: str, default: int) -> None:
     assert getattr(Settings(), name) == default
     with pytest.raises(ValueError, match=name):
-        Settings(**{name: -1})
+        Settings.model_validate({name: -1})
 
 
 def test_the_collector_threshold_is_raised_and_cycles_are_still_collected() -> None:
@@ -91,7 +91,7 @@ _MAPPED_AFTER_A_BIG_FREE = textwrap.dedent("""
         print("ok", "not glibc")
         raise SystemExit
     sys.path.insert(0, sys.argv[2])
-    from mallochelp import mallinfo
+    from tests.mallochelp import mallinfo
     big = bytes(4_000_000)   # mapped whatever the threshold: it is over 128 KiB
     del big                  # glibc's sliding threshold now rises to 4 MB
     before = mallinfo().hblkhd
@@ -102,8 +102,8 @@ _MAPPED_AFTER_A_BIG_FREE = textwrap.dedent("""
 
 
 def _mapped_after_a_big_free(threshold: int) -> tuple[str, str]:
-    tests = str(Path(__file__).resolve().parents[1])  # where mallochelp is
-    done = subprocess.run([sys.executable, "-c", _MAPPED_AFTER_A_BIG_FREE, str(threshold), tests],
+    root = str(Path(__file__).resolve().parents[2])  # where tests.mallochelp is imported from
+    done = subprocess.run([sys.executable, "-c", _MAPPED_AFTER_A_BIG_FREE, str(threshold), root],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     if done.stdout.split() == ["ok", "not", "glibc"]:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mallochelp import malloc_in_use
+from tests.mallochelp import malloc_in_use
 from rules.engine import compile_ruleset, evaluate
 from rules.ruleset import load
 from rules.state import CustomerState
@@ -128,8 +128,8 @@ def test_scripted_history_gives_the_expected_grades_and_dead_letters() -> None:
     _, _, doc = dead[marks["binary"].offset]
     assert doc["reason"] == "malformed_json" and doc["value_encoding"] == "base64"
     assert base64.b64decode(doc["value"]) == b"\xff\xfe\x00garbage"
-    key, _, doc = dead[marks["mismatch"].offset]
-    assert doc["reason"] == "key_mismatch" and key == b"alice"
+    dead_key, _, doc = dead[marks["mismatch"].offset]
+    assert doc["reason"] == "key_mismatch" and dead_key == b"alice"
     # The mismatched event was not applied to bob (or anyone).
     store.save(result)
     bob = CustomerState.from_bytes(store["bob"])

@@ -10,16 +10,17 @@ import sys
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from typing import cast
 
 import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-
 from downstream_helpers import delete_prefix, wait_until
+from test_end_to_end import EXPECTED_CHANGES, history
+
 from streams.local import ROOT, consume, produce
 from streams.redis_grades import APPLIED, DUPLICATE, STALE, AsyncGrades, apply_sync, customer_key
-from test_end_to_end import EXPECTED_CHANGES, history
 
 REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -53,9 +54,9 @@ def scripted_history() -> list[tuple[dict, int]]:
     return out
 
 
-def expected(history_: list[tuple[dict, int]]) -> dict[tuple[str, str], str]:
+def expected(history_: list[tuple[dict, int]]) -> dict[tuple[str, str], tuple[str, str]]:
     last = {}
-    for doc, offset in history_:
+    for doc, _offset in history_:
         last[(doc["customer_id"], doc["ladder"])] = (doc["grade"], doc["event_id"])
     return last
 
@@ -72,7 +73,7 @@ def redis_state(client: redis.Redis, prefix: str, customers, ladders) -> dict[tu
 
 
 def counts(client: redis.Redis, prefix: str, ladder: str) -> dict[str, int]:
-    raw = client.hgetall(f"{prefix}:grades:{ladder}")
+    raw = cast(dict[bytes, bytes], client.hgetall(f"{prefix}:grades:{ladder}"))  # a client without decoding
     return {k.decode(): int(v) for k, v in raw.items() if int(v)}
 
 
@@ -161,7 +162,7 @@ def test_worker_writes_current_grades_and_rebuild_restores_them(worker_factory, 
         assert counts(client, prefix, "value") == dict(Counter(final.values()))
         # Each customer's Redis doc is the last change on the topic for them, metrics included.
         last = {}
-        for _, key, value in consume(bootstrap, [env["GRADEFLOW_TOPIC_GRADE_CHANGES"]], idle_s=3, timeout_s=30):
+        for _, _key, value in consume(bootstrap, [env["GRADEFLOW_TOPIC_GRADE_CHANGES"]], idle_s=3, timeout_s=30):
             doc = orjson.loads(value)
             last[doc["customer_id"]] = doc
         for c, doc in last.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import pytest
@@ -109,7 +110,7 @@ def test_each_worker_keeps_a_standby_of_the_other_workers_partitions(failover: F
 
 def test_the_survivor_grades_the_customers_it_took_over_from_their_previous_state(failover: Failover) -> None:
     assert failover.probes, "no customer on the killed worker's partitions"
-    by_cause = {}
+    by_cause: dict[str, list[dict[str, Any]]] = {}
     for doc in failover.changes:
         by_cause.setdefault(doc["cause"]["event_id"], []).append(doc)
     for customer, event_id in failover.probes.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
+from typing import Any, cast
 
 import faust
 import orjson
@@ -27,7 +28,8 @@ CHANGELOG = "t-customer-state-changelog"
 MEMORY_STORES = ["gradeflow-memory://"]
 
 
-def _memory_table(url: str = "gradeflow-memory://") -> tuple[faust.App, object]:
+def _memory_table(url: str = "gradeflow-memory://") -> tuple[faust.App, Any]:
+    """An app and its table; the table is Any: the tests read its store's internals (``data``)."""
     app = faust.App("t", store=url)
     return app, app.Table("customer-state", partitions=4, key_type=bytes, value_type=bytes)
 
@@ -39,7 +41,7 @@ def test_the_workers_memory_store_is_faust_s_over_the_state_index() -> None:
     from streams.settings import load_settings
 
     app = create_app(load_settings(app_id="store-probe", store="memory://"), compile_ruleset(load("rfm-5")))
-    data = app.tables["customer-state"].data
+    data = cast(Any, app.tables["customer-state"]).data
     assert isinstance(data, IndexedMemoryStore) and isinstance(data.data, StateIndex)
 
 
@@ -107,7 +109,7 @@ def _purchase(customer: str, event_id: str, day: int, amount: str) -> tuple[byte
         "type": "purchase", "amount": amount, "currency": "CNY"})
 
 
-def _graded_across_a_restart(bootstrap: str, worker_factory, store: str, customers: list[str]) -> tuple[dict, object]:
+def _graded_across_a_restart(bootstrap: str, worker_factory, store: str, customers: list[str]) -> tuple[dict, Any]:
     """A worker grades a purchase of each customer and stops (gracefully: a rolling restart, the
     same volume); a new worker grades a second purchase of each. Returns the env and the new worker,
     having checked that each second purchase was graded on the recovered state (frequency 2)."""
@@ -182,7 +184,7 @@ def test_replace_writes_only_states_nobody_changed_meanwhile_and_puts_them_on_th
     store.write_many(Outbox(), [(b"a", b"a1", 1), (b"b", b"b2", 2)])  # b: the handler moved on to b2
     producer = RecordingProducer()
     skipped = asyncio.run(store.replace(producer, [(b"a", b"a1", b"a-new", 1), (b"b", b"b1", b"b-new", 2),
-                                                   (b"c", None, b"c-new", 3)]))
+                                                   (b"c", None, b"c-new", 3)]))  # type: ignore[list-item]
     assert skipped == [b"b"]
     assert (store.get("a"), store.get("b"), store.get("c")) == (b"a-new", b"b2", b"c-new")
     assert sorted(producer.sent) == [(CHANGELOG, 1, [(b"a", b"a-new")]), (CHANGELOG, 3, [(b"c", b"c-new")])]
