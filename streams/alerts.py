@@ -324,14 +324,15 @@ def build_sinks(settings: Any) -> dict[str, Sink]:
     """The sinks that are configured, by name."""
     sinks: dict[str, Sink] = {}
     if settings.alert_webhook_url:
-        sinks["webhook"] = WebhookSink(settings.alert_webhook_url)
+        sinks["webhook"] = WebhookSink(settings.alert_webhook_url.get_secret_value())
     if settings.alert_slack_webhook_url:
-        sinks["slack"] = SlackSink(settings.alert_slack_webhook_url)
+        sinks["slack"] = SlackSink(settings.alert_slack_webhook_url.get_secret_value())
     if settings.alert_pagerduty_routing_key:
-        sinks["pagerduty"] = PagerDutySink(settings.alert_pagerduty_url, settings.alert_pagerduty_routing_key,
+        sinks["pagerduty"] = PagerDutySink(settings.alert_pagerduty_url,
+                                           settings.alert_pagerduty_routing_key.get_secret_value(),
                                            settings.alert_source)
     if settings.alert_alertmanager_url:
-        sinks["alertmanager"] = AlertmanagerSink(settings.alert_alertmanager_url, settings.alert_source,
+        sinks["alertmanager"] = AlertmanagerSink(settings.alert_alertmanager_url.get_secret_value(), settings.alert_source,
                                                  settings.alert_alertmanager_active_s)
     return sinks
 

@@ -61,7 +61,7 @@ class Downstream:
         if self._redis is None:
             import redis.asyncio as aioredis
 
-            self._redis = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=10,
+            self._redis = aioredis.Redis.from_url(self.settings.redis_url.get_secret_value(), socket_timeout=10,
                                                   socket_connect_timeout=5, health_check_interval=30)
         return self._redis
 
@@ -122,6 +122,27 @@ class Downstream:
                 return
 
 
+class _WebSettings:
+    """The settings as streams/web.py reads them: the API token as the plain string it compares.
+
+    Everything else is the settings' own; ``repr`` stays the settings' (token masked).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._settings, name)
+
+    @property
+    def api_token(self) -> str | None:
+        token = self._settings.api_token
+        return token.get_secret_value() if token is not None else None
+
+    def __repr__(self) -> str:
+        return repr(self._settings)
+
+
 def _ruleset(settings: Settings) -> CompiledRuleset:
     return compile_ruleset(load(settings.ruleset))
 
@@ -133,7 +154,7 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
     ds = Downstream(app, settings, ruleset)
     app.gradeflow_metrics = ds.metrics
     app.gradeflow_downstream = ds
-    web.register(app, settings, table, ruleset, ds)
+    web.register(app, _WebSettings(settings), table, ruleset, ds)
 
     @app.on_before_shutdown.connect
     async def _close_clients(app: Any, **kwargs: Any) -> None:
