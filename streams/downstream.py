@@ -30,6 +30,7 @@ from rules.engine import CompiledRuleset, compile_ruleset
 from rules.ruleset import load
 from streams import web
 from streams.alerts import Dispatcher, check_settings
+from streams.faust_pages import close_builtin_pages
 from streams.metrics import Metrics, observe_batch
 from streams.redis_grades import RESULT_NAMES, AsyncGrades, parse_change
 from streams.settings import Settings, alert_retries_topic, redis_prefix
@@ -154,6 +155,7 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
     ds = Downstream(app, settings, ruleset)
     app.gradeflow_metrics = ds.metrics
     app.gradeflow_downstream = ds
+    close_builtin_pages(app)  # before web.register: its first page builds Faust's web server
     web.register(app, _WebSettings(settings), table, ruleset, ds)
 
     @app.on_before_shutdown.connect
