@@ -110,6 +110,9 @@ class Metrics:
                                     ["result"], registry=r)
         self.redis_errors = Counter("gradeflow_redis_errors", "Failed Redis round trips of the redis-writer (retried).",
                                     registry=r)
+        self.redis_up = Gauge("gradeflow_redis_up",
+                              "1 while Redis answers, 0 while it does not (current grades and alert de-duplication "
+                              "wait; grading goes on) and until its first answer (a ping every 5 s).", registry=r)
         self.grade_counts = Gauge("gradeflow_customers_by_grade", "Customers currently in each grade (from Redis).",
                                   ["ladder", "grade"], registry=r)
         self.alerts_sent = Counter("gradeflow_alerts_sent", "Alert messages delivered, by sink and kind.",
