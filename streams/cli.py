@@ -39,7 +39,8 @@ _CONNECTION_OPTIONS = {
     "kafka_client_id": ("--client-id", "Kafka client.id", str),
     "topic_prefix": ("--topic-prefix", "prefix of every topic name and of the app id", str),
     "partitions": ("--partitions", "partitions of inputs and changelogs", int),
-    "replication_factor": ("--replication-factor", "replication factor of every topic", int),
+    "replication_factor": ("--replication-factor", "replication factor of every topic (default: the cluster's "
+                                                   "default.replication.factor)", int),
     "min_insync_replicas": ("--min-insync-replicas", "min.insync.replicas of every topic", int),
 }
 
@@ -49,17 +50,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from rules.engine import compile_ruleset
     from rules.ruleset import load
     from streams.kafka_config import describe_connection
-    from streams.topics import admin_client, check_topics, create_topics
+    from streams.topics import admin_client, check_topics, cluster_default_replication_factor, create_topics
 
     settings = _settings(args)
     ruleset = compile_ruleset(load(settings.ruleset))
     admin = admin_client(settings, timeout_s=5.0)
+    warnings: list[str] = []
     try:
         if settings.create_topics:
             create_topics(settings, admin)
-        problems = check_topics(settings, admin)
+        problems = check_topics(settings, admin, warnings=warnings)
+        if settings.replication_factor is None:
+            # The topics Faust and the worker create themselves (its group leader's, the alert retries',
+            # the population's) get the cluster's default too, as a number: their clients cannot ask for -1.
+            settings = settings.model_copy(
+                update={"replication_factor": cluster_default_replication_factor(admin)})
     finally:
         admin.close()
+    for warning in warnings:
+        print(f"gradeflow: topic check: {warning}", file=sys.stderr)
     if problems:
         # The worker refuses a layout that would lose or misplace state.
         for problem in problems:
@@ -113,15 +122,20 @@ def cmd_topics_check(args: argparse.Namespace) -> int:
     from streams.topics import check_topics, topic_specs
 
     settings = _settings(args)
-    problems = check_topics(settings)
+    warnings: list[str] = []
+    problems = check_topics(settings, warnings=warnings)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     for problem in problems:
         print(problem)
     if problems:
         print(f"{len(problems)} problem(s); `gradeflow topics create` creates missing topics, "
               f"the others need kafka-topics/kafka-configs (see docs/deploy.md)", file=sys.stderr)
         return 1
+    rf = (f">= {settings.replication_factor}" if settings.replication_factor is not None
+          else "the cluster's default")
     print(f"ok: {len(topic_specs(settings))} topics match (partitions {settings.partitions}, "
-          f"replication factor >= {settings.replication_factor}, min.insync.replicas >= {settings.min_insync_replicas})")
+          f"replication factor {rf}, min.insync.replicas >= {settings.min_insync_replicas})")
     return 0
 
 

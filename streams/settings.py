@@ -88,7 +88,9 @@ class Settings(BaseSettings):
     topic_alerts: str = "grade-alerts"
     topic_dead_letters: str = "gradeflow-dead-letters"
     partitions: int = Field(4, ge=1, description="Partitions of every topic gradeflow creates (inputs and changelogs must agree).")
-    replication_factor: int = Field(1, ge=1, description="Replication factor of the topics gradeflow creates.")
+    replication_factor: int | None = Field(
+        None, ge=1, description="Replication factor of the topics gradeflow creates; default: the cluster's "
+                                "default.replication.factor.")
     data_dir: Path = Field(Path(".local/worker"), description="Worker state directory (table offsets, RocksDB).")
     store: str = Field("memory://", description="Faust table store: memory:// or rocksdb://.")
     standby_replicas: int = Field(0, ge=0, description="Warm copies of each table partition kept by other workers (Faust table_standby_replicas), for faster failover; needs rocksdb://.")
@@ -227,7 +229,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_kafka(self) -> "Settings":
-        if self.min_insync_replicas > self.replication_factor:
+        if self.replication_factor is not None and self.min_insync_replicas > self.replication_factor:
             raise ValueError(f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed "
                              f"replication_factor ({self.replication_factor})")
         if self.kafka_security_protocol.startswith("SASL_"):
