@@ -62,8 +62,10 @@ def customers_on(bootstrap: str, topic: str, expected: int) -> set[str]:
                                                                      timeout_s=60)} if expected else set()
 
 
-def test_redis_unreachable_from_the_start_grading_goes_on_and_sigterm_stops_the_worker(worker_factory, bootstrap):
-    worker = worker_factory(GRADEFLOW_REDIS_URL="redis://127.0.0.1:1/0", GRADEFLOW_WEB_PORT=str(free_port()))
+def test_redis_unreachable_from_the_start_grading_goes_on_and_sigterm_stops_the_worker(worker_factory, bootstrap,
+                                                                                       tmp_path: Path):
+    redis = RedisServer(tmp_path)  # its port, with nothing listening on it yet
+    worker = worker_factory(GRADEFLOW_REDIS_URL=redis.url, GRADEFLOW_WEB_PORT=str(free_port()))
     env = worker.env
     produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], [purchase(f"c{i}", f"e{i}", 2, "100") for i in range(40)])
     # Grading does not wait for Redis; the redis-writer and the alert dispatcher hold their records.
@@ -73,6 +75,16 @@ def test_redis_unreachable_from_the_start_grading_goes_on_and_sigterm_stops_the_
     code, took = timed_stop(worker)
     assert code == 0 and took < STOP_WITHIN_S, (code, took, worker.tail())
     assert log_count(worker, DOWN_LINE) == 1, worker.tail()
+    # The records given up at the stop were not acknowledged: with Redis there, a restart writes them all.
+    redis.start()
+    try:
+        worker_factory(env=env, name="redis-back")
+        client = redis.client()
+        prefix = env["GRADEFLOW_APP_ID"]
+        wait_until(lambda: all(client.exists(f"{prefix}:customer:c{i}") for i in range(40)), timeout=60,
+                   what="every grade change held at the stop written to Redis after the restart")
+    finally:
+        redis.stop()
 
 
 def test_redis_down_up_down_is_logged_once_per_change_and_no_grade_change_is_skipped(worker_factory, bootstrap,
