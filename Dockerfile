@@ -39,10 +39,13 @@ RUN groupadd --system --gid 10001 gradeflow \
  && mkdir -p /var/lib/gradeflow/state \
  && chown -R 10001:10001 /var/lib/gradeflow
 COPY --from=build /opt/gradeflow /opt/gradeflow
+# The HTTP server binds 127.0.0.1 (the settings' default): the health check below runs inside the
+# container. Where others must reach it, the deployment says so: GRADEFLOW_WEB_HOST=0.0.0.0 in the
+# Kubernetes ConfigMap (behind its NetworkPolicy) and the compose file (ports published on the
+# host's 127.0.0.1 only).
 ENV PATH=/opt/gradeflow/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GRADEFLOW_DATA_DIR=/var/lib/gradeflow/state \
-    GRADEFLOW_WEB_HOST=0.0.0.0 \
     GRADEFLOW_WEB_PORT=6066
 USER 10001:10001
 WORKDIR /var/lib/gradeflow

@@ -636,8 +636,9 @@ def build_sinks(settings: Any) -> dict[str, AlertSink]:
     routing_key = secret_value(settings.alert_pagerduty_routing_key)
     if routing_key:
         sinks["pagerduty"] = PagerDutySink(settings.alert_pagerduty_url, routing_key, settings.alert_source)
-    if settings.alert_alertmanager_url:
-        sinks["alertmanager"] = AlertmanagerSink(settings.alert_alertmanager_url, settings.alert_source,
+    alertmanager = secret_value(settings.alert_alertmanager_url)
+    if alertmanager:
+        sinks["alertmanager"] = AlertmanagerSink(alertmanager, settings.alert_source,
                                                  settings.alert_alertmanager_resend_s, api_base_url(settings))
     return sinks
 

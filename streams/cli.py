@@ -20,6 +20,8 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings imported laz
         app_id=getattr(args, "app_id", None),
         web_port=getattr(args, "web_port", None),
         log_level=getattr(args, "loglevel", None),
+        redis_url=getattr(args, "redis_url", None),
+        redis_prefix=getattr(args, "redis_prefix", None),
         **{name: getattr(args, name, None) for name in _CONNECTION_OPTIONS},
     )
 
@@ -37,7 +39,8 @@ _CONNECTION_OPTIONS = {
     "kafka_client_id": ("--client-id", "Kafka client.id", str),
     "topic_prefix": ("--topic-prefix", "prefix of every topic name and of the app id", str),
     "partitions": ("--partitions", "partitions of inputs and changelogs", int),
-    "replication_factor": ("--replication-factor", "replication factor of every topic", int),
+    "replication_factor": ("--replication-factor", "replication factor of every topic (default: the cluster's "
+                                                   "default.replication.factor)", int),
     "min_insync_replicas": ("--min-insync-replicas", "min.insync.replicas of every topic", int),
 }
 
@@ -47,17 +50,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from rules.engine import compile_ruleset
     from rules.ruleset import load
     from streams.kafka_config import describe_connection
-    from streams.topics import admin_client, check_topics, create_topics
+    from streams.topics import admin_client, check_topics, cluster_default_replication_factor, create_topics
 
     settings = _settings(args)
     ruleset = compile_ruleset(load(settings.ruleset))
     admin = admin_client(settings, timeout_s=5.0)
+    warnings: list[str] = []
     try:
         if settings.create_topics:
             create_topics(settings, admin)
-        problems = check_topics(settings, admin)
+        problems = check_topics(settings, admin, warnings=warnings)
+        if settings.replication_factor is None:
+            # The topics Faust and the worker create themselves (its group leader's, the alert retries',
+            # the population's) get the cluster's default too, as a number: their clients cannot ask for -1.
+            settings = settings.model_copy(
+                update={"replication_factor": cluster_default_replication_factor(admin)})
     finally:
         admin.close()
+    for warning in warnings:
+        print(f"gradeflow: topic check: {warning}", file=sys.stderr)
     if problems:
         # The worker refuses a layout that would lose or misplace state.
         for problem in problems:
@@ -111,15 +122,20 @@ def cmd_topics_check(args: argparse.Namespace) -> int:
     from streams.topics import check_topics, topic_specs
 
     settings = _settings(args)
-    problems = check_topics(settings)
+    warnings: list[str] = []
+    problems = check_topics(settings, warnings=warnings)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     for problem in problems:
         print(problem)
     if problems:
         print(f"{len(problems)} problem(s); `gradeflow topics create` creates missing topics, "
               f"the others need kafka-topics/kafka-configs (see docs/deploy.md)", file=sys.stderr)
         return 1
+    rf = (f">= {settings.replication_factor}" if settings.replication_factor is not None
+          else "the cluster's default")
     print(f"ok: {len(topic_specs(settings))} topics match (partitions {settings.partitions}, "
-          f"replication factor >= {settings.replication_factor}, min.insync.replicas >= {settings.min_insync_replicas})")
+          f"replication factor {rf}, min.insync.replicas >= {settings.min_insync_replicas})")
     return 0
 
 
@@ -144,18 +160,25 @@ def cmd_redis_rebuild(args: argparse.Namespace) -> int:
     from streams.redis_grades import rebuild
     from streams.settings import redis_prefix
 
-    settings = _settings(args)
-    if args.redis_url:
-        settings = settings.model_copy(update={"redis_url": args.redis_url})
-    if args.redis_prefix:
-        settings = settings.model_copy(update={"redis_prefix": args.redis_prefix})
+    from streams.settings import redact
+
+    settings = _settings(args)  # --redis-url and --redis-prefix validated like the environment
     try:
         stats = rebuild(settings, clear_first=args.clear, fill_tables=not args.no_tables)
     except Exception as exc:  # noqa: BLE001 - Redis or broker unreachable: one line
-        print(f"gradeflow: redis rebuild failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(redact(f"gradeflow: redis rebuild failed: {type(exc).__name__}: {exc}", settings), file=sys.stderr)
         return 1
     print(f"redis rebuild of {settings.topics.grade_changes} into {settings.redis_url} (prefix {redis_prefix(settings)}): "
           + " ".join(f"{k}={v}" for k, v in stats.items()))
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Print every setting as the worker would read it, secrets masked."""
+    from streams.settings import describe_settings
+
+    for name, value in describe_settings(_settings(args)):
+        print(f"GRADEFLOW_{name.upper()}={value}")
     return 0
 
 
@@ -252,11 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--against", help="another ruleset: how many customers would move from which grade to which")
     trial.set_defaults(func=cmd_rules_try)
 
+    show = sub.add_parser("settings", help="print the settings a worker would run with (secrets masked)")
+    broker_opts(show)
+    show.set_defaults(func=cmd_settings)
+
     redis_cmd = sub.add_parser("redis", help="the Redis copy of current grades").add_subparsers(dest="action",
                                                                                              required=True)
     rebuild = redis_cmd.add_parser("rebuild", help="rebuild Redis from the grade-changes topic (from its beginning)")
     broker_opts(rebuild)
-    rebuild.add_argument("--redis-url", help="Redis URL (GRADEFLOW_REDIS_URL)")
+    rebuild.add_argument("--redis-url", help="Redis URL (GRADEFLOW_REDIS_URL); a password here shows in the "
+                                             "process list: prefer the environment")
     rebuild.add_argument("--redis-prefix", help="key prefix (GRADEFLOW_REDIS_PREFIX), default the app id")
     rebuild.add_argument("--clear", action="store_true", help="delete the current-grade keys first")
     rebuild.add_argument("--no-tables", action="store_true",

@@ -13,6 +13,17 @@ All three agents share the app's consumer group, so each partition of those
 topics is handled by one worker at a time; acks (and so commits) happen after
 the work is done (at least once), and the work is idempotent (Redis versions,
 alert ``sent`` marks).
+
+Redis down degrades this side only: grading goes on, while the redis-writer and
+the alert dispatcher wait for Redis (never skipping a record), the gauge
+``gradeflow_redis_up`` says 0, and one log line marks each change of state.
+A stopping worker, or one giving partitions up in a rebalance, does not wait
+for Redis: Faust waits for every record an agent holds to be acknowledged
+before it lets the worker stop or the rebalance finish, so work that cannot
+finish (Redis or the broker down, a slow sink) is given up after
+``RELEASE_GRACE_S`` *without* acknowledging its records (:func:`release`).
+Their offsets are not committed, and the worker that gets the partition next
+reads them again.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -32,9 +43,10 @@ from rules.engine import CompiledRuleset, compile_ruleset
 from rules.ruleset import load
 from streams import web
 from streams.alerts import Dispatcher, check_settings
+from streams.faust_pages import close_builtin_pages
 from streams.metrics import Metrics, observe_batch
 from streams.redis_grades import RESULT_NAMES, AsyncGrades, parse_change
-from streams.settings import Settings, alert_retries_topic, redis_prefix
+from streams.settings import Settings, alert_retries_topic, redact, redis_prefix
 from streams.topics import ALERT_RETRIES_RETENTION_S
 
 log = logging.getLogger("gradeflow.downstream")
@@ -43,6 +55,67 @@ __all__ = ["attach_downstream", "observe_batch", "Downstream"]
 
 RETRY_RETENTION_S = ALERT_RETRIES_RETENTION_S  # the layout `gradeflow topics` declares
 _TRANSIENT = (RedisError, KafkaError, OSError, asyncio.TimeoutError)
+
+# How long work in flight may still finish once the worker stops or gives its partitions up; then it is
+# given up unacknowledged. Well inside a 20 s stop, long enough for a delivery that is merely slow.
+RELEASE_GRACE_S = 5.0
+# How often a wait (a retry's back-off, work in flight) looks whether the worker is stopping.
+_POLL_S = 0.25
+# Seconds between pings of Redis that keep gradeflow_redis_up true while no grade changes come.
+REDIS_PROBE_S = 5.0
+
+
+class Released(Exception):
+    """The worker is stopping or giving partitions up: the work in hand is given up, unacknowledged."""
+
+
+def release(events: Iterable[Any]) -> None:
+    """Give Faust events up without acknowledging them.
+
+    Faust waits (``Consumer.wait_empty``) until every message an agent took is
+    acknowledged before a worker stops or a rebalance completes, and commits an
+    offset only once every message before it has been acknowledged
+    (``Consumer.ack`` records it, the commit takes the acknowledged offsets up
+    to the first gap). A message marked done without ``Consumer.ack`` leaves
+    that wait (which drops messages marked done from its set) but never enters
+    the commit: its offset and every later one of its partition stay
+    uncommitted, so the record is read again after the restart or the
+    rebalance (whose seek goes back to the committed offset). Faust's own
+    ``Message.ack`` is a no-op for it afterwards, so the ``take_events`` buffer
+    that acknowledges a batch when the agent moves on cannot commit it either.
+    """
+    for event in events:
+        event.message.acked = True
+
+
+class Availability:
+    """Up or down of one dependency, logged once per change of state (never once per failure)."""
+
+    def __init__(self, name: str, consequence: str, gauge: Any = None, settings: Settings | None = None) -> None:
+        self.name = name
+        self.consequence = consequence
+        self.gauge = gauge
+        self.settings = settings
+        self.up: bool | None = None  # unknown until the first operation
+
+    def ok(self) -> None:
+        if self.up is False:
+            log.warning("gradeflow: %s is reachable again; %s resume", self.name, self.consequence)
+        if self.up is not True:
+            self.up = True
+            if self.gauge is not None:
+                self.gauge.set(1)
+
+    def failed(self, exc: BaseException) -> None:
+        if self.up is not False:
+            detail = f"{type(exc).__name__}: {exc}"
+            if self.settings is not None:
+                detail = redact(detail, self.settings)  # a client's message is not ours to trust
+            log.warning("gradeflow: %s is unreachable (%s); %s wait for it and retry (grading goes on)",
+                        self.name, detail, self.consequence)
+            self.up = False
+            if self.gauge is not None:
+                self.gauge.set(0)
 
 
 class Downstream:
@@ -59,13 +132,18 @@ class Downstream:
         self._dispatcher: Dispatcher | None = None
         self.retry_topic: Any = None
         self.alert_dead_letter_topic: Any = None
+        self.redis_state = Availability("Redis", "current grades and alert de-duplication",
+                                        self.metrics.redis_up, settings)
+        self.broker_state = Availability("Kafka (alert retry topic)", "alert retries", None, settings)
 
     def redis(self) -> Any:
         if self._redis is None:
             import redis.asyncio as aioredis
 
-            self._redis = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=10,
-                                                  socket_connect_timeout=5, health_check_interval=30)
+            # Short timeouts: a Redis that does not answer is down for the gauge, and a stopping worker
+            # gives up on it (RELEASE_GRACE_S) sooner than a long timeout would return.
+            self._redis = aioredis.Redis.from_url(self.settings.redis_url.get_secret_value(), socket_timeout=5,
+                                                  socket_connect_timeout=2, health_check_interval=30)
         return self._redis
 
     def grades(self) -> AsyncGrades:
@@ -97,38 +175,94 @@ class Downstream:
         key = str(doc["alert"].get("customer_id", "")).encode()
         fut = await self.alert_dead_letter_topic.send(key=key, value=orjson.dumps(doc))
         await fut
+    def releasing(self) -> bool:
+        """Whether the worker is stopping or in a rebalance (Faust suspends its flow control for one)."""
+        app = self.app
+        return bool(app.should_stop) or not app.flow_control.is_active()
+
+    async def guard(self, work: Awaitable[Any]) -> Any:
+        """Await ``work``; once :meth:`releasing` has held for ``RELEASE_GRACE_S``, cancel it and raise Released."""
+        task = asyncio.ensure_future(work)
+        since: float | None = None
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_POLL_S)
+                if done:
+                    return task.result()
+                if self.releasing():
+                    since = since if since is not None else time.monotonic()
+                    if time.monotonic() - since >= RELEASE_GRACE_S:
+                        raise Released()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` before a retry; raise Released as soon as the worker stops or rebalances."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.releasing():
+                raise Released()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, _POLL_S))
 
     async def write_grades(self, items: list[tuple[dict[str, Any], int]]) -> None:
-        """Apply grade changes to Redis; while Redis fails, wait and try again (never skip)."""
+        """Apply grade changes to Redis; while Redis fails, wait and try again (never skip).
+
+        Raises Released when the worker stops or rebalances before Redis took them.
+        """
         delay = 0.2
         while True:
             try:
-                results = await self.grades().apply(items)
+                results = await self.guard(self.grades().apply(items))
                 break
+            except (Released, asyncio.CancelledError):
+                raise
             except Exception as exc:  # noqa: BLE001 - redis/connection errors: back off, retry
                 self.metrics.redis_errors.inc()
-                log.warning("gradeflow: redis-writer cannot write to Redis (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                self.redis_state.failed(exc)
+                await self.pause(delay)
                 delay = min(delay * 2, 10.0)
+        self.redis_state.ok()
         for r in results:
             self.metrics.redis_writes.labels(RESULT_NAMES.get(r, str(r))).inc()
 
     async def persist(self, what: str, work: Callable[[], Awaitable[Any]]) -> None:
-        """Run ``work`` until it does not raise (Redis down, broker busy): an event is never skipped."""
+        """Run ``work`` until it does not raise (Redis down, broker busy): an event is never skipped.
+
+        Raises Released when the worker stops or rebalances before the work is done.
+        """
         delay = 0.2
+        failing: Availability | None = None
         while True:
             try:
-                await work()
+                await self.guard(work())
+                if failing is not None:
+                    failing.ok()
                 return
-            except asyncio.CancelledError:
+            except (Released, asyncio.CancelledError):
                 raise
             except _TRANSIENT as exc:
-                log.warning("gradeflow: %s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
+                failing = self.redis_state if isinstance(exc, RedisError) else self.broker_state
+                failing.failed(exc)
+                await self.pause(delay)
                 delay = min(delay * 2, 10.0)
             except Exception:  # noqa: BLE001 - a bad document: say so, never kill the agent
                 log.exception("gradeflow: %s failed on a malformed document; skipped", what)
                 return
+
+    async def probe_redis(self) -> None:
+        """Ping Redis once and record the answer (the gauge and the state-change log line)."""
+        try:
+            await asyncio.wait_for(self.redis().ping(), timeout=3.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: Redis is not usable
+            self.redis_state.failed(exc)
+        else:
+            self.redis_state.ok()
 
 
 def _ruleset(settings: Settings) -> CompiledRuleset:
@@ -142,6 +276,7 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
     ds = Downstream(app, settings, ruleset)
     app.gradeflow_metrics = ds.metrics
     app.gradeflow_downstream = ds
+    close_builtin_pages(app)  # before web.register: its first page builds Faust's web server
     web.register(app, settings, table, ruleset, ds)
 
     @app.on_before_shutdown.connect
@@ -169,10 +304,16 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
             except _TRANSIENT as exc:
                 log.warning("gradeflow: re-sending firing alerts to Alertmanager failed (%s: %s)",
                             type(exc).__name__, exc)
+    @app.timer(interval=REDIS_PROBE_S)
+    async def redis_probe() -> None:
+        await ds.probe_redis()
 
     @app.agent(changes, name="redis-writer")
     async def redis_writer(stream: Any) -> None:
         async for events in stream.take_events(settings.redis_batch_size, within=0.2):
+            if ds.releasing():
+                release(events)  # taken after a stop or revocation began: read again, by whoever owns them
+                continue
             items = []
             for event in events:
                 doc = parse_change(event.message.value)
@@ -181,11 +322,17 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
                 items.append((doc, event.message.offset))
                 ds.metrics.changes.labels(doc["ladder"], str(doc.get("direction"))).inc()
             if items:
-                await ds.write_grades(items)
+                try:
+                    await ds.write_grades(items)
+                except Released:
+                    release(events)
 
     @app.agent(alerts_and_changes, name="alert-dispatcher")
     async def alert_dispatcher(stream: Any) -> None:
         async for events in stream.take_events(200, within=0.2):
+            if ds.releasing():
+                release(events)
+                continue
             # Sequential per customer (their order matters), concurrent across customers.
             by_customer: dict[bytes | None, list[tuple[bool, float | None, dict[str, Any]]]] = {}
             for event in events:
@@ -196,11 +343,20 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
                     log.warning("gradeflow: skipping a record that is not JSON on %s", m.topic)
                     continue
                 by_customer.setdefault(m.key, []).append((m.topic == alerts_topic, m.timestamp, doc))
-            await asyncio.gather(*(_dispatch_all(ds, docs) for docs in by_customer.values()))
+            outcomes = await asyncio.gather(*(_dispatch_all(ds, docs) for docs in by_customer.values()),
+                                            return_exceptions=True)
+            if any(isinstance(o, Released) for o in outcomes):
+                release(events)  # all of them: a customer's alerts are idempotent, their order matters
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException) and not isinstance(outcome, Released):
+                    raise outcome
 
     @app.agent(ds.retry_topic, name="alert-retry")
     async def alert_retry(stream: Any) -> None:
         async for value in stream:
+            if ds.releasing():
+                release([stream.current_event])
+                continue
             try:
                 doc = orjson.loads(value)
                 wait = float(doc["due"]) - time.time()
@@ -215,6 +371,17 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
                     await ds.persist("requeue of an alert retry", functools.partial(ds.schedule_retry, doc))
                     continue
             await ds.persist(f"retry of a {doc['kind']} to {doc['sink']}", functools.partial(ds.dispatcher().on_retry, doc))
+            try:
+                if wait > 0:
+                    await ds.pause(min(wait, 1.0))
+                    if float(doc["due"]) - time.time() > 0:
+                        # Not due yet: back to the end of the queue, so later records are not held up.
+                        await ds.persist("requeue of an alert retry", lambda d=doc: ds.schedule_retry(d))
+                        continue
+                await ds.persist(f"retry of a {doc['kind']} to {doc['sink']}",
+                                 lambda d=doc: ds.dispatcher().on_retry(d))
+            except Released:
+                release([stream.current_event])
 
     return ds
 

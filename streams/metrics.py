@@ -91,6 +91,27 @@ class _LagCollector:
         yield lag
 
 
+class StateGauge:
+    """A gauge without a sample until its first :meth:`set`: a state not yet known is not shown as 0."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        self.text = text
+        self.value: float | None = None
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        family = GaugeMetricFamily(self.name, self.text)
+        if self.value is not None:
+            family.add_metric([], self.value)
+        yield family
+
+
 class Metrics:
     """The registry and the metrics the downstream agents update."""
 
@@ -110,6 +131,10 @@ class Metrics:
                                     ["result"], registry=r)
         self.redis_errors = Counter("gradeflow_redis_errors", "Failed Redis round trips of the redis-writer (retried).",
                                     registry=r)
+        self.redis_up = StateGauge("gradeflow_redis_up",
+                                   "1 while Redis answers, 0 while it does not (current grades and alert "
+                                   "de-duplication wait; grading goes on); no sample before the first attempt.")
+        r.register(self.redis_up)
         self.grade_counts = Gauge("gradeflow_customers_by_grade", "Customers currently in each grade (from Redis).",
                                   ["ladder", "grade"], registry=r)
         self.alerts_sent = Counter("gradeflow_alerts_sent", "Alert messages delivered, by sink and kind.",

@@ -207,7 +207,7 @@ def rebuild(settings: Any, clear_first: bool = False, batch: int = 1000,
     from streams.settings import redis_prefix
 
     prefix = redis_prefix(settings)
-    client = redis_lib.Redis.from_url(settings.redis_url)
+    client = redis_lib.Redis.from_url(settings.redis_url.get_secret_value())
     client.ping()
     stats = {"read": 0, "applied": 0, "duplicate": 0, "stale": 0, "skipped": 0, "cleared": 0}
     if clear_first:

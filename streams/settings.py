@@ -9,13 +9,54 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 DAY_MS = 24 * 3600 * 1000
+
+
+# Query parameters that carry a credential in a URL (redis-py reads ``?password=``).
+_SECRET_QUERY_KEYS = frozenset({"password", "pass", "token", "key", "secret"})
+
+
+class SecretUrl(SecretStr):
+    """A URL that may carry a credential: shown with it masked, ``redis://:***@host:6379/0``.
+
+    Unlike :class:`~pydantic.SecretStr`, whose display hides everything, the
+    host, port and path stay visible (they are what an operator needs to read
+    in a start line or an error); the password of the user-info part and any
+    credential in the query are replaced by ``***``. The real URL comes only
+    from :meth:`get_secret_value`, where a client is built.
+    """
+
+    def __init__(self, secret_value: str) -> None:
+        parts = urlsplit(secret_value)
+        if not parts.scheme or not (parts.netloc or parts.path):
+            # The message must not repeat the value: it may hold the credential.
+            raise ValueError("not a URL (scheme://host...)")
+        super().__init__(secret_value)
+
+    def _display(self) -> str:
+        return masked_url(self.get_secret_value())
+
+
+def masked_url(url: str) -> str:
+    """``url`` with the password of its user-info part and its query credentials replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if colon else f"{user}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(frozen=True)
@@ -36,7 +77,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADEFLOW_", extra="ignore")
 
     kafka_bootstrap: str = Field("localhost:9092", description="Kafka bootstrap servers, comma-separated host:port.")
-    redis_url: str = Field("redis://localhost:6379/0", description="Redis server URL.")
+    redis_url: SecretUrl = Field(
+        SecretUrl("redis://localhost:6379/0"),
+        description="Redis server URL, redis://[:password@]host:port/db (rediss:// for TLS); shown with the "
+                    "password masked.")
     app_id: str = Field("gradeflow", description="Consumer group and prefix of the tables' changelog topics.")
     ruleset: str = Field("rfm-5", description="Preset name or path of a ruleset YAML file.")
     topic_transactions: str = "transactions"
@@ -48,7 +92,9 @@ class Settings(BaseSettings):
         "alert-dead-letters", description="Alerts a sink refused for good (HTTP 400, 410, ...): never retried, kept "
                                           "here with the sink, status and answer (docs/downstream.md, On-call).")
     partitions: int = Field(4, ge=1, description="Partitions of every topic gradeflow creates (inputs and changelogs must agree).")
-    replication_factor: int = Field(1, ge=1, description="Replication factor of the topics gradeflow creates.")
+    replication_factor: int | None = Field(
+        None, ge=1, description="Replication factor of the topics gradeflow creates; default: the cluster's "
+                                "default.replication.factor.")
     data_dir: Path = Field(Path(".local/worker"), description="Worker state directory (table offsets, RocksDB).")
     store: str = Field("memory://", description="Faust table store: memory:// or rocksdb://.")
     standby_replicas: int = Field(0, ge=0, description="Warm copies of each table partition kept by other workers (Faust table_standby_replicas), for faster failover; needs rocksdb://.")
@@ -83,15 +129,19 @@ class Settings(BaseSettings):
     redis_prefix: str | None = Field(None, description="Prefix of every Redis key gradeflow writes; default: the app id with the topic prefix (so 'gradeflow').")
     downstream: bool = Field(True, description="Run the redis-writer and alert-dispatcher agents and the HTTP API in the worker.")
     redis_batch_size: int = Field(500, ge=1, description="Most grade changes the redis-writer applies per Redis round trip.")
-    api_token: str | None = Field(None, description="Bearer token the HTTP API requires (all but /healthz and /readyz); unset: no token.")
+    api_token: SecretStr | None = Field(None, description="Bearer token the HTTP API requires (all but /healthz and /readyz); unset: no token.")
     topic_alert_retries: str | None = Field(
         None, description="Topic of alert deliveries retried later; default '<app id>-alert-retries' (the app's own, "
                           "like its changelogs), topic prefix applied.")
-    alert_webhook_url: str | None = Field(None, description="Generic JSON webhook: receives every alert as a JSON POST (the grade-alerts document).")
-    alert_slack_webhook_url: str | None = Field(None, description="Slack incoming-webhook URL.")
-    alert_pagerduty_routing_key: str | None = Field(None, description="PagerDuty Events API v2 integration (routing) key.")
+    # A webhook URL is itself the credential (Slack's path, a token in a query): secret as a whole.
+    alert_webhook_url: SecretStr | None = Field(None, description="Generic JSON webhook: receives every alert as a JSON POST (the grade-alerts document); secret.")
+    alert_slack_webhook_url: SecretStr | None = Field(None, description="Slack incoming-webhook URL (secret).")
+    alert_pagerduty_routing_key: SecretStr | None = Field(None, description="PagerDuty Events API v2 integration (routing) key (secret).")
     alert_pagerduty_url: str = Field("https://events.pagerduty.com/v2/enqueue", description="PagerDuty Events API v2 endpoint.")
-    alert_alertmanager_url: str | None = Field(None, description="Alertmanager base URL(s), comma-separated for an HA set (each gets every alert), e.g. http://alertmanager:9093 (POST /api/v2/alerts).")
+    alert_alertmanager_url: SecretUrl | None = Field(
+        None, description="Alertmanager base URL(s), comma-separated for an HA set (each gets every alert), e.g. "
+                          "http://alertmanager:9093 (POST /api/v2/alerts); a password in one "
+                          "(http://user:password@...) is shown masked.")
     alert_routes: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "critical": ["webhook", "slack", "pagerduty", "alertmanager"],
@@ -184,9 +234,23 @@ class Settings(BaseSettings):
         None, gt=0, description="With clock=event: after this many seconds of wall time without a new event on an "
                                 "input partition, its clock follows wall time (never, when unset).")
 
+    @field_validator("alert_alertmanager_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # GRADEFLOW_ALERT_ALERTMANAGER_URL= (empty) switches the sink off, as for the other sinks.
+        return None if value == "" else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretUrl) -> SecretUrl:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL (got scheme {scheme!r})")
+        return value
+
     @model_validator(mode="after")
     def _check_kafka(self) -> "Settings":
-        if self.min_insync_replicas > self.replication_factor:
+        if self.replication_factor is not None and self.min_insync_replicas > self.replication_factor:
             raise ValueError(f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed "
                              f"replication_factor ({self.replication_factor})")
         if self.kafka_security_protocol.startswith("SASL_"):
@@ -239,6 +303,65 @@ def alert_retries_topic(settings: Settings) -> str:
 def redis_prefix(settings: Settings) -> str:
     """The Redis key prefix: ``GRADEFLOW_REDIS_PREFIX``, else the app id."""
     return settings.redis_prefix or settings.group_id
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every credential the settings hold, as plain strings (the longest first), to scrub text of.
+
+    Each secret field's value, the password of each secret URL, and the Kafka password file's content.
+    """
+    found: set[str] = set()
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            plain = value.get_secret_value()
+            found.add(plain)
+            parts = urlsplit(plain)
+            if isinstance(value, SecretUrl):
+                found.update(p for p in (parts.password,) if p)
+                found.update(v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_QUERY_KEYS)
+            elif parts.scheme and parts.netloc:
+                # A webhook URL: its path (Slack's key is the last segment) and query carry the credential.
+                found.update((parts.path, parts.path.rstrip("/").rpartition("/")[2]))
+                found.update(v for _k, v in parse_qsl(parts.query))
+    if settings.kafka_sasl_password_file is not None:
+        try:
+            found.add(settings.kafka_sasl_password_file.read_text().rstrip("\r\n"))
+        except OSError:
+            pass
+    return sorted((s for s in found if len(s) >= 4), key=len, reverse=True)
+
+
+def redact(text: str, settings: Settings) -> str:
+    """``text`` with every credential of ``settings`` replaced by ``***``.
+
+    Messages gradeflow writes never include a secret; this is the safety net for
+    text it does not write itself (a client library's exception).
+    """
+    for secret in secret_values(settings):
+        text = text.replace(secret, "***")
+    return text
+
+
+def describe_settings(settings: Settings) -> list[tuple[str, str]]:
+    """(field name, value as shown to people) of every setting; secrets masked, URLs with their password masked."""
+    import json
+
+    rows = []
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            shown = ""
+        elif isinstance(value, SecretStr):
+            shown = str(value)
+        elif isinstance(value, (dict, list)):
+            shown = json.dumps(value, separators=(",", ":"))
+        elif isinstance(value, bool):
+            shown = str(value).lower()
+        else:
+            shown = str(value)
+        rows.append((name, shown))
+    return rows
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -13,11 +13,13 @@ Layout, from settings (all ``GRADEFLOW_*``):
   as many partitions as the inputs: Faust restores partition *n* of a table
   from partition *n* of its changelog, for the worker that owns partition *n*
   of the inputs (co-partitioning);
-* every topic: ``replication_factor`` and ``min.insync.replicas``.
+* every topic: ``replication_factor`` (unset: the cluster's ``default.replication.factor``,
+  which the broker applies when asked for -1) and ``min.insync.replicas``.
 
 ``create_topics`` creates what is missing (idempotent, never alters an
 existing topic); ``check_topics`` names every difference between the cluster
-and this layout. The worker runs both at start (create only when
+and this layout, and adds warnings (replication factor 1 on a cluster of
+several brokers: :func:`replication_warnings`) that do not fail the check. The worker runs both at start (create only when
 ``create_topics`` is on) and refuses to run when the check finds a problem.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
@@ -35,7 +38,8 @@ from streams.kafka_config import bootstrap_list, check_tls, kafka_python_options
 from streams.settings import Settings, alert_retries_topic
 
 __all__ = ["TABLES", "TopicSpec", "Problem", "topic_specs", "bootstrap_list", "unreachable_message",
-           "admin_client", "create_topics", "check_topics"]
+           "admin_client", "create_topics", "check_topics", "replication_warnings", "new_topic",
+           "cluster_default_replication_factor"]
 
 # The Faust tables of streams/app.py; each has a changelog topic (a test keeps this in step with the app).
 TABLES = ("customer-state",)
@@ -54,7 +58,7 @@ class TopicSpec:
     name: str
     role: str  # INPUT | OUTPUT | CHANGELOG | INTERNAL
     partitions: int
-    replication_factor: int
+    replication_factor: int | None  # None: the cluster's default.replication.factor
     config: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -166,6 +170,40 @@ def _kafka_error_line(settings: Settings, exc: BaseException, logged: list[str])
             f"({type(exc).__name__}); check GRADEFLOW_KAFKA_SECURITY_PROTOCOL")
 
 
+def new_topic(spec: TopicSpec) -> NewTopic:
+    """The admin request for ``spec``: replication factor -1 when unset, so the broker applies its
+    ``default.replication.factor`` (CreateTopics v4+, Kafka 2.4+)."""
+    rf = spec.replication_factor if spec.replication_factor is not None else -1
+    return NewTopic(spec.name, spec.partitions, rf, topic_configs=spec.config)
+
+
+def replication_warnings(brokers: int, replication: Mapping[str, int]) -> list[str]:
+    """Warnings about topic ``name → replication factor`` on a cluster of ``brokers`` brokers.
+
+    A topic with one replica on a cluster that could hold more loses its
+    partitions (inputs, grades, the table's changelog) with a single broker's disk.
+    """
+    if brokers < 2:
+        return []
+    return [f"warning: {name}: replication factor 1 on a cluster of {brokers} brokers: one broker's loss "
+            f"loses its data (set GRADEFLOW_REPLICATION_FACTOR, e.g. 3, or the brokers' "
+            f"default.replication.factor, and reassign the topic's partitions)"
+            for name, rf in sorted(replication.items()) if rf == 1]
+
+
+def cluster_default_replication_factor(admin: KafkaAdminClient) -> int:
+    """The ``default.replication.factor`` of the cluster (one broker's; brokers of a cluster share it)."""
+    brokers = admin.describe_cluster()["brokers"]
+    resource = ConfigResource(ConfigResourceType.BROKER, str(brokers[0]["node_id"]))
+    for response in admin.describe_configs([resource]):
+        for error_code, _msg, _rtype, _rname, entries in response.resources:
+            if error_code == 0:
+                for entry in entries:
+                    if entry[0] == "default.replication.factor" and entry[1] is not None:
+                        return int(entry[1])
+    return 1  # Kafka's own default
+
+
 def _describe(admin: KafkaAdminClient, names: list[str]) -> dict[str, tuple[int, int, dict[str, str]]]:
     """name → (partitions, smallest replication factor, topic configs) for existing topics among ``names``."""
     existing = set(admin.list_topics())
@@ -198,14 +236,14 @@ def create_topics(settings: Settings, admin: KafkaAdminClient | None = None) -> 
             if spec.name in existing:
                 continue
             try:
-                admin.create_topics([NewTopic(spec.name, spec.partitions, spec.replication_factor,
-                                              topic_configs=spec.config)])
+                admin.create_topics([new_topic(spec)])
                 created.append(spec.name)
             except TopicAlreadyExistsError:
                 pass
             except KafkaError as exc:
+                rf = spec.replication_factor or "the cluster's default"
                 raise ConfigurationError(f"cannot create topic {spec.name} ({spec.partitions} partitions, "
-                                         f"replication factor {spec.replication_factor}): {type(exc).__name__}"
+                                         f"replication factor {rf}): {type(exc).__name__}"
                                          f"{': ' + str(exc.args[0]) if exc.args else ''}") from None
         _wait_visible(admin, created)
         return created
@@ -226,11 +264,13 @@ def _wait_visible(admin: KafkaAdminClient, names: list[str], timeout_s: float = 
             time.sleep(0.1)
 
 
-def check_topics(settings: Settings, admin: KafkaAdminClient | None = None, settle_s: float = 3.0) -> list[Problem]:
+def check_topics(settings: Settings, admin: KafkaAdminClient | None = None, settle_s: float = 3.0,
+                 warnings: list[str] | None = None) -> list[Problem]:
     """Every difference between the cluster's topics and the layout gradeflow needs; [] when fine.
 
     A topic seen missing is looked up again for up to ``settle_s``: each broker learns of a new
     topic on its own time, so right after ``topics create`` another broker may not know it yet.
+    Warnings (:func:`replication_warnings`) are appended to ``warnings`` when given.
     """
     own = admin is None
     admin = admin or admin_client(settings)
@@ -242,6 +282,9 @@ def check_topics(settings: Settings, admin: KafkaAdminClient | None = None, sett
         while len(found) < len(names) and time.monotonic() < deadline:
             time.sleep(0.25)
             found = _describe(admin, names)
+        if warnings is not None:
+            brokers = len(admin.describe_cluster()["brokers"])
+            warnings.extend(replication_warnings(brokers, {name: shape[1] for name, shape in found.items()}))
     finally:
         if own:
             admin.close()
@@ -265,7 +308,7 @@ def check_topics(settings: Settings, admin: KafkaAdminClient | None = None, sett
                                             f"{found[inp.name][0]}: co-partitioning broken (state would be restored "
                                             f"on the wrong worker)"))
                     break
-        if rf < spec.replication_factor:
+        if spec.replication_factor is not None and rf < spec.replication_factor:
             problems.append(Problem(spec.name, "replication",
                                     f"{spec.name}: replication factor {rf}, below GRADEFLOW_REPLICATION_FACTOR "
                                     f"{spec.replication_factor}"))
@@ -273,6 +316,10 @@ def check_topics(settings: Settings, admin: KafkaAdminClient | None = None, sett
         if policy is not None and _policy(policy) != _policy(spec.cleanup_policy):
             problems.append(Problem(spec.name, "cleanup.policy",
                                     f"{spec.name}: cleanup.policy is {policy}, gradeflow needs {spec.cleanup_policy}"))
+        if spec.replication_factor is None and 0 < rf < settings.min_insync_replicas:
+            problems.append(Problem(spec.name, "replication",
+                                    f"{spec.name}: replication factor {rf}, below GRADEFLOW_MIN_INSYNC_REPLICAS "
+                                    f"{settings.min_insync_replicas}: no write with acks=all can succeed"))
         isr = config.get("min.insync.replicas")
         if isr is not None and isr.isdigit() and int(isr) < settings.min_insync_replicas:
             problems.append(Problem(spec.name, "min.insync.replicas",

@@ -137,7 +137,8 @@ def openapi(settings: Any) -> dict[str, Any]:
 
 def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, downstream: Any) -> None:
     """Add the API's pages to ``app``. ``downstream`` gives ``grades()`` (AsyncGrades) and ``metrics``."""
-    token = settings.api_token
+    # The plain token only here, where it is compared; the settings show it masked everywhere else.
+    token = settings.api_token.get_secret_value() if settings.api_token else None
     ladders = [lad.name for lad in ruleset.ladders]
     spec = openapi(settings)
     states = FaustStateStore(table)

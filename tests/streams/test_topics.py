@@ -8,7 +8,7 @@ import sys
 
 from kafka.admin import NewTopic
 
-from streams.local import ROOT, unique_env
+from streams.local import ROOT, drop_run, unique_env
 from streams.settings import alert_retries_topic, load_settings
 from streams.topics import (ALERT_RETRIES_RETENTION_S, INTERNAL, TABLES, admin_client, check_topics, create_topics,
                             topic_specs)
@@ -176,3 +176,50 @@ def test_create_topics_returns_only_what_it_created(bootstrap):
     created = create_topics(s)
     assert s.topics.transactions not in created and len(created) == len(topic_specs(s)) - 1
     assert create_topics(s) == []
+
+
+def test_the_replication_factor_is_the_clusters_default_unless_set(monkeypatch):
+    monkeypatch.delenv("GRADEFLOW_REPLICATION_FACTOR", raising=False)
+    from streams.topics import new_topic
+
+    unset = load_settings()
+    assert unset.replication_factor is None
+    assert {new_topic(spec).replication_factor for spec in topic_specs(unset)} == {-1}  # the broker's default
+    assert {new_topic(spec).replication_factor for spec in topic_specs(load_settings(replication_factor=3,
+                                                                                   min_insync_replicas=2))} == {3}
+
+
+def test_replication_factor_1_on_several_brokers_is_warned_about():
+    from streams.topics import replication_warnings
+
+    assert replication_warnings(1, {"a": 1, "b": 1}) == []  # one broker: nothing better is possible
+    assert replication_warnings(3, {"a": 3, "b": 2}) == []
+    warned = replication_warnings(3, {"b": 1, "a": 3, "c": 1})
+    assert [w.split(":")[1].strip() for w in warned] == ["b", "c"]
+    assert all("replication factor 1 on a cluster of 3 brokers" in w for w in warned)
+
+
+def test_create_uses_the_clusters_default_replication_factor(bootstrap, monkeypatch):
+    monkeypatch.delenv("GRADEFLOW_REPLICATION_FACTOR", raising=False)
+    from streams.topics import _describe, cluster_default_replication_factor
+
+    env = unique_env("defaultrf", GRADEFLOW_KAFKA_BOOTSTRAP=bootstrap)
+    s = settings_of(env)
+    assert s.replication_factor is None
+    try:
+        created = create_topics(s)
+        assert len(created) == len(topic_specs(s))
+        admin = admin_client(s)
+        try:
+            expected = cluster_default_replication_factor(admin)
+            shapes = _describe(admin, created)
+        finally:
+            admin.close()
+        assert {name: shape[1] for name, shape in shapes.items()} == {name: expected for name in created}
+        warnings: list[str] = []
+        assert check_topics(s, warnings=warnings) == []
+        assert warnings == []  # the local cluster has one broker
+        check = cli(env, "topics", "check")
+        assert check.returncode == 0 and "replication factor the cluster's default" in check.stdout, check.stdout
+    finally:
+        drop_run(bootstrap, env)

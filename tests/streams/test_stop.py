@@ -1,0 +1,136 @@
+"""A worker stops within 20 s of SIGTERM whatever Redis does, and mid-backlog; Redis down degrades the
+downstream side only (a gauge, one log line per change of state), and nothing is skipped or lost."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from downstream_helpers import wait_until
+from redishelp import RedisServer
+from streams.local import WorkerProcess, consume, free_port, kafka_options, produce
+from test_standby import purchase
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
+
+STOP_WITHIN_S = 20.0
+DOWN_LINE = "gradeflow: Redis is unreachable"
+UP_LINE = "gradeflow: Redis is reachable again"
+
+
+def topic_size(bootstrap: str, topic: str) -> int:
+    """Records on ``topic`` (the sum of its partitions' end offsets)."""
+    consumer = KafkaConsumer(**kafka_options(bootstrap), group_id=None)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+        return sum(ends.values())
+    finally:
+        consumer.close()
+
+
+def redis_up(worker: WorkerProcess) -> float | None:
+    """The worker's gradeflow_redis_up gauge, or None before it is exported."""
+    url = f"http://127.0.0.1:{worker.env['GRADEFLOW_WEB_PORT']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(r"^gradeflow_redis_up (\S+)$", text, flags=re.M)
+    return float(found.group(1)) if found else None
+
+
+def timed_stop(worker: WorkerProcess) -> tuple[int | None, float]:
+    """SIGTERM the worker; its exit code and the seconds it took (SIGKILL after 60 s: a failure)."""
+    started = time.monotonic()
+    code = worker.stop(signal.SIGTERM, timeout=60)
+    return code, time.monotonic() - started
+
+
+def log_count(worker: WorkerProcess, line: str) -> int:
+    assert worker.log_path is not None
+    return worker.log_path.read_text(errors="replace").count(line)
+
+
+def customers_on(bootstrap: str, topic: str, expected: int) -> set[str]:
+    return {orjson.loads(v)["customer_id"] for _t, _k, v in consume(bootstrap, [topic], until=None, idle_s=3,
+                                                                     timeout_s=60)} if expected else set()
+
+
+def test_redis_unreachable_from_the_start_grading_goes_on_and_sigterm_stops_the_worker(worker_factory, bootstrap,
+                                                                                       tmp_path: Path):
+    redis = RedisServer(tmp_path)  # its port, with nothing listening on it yet
+    worker = worker_factory(GRADEFLOW_REDIS_URL=redis.url, GRADEFLOW_WEB_PORT=str(free_port()))
+    env = worker.env
+    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], [purchase(f"c{i}", f"e{i}", 2, "100") for i in range(40)])
+    # Grading does not wait for Redis; the redis-writer and the alert dispatcher hold their records.
+    wait_until(lambda: topic_size(bootstrap, env["GRADEFLOW_TOPIC_GRADE_CHANGES"]) >= 40, timeout=60,
+               what="40 grade changes")
+    wait_until(lambda: redis_up(worker) == 0.0, timeout=30, what="gradeflow_redis_up 0")
+    code, took = timed_stop(worker)
+    assert code == 0 and took < STOP_WITHIN_S, (code, took, worker.tail())
+    assert log_count(worker, DOWN_LINE) == 1, worker.tail()
+    # The records given up at the stop were not acknowledged: with Redis there, a restart writes them all.
+    redis.start()
+    try:
+        worker_factory(env=env, name="redis-back")
+        client = redis.client()
+        prefix = env["GRADEFLOW_APP_ID"]
+        wait_until(lambda: all(client.exists(f"{prefix}:customer:c{i}") for i in range(40)), timeout=60,
+                   what="every grade change held at the stop written to Redis after the restart")
+    finally:
+        redis.stop()
+
+
+def test_redis_down_up_down_is_logged_once_per_change_and_no_grade_change_is_skipped(worker_factory, bootstrap,
+                                                                                        tmp_path: Path):
+    redis = RedisServer(tmp_path).start()
+    try:
+        worker = worker_factory(GRADEFLOW_REDIS_URL=redis.url, GRADEFLOW_WEB_PORT=str(free_port()))
+        env = worker.env
+        wait_until(lambda: redis_up(worker) == 1.0, timeout=30, what="gradeflow_redis_up 1")
+        redis.stop()
+        wait_until(lambda: redis_up(worker) == 0.0, timeout=30, what="gradeflow_redis_up 0")
+        # Graded while Redis is down: the grade changes wait for it.
+        produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"],
+                [purchase(f"c{i}", f"e{i}", 2, "100") for i in range(30)])
+        wait_until(lambda: topic_size(bootstrap, env["GRADEFLOW_TOPIC_GRADE_CHANGES"]) >= 30, timeout=60,
+                   what="30 grade changes")
+        redis.start()
+        wait_until(lambda: redis_up(worker) == 1.0, timeout=30, what="gradeflow_redis_up 1 again")
+        client = redis.client()
+        prefix = env["GRADEFLOW_APP_ID"]
+        wait_until(lambda: all(client.exists(f"{prefix}:customer:c{i}") for i in range(30)), timeout=60,
+                   what="every customer's grade in Redis once it is back")
+        redis.stop()
+        wait_until(lambda: redis_up(worker) == 0.0, timeout=30, what="gradeflow_redis_up 0 again")
+        assert (log_count(worker, DOWN_LINE), log_count(worker, UP_LINE)) == (2, 1), worker.tail()
+        code, took = timed_stop(worker)
+        assert code == 0 and took < STOP_WITHIN_S, (code, took, worker.tail())
+    finally:
+        redis.stop()
+
+
+def test_sigterm_mid_backlog_stops_in_time_and_a_restart_grades_the_rest(worker_factory, bootstrap):
+    customers = 40_000
+    worker = worker_factory(GRADEFLOW_WEB_PORT=str(free_port()))
+    env = worker.env
+    worker.stop()  # the topics exist; the backlog is produced while no worker runs
+    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"],
+            [purchase(f"c{i}", f"e{i}", 2, "100") for i in range(customers)])
+    changes = env["GRADEFLOW_TOPIC_GRADE_CHANGES"]
+    worker = worker_factory(env=env, name="mid-backlog")
+    wait_until(lambda: topic_size(bootstrap, changes) > 0, timeout=60, interval=0.1, what="grading under way")
+    code, took = timed_stop(worker)
+    graded_at_stop = topic_size(bootstrap, changes)
+    assert graded_at_stop < customers, "the backlog was graded before the stop: the test proves nothing"
+    assert code == 0 and took < STOP_WITHIN_S, (code, took, worker.tail())
+    # Every customer's first purchase gives one grade change: all of them are there after a restart.
+    worker_factory(env=env, name="after-restart")
+    wait_until(lambda: topic_size(bootstrap, changes) >= customers, timeout=180, what="the rest graded")
+    assert customers_on(bootstrap, changes, customers) == {f"c{i}" for i in range(customers)}
