@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, cast
 
 import faust
 import orjson
@@ -122,7 +122,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
                                    max_future_skew_s=settings.max_future_skew_s,
                                    clock_horizon=clock.look_horizon,
                                    stream_time=clock.stream_times({m.partition for m in messages}))
-            producer = app.producer._ensure_producer()
+            producer = cast(Any, app.producer)._ensure_producer()  # the AIOKafkaProducer under Faust's
             outbox = Outbox()
             outbox.extend(out_dead, result.dead_letters)
             outbox.extend(out_changes, result.grade_changes)
@@ -158,7 +158,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
             # on the changelog. This runs while the next batch is graded.
             if written is not None:
                 await store.settle(written)
-            app.consumer.ack_records(messages)
+            cast(Any, app.consumer).ack_records(messages)  # streams/batching.py's consumer
 
         return settle()
 

@@ -21,6 +21,7 @@ batch in flight (``wait_empty``) as it waits for agents.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from time import monotonic
 from typing import Any, cast
@@ -260,7 +261,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
                     _release(marker, unacked)
                 else:
                     settling = asyncio.ensure_future(tail)
-                    settling.add_done_callback(lambda _f, m=marker: _release(m, unacked))
+                    settling.add_done_callback(functools.partial(_after_settle, marker, unacked))
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
                     self._n_acked = 0
                     await self.commit()
@@ -289,6 +290,10 @@ def put_back(consumer: Any, tp: Any, first: int, after: int) -> bool:
         return False
     consumer.seek(tp, first)
     return True
+
+
+def _after_settle(marker: _InFlight, unacked: Any, _settled: asyncio.Future[Any]) -> None:
+    _release(marker, unacked)
 
 
 def _release(marker: _InFlight, unacked: Any) -> None:

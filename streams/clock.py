@@ -206,7 +206,7 @@ class Clock:
             return 0
         pending, self.pending = self.pending, {}
         active = self.active
-        for n, (key, (partition, last_ts, look)) in enumerate(pending.items(), 1):
+        for n, (key, (partition, _last_ts, look)) in enumerate(pending.items(), 1):
             if partition not in active:
                 continue
             if key in self.pending:
@@ -291,7 +291,7 @@ class Clock:
 
     async def _wake(self, partition: int, schedule: Schedule, due: list[tuple[bytes, float, bool]],
                     now: float) -> None:
-        rs, population, table = self.rs, self._population(), self.table
+        rs, population = self.rs, self._population()
         emitted_at = utcnow()
         changes: list[tuple[bytes, bytes]] = []
         alerts: list[tuple[bytes, bytes]] = []
@@ -343,7 +343,7 @@ class Clock:
                 if nxt is None or nxt > now:
                     break
             later[key] = nxt
-            warn: list[dict[str, Any]] = []
+            warn = []
             if nxt is None or nxt > now:  # graded up to now: warn about what comes within the horizon
                 warn = self._at_risk(customer_id, state, now_dt, now, (follow, changes_there), key, later, recheck,
                                      population)

@@ -364,22 +364,15 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 log.warning("gradeflow: skipping a record on the alert retry topic that is not a retry")
                 continue
-            if wait > 0:
-                await asyncio.sleep(min(wait, 1.0))
-                if float(doc["due"]) - time.time() > 0:
-                    # Not due yet: back to the end of the queue, so later records are not held up.
-                    await ds.persist("requeue of an alert retry", functools.partial(ds.schedule_retry, doc))
-                    continue
-            await ds.persist(f"retry of a {doc['kind']} to {doc['sink']}", functools.partial(ds.dispatcher().on_retry, doc))
             try:
                 if wait > 0:
                     await ds.pause(min(wait, 1.0))
                     if float(doc["due"]) - time.time() > 0:
                         # Not due yet: back to the end of the queue, so later records are not held up.
-                        await ds.persist("requeue of an alert retry", lambda d=doc: ds.schedule_retry(d))
+                        await ds.persist("requeue of an alert retry", functools.partial(ds.schedule_retry, doc))
                         continue
                 await ds.persist(f"retry of a {doc['kind']} to {doc['sink']}",
-                                 lambda d=doc: ds.dispatcher().on_retry(d))
+                                 functools.partial(ds.dispatcher().on_retry, doc))
             except Released:
                 release([stream.current_event])
 

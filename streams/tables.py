@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from faust import streams as faust_streams
 from faust.stores.memory import Store as MemoryStore
@@ -26,10 +26,10 @@ from faust.types import TP
 
 from schemas.errors import ConfigurationError
 from streams.outbox import Outbox, Sent
+from streams.state_index import StateIndex
 
 # The state table's keys that hold no customer start so (streams/clock.py).
 RESERVED = b"\x00"
-from streams.state_index import StateIndex
 
 
 class IndexedMemoryStore(MemoryStore):
@@ -57,10 +57,11 @@ class IndexedMemoryStore(MemoryStore):
             latest[key] = None if message.value is None else to_value(event.value)
             key_partition[key] = message.partition
         keys = [key for key, value in latest.items() if value is not None]
-        self.data.set_many(keys, [latest[key] for key in keys])
+        index = cast(StateIndex, self.data)
+        index.set_many(keys, [latest[key] for key in keys])
         gone = [key for key, value in latest.items() if value is None]
         if gone:
-            self.data.delete_many(gone)
+            index.delete_many(gone)
             for key in gone:
                 del key_partition[key]
 
@@ -69,7 +70,7 @@ class IndexedMemoryStore(MemoryStore):
         (after which the table shrinks to what it still holds)."""
         active = {partition for _, partition in active_tps}
         gone = [key for key, partition in self._key_partition.items() if partition not in active]
-        self.data.delete_many(gone)
+        cast(StateIndex, self.data).delete_many(gone)
         for key in gone:
             del self._key_partition[key]
 
@@ -230,7 +231,7 @@ class FaustStateStore:
                 # Stores that keep one database per partition (RocksDB) find
                 # it through the current event.
                 shim = _CurrentEvent(partition)
-                var.set(weakref.ref(shim))
+                var.set(cast(Any, weakref.ref(shim)))
                 data[key] = raw
                 add(changelog, key, raw, partition)
         finally:

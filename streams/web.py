@@ -99,7 +99,7 @@ def openapi(settings: Any) -> dict[str, Any]:
         return {"description": text, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
 
     unauthorized = ok("Error", "Missing or wrong bearer token (only when GRADEFLOW_API_TOKEN is set).")
-    secured = [{"bearer": []}]
+    secured: list[dict[str, list[str]]] = [{"bearer": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "gradeflow worker API", "version": __version__,
