@@ -66,6 +66,7 @@ def bulk_recovery(app: Any, tp: Any) -> BulkApply | None:
     recovery = getattr(tables, "recovery", None)
     if recovery is None:
         return None
+    clear_end_signal_on_start(recovery)
     table = recovery.tp_to_table.get(tp)
     if table is None or table._on_changelog_event is not None:
         return None
@@ -102,6 +103,28 @@ def bulk_recovery(app: Any, tp: Any) -> BulkApply | None:
         return _signal_progress(recovery)
 
     return apply
+
+
+def clear_end_signal_on_start(recovery: Any) -> None:
+    """Make each recovery start with its end signal cleared.
+
+    Faust's recovery waits on ``signal_recovery_end`` after it starts reading, and relies on its
+    own per-record loop, which clears the signal on every record and every five idle seconds, to
+    leave it clear. When this module ended the previous recovery no record went through that
+    loop: the signal stayed set, and a rebalance within the next seconds found it set and
+    declared its recovery done without reading anything, so the worker graded the taken-over
+    partitions' customers on empty state. Clearing it as each recovery starts (the instant
+    ``in_recovery`` becomes true, before anything can end it) closes that."""
+    if getattr(recovery, "_gradeflow_clears_end", False):
+        return
+    started = recovery._set_recovery_started
+
+    def _set_recovery_started() -> None:
+        recovery.signal_recovery_end.clear()
+        started()
+
+    recovery._set_recovery_started = _set_recovery_started
+    recovery._gradeflow_clears_end = True
 
 
 def _signal_progress(recovery: Any) -> bool:

@@ -284,6 +284,17 @@ def test_a_recovering_changelog_partition_is_applied_a_fetch_at_a_time_and_ends_
     assert consumer.graded == list(range(5, 10))  # the input records still go to the batch handler
 
 
+def test_a_recovery_that_starts_soon_after_one_ended_here_waits_for_its_own_records() -> None:
+    # A recovery this path ended leaves Faust's end signal set (Faust's own loop would have cleared
+    # it); a rebalance right after must not find it set and skip reading its changelogs.
+    consumer = _drain(_Recovering, [lambda c: {CHANGELOG: _versions(0, 44)}])
+    recovery = consumer.recovery
+    assert not recovery.in_recovery and recovery.signal_recovery_end.is_set()
+    recovery.active_highwaters[CHANGELOG] = 90  # the next rebalance: more to read
+    recovery._set_recovery_started()
+    assert recovery.in_recovery and not recovery.signal_recovery_end.is_set()
+
+
 def test_a_recovery_still_behind_its_highwater_does_not_end() -> None:
     consumer = _drain(_Recovering, [lambda c: {CHANGELOG: _versions(0, 40)}])
     assert consumer.recovery.active_offsets[CHANGELOG] == 40
