@@ -157,8 +157,10 @@ class Audit:
 
     # ------------------------------------------------------------ the checks
 
-    def check(self, inputs: list[Record], published: Iterable[bytes], alerts: Iterable[bytes],
-              progress: Callable[[int], None] | None = None) -> Report:
+    def check(self, inputs: list[Record], published: Iterable[bytes], alerts: Iterable[bytes] | None,
+              progress: Callable[[int], None] | None = None, offline: bool = True) -> Report:
+        """Every check; ``alerts`` None: not checked; ``offline`` False: no recomputation (chains,
+        copies and alerts only)."""
         report = Report()
         online: dict[str, list[dict[str, Any]]] = {}
         seen: dict[str, tuple] = {}
@@ -176,8 +178,11 @@ class Audit:
         report.customers = len(online)
         report.changes = len(seen)
         downgrades = self._check_chains(online, report)
-        self._check_alerts(alerts, downgrades, report)
-        if self.clock == "wall":
+        if alerts is not None:
+            self._check_alerts(alerts, downgrades, report)
+        if not offline:
+            report.recomputed = "not recomputed (asked not to)"
+        elif self.clock == "wall":
             report.recomputed = "not recomputed: the wall clock's changes depend on when the worker ran"
         elif self.rs.quantiles:
             report.recomputed = "not recomputed: the ruleset grades against the population"
@@ -264,7 +269,7 @@ def _brief(summaries: list[tuple]) -> str:
 # ---------------------------------------------------------------- reading a cluster
 
 
-def read_cluster(settings: Any, progress: Callable[[int], None] | None = None, idle_s: float = 5.0
+def read_cluster(settings: Any, progress: Callable[[int], None] | None = None
                  ) -> tuple[list[Record], list[bytes], list[bytes]]:
     """Every record of the input topics (with partition and offset), and the values of
     ``grade-changes`` and ``grade-alerts`` in topic order, read from the beginning to their ends

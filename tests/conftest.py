@@ -45,10 +45,34 @@ def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
     for worker in started:
         worker.stop()
     for env in {w.env["GRADEFLOW_APP_ID"]: w.env for w in started}.values():
+        audit_outputs(env, [w.env for w in started if w.env["GRADEFLOW_APP_ID"] == env["GRADEFLOW_APP_ID"]])
+    for env in {w.env["GRADEFLOW_APP_ID"]: w.env for w in started}.values():
         try:
             drop_run(env.get("GRADEFLOW_KAFKA_BOOTSTRAP", bootstrap), env)  # the cluster the workers used
         except Exception as exc:  # noqa: BLE001 - a test's outcome does not depend on the clean-up
             warnings.warn(f"could not delete the topics of {env['GRADEFLOW_APP_ID']}: {exc!r}", stacklevel=2)
+
+
+def audit_outputs(env: dict[str, str], envs: list[dict[str, str]]) -> None:
+    """The invariants of grade-changes (streams/audit.py) on what a test's workers published: every
+    chain valid, as_of never backwards, a change delivered twice identical, and, when every worker
+    ran one ruleset, each key downgrade with exactly one alert. Outputs only: a test's history
+    decides what the offline run would be, and its own assertions compare with that."""
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.audit import Audit, read_cluster
+    from streams.settings import load_settings
+
+    settings = load_settings(**{k[len("GRADEFLOW_"):].lower(): v for k, v in env.items() if k.startswith("GRADEFLOW_")})
+    rulesets = {e.get("GRADEFLOW_RULESET", settings.ruleset) for e in envs}
+    try:
+        _inputs, changes, alerts = read_cluster(settings)
+    except Exception as exc:  # a test that took the broker away: nothing to read
+        warnings.warn(f"outputs of {env['GRADEFLOW_APP_ID']} not audited: {exc!r}")
+        return
+    audit = Audit(compile_ruleset(load(settings.ruleset)), clock=settings.clock)
+    report = audit.check([], changes, alerts if len(rulesets) == 1 else None, offline=False)
+    assert report.ok, f"the outputs of {env['GRADEFLOW_APP_ID']} break an invariant:\n{report.render()}"
 
 
 # Fixtures that need a local server: `bootstrap` (Kafka) and `redis_prefix` (the Redis key prefix
