@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         done.set()
         watcher.join()
         distribution = Counter(grades.values())
+        report = _audit(env)
         print()
         print(_paint(BOLD, "summary"))
         print(f"  events produced:     {len(history) + len(bad)} ({len(bad)} of them malformed)")
@@ -127,13 +128,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  key-customer alerts: {totals['alerts']} downgrades, {totals['at_risk']} at-risk warnings")
         print(f"  dead letters:        {totals['dead']}")
         print("  grades now:          " + "  ".join(f"{g}={distribution.get(g, 0)}" for g in "SABCD"))
-        return 0 if totals["dead"] == len(bad) and totals["changes"] > 0 else 1
+        print(f"  audit:               {report.agreeing_customers}/{report.customers} customers and "
+              f"{report.agreeing_final}/{report.final_grades} final grades agree with the offline run"
+              + ("" if report.ok else " -- FAILED:\n" + report.render()))
+        return 0 if totals["dead"] == len(bad) and totals["changes"] > 0 and report.ok else 1
     except KeyboardInterrupt:
         print("\ninterrupted")
         return 130
     finally:
         worker.stop()
         print(_paint(DIM, "worker stopped"))
+
+
+def _audit(env: dict[str, str], timeout_s: float = 60.0) -> Any:
+    """``gradeflow audit`` of the demo's topics, once the worker's clock has caught up (the audit
+    agrees), or its report when time runs out."""
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.audit import Audit, read_cluster
+
+    settings = load_settings(**{k[len("GRADEFLOW_"):].lower(): v for k, v in env.items()})
+    audit = Audit(compile_ruleset(load(settings.ruleset)), clock=settings.clock)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        report = audit.check(*read_cluster(settings))
+        if report.ok or time.monotonic() > deadline:
+            return report
+        time.sleep(1.0)
 
 
 def _produce(bootstrap: str, env: dict[str, str], history: list[Any], bad: list[bytes], rate: float) -> None:
