@@ -50,6 +50,7 @@ from itertools import islice
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -109,8 +110,9 @@ class Clock:
     """Per-partition schedules of due customers and the timer that wakes them."""
 
     def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
-                 writer: asyncio.Lock | None = None) -> None:
+                 writer: asyncio.Lock | None = None, wall: Callable[[], float] = time.time) -> None:
         self.app, self.settings, self.rs, self.table, self.store = app, settings, ruleset, table, store
+        self.wall = wall  # the wall clock (seconds); tests give their own
         # Held from reading states to writing them, by every writer of state (see the module doc).
         self.writer = writer if writer is not None else asyncio.Lock()
         self.mode = getattr(settings, "clock", "wall")
@@ -126,7 +128,7 @@ class Clock:
         self.pending: dict[bytes, tuple[int, float | None, float | None]] = {}
         self.active: set[int] | None = None  # None until the first recovery, and during a rebalance
         self.generation = 0
-        self.started = time.time()
+        self.started = wall()
         self.stats = ClockStats()
         self.busy = asyncio.Lock()
 
@@ -174,7 +176,7 @@ class Clock:
 
     def now(self, partition: int) -> float | None:
         """The clock's time on ``partition`` (seconds), or None while it is unknown."""
-        wall = time.time()
+        wall = self.wall()
         if self.mode == "wall":
             return wall
         t = self.stream_time.get(partition)
@@ -185,7 +187,7 @@ class Clock:
     def _advance(self, partition: int, ts: float | None) -> None:
         if ts is not None and ts > self.stream_time.get(partition, float("-inf")):
             self.stream_time[partition] = ts
-            self.advanced_at[partition] = time.time()
+            self.advanced_at[partition] = self.wall()
 
     def _population(self) -> Any:
         population = getattr(self.app, "gradeflow_population", None)

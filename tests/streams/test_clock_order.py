@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
@@ -84,16 +85,19 @@ class Store:
 
 
 class Worker:
-    """The handler and the clock of one worker process over a shared table."""
+    """The handler and the clock of one worker process over a shared table (``wall``: the wall
+    clock's time, for the wall clock)."""
 
-    def __init__(self, store: Store, published: list, alerts: list) -> None:
-        settings = Settings(clock="event", partitions=PARTITIONS, app_id="t", at_risk_horizon_days=0)
+    def __init__(self, store: Store, published: list, alerts: list, mode: str = "event",
+                 wall: list[float] | None = None) -> None:
+        settings = Settings(clock=mode, partitions=PARTITIONS, app_id="t", at_risk_horizon_days=0)
+        self.wall = wall
         self.settings, self.store, self.published, self.alerts = settings, store, published, alerts
         self.log: list = []
         tps = [SimpleNamespace(topic=settings.topics.transactions, partition=p) for p in range(PARTITIONS)]
         app = SimpleNamespace(producer=RecordingProducer(self.log, PARTITIONS), gradeflow_population=None,
                               assignor=SimpleNamespace(assigned_actives=lambda: tps))
-        self.clock = Clock(app, settings, RS, store, store)
+        self.clock = Clock(app, settings, RS, store, store, wall=(lambda: wall[0]) if wall is not None else time.time)
         asyncio.run(self.clock.rebuild())
 
     def _collect(self) -> None:
@@ -109,7 +113,8 @@ class Worker:
         """What streams/app.py's handler does; ``crash``: the process dies once the outputs are
         published, before the states are written."""
         clock = self.clock
-        result = process_batch(records, RS, self.store, utcnow(), clock_horizon=clock.look_horizon,
+        now = datetime.fromtimestamp(self.wall[0], timezone.utc) if self.wall is not None else utcnow()
+        result = process_batch(records, RS, self.store, now, clock_horizon=clock.look_horizon,
                                stream_time=clock.stream_times({r.partition for r in records}))
         self.published += [doc for _, doc in result.grade_changes]
         self.alerts += [doc for _, doc in result.alerts]
@@ -178,3 +183,46 @@ def test_the_audit_finds_a_clock_change_computed_from_the_wrong_state() -> None:
     dropped = [v for i, v in enumerate(published) if i != mine[-1]]
     report = audit.check(records, dropped, alerts)
     assert "customers differing from offline" in report.problems
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_with_the_wall_clock_chains_hold_whoever_gets_to_a_customer_first(seed: int) -> None:
+    """Events arrive a little after they happened, some exactly at a local midnight (the instant
+    time alone changes grades), while the timer wakes customers as the wall clock passes their
+    due instants: every chain stays valid, as_of never goes backwards, one alert per key downgrade."""
+    rng = random.Random(2000 + seed)
+    start = datetime(2026, 1, 1, tzinfo=TZ).timestamp()
+    wall = [start]
+    records = []
+    offsets = [0] * PARTITIONS
+    home = {f"c{i}": rng.randrange(PARTITIONS) for i in range(40)}
+    t = start
+    for n in range(700):
+        t += rng.choice([600, 3600, 6 * 3600, 86400])
+        when = datetime.fromtimestamp(t, TZ)
+        if rng.random() < 0.2:  # exactly at a local midnight, where due instants are
+            when = when.replace(hour=0, minute=0, second=0, microsecond=0)
+        c = rng.choice(list(home))
+        doc = {"event_id": f"e{n}", "customer_id": c, "occurred_at": when.isoformat(), "type": "purchase",
+               "amount": rng.choice(["80.00", "500.00", "2500.00", "9000.00"]), "currency": "CNY"}
+        p = home[c]
+        records.append(Record(TRANSACTIONS, "t", p, offsets[p], c.encode(), orjson.dumps(doc), int(t * 1000)))
+        offsets[p] += 1
+    store, published, alerts = Store(), list[bytes](), list[bytes]()
+    worker = Worker(store, published, alerts, mode="wall", wall=wall)
+    i = 0
+    while i < len(records):
+        batch = records[i:i + rng.choice([1, 2, 5, 20])]
+        # The wall clock: a little past the batch's latest event, sometimes exactly at it.
+        wall[0] = max(wall[0], max(r.timestamp_ms for r in batch) / 1000 + rng.choice([0, 0, 1, 3600, 30000]))
+        if rng.random() < 0.4:
+            worker.tick()  # the timer first: it may reach a customer's due instant before their event
+        worker.batch(batch)
+        i += len(batch)
+        if rng.random() < 0.4:
+            worker.tick()
+    wall[0] += 90 * 86400
+    worker.tick()
+    report = Audit(RS, clock="wall").check(records, published, alerts)
+    assert report.ok, report.render()
+    assert len([v for v in published if orjson.loads(v)["cause"]["kind"] == "clock"]) > 10
