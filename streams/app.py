@@ -24,13 +24,14 @@ import orjson
 from rules.engine import CompiledRuleset
 from streams.kafka_config import bootstrap_list, faust_broker_options
 from streams.downstream import attach_downstream, observe_batch
-from streams.processor import INTERACTIONS, TRANSACTIONS, Record, process_batch, utcnow
+from streams.processor import INTERACTIONS, TRANSACTIONS, Record
 from streams.settings import Settings
 from streams.batching import BatchingApp, deliver_in_batches
 from streams.clock import attach_clock
 from streams.population import attach_population
 from streams.rules_start import attach_rules_regrade
-from streams.outbox import MAX_BATCH_BYTES, Outbox
+from streams.handler import BatchGrader
+from streams.outbox import MAX_BATCH_BYTES
 from streams.tables import FaustStateStore
 
 log = logging.getLogger("gradeflow")
@@ -100,9 +101,8 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     clock = attach_clock(app, settings, ruleset, table, store, writer)  # cause "clock": re-grading by time alone
     population = attach_population(app, settings, ruleset, store)  # None without relative grades
     attach_rules_regrade(app, settings, ruleset, table, store, population, writer)  # cause "rules" after a version change
-    out_changes = names.grade_changes
-    out_alerts = names.alerts
-    out_dead = names.dead_letters
+    grader = BatchGrader(settings, ruleset, store, clock, population, writer,
+                         lambda: cast(Any, app.producer)._ensure_producer())  # the AIOKafkaProducer under Faust's
 
     async def grade(messages: list[Any]) -> Awaitable[None]:  # aiokafka ConsumerRecords of one fetch
         """One fetch of input records: decode, grade, send, then store state, then ack."""
@@ -115,33 +115,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
             topic = m.topic
             records.append(Record(roles[topic], topic, m.partition, m.offset, m.key, m.value, m.timestamp, m))
             by_topic[topic] = by_topic.get(topic, 0) + 1
-        async with writer:
-            result = process_batch(records, ruleset, store, utcnow(),
-                                   population=population.thresholds if population else None,
-                                   allowed_lateness_days=settings.allowed_lateness_days,
-                                   max_future_skew_s=settings.max_future_skew_s,
-                                   clock_horizon=clock.look_horizon,
-                                   stream_time=clock.stream_times({m.partition for m in messages}))
-            producer = cast(Any, app.producer)._ensure_producer()  # the AIOKafkaProducer under Faust's
-            outbox = Outbox()
-            outbox.extend(out_dead, result.dead_letters)
-            outbox.extend(out_changes, result.grade_changes)
-            outbox.extend(out_alerts, result.alerts)
-            # Outputs first, durable; then state. A crash in between replays the
-            # batch with the same deterministic outputs; the reverse order could
-            # record state whose grade changes were never delivered.
-            if outbox:
-                await (await outbox.send(producer)).acked()
-            written = None
-            # Each partition's stream time after its states, on the same changelog partition: a
-            # worker that recovers it finds the time those states were graded up to.
-            writes = [(cid.encode(), raw, record.partition) for cid, (raw, record) in result.states.items()]
-            writes += clock.advanced(result.stream_time)
-            if writes:
-                store.write_many(outbox, writes)
-                written = await outbox.send(producer)
-            if result.states:
-                clock.note(result.looks, result.states)
+        result, written = await grader.grade(records)
         counters.consumed += result.consumed
         counters.applied += result.applied
         counters.duplicates += result.duplicates
