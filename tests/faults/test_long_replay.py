@@ -13,7 +13,10 @@ published changes equal, customer by customer, to the offline run of the same re
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -23,7 +26,7 @@ import pytest
 from rules.engine import compile_ruleset
 from rules.ruleset import load
 from streams.audit import Audit, read_cluster
-from streams.local import WorkerProcess, free_port, unique_env
+from streams.local import ROOT, WorkerProcess, free_port, unique_env
 from streams.settings import load_settings
 from streams.topics import create_topics
 
@@ -141,6 +144,12 @@ def test_long_replay_without_faults(bootstrap, records) -> None:
         run.produce(records)
         run.wait_committed(EVENTS)
         check(run, run.audit())
+        # The same checker as the command users run: 100% and exit 0.
+        done = subprocess.run([sys.executable, "-m", "streams.cli", "audit", "--progress"], cwd=ROOT,
+                              env={**os.environ, **run.env}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "customers agreeing" in done.stdout and "(100.00%)" in done.stdout and "OK: every check agrees" in done.stdout
+        assert "audit" in done.stderr  # the progress bar
     finally:
         run.stop()
 
