@@ -233,6 +233,30 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Produce a history into the input topics; with --wait, until the worker has graded it."""
+    from streams.replay import replay, wait_graded
+
+    settings = _settings(args)
+    done = replay(settings, args.history, rate=args.rate, progress=not args.quiet)
+    print(f"replayed {done.sent} events ({done.transactions} to {settings.topics.transactions}, {done.interactions} "
+          f"to {settings.topics.interactions}) in {done.seconds:.1f} s")
+    if args.wait:
+        if not wait_graded(settings, args.timeout, progress=not args.quiet):
+            print(f"gradeflow replay: group {settings.group_id} had not graded everything after {args.timeout:g} s",
+                  file=sys.stderr)
+            return 1
+        print(f"graded: group {settings.group_id} committed every input record")
+    return 0
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``gradeflow``."""
     parser = argparse.ArgumentParser(prog="gradeflow", description="Real-time customer grading on Kafka.")
@@ -274,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--events", required=True, help="history: JSON Lines of transactions and interactions")
     trial.add_argument("--against", help="another ruleset: how many customers would move from which grade to which")
     trial.set_defaults(func=cmd_rules_try)
+
+    replay = sub.add_parser("replay", help="produce a history (JSON Lines) into the input topics, with progress")
+    broker_opts(replay)
+    replay.add_argument("history", help="JSON Lines of transactions and interactions, in the order to send them")
+    replay.add_argument("--rate", type=_positive, help="events per second (default: as fast as possible)")
+    replay.add_argument("--wait", action="store_true",
+                        help="then wait until the worker's group has committed every input record")
+    replay.add_argument("--timeout", type=_positive, default=600.0, help="seconds --wait waits at most (600)")
+    replay.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    replay.set_defaults(func=cmd_replay)
 
     show = sub.add_parser("settings", help="print the settings a worker would run with (secrets masked)")
     broker_opts(show)
