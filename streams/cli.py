@@ -200,7 +200,9 @@ def cmd_rules_try(args: argparse.Namespace) -> int:
     from streams.rules_tools import try_ruleset
 
     against = compile_ruleset(load(args.against)) if args.against else None
-    print(try_ruleset(compile_ruleset(load(args.file)), args.events, against))
+    print(try_ruleset(compile_ruleset(load(args.file)), args.events, against, report=args.report))
+    if args.report:
+        print(f"report: {args.report}")
     return 0
 
 
@@ -297,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("file", help="preset name or rule file")
     trial.add_argument("--events", required=True, help="history: JSON Lines of transactions and interactions")
     trial.add_argument("--against", help="another ruleset: how many customers would move from which grade to which")
+    trial.add_argument("--report", help="also write an HTML report (inline SVG, no network) with the grade "
+                                        "distribution and, with --against, the from-to flows")
     trial.set_defaults(func=cmd_rules_try)
 
     replay = sub.add_parser("replay", help="produce a history (JSON Lines) into the input topics, with progress")
