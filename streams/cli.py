@@ -200,7 +200,9 @@ def cmd_rules_try(args: argparse.Namespace) -> int:
     from streams.rules_tools import try_ruleset
 
     against = compile_ruleset(load(args.against)) if args.against else None
-    print(try_ruleset(compile_ruleset(load(args.file)), args.events, against))
+    print(try_ruleset(compile_ruleset(load(args.file)), args.events, against, report=args.report))
+    if args.report:
+        print(f"report: {args.report}")
     return 0
 
 
@@ -231,6 +233,30 @@ def cmd_audit(args: argparse.Namespace) -> int:
           f"(ruleset {ruleset.id}@{ruleset.version}, clock {settings.clock})")
     print(report.render())
     return 0 if report.ok else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Produce a history into the input topics; with --wait, until the worker has graded it."""
+    from streams.replay import replay, wait_graded
+
+    settings = _settings(args)
+    done = replay(settings, args.history, rate=args.rate, progress=not args.quiet)
+    print(f"replayed {done.sent} events ({done.transactions} to {settings.topics.transactions}, {done.interactions} "
+          f"to {settings.topics.interactions}) in {done.seconds:.1f} s")
+    if args.wait:
+        if not wait_graded(settings, args.timeout, progress=not args.quiet):
+            print(f"gradeflow replay: group {settings.group_id} had not graded everything after {args.timeout:g} s",
+                  file=sys.stderr)
+            return 1
+        print(f"graded: group {settings.group_id} committed every input record")
+    return 0
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,7 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("file", help="preset name or rule file")
     trial.add_argument("--events", required=True, help="history: JSON Lines of transactions and interactions")
     trial.add_argument("--against", help="another ruleset: how many customers would move from which grade to which")
+    trial.add_argument("--report", help="also write an HTML report (inline SVG, no network) with the grade "
+                                        "distribution and, with --against, the from-to flows")
     trial.set_defaults(func=cmd_rules_try)
+
+    replay = sub.add_parser("replay", help="produce a history (JSON Lines) into the input topics, with progress")
+    broker_opts(replay)
+    replay.add_argument("history", help="JSON Lines of transactions and interactions, in the order to send them")
+    replay.add_argument("--rate", type=_positive, help="events per second (default: as fast as possible)")
+    replay.add_argument("--wait", action="store_true",
+                        help="then wait until the worker's group has committed every input record")
+    replay.add_argument("--timeout", type=_positive, default=600.0, help="seconds --wait waits at most (600)")
+    replay.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    replay.set_defaults(func=cmd_replay)
 
     show = sub.add_parser("settings", help="print the settings a worker would run with (secrets masked)")
     broker_opts(show)

@@ -1,9 +1,12 @@
-"""`make demo`: a worker grades a realistic stream, live, then everything stops.
+"""`make demo`: a worker grades a realistic stream, live; then the console shows the result.
 
-Starts a worker on fresh topics, produces about a year and a half of
+Starts a worker on fresh topics, writes about a year and a half of
 transactions and interactions for a few hundred customers (some of them key
-customers who then stop buying, or return most of what they bought), and
-prints the grade changes and key-customer alerts as the worker emits them.
+customers who then stop buying, or return most of what they bought) to
+.local/demo/history.jsonl, produces it with ``gradeflow replay``, and prints
+the grade changes and key-customer alerts as the worker emits them. It ends
+with the console's address; run in a terminal, the worker stays up for it
+until Ctrl-C, otherwise (CI) everything stops.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from streams.local import WorkerProcess, consume, producer, unique_env
+from streams.local import ROOT, WorkerProcess, consume, free_port, unique_env
+from streams.replay import replay
 from streams.settings import load_settings
 
 TZ = timezone(timedelta(hours=8))
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     # The history is replayed fast: the event clock lets the key customers who
     # stop buying be downgraded when the history's own time comes.
     env = unique_env("demo", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap, GRADEFLOW_CLOCK="event",
-                     GRADEFLOW_CLOCK_TICK_S="0.2")
+                     GRADEFLOW_CLOCK_TICK_S="0.2", GRADEFLOW_WEB_PORT=str(free_port()))
     history = build_history(args.customers, args.seed)
     bad = [b'{"event_id": "broken-1", "customer_id": ', b'{"event_id":"bad-2","customer_id":"cust-0001",'
            b'"occurred_at":"2026-01-01T10:00:00","type":"purchase","amount":"10","currency":"CNY"}']
@@ -115,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         watcher = threading.Thread(target=_watch, args=(settings.kafka_bootstrap, env, totals, grades, done),
                                    daemon=True)
         watcher.start()
-        _produce(settings.kafka_bootstrap, env, history, bad, args.rate)
+        path = _write_history(history, bad)
+        replay(load_settings(**{k[len("GRADEFLOW_"):].lower(): v for k, v in env.items()}), path, rate=args.rate,
+               progress=sys.stderr.isatty())
         done.set()
         watcher.join()
         distribution = Counter(grades.values())
@@ -131,7 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  audit:               {report.agreeing_customers}/{report.customers} customers and "
               f"{report.agreeing_final}/{report.final_grades} final grades agree with the offline run"
               + ("" if report.ok else " -- FAILED:\n" + report.render()))
-        return 0 if totals["dead"] == len(bad) and totals["changes"] > 0 and report.ok else 1
+        print(f"  history:             {path} (gradeflow replay {path.relative_to(ROOT)})")
+        url = f"http://127.0.0.1:{env['GRADEFLOW_WEB_PORT']}/console/"
+        print(_paint(BOLD, f"\nconsole: {url}"))
+        ok = totals["dead"] == len(bad) and totals["changes"] > 0 and report.ok
+        if sys.stdin.isatty():
+            print(_paint(DIM, "the worker keeps running for the console; Ctrl-C stops it"))
+            while worker.proc is not None and worker.proc.poll() is None:
+                time.sleep(1)  # until Ctrl-C (KeyboardInterrupt) or the worker exits
+        return 0 if ok else 1
     except KeyboardInterrupt:
         print("\ninterrupted")
         return 130
@@ -157,20 +172,16 @@ def _audit(env: dict[str, str], timeout_s: float = 60.0) -> Any:
         time.sleep(1.0)
 
 
-def _produce(bootstrap: str, env: dict[str, str], history: list[Any], bad: list[bytes], rate: float) -> None:
-    p = producer(bootstrap)
-    topics = {"t": env["GRADEFLOW_TOPIC_TRANSACTIONS"], "i": env["GRADEFLOW_TOPIC_INTERACTIONS"]}
-    started = time.monotonic()
-    for n, (_, kind, cid, doc) in enumerate(history):
-        p.send(topics[kind], key=cid.encode(), value=orjson.dumps(doc))
-        if n == len(history) // 3:
-            for raw in bad:
-                p.send(topics["t"], key=b"cust-0001", value=raw)
-        ahead = n / rate - (time.monotonic() - started)
-        if ahead > 0:
-            time.sleep(ahead)
-    p.flush()
-    p.close()
+def _write_history(history: list[Any], bad: list[bytes]) -> Path:
+    """The demo's history as the JSON Lines ``gradeflow replay`` sends (malformed lines a third of the way)."""
+    path = ROOT / ".local" / "demo" / "history.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        for n, (_, _kind, _cid, doc) in enumerate(history):
+            if n == len(history) // 3:
+                handle.writelines(raw + b"\n" for raw in bad)
+            handle.write(orjson.dumps(doc) + b"\n")
+    return path
 
 
 def _cause(cause: dict[str, Any]) -> str:

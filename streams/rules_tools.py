@@ -145,8 +145,9 @@ def distribution(result: Run) -> dict[str, Counter[str]]:
     return counts
 
 
-def try_ruleset(rs: CompiledRuleset, history: str | Path, against: CompiledRuleset | None = None) -> str:
-    """The text of ``rules try``."""
+def try_ruleset(rs: CompiledRuleset, history: str | Path, against: CompiledRuleset | None = None,
+                report: str | Path | None = None) -> str:
+    """The text of ``rules try``; with ``report``, also an HTML report there (streams/report.py)."""
     records = read_history(history)
     result = run(rs, records)
     lines = [f"ruleset {rs.id}@{rs.version} over {history}: {len(records)} events, {result.events} applied, "
@@ -163,7 +164,9 @@ def try_ruleset(rs: CompiledRuleset, history: str | Path, against: CompiledRules
         for grade in ladder.grades:
             n = mine[ladder.name][grade]
             lines.append(f"  {grade:<12} {n:>7}  {100 * n / total:5.1f}%")
+    flows: list[tuple[str, list[str], list[str], Counter[tuple[str, str]]]] = []
     if against is None:
+        _report(report, rs, lines, mine, flows, None)
         return "\n".join(lines)
     other = run(against, records)
     lines.append(f"against {against.id}@{against.version}: customers moving from its grade to this ruleset's")
@@ -178,6 +181,7 @@ def try_ruleset(rs: CompiledRuleset, history: str | Path, against: CompiledRules
             new = result.evaluate(customer_id).grades[ladder.name]
             moves[(old or "-", new)] += 1
         same = sum(n for (a, b), n in moves.items() if a == b)
+        flows.append((ladder.name, list(theirs[ladder.name].grades), list(ladder.grades), moves))
         lines.append(f"ladder {ladder.name}: {same} unchanged, {sum(moves.values()) - same} move")
         for (a, b), n in sorted(moves.items(), key=lambda kv: (-kv[1], kv[0])):
             if a != b:
@@ -185,4 +189,16 @@ def try_ruleset(rs: CompiledRuleset, history: str | Path, against: CompiledRules
     for name in theirs:
         if name not in {ladder.name for ladder in rs.ladders}:
             lines.append(f"ladder {name}: only in {against.id}@{against.version}")
+    _report(report, rs, lines, mine, flows, f"{against.id}@{against.version}")
     return "\n".join(lines)
+
+
+def _report(path: str | Path | None, rs: CompiledRuleset, lines: list[str], mine: dict[str, Counter[str]],
+            flows: list[tuple[str, list[str], list[str], Counter[tuple[str, str]]]], against: str | None) -> None:
+    if path is None:
+        return
+    from streams.report import write_report
+
+    title = f"rules try: {rs.id}@{rs.version}" + (f" against {against}" if against else "")
+    write_report(path, title, lines, [(lad.name, list(lad.grades), mine[lad.name]) for lad in rs.ladders], flows,
+                 against)

@@ -8,6 +8,7 @@
 ``GET /readyz``                   partitions assigned and table recovery done (no token)
 ``GET /metrics``                  Prometheus text format
 ``GET /openapi.json``             this API, described (OpenAPI 3.1)
+``GET /console/``, ``/api/...``    the console and its JSON (streams/console)
 
 When ``GRADEFLOW_API_TOKEN`` is set every route but /healthz and /readyz needs
 ``Authorization: Bearer <token>`` (compared in constant time), else 401.
@@ -26,7 +27,7 @@ from rules.engine import CompiledRuleset, evaluate
 from rules.state import CustomerState
 from schemas.api import CustomerGrades, Error, GradeCounts, Health
 from schemas.money import format_minor
-from streams import __version__
+from streams import __version__, console
 from streams.tables import FaustStateStore
 
 OPEN_PATHS = ("/healthz", "/readyz")
@@ -141,6 +142,7 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
     token = settings.api_token.get_secret_value() if settings.api_token else None
     ladders = [lad.name for lad in ruleset.ladders]
     spec = openapi(settings)
+    spec["paths"].update(console.api_paths())
     states = FaustStateStore(table)
 
     class Guarded(View):
@@ -207,3 +209,5 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
     @app.page("/openapi.json", base=Guarded, name="gradeflow-openapi")
     async def openapi_json(self: View, request: Request) -> Response:
         return self.json(spec)
+
+    console.register(app, settings, table, ruleset, downstream, Guarded)

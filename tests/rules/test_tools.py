@@ -118,3 +118,29 @@ def test_try_against_a_ruleset_with_other_ladders(tmp_path: Path, capsys) -> Non
     out = capsys.readouterr().out
     assert "ladder lifecycle: not in rfm-5@1" in out and "ladder value: only in rfm-5@1" in out
     assert "actual             3  100.0%" in out
+
+
+def test_try_report_is_one_offline_html_file_with_the_distribution_and_flows(tmp_path: Path, capsys) -> None:
+    import re
+    import xml.etree.ElementTree as ET
+
+    path = history(tmp_path, EVENTS)
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(RFM5.read_text(encoding="utf-8").replace('version: "1"', 'version: "2"')
+                      .replace("{min: 10, grade: A}", "{min: 11, grade: A}"), encoding="utf-8")
+    report = tmp_path / "report.html"
+    assert main(["rules", "try", str(strict), "--events", str(path), "--against", "rfm-5",
+                 "--report", str(report)]) == 0
+    assert f"report: {report}" in capsys.readouterr().out
+    text = report.read_text(encoding="utf-8")
+    assert not re.search(r"(src|href)=\"?https?:", text) and "<script" not in text  # nothing fetched
+    # The bar chart: one bar per grade, its height the count (S 0, A 0, B 2, C 1, D 0 under the strict copy).
+    svg = ET.fromstring(re.search(r"<svg.*?</svg>", text, re.S).group(0))  # type: ignore[union-attr]
+    titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}title")]
+    assert titles == ["S: 0", "A: 0", "B: 2", "C: 1", "D: 0"]
+    # The flows: rows rfm-5's grades, columns the strict copy's; c1 moves A → B.
+    table = re.search(r'<table class="flows">.*?</table>', text, re.S).group(0)  # type: ignore[union-attr]
+    rows = {r[0]: [int(n) for n in r[1:]] for r in
+            (re.findall(r"<t[hd][^>]*>([^<]*)</t[hd]>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)[1:])}
+    assert rows["A"] == [0, 0, 1, 0, 0] and rows["B"] == [0, 0, 1, 0, 0] and rows["C"] == [0, 0, 0, 1, 0]
+    assert "2 unchanged, 1 move" in text
