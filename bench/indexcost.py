@@ -5,7 +5,7 @@ runs one at a time, so at a million customers a batch's lookups wait for their c
 after another (docs/performance.md, "The state table in C"). :class:`ArrayIndex` holds the same keys and values in
 NumPy arrays (open addressing, linear probing on the key's Python hash) and reads or writes a
 whole batch with array operations, whose loads do not depend on each other. The memory store's
-own table (streams/state_index.py, in C) looks a batch up in stages whose misses overlap, with no
+own table (streams/faustext/state_index.py, in C) looks a batch up in stages whose misses overlap, with no
 fixed cost per call. This times the three on `bench.dictcost`'s scattered states, a fresh key
 object per access, batches of 2,000 as a worker takes them (the C table only when ``make compile``
 built it). docs/performance.md says why the worker did not keep the NumPy index ("Measured
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bench.dictcost import BATCH, STATE_BYTES, _key, scattered_store, size_args
-from streams import state_index
+from streams.faustext import state_index
 
 
 def _fingerprints(keys: Sequence[bytes]) -> np.ndarray:

@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.compiled import status as compiled_status
 from streams.local import WorkerProcess, drop_run, unique_env
-from streams.outbox import MAX_BATCH_BYTES, Outbox
+from streams.faustext.outbox import MAX_BATCH_BYTES, Outbox
 from streams.settings import load_settings
 from streams.topics import create_topics
 

@@ -43,7 +43,7 @@ from rules.engine import CompiledRuleset, compile_ruleset
 from rules.ruleset import load
 from streams import web
 from streams.alerts import Dispatcher, check_settings
-from streams.faust_pages import close_builtin_pages
+from streams.faustext.faust_pages import close_builtin_pages
 from streams.metrics import Metrics, observe_batch
 from streams.redis_grades import RESULT_NAMES, AsyncGrades, parse_change
 from streams.settings import Settings, alert_retries_topic, redact, redis_prefix

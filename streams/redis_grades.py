@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from streams.tables import RESERVED
+from streams.faustext.tables import RESERVED
 
 log = logging.getLogger("gradeflow.redis")
 

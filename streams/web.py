@@ -27,7 +27,7 @@ from rules.state import CustomerState
 from schemas.api import CustomerGrades, Error, GradeCounts, Health
 from schemas.money import format_minor
 from streams import __version__
-from streams.tables import FaustStateStore
+from streams.faustext.tables import FaustStateStore
 
 OPEN_PATHS = ("/healthz", "/readyz")
 

@@ -33,7 +33,7 @@ def test_a_batch_write_replaces_values_of_present_keys_and_refuses_an_absent_one
 
 
 def test_the_comparison_times_each_structure_on_reads_it_checked_equal(capsys: pytest.CaptureFixture[str]) -> None:
-    from streams import state_index
+    from streams.faustext import state_index
 
     ns = compare(500, batches=2)
     expected = {"dict read", "dict write", "index read", "index write"}

@@ -28,7 +28,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from downstream_helpers import StandIn, delete_prefix, free_port, wait_until
+from tests.streams.downstream_helpers import StandIn, delete_prefix, free_port, wait_until
 from oncall_helpers import Answer, Scripted
 from rules.engine import compile_ruleset
 from rules.ruleset import load

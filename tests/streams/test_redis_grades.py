@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-from downstream_helpers import delete_prefix, wait_until
+from tests.streams.downstream_helpers import delete_prefix, wait_until
 from test_end_to_end import EXPECTED_CHANGES, history
 
 from streams.local import ROOT, consume, produce

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from downstream_helpers import StandIn, wait_until
+from tests.streams.downstream_helpers import StandIn, wait_until
 from redishelp import RedisServer
 from schemas.errors import ConfigurationError
 from streams.local import ROOT, WorkerProcess, drop_run, free_port, produce, unique_env

@@ -11,7 +11,7 @@ from collections import Counter
 import orjson
 import redis
 
-from downstream_helpers import delete_prefix, free_port, wait_until
+from tests.streams.downstream_helpers import delete_prefix, free_port, wait_until
 from rules.state import CustomerState
 from streams.redis_grades import customer_key
 from tests.streams.producerhelp import produce_librdkafka

@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from streams.outbox import MAX_BATCH_BYTES, Outbox
+from streams.faustext.outbox import MAX_BATCH_BYTES, Outbox
 
 PARTITIONS = 4
 

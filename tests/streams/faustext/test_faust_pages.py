@@ -6,11 +6,11 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from downstream_helpers import wait_until
+from tests.streams.downstream_helpers import wait_until
 from rules.engine import compile_ruleset
 from rules.ruleset import load
 from streams.app import create_app
-from streams.faust_pages import BUILTIN_PAGE_SETTINGS
+from streams.faustext.faust_pages import BUILTIN_PAGE_SETTINGS
 from streams.local import free_port, produce
 from streams.settings import load_settings
 from test_standby import purchase

@@ -33,7 +33,7 @@ from faust.types.tuples import ack_lock
 from mode import Service
 from mode.utils.futures import notify
 
-from streams.recovery import bulk_recovery
+from streams.faustext.recovery import bulk_recovery
 
 # A handler grades a batch and returns what remains to settle it (waiting for
 # its state on the changelog, then acking): the consumer runs that while the
@@ -68,7 +68,7 @@ class BatchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         wait = cast(BatchingApp, self.app).fetch_max_wait_ms
         if wait is not None:
             # Read by AIOKafkaConsumer.start(), which builds the fetcher; there is no public
-            # setter and Faust passes a constant (tests/streams/test_batching_fetch.py guards this).
+            # setter and Faust passes a constant (tests/streams/faustext/test_batching_fetch.py guards this).
             consumer._fetch_max_wait_ms = wait
         return consumer
 
@@ -76,7 +76,7 @@ class BatchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
 class BatchConsumer(aiokafka_driver.Consumer):
     """Faust's aiokafka consumer with a batch path for selected topics."""
 
-    #: Changelog records applied a fetch at a time while recovering (streams/recovery.py).
+    #: Changelog records applied a fetch at a time while recovering (streams/faustext/recovery.py).
     bulk_recovered = 0
 
     def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
@@ -212,7 +212,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
                         if bulk is not None:
                             # A changelog partition Faust's recovery is reading: one apply for the
                             # fetch instead of a Message, an Event and three tasks per record
-                            # (streams/recovery.py). Synchronous: no rebalance comes in between.
+                            # (streams/faustext/recovery.py). Synchronous: no rebalance comes in between.
                             fresh = records if last is None else [r for r in records if r.offset >= last]
                             if fresh:
                                 read_offset[tp] = fresh[-1].offset

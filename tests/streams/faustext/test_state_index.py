@@ -1,4 +1,4 @@
-"""streams/state_index.py: the memory store's state index behaves as a dict under any mix of batch
+"""streams/faustext/state_index.py: the memory store's state index behaves as a dict under any mix of batch
 and single operations, in C (streams/_statetable.c, built here from the current source when
 ``make compile`` has not) and on a dict; the C table also with keys whose fingerprints collide,
 across growth, tombstones and shrinking, and releasing every value it drops."""
@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import streams.state_index as state_index
+import streams.faustext.state_index as state_index
 from schemas.compiled import EXTENSIONS, ROOT
-from streams.state_index import DictStateIndex
+from streams.faustext.state_index import DictStateIndex
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The worker consumer's fetch.max.wait.ms (streams.batching.BatchConsumerThread), on the local broker.
+"""The worker consumer's fetch.max.wait.ms (streams.faustext.batching.BatchConsumerThread), on the local broker.
 
 Faust builds its aiokafka consumer with a constant 1,500 ms; gradeflow sets the fetcher's wait
 through a private attribute, so this checks that the value reaches the fetcher a started consumer

@@ -1,4 +1,4 @@
-"""The batch path of the consumer (streams/batching.py), without a broker: what it delivers, and
+"""The batch path of the consumer (streams/faustext/batching.py), without a broker: what it delivers, and
 what it fetches again, across a rebalance."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from faust.types import TP
 from mode.utils.times import Seconds
 
-from streams.batching import BatchConsumer
+from streams.faustext.batching import BatchConsumer
 
 TOPIC = "t-transactions"
 TPART = TP(TOPIC, 2)
@@ -212,7 +212,7 @@ def test_dropped_input_records_are_put_back_after_the_seek_to_the_committed_offs
     # A takeover of a partition with no committed offset (its owner was killed before its first
     # commit): the seek to the committed offsets leaves it where the dropped fetch took it, past
     # the records. Putting them back after the seek re-reads them there; where the seek did move
-    # the partition, it wins (streams.batching.put_back; tests/streams/test_put_back.py).
+    # the partition, it wins (streams.faustext.batching.put_back; tests/streams/faustext/test_put_back.py).
     def across_a_rebalance(consumer: _Harness) -> dict:
         consumer.app.consumer_generation_id += 1
         return {TPART: _records(5, 9)}
@@ -258,7 +258,7 @@ def _versions(first: int, last: int) -> list[Any]:
 
 @pytest.mark.parametrize("store", ["gradeflow-memory://", "rocksdb://"])
 def test_a_recovering_changelog_partition_is_applied_a_fetch_at_a_time_and_ends_the_recovery(store, tmp_path) -> None:
-    from streams.tables import FaustStateStore
+    from streams.faustext.tables import FaustStateStore
 
     class _InStore(_Recovering):
         pass

@@ -1,4 +1,4 @@
-"""State writes and changelog offsets (streams/tables.py), without a broker; a RocksDB restart with one."""
+"""State writes and changelog offsets (streams/faustext/tables.py), without a broker; a RocksDB restart with one."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from faust.types import TP
 
 from schemas.errors import ConfigurationError
 from streams.local import consume, faust_log_tables, produce, unique_env
-from streams.outbox import Outbox, Sent
-from streams.state_index import StateIndex
+from streams.faustext.outbox import Outbox, Sent
+from streams.faustext.state_index import StateIndex
 from streams.clock import stream_key
-from streams.tables import FaustStateStore, IndexedMemoryStore
+from streams.faustext.tables import FaustStateStore, IndexedMemoryStore
 from tests.streams.producerhelp import RecordingProducer
 
 CHANGELOG = "t-customer-state-changelog"
@@ -154,7 +154,7 @@ def test_a_memory_worker_restarted_recovers_every_state_a_fetch_at_a_time(bootst
     _env, again = _graded_across_a_restart(bootstrap, worker_factory, "memory://", customers)
     # The memory store holds nothing across a restart: every state came back from the changelog
     # (the second purchases were graded on it), through the consumer's bulk path
-    # (streams/recovery.py), not Faust's record-by-record one.
+    # (streams/faustext/recovery.py), not Faust's record-by-record one.
     log = again.log_path.read_text(errors="replace")
     applied = [int(n) for n in re.findall(r"tables recovered; (\d+) changelog records applied", log)]
     assert applied and applied[-1] >= len(customers), again.tail()

@@ -8,7 +8,7 @@ recovering worker at 8,000-14,000 changelog records/s (73 s for a million custom
 same worker grades ~45,000 events/s; a fetch at a time it reads ~400,000 (docs/deploy.md,
 "Recovery time"; docs/performance.md §19).
 
-:func:`bulk_recovery` gives the consumer's drain loop (streams/batching.py) a way round that for
+:func:`bulk_recovery` gives the consumer's drain loop (streams/faustext/batching.py) a way round that for
 the partitions Faust's recovery is reading: the records of one fetch are applied to the table's
 store in one ``apply_changelog_batch`` call, and Faust's recovery is told what it would have
 recorded itself (the offset read, the time of the last record, the end of recovery). What Faust

@@ -1,4 +1,4 @@
-"""`streams.batching.put_back` on a real consumer of the local broker: records fetched but not
+"""`streams.faustext.batching.put_back` on a real consumer of the local broker: records fetched but not
 delivered are fetched again, unless a seek has moved the partition since."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.batching import put_back
+from streams.faustext.batching import put_back
 
 
 async def _fetch(consumer: AIOKafkaConsumer, tp: TopicPartition, n: int) -> list[int]:

@@ -25,15 +25,15 @@ from faust.stores.memory import Store as MemoryStore
 from faust.types import TP
 
 from schemas.errors import ConfigurationError
-from streams.outbox import Outbox, Sent
-from streams.state_index import StateIndex
+from streams.faustext.outbox import Outbox, Sent
+from streams.faustext.state_index import StateIndex
 
 # The state table's keys that hold no customer start so (streams/clock.py).
 RESERVED = b"\x00"
 
 
 class IndexedMemoryStore(MemoryStore):
-    """Faust's memory store over a :class:`~streams.state_index.StateIndex` instead of a dict.
+    """Faust's memory store over a :class:`~streams.faustext.state_index.StateIndex` instead of a dict.
 
     What ``GRADEFLOW_STORE=memory://`` runs (registered as the Faust store ``gradeflow-memory://``
     in pyproject.toml): the same store, whose batch reads and writes of states overlap their cache
@@ -107,7 +107,7 @@ class FaustStateStore:
         self._index: Any = _UNKNOWN
 
     def _memory(self) -> Any:
-        """The memory store's :class:`~streams.state_index.StateIndex`, or None for RocksDB, which
+        """The memory store's :class:`~streams.faustext.state_index.StateIndex`, or None for RocksDB, which
         needs Faust's own access path (one database per partition)."""
         if self._index is _UNKNOWN:
             data = self.table.data  # created on first use, then the table's for good

@@ -8,7 +8,7 @@ the metrics count both purchases.
 
 Standbys need the RocksDB store (the settings refuse them with the memory store, which drops
 standby copies after each rebalance). A standby also buys time: the store records how far the
-changelog holds its data (streams/tables.py), so the promoted standby reads only the tail
+changelog holds its data (streams/faustext/tables.py), so the promoted standby reads only the tail
 (docs/deploy.md, "Recovery time").
 """
 
