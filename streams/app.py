@@ -23,7 +23,7 @@ import orjson
 
 from rules.engine import CompiledRuleset
 from streams.kafka_config import bootstrap_list, faust_broker_options
-from streams.downstream import attach_downstream, observe_batch
+from streams.downstream.wiring import attach_downstream, observe_batch
 from streams.processor import INTERACTIONS, TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
 from streams.faustext.batching import BatchingApp, deliver_in_batches

@@ -157,7 +157,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 
 def cmd_redis_rebuild(args: argparse.Namespace) -> int:
     """Rebuild the Redis current grades from the grade-changes topic (never moves a grade backwards)."""
-    from streams.redis_grades import rebuild
+    from streams.downstream.redis_grades import rebuild
     from streams.settings import redis_prefix
 
     from streams.settings import redact

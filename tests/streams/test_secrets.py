@@ -19,7 +19,7 @@ from redishelp import RedisServer
 from schemas.errors import ConfigurationError
 from streams.local import ROOT, WorkerProcess, drop_run, free_port, produce, unique_env
 from streams.settings import SecretUrl, describe_settings, load_settings, masked_url, redact, secret_values
-from test_alerts import key_customers
+from tests.streams.downstream.test_alerts import key_customers
 
 REDIS_PASSWORD = "s3cr3t-redis-XYZ"
 SECRETS = {

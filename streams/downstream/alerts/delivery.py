@@ -1,6 +1,6 @@
 """Key-customer alerts delivered to on-call: sinks, severity, retries, once-only delivery.
 
-The ``alert-dispatcher`` agent (streams/downstream.py) reads ``grade-alerts``
+The ``alert-dispatcher`` agent (streams/downstream/wiring.py) reads ``grade-alerts``
 (downgrades of key customers, decided by rules/changes.py) *and*
 ``grade-changes``: an upgrade that lands in a key grade is a *recovery*, which
 resolves the incident in the sinks that have one (PagerDuty ``resolve``,
@@ -68,7 +68,7 @@ from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_af
 
 from rules.changes import Cause, change_id
 from rules.engine import CompiledLadder, CompiledRuleset
-from streams.redis_grades import epoch_us
+from streams.downstream.redis_grades import epoch_us
 
 log = logging.getLogger("gradeflow.alerts")
 
@@ -544,7 +544,7 @@ class AlertmanagerSink(Sink):
         return {"alertname": name, "ladder": ladder, "customer_id": customer_id, "service": self.source}
 
     def link(self, customer_id: str) -> str:
-        """The customer in gradeflow's HTTP API (``GET /customers/{customer_id}``, streams/web.py)."""
+        """The customer in gradeflow's HTTP API (``GET /customers/{customer_id}``, streams/downstream/web.py)."""
         if customer_id == "*":
             return f"{self.link_base}/grades"
         return f"{self.link_base}/customers/{quote(customer_id, safe='')}"

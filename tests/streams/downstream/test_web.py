@@ -13,10 +13,10 @@ import redis
 
 from tests.streams.downstream_helpers import delete_prefix, free_port, wait_until
 from rules.state import CustomerState
-from streams.redis_grades import customer_key
+from streams.downstream.redis_grades import customer_key
 from tests.streams.producerhelp import produce_librdkafka
-from streams.web import authorized
-from test_end_to_end import EXPECTED_CHANGES, history
+from streams.downstream.web import authorized
+from tests.streams.test_end_to_end import EXPECTED_CHANGES, history
 
 REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
 TOKEN = "s3cret-token-for-tests"

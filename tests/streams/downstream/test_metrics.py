@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from streams.app import Counters
 from streams.local import ROOT
-from streams.metrics import Metrics, observe_batch
+from streams.downstream.metrics import Metrics, observe_batch
 
 
 def metrics_text() -> str:
@@ -42,7 +42,7 @@ def test_counters_of_the_grading_agent_are_exposed():
 
 
 def test_unreconciled_counts_records_in_none_of_the_four_outcomes():
-    from streams.metrics import unreconciled
+    from streams.downstream.metrics import unreconciled
 
     assert unreconciled(Counters(consumed=10, applied=5, duplicates=2, replayed=2, dead_lettered=1)) == 0
     assert unreconciled(Counters(consumed=10, applied=5, duplicates=2, replayed=1, dead_lettered=1)) == 1

@@ -17,10 +17,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from tests.streams.downstream_helpers import delete_prefix, wait_until
-from test_end_to_end import EXPECTED_CHANGES, history
+from tests.streams.test_end_to_end import EXPECTED_CHANGES, history
 
 from streams.local import ROOT, consume, produce
-from streams.redis_grades import APPLIED, DUPLICATE, STALE, AsyncGrades, apply_sync, customer_key
+from streams.downstream.redis_grades import APPLIED, DUPLICATE, STALE, AsyncGrades, apply_sync, customer_key
 
 REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -195,7 +195,7 @@ def test_worker_writes_current_grades_and_rebuild_restores_them(worker_factory, 
         from kafka import KafkaConsumer
 
         from streams.kafka_config import kafka_python_options
-        from streams.redis_grades import fill_from_tables
+        from streams.downstream.redis_grades import fill_from_tables
         from streams.settings import load_settings
 
         for key in client.scan_iter(match=f"{prefix}:*"):

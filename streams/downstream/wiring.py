@@ -3,11 +3,11 @@
 It consumes the *output* topics, never the inputs, so that nothing here can
 slow or break the grading hot path:
 
-- ``redis-writer`` (grade-changes → Redis current grades, streams/redis_grades.py)
-- ``alert-dispatcher`` (grade-alerts + grade-changes → on-call sinks, streams/alerts.py)
+- ``redis-writer`` (grade-changes → Redis current grades, streams/downstream/redis_grades.py)
+- ``alert-dispatcher`` (grade-alerts + grade-changes → on-call sinks, streams/downstream/alerts/delivery.py)
 - ``alert-retry`` (the retry topic → the same sinks, when due); what a sink refuses for good
   goes to the alert dead-letter topic instead, never retried
-- the HTTP API and /metrics (streams/web.py, streams/metrics.py)
+- the HTTP API and /metrics (streams/downstream/web.py, streams/downstream/metrics.py)
 
 All three agents share the app's consumer group, so each partition of those
 topics is handled by one worker at a time; acks (and so commits) happen after
@@ -41,11 +41,11 @@ from redis.exceptions import RedisError
 
 from rules.engine import CompiledRuleset, compile_ruleset
 from rules.ruleset import load
-from streams import web
-from streams.alerts import Dispatcher, check_settings
+from streams.downstream import web
+from streams.downstream.alerts.delivery import Dispatcher, check_settings
 from streams.faustext.faust_pages import close_builtin_pages
-from streams.metrics import Metrics, observe_batch
-from streams.redis_grades import RESULT_NAMES, AsyncGrades, parse_change
+from streams.downstream.metrics import Metrics, observe_batch
+from streams.downstream.redis_grades import RESULT_NAMES, AsyncGrades, parse_change
 from streams.settings import Settings, alert_retries_topic, redact, redis_prefix
 from streams.topics import ALERT_RETRIES_RETENTION_S
 
