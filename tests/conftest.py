@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from streams.local import WorkerProcess, drop_run, unique_env
+from streams.tools.local import WorkerProcess, drop_run, unique_env
 
 
 @pytest.fixture(scope="session")

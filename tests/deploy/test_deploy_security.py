@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from streams.local import ROOT
+from streams.tools.local import ROOT
 from test_packaging import COMPOSE, DOCS, K8S, OPERATOR_API, manifests
 
 API_VERSIONS = {

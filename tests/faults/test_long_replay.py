@@ -22,8 +22,8 @@ import pytest
 
 from rules.engine import compile_ruleset
 from rules.ruleset import load
-from streams.audit import Audit, read_cluster
-from streams.local import WorkerProcess, free_port, unique_env
+from streams.tools.audit import Audit, read_cluster
+from streams.tools.local import WorkerProcess, free_port, unique_env
 from streams.settings import load_settings
 from streams.topics import create_topics
 

@@ -15,7 +15,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from tests.streams.downstream_helpers import wait_until
 from redishelp import RedisServer
-from streams.local import WorkerProcess, consume, free_port, kafka_options, produce
+from streams.tools.local import WorkerProcess, consume, free_port, kafka_options, produce
 from tests.streams.faustext.test_standby import purchase
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]

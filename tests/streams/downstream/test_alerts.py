@@ -34,7 +34,7 @@ from rules.engine import compile_ruleset
 from rules.ruleset import load
 from schemas.events import Alert
 from streams.downstream.alerts.delivery import Dispatcher, SeverityRule, severity
-from streams.local import WorkerProcess, produce
+from streams.tools.local import WorkerProcess, produce
 from streams.settings import load_settings
 
 REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")

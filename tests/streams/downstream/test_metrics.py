@@ -7,7 +7,7 @@ import re
 from types import SimpleNamespace
 
 from streams.app import Counters
-from streams.local import ROOT
+from streams.tools.local import ROOT
 from streams.downstream.metrics import Metrics, observe_batch
 
 

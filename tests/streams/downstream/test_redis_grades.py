@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from tests.streams.downstream_helpers import delete_prefix, wait_until
 from tests.streams.test_end_to_end import EXPECTED_CHANGES, history
 
-from streams.local import ROOT, consume, produce
+from streams.tools.local import ROOT, consume, produce
 from streams.downstream.redis_grades import APPLIED, DUPLICATE, STALE, AsyncGrades, apply_sync, customer_key
 
 REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -177,7 +177,7 @@ def test_worker_writes_current_grades_and_rebuild_restores_them(worker_factory, 
             if not key.startswith(f"{prefix}:alert:".encode()):
                 client.delete(key)
         run_env = {**os.environ, **env, "GRADEFLOW_KAFKA_BOOTSTRAP": bootstrap}
-        proc = subprocess.run([sys.executable, "-m", "streams.cli", "redis", "rebuild"], cwd=ROOT, env=run_env,
+        proc = subprocess.run([sys.executable, "-m", "streams.tools.cli", "redis", "rebuild"], cwd=ROOT, env=run_env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "applied=" in proc.stdout
@@ -185,7 +185,7 @@ def test_worker_writes_current_grades_and_rebuild_restores_them(worker_factory, 
         assert after == before
         assert counts(client, prefix, "value") == dict(Counter(final.values()))
         # A second rebuild on top changes nothing.
-        proc = subprocess.run([sys.executable, "-m", "streams.cli", "redis", "rebuild"], cwd=ROOT, env=run_env,
+        proc = subprocess.run([sys.executable, "-m", "streams.tools.cli", "redis", "rebuild"], cwd=ROOT, env=run_env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and " applied=0 " in proc.stdout, proc.stdout + proc.stderr
         assert {c: client.hgetall(customer_key(prefix, c)) for c in final} == before
@@ -213,7 +213,7 @@ def test_worker_writes_current_grades_and_rebuild_restores_them(worker_factory, 
         assert all(d["from"] == "table" and d["event_id"] is None for d in filled.values())
         assert counts(client, prefix, "value") == dict(Counter(final.values()))
         # ... and the real changes then take their place (same as_of, a real offset beats -1).
-        proc = subprocess.run([sys.executable, "-m", "streams.cli", "redis", "rebuild"], cwd=ROOT, env=run_env,
+        proc = subprocess.run([sys.executable, "-m", "streams.tools.cli", "redis", "rebuild"], cwd=ROOT, env=run_env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert {c: client.hgetall(customer_key(prefix, c)) for c in final} == before

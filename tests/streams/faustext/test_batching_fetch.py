@@ -13,7 +13,7 @@ from typing import Any, cast
 from rules.engine import compile_ruleset
 from rules.ruleset import load
 from streams.app import create_app
-from streams.local import unique_env
+from streams.tools.local import unique_env
 from streams.settings import load_settings
 
 

@@ -11,7 +11,7 @@ from rules.engine import compile_ruleset
 from rules.ruleset import load
 from streams.app import create_app
 from streams.faustext.faust_pages import BUILTIN_PAGE_SETTINGS
-from streams.local import free_port, produce
+from streams.tools.local import free_port, produce
 from streams.settings import load_settings
 from test_standby import purchase
 

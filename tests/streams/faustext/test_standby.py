@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
-from streams.local import WorkerProcess, consume, faust_log_tables, produce, unique_env, wait_group
+from streams.tools.local import WorkerProcess, consume, faust_log_tables, produce, unique_env, wait_group
 from tests.streams.partitionhelp import partition_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(240)]

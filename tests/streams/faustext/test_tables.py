@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from faust.types import TP
 
 from schemas.errors import ConfigurationError
-from streams.local import consume, faust_log_tables, produce, unique_env
+from streams.tools.local import consume, faust_log_tables, produce, unique_env
 from streams.faustext.outbox import Outbox, Sent
 from streams.faustext.state_index import StateIndex
 from streams.clock import stream_key

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from streams.local import WorkerProcess, consume, producer, unique_env
+from streams.tools.local import WorkerProcess, consume, producer, unique_env
 from streams.settings import load_settings
 
 TZ = timezone(timedelta(hours=8))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def unique_env(prefix: str = "gf", **extra: str) -> dict[str, str]:
@@ -94,7 +94,7 @@ class WorkerProcess:
         env.setdefault("GRADEFLOW_WEB_PORT", str(free_port()))
         out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker", *self.args],
+            [sys.executable, "-m", "streams.tools.cli", "worker", *self.args],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         out.close()

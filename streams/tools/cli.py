@@ -186,7 +186,7 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     """The metrics and the rule that decided each grade of one customer, at the end of a history."""
     from rules.engine import compile_ruleset
     from rules.ruleset import load
-    from streams.rules_tools import explain
+    from streams.tools.rules_tools import explain
 
     code, text = explain(compile_ruleset(load(args.file)), args.events, args.customer)
     print(text, file=sys.stdout if code == 0 else sys.stderr)
@@ -197,7 +197,7 @@ def cmd_rules_try(args: argparse.Namespace) -> int:
     """Grade distribution per ladder over a history and, against another ruleset, who would move."""
     from rules.engine import compile_ruleset
     from rules.ruleset import load
-    from streams.rules_tools import try_ruleset
+    from streams.tools.rules_tools import try_ruleset
 
     against = compile_ruleset(load(args.against)) if args.against else None
     print(try_ruleset(compile_ruleset(load(args.file)), args.events, against))
@@ -208,7 +208,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Read the input topics and grade-changes, recompute offline with the same engine, report agreement."""
     from rules.engine import compile_ruleset
     from rules.ruleset import load
-    from streams.audit import Audit, read_cluster
+    from streams.tools.audit import Audit, read_cluster
 
     settings = _settings(args)
     ruleset = compile_ruleset(load(args.ruleset or settings.ruleset))

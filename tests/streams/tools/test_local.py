@@ -1,4 +1,4 @@
-"""streams.local.drop_run: a measured or tested run leaves no topics and no data behind."""
+"""streams.tools.local.drop_run: a measured or tested run leaves no topics and no data behind."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from streams.local import drop_run, kafka_options, unique_env
+from streams.tools.local import drop_run, kafka_options, unique_env
 
 
 def _topics(bootstrap: str) -> set[str]:
