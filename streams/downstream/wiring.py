@@ -4,7 +4,7 @@ It consumes the *output* topics, never the inputs, so that nothing here can
 slow or break the grading hot path:
 
 - ``redis-writer`` (grade-changes → Redis current grades, streams/downstream/redis_grades.py)
-- ``alert-dispatcher`` (grade-alerts + grade-changes → on-call sinks, streams/downstream/alerts/delivery.py)
+- ``alert-dispatcher`` (grade-alerts + grade-changes → on-call sinks, streams/downstream/alerts/)
 - ``alert-retry`` (the retry topic → the same sinks, when due); what a sink refuses for good
   goes to the alert dead-letter topic instead, never retried
 - the HTTP API and /metrics (streams/downstream/web.py, streams/downstream/metrics.py)
@@ -42,7 +42,8 @@ from redis.exceptions import RedisError
 from rules.engine import CompiledRuleset, compile_ruleset
 from rules.ruleset import load
 from streams.downstream import web
-from streams.downstream.alerts.delivery import Dispatcher, check_settings
+from streams.downstream.alerts.delivery import Dispatcher
+from streams.downstream.alerts.policy import check_settings
 from streams.faustext.faust_pages import close_builtin_pages
 from streams.downstream.metrics import Metrics, observe_batch
 from streams.downstream.redis_grades import RESULT_NAMES, AsyncGrades, parse_change

@@ -33,7 +33,8 @@ from oncall_helpers import Answer, Scripted
 from rules.engine import compile_ruleset
 from rules.ruleset import load
 from schemas.events import Alert
-from streams.downstream.alerts.delivery import Dispatcher, SeverityRule, severity
+from streams.downstream.alerts.delivery import Dispatcher
+from streams.downstream.alerts.policy import SeverityRule, severity
 from streams.tools.local import WorkerProcess, produce
 from streams.settings import load_settings
 
@@ -476,7 +477,7 @@ def test_two_workers_and_a_restart_deliver_each_alert_once(worker_factory, boots
 
 def test_bad_alert_settings_stop_the_worker_at_start():
     from schemas.errors import ConfigurationError
-    from streams.downstream.alerts.delivery import check_settings
+    from streams.downstream.alerts.policy import check_settings
 
     rs = compile_ruleset(load("rfm-5"))
     check_settings(load_settings(), rs)
@@ -556,7 +557,7 @@ def test_an_at_risk_warning_keeps_its_severity_and_is_not_a_downgrade_incident(s
 
 
 def test_an_at_risk_warning_routed_to_slack_and_pagerduty_reads_as_one():
-    from streams.downstream.alerts.delivery import PagerDutySink, SlackSink
+    from streams.downstream.alerts.sinks import PagerDutySink, SlackSink
 
     warning = at_risk_doc("hal")
     slack = SlackSink("http://x").trigger(warning).body
@@ -571,7 +572,8 @@ def test_an_at_risk_warning_routed_to_slack_and_pagerduty_reads_as_one():
 
 
 def test_errors_are_classified_as_each_vendor_documents():
-    from streams.downstream.alerts.delivery import PERMANENT, TRANSIENT, AlertmanagerSink, PagerDutySink, SlackSink, WebhookSink, classify
+    from streams.downstream.alerts.policy import PERMANENT, TRANSIENT, classify
+    from streams.downstream.alerts.sinks import AlertmanagerSink, PagerDutySink, SlackSink, WebhookSink
 
     table = {
         # PagerDuty Events API v2: 400 invalid event; 429 rate limited; 5xx.
@@ -593,7 +595,7 @@ def test_errors_are_classified_as_each_vendor_documents():
 def test_retry_after_is_read_in_seconds_or_as_an_http_date():
     from email.utils import format_datetime
 
-    from streams.downstream.alerts.delivery import retry_after_s
+    from streams.downstream.alerts.policy import retry_after_s
 
     now = time.time()
     assert retry_after_s("7", now) == 7.0
@@ -703,7 +705,7 @@ def clock_alert(customer: str, as_of: str = "2026-02-01T00:00:00+08:00", cause: 
 
 
 def test_the_cause_of_an_alert_is_told_from_its_grade_change_id():
-    from streams.downstream.alerts.delivery import cause_of
+    from streams.downstream.alerts.policy import cause_of
 
     rs = compile_ruleset(load("rfm-5"))
     assert cause_of(clock_alert("pia"), rs) == "clock"
@@ -713,7 +715,7 @@ def test_the_cause_of_an_alert_is_told_from_its_grade_change_id():
 
 
 def test_the_storm_guard_folds_past_its_threshold_and_sums_up():
-    from streams.downstream.alerts.delivery import StormGuard
+    from streams.downstream.alerts.policy import StormGuard
 
     guard = StormGuard(threshold=3, window_s=60)
     assert [guard.folds(n) for n in range(1, 6)] == [False, False, False, True, True]
@@ -782,7 +784,7 @@ def test_each_sink_is_held_to_its_rate(redis_prefix):
 
 
 def test_slack_text_never_pings_whatever_the_customer_id():
-    from streams.downstream.alerts.delivery import SlackSink
+    from streams.downstream.alerts.sinks import SlackSink
 
     sink = SlackSink("http://127.0.0.1:9/slack")
     alert = alert_doc("<!here>", "A", "B")
@@ -841,7 +843,7 @@ def test_webhook_bodies_are_signed_and_the_secret_is_never_shown(redis_prefix, c
     asyncio.run(run())
     assert secret not in caplog.text
     # Unset: no signature headers at all.
-    from streams.downstream.alerts.delivery import WebhookSink
+    from streams.downstream.alerts.sinks import WebhookSink
 
     assert WebhookSink("http://127.0.0.1:9/hook").trigger(alert).sign is None
 
@@ -850,7 +852,7 @@ def test_webhook_bodies_are_signed_and_the_secret_is_never_shown(redis_prefix, c
 
 
 def test_alertmanager_alerts_link_to_the_api_and_end_a_few_resends_ahead():
-    from streams.downstream.alerts.delivery import AlertmanagerSink, api_base_url, build_sinks
+    from streams.downstream.alerts.sinks import AlertmanagerSink, api_base_url, build_sinks
 
     settings = load_settings(alert_alertmanager_url="http://am-0:9093, http://am-1:9093/", web_host="10.1.2.3",
                              web_port=6070, alert_alertmanager_resend_s=30)
