@@ -47,6 +47,11 @@ _CONNECTION_OPTIONS = {
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a worker until stopped."""
+    from streams.faustext import check_versions
+
+    # Before anything talks to the broker: a worker on an untested Faust or aiokafka is refused
+    # (importing streams.faustext checks too, but only the first time in a process).
+    check_versions()
     from rules.engine import compile_ruleset
     from rules.ruleset import load
     from streams.kafka_config import describe_connection
