@@ -82,7 +82,7 @@ class StateReader(Protocol):
 def read_states(store: StateReader, customer_ids: list[str]) -> list[bytes | None]:
     """The state bytes of each of ``customer_ids`` (None for a customer never seen), in order:
     with the store's ``get_many`` where it has one (the memory store's index reads a batch of
-    states at once, docs/performance.md, "The state table in C"), else one ``get`` each."""
+    states in one call, streams/faustext/state_index.py), else one ``get`` each."""
     many = getattr(store, "get_many", None)
     if many is not None:
         return many(customer_ids)
