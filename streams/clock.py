@@ -56,8 +56,8 @@ import orjson
 
 from rules.engine import CompiledRuleset
 from rules import risk
-from rules.schedule import Schedule, graded_at, next_wake, regrade
-from rules.state import CustomerState
+from rules.schedule import Schedule, next_wake, regrade
+from rules.state import CustomerState, graded_at
 from streams.faustext.outbox import publish
 from streams.processor import utcnow
 from streams.faustext.tables import RESERVED

@@ -18,9 +18,9 @@ import orjson
 
 from rules import risk, windows
 from rules.changes import Cause, grade
-from rules.schedule import catch_up, graded_at
+from rules.schedule import catch_up
 from rules.engine import CompiledRuleset, Population
-from rules.state import CustomerState, fold, forget_seen_before, prune, remember, seen_before
+from rules.state import CustomerState, fold, forget_seen_before, graded_at, prune, remember, seen_before
 from schemas import SCHEMA_VERSION
 from schemas.decode import Contact, Txn, decode_interaction, decode_transaction
 from schemas.errors import InvalidEvent
