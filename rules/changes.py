@@ -13,7 +13,8 @@ from hashlib import sha1
 from datetime import datetime
 from typing import Any
 
-from rules.engine import CompiledLadder, CompiledRuleset, Evaluation, Population, evaluate
+from rules.deciders import Population
+from rules.engine import CompiledLadder, CompiledRuleset, Evaluation, evaluate
 from rules.state import CustomerState, graded_at, prune
 from rules.windows import local_day
 from schemas import SCHEMA_VERSION

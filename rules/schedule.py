@@ -45,7 +45,8 @@ from typing import Any
 
 from rules import windows
 from rules.changes import Cause, decide_changes
-from rules.engine import CompiledRuleset, Population, _hysteresis, _score, evaluate
+from rules.deciders import Population, _score
+from rules.engine import CompiledRuleset, _hysteresis, evaluate
 from rules.ruleset import Cond, Decide, convert
 from rules.state import GRADED_AT, CustomerState, graded_at, prune
 

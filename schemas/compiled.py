@@ -21,9 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / ".build" / "mypyc"
-MODULES = ("rules/windows.py", "rules/state.py", "rules/metrics.py", "rules/engine.py", "rules/changes.py",
-           "rules/schedule.py", "rules/risk.py", "schemas/decode.py", "schemas/money.py", "schemas/timestamps.py",
-           "streams/processor.py", "streams/faustext/outbox.py")
+MODULES = ("rules/windows.py", "rules/state.py", "rules/metrics.py", "rules/engine.py", "rules/deciders.py",
+           "rules/explain.py", "rules/changes.py", "rules/schedule.py", "rules/risk.py", "schemas/decode.py",
+           "schemas/money.py", "schemas/timestamps.py", "streams/processor.py", "streams/faustext/outbox.py")
 # Every package holding a module of MODULES, as a path; each calls attach() in its __init__.
 PACKAGES = ("rules", "schemas", "streams", "streams/faustext")
 STAMP = BUILD / "stamp"

@@ -19,7 +19,8 @@ import orjson
 from rules import risk, windows
 from rules.changes import Cause, grade
 from rules.schedule import catch_up
-from rules.engine import CompiledRuleset, Population
+from rules.deciders import Population
+from rules.engine import CompiledRuleset
 from rules.state import CustomerState, fold, forget_seen_before, graded_at, prune, remember, seen_before
 from schemas import SCHEMA_VERSION
 from schemas.decode import Contact, Txn, decode_interaction, decode_transaction
