@@ -41,7 +41,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not broker" $(PYTEST_ARGS)
 
 demo: venv compile
-	$(WITH_SERVERS) $(BIN)/python -m streams.demo $(DEMO_ARGS)
+	$(WITH_SERVERS) $(BIN)/python -m streams.tools.demo $(DEMO_ARGS)
 
 bench: venv compile
 	$(WITH_SERVERS) $(BIN)/python -m bench.run $(BENCH_ARGS)

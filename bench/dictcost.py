@@ -7,7 +7,7 @@ operations, nothing else, at several dict sizes, with the states scattered over 
 long run leaves them (each replaced a few times, in random order) and a fresh key object per
 access, as the worker makes one from each event. The difference between sizes is what memory
 alone adds per event: a floor under the growth of `make bench --growth`
-(docs/performance.md, "The state table in C").
+(docs/performance.md, "State lookups as customers grow").
 
     python -m bench.dictcost --sizes 10000,100000,1000000
 """

@@ -35,7 +35,7 @@ from rules.ruleset import load
 from streams.memory import raise_collector_threshold
 from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
-from streams.state_index import StateIndex
+from streams.faustext.state_index import StateIndex
 
 
 class IndexedStates:

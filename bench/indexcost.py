@@ -1,15 +1,13 @@
-"""`python -m bench.indexcost`: a batch's state reads and writes in a dict against indexes whose misses overlap.
+"""`python -m bench.indexcost`: a batch's state reads and writes in a dict against an index whose misses overlap.
 
 A dict lookup is a chain of dependent loads (index slot, entry, stored key, value) and CPython
 runs one at a time, so at a million customers a batch's lookups wait for their cache misses one
-after another (docs/performance.md, "The state table in C"). :class:`ArrayIndex` holds the same keys and values in
-NumPy arrays (open addressing, linear probing on the key's Python hash) and reads or writes a
-whole batch with array operations, whose loads do not depend on each other. The memory store's
-own table (streams/state_index.py, in C) looks a batch up in stages whose misses overlap, with no
-fixed cost per call. This times the three on `bench.dictcost`'s scattered states, a fresh key
-object per access, batches of 2,000 as a worker takes them (the C table only when ``make compile``
-built it). docs/performance.md says why the worker did not keep the NumPy index ("Measured
-alternatives, rejected") and what the C table changed ("The state table in C").
+after another (docs/performance.md, "State lookups as customers grow"). :class:`ArrayIndex` holds
+the same keys and values in NumPy arrays (open addressing, linear probing on the key's Python
+hash) and reads or writes a whole batch with array operations, whose loads do not depend on each
+other. This times the two on `bench.dictcost`'s scattered states, a fresh key object per access,
+batches of 2,000 as a worker takes them. docs/performance.md says why the worker kept the dict
+("Measured alternatives, rejected").
 
     python -m bench.indexcost --sizes 10000,1000000
 """
@@ -23,7 +21,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from bench.dictcost import BATCH, STATE_BYTES, _key, scattered_store, size_args
-from streams import state_index
 
 
 def _fingerprints(keys: Sequence[bytes]) -> np.ndarray:
@@ -90,17 +87,13 @@ class ArrayIndex:
 
 
 def compare(customers: int, batches: int, seed: int = 2) -> dict[str, float]:
-    """Nanoseconds per key of a batch's reads and writes in a dict, in an :class:`ArrayIndex` and
-    (when compiled) in the memory store's C table, holding the same scattered states; each read
-    checked equal to the dict's."""
+    """Nanoseconds per key of a batch's reads and writes in a dict and in an :class:`ArrayIndex`
+    holding the same scattered states; each read checked equal to the dict's."""
     store = scattered_store(customers)
     index = ArrayIndex(store)
-    table = state_index.StateIndex(store) if state_index.COMPILED else None
     rng = random.Random(seed)
     get = store.get
     took = {"dict read": 0, "dict write": 0, "index read": 0, "index write": 0}
-    if table is not None:
-        took.update({"table read": 0, "table write": 0})
     accessed = 0
     for b in range(batches):
         ids = list({rng.randrange(customers): None for _ in range(BATCH)})  # a batch's distinct customers
@@ -114,13 +107,6 @@ def compare(customers: int, batches: int, seed: int = 2) -> dict[str, float]:
         took["index read"] += time.perf_counter_ns() - started
         if from_index != from_dict:
             raise AssertionError("the index read other states than the dict")
-        if table is not None:
-            keys = [_key(i) for i in ids]
-            started = time.perf_counter_ns()
-            from_table = table.get_many(keys)
-            took["table read"] += time.perf_counter_ns() - started
-            if from_table != from_dict:
-                raise AssertionError("the C table read other states than the dict")
         values = [bytes(STATE_BYTES - 8) + b.to_bytes(8, "little") for _ in ids]
         keys = [_key(i) for i in ids]
         started = time.perf_counter_ns()
@@ -131,11 +117,6 @@ def compare(customers: int, batches: int, seed: int = 2) -> dict[str, float]:
         started = time.perf_counter_ns()
         index.set_many(keys, values)
         took["index write"] += time.perf_counter_ns() - started
-        if table is not None:
-            keys = [_key(i) for i in ids]
-            started = time.perf_counter_ns()
-            table.set_many(keys, values)
-            took["table write"] += time.perf_counter_ns() - started
         accessed += len(ids)
     return {name: ns / accessed for name, ns in took.items()}
 
@@ -143,10 +124,6 @@ def compare(customers: int, batches: int, seed: int = 2) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     sizes, batches = size_args(argv, __doc__, 200)
     names = ["dict read", "dict write", "index read", "index write"]
-    if state_index.COMPILED:
-        names += ["table read", "table write"]
-    else:
-        print("the C table is not compiled (make compile): the dict and the NumPy index only")
     print(f"| customers | {' | '.join(f'{name} ns' for name in names)} |")
     print(f"|---:|{'---:|' * len(names)}")
     for customers in sizes:

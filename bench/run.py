@@ -37,8 +37,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.compiled import status as compiled_status
-from streams.local import WorkerProcess, drop_run, unique_env
-from streams.outbox import MAX_BATCH_BYTES, Outbox
+from streams.tools.local import WorkerProcess, drop_run, unique_env
+from streams.faustext.outbox import MAX_BATCH_BYTES, Outbox
 from streams.settings import load_settings
 from streams.topics import create_topics
 
@@ -176,7 +176,7 @@ def steady_rate(timelines: list[tuple[float | None, list[tuple[float, int]]]], e
 def worker_env(env: dict[str, str], clock: str, **extra: str) -> dict[str, str]:
     """The environment of a bench worker: the run's ``env`` with ``clock`` as GRADEFLOW_CLOCK.
 
-    Explicit, because :func:`streams.local.unique_env` turns the clock off (scripted histories
+    Explicit, because :func:`streams.tools.local.unique_env` turns the clock off (scripted histories
     lie in the past), and the bench used to copy that env into its own ``os.environ``: a clock
     read back from there was the previous run's "off", whatever the bench said it measured. A
     run's env now reaches only its workers and :func:`settings_of`."""

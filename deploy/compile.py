@@ -13,13 +13,13 @@ import os
 import shutil
 import sys
 
-from schemas.compiled import BUILD, EXTENSIONS, MODULES, PACKAGES, ROOT, STAMP, source_stamp, status
+from schemas.compiled import BUILD, MODULES, PACKAGES, ROOT, STAMP, source_stamp, status
 
 
 def build() -> int:
     """Compile :data:`schemas.compiled.MODULES` into ``.build/mypyc`` and stamp the build; 0 on success."""
     from mypyc.build import mypycify
-    from setuptools import Extension, setup
+    from setuptools import setup
 
     stamp = source_stamp()
     shutil.rmtree(BUILD, ignore_errors=True)
@@ -29,16 +29,13 @@ def build() -> int:
     os.chdir(work)  # mypy's cache and setuptools' leftovers stay in the build
     try:
         extensions = mypycify(["--ignore-missing-imports", *(str(ROOT / m) for m in MODULES)], target_dir="c")
-        extensions += [Extension(name, [str(ROOT / source)], extra_compile_args=["-O2"])
-                       for name, source in EXTENSIONS.items()]
         setup(name="gradeflow-hotpath", ext_modules=extensions,
               script_args=["-q", "build_ext", "--build-lib", str(BUILD), "--build-temp", "o"])
     finally:
         os.chdir(here)
     shutil.rmtree(work, ignore_errors=True)
     built = sorted(p.relative_to(BUILD).as_posix() for p in BUILD.rglob("*.so"))
-    wanted = [*MODULES, *EXTENSIONS.values()]
-    missing = [m for m in wanted if not any(b.startswith(m.rsplit(".", 1)[0] + ".") for b in built)]
+    missing = [m for m in MODULES if not any(b.startswith(m.rsplit(".", 1)[0] + ".") for b in built)]
     if missing:
         print(f"gradeflow: mypyc built no module for {', '.join(missing)}", file=sys.stderr)
         return 1
@@ -46,8 +43,7 @@ def build() -> int:
         for init in (BUILD / package).glob("__init__*"):
             init.unlink()
     STAMP.write_text(stamp + "\n")
-    print(f"gradeflow: compiled {len(MODULES)} hot-path modules and {len(EXTENSIONS)} C extension(s) into "
-          f"{BUILD.relative_to(ROOT)}")
+    print(f"gradeflow: compiled {len(MODULES)} hot-path modules into {BUILD.relative_to(ROOT)}")
     return 0
 
 

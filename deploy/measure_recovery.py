@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
 
-from streams.local import (WorkerProcess, faust_log_tables, free_port, group_assignment, kafka_options,  # noqa: E402
+from streams.tools.local import (WorkerProcess, faust_log_tables, free_port, group_assignment, kafka_options,  # noqa: E402
                            produce, unique_env, wait_group)
 from kafka.partitioner.default import murmur2  # noqa: E402
 from streams.settings import load_settings  # noqa: E402

@@ -13,8 +13,9 @@ from hashlib import sha1
 from datetime import datetime
 from typing import Any
 
-from rules.engine import CompiledLadder, CompiledRuleset, Evaluation, Population, evaluate
-from rules.state import CustomerState, prune
+from rules.deciders import Population
+from rules.engine import CompiledLadder, CompiledRuleset, Evaluation, evaluate
+from rules.state import CustomerState, graded_at, prune
 from rules.windows import local_day
 from schemas import SCHEMA_VERSION
 from schemas.money import format_minor
@@ -205,8 +206,6 @@ def regrade_for_rules(customer_id: str, rs: CompiledRuleset, state: CustomerStat
         state.grade_since.pop(name, None)
     if state.last_event_ts is None:
         return [], []
-    from rules.schedule import graded_at  # schedule builds on this module
-
     as_of = datetime.fromtimestamp(graded_at(state) or state.last_event_ts, rs.tz)
     prune(state, local_day(as_of, rs.tz), rs.retention_days)
     evaluation = evaluate(rs, state, as_of, population, hysteresis=False)

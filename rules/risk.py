@@ -37,9 +37,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from rules.changes import _NAMESPACE, change_id
-from rules.engine import CompiledLadder, CompiledRuleset, Population, evaluate
-from rules.schedule import CLOCK, first_look as _first_look, grades_at, graded_at, next_wake
-from rules.state import CustomerState
+from rules.deciders import Population
+from rules.engine import CompiledLadder, CompiledRuleset, evaluate
+from rules.schedule import CLOCK, first_look as _first_look, grades_at, next_wake
+from rules.state import CustomerState, graded_at
 from schemas import SCHEMA_VERSION
 
 _ONE_US = timedelta(microseconds=1)

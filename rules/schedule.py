@@ -45,14 +45,12 @@ from typing import Any
 
 from rules import windows
 from rules.changes import Cause, decide_changes
-from rules.engine import CompiledRuleset, Population, _hysteresis, _score, evaluate
+from rules.deciders import Population, _score
+from rules.engine import CompiledRuleset, _hysteresis, evaluate
 from rules.ruleset import Cond, Decide, convert
-from rules.state import CustomerState, prune
+from rules.state import GRADED_AT, CustomerState, graded_at, prune
 
 CLOCK = Cause("clock", None)
-# Where the clock records the instant it last graded a customer (seconds), so that a schedule
-# rebuilt from the table resumes from there. A key of grade_since no ladder can have.
-GRADED_AT = "@clock"
 BUDGET = 16  # evaluations per next_wake call (the worker looks again from where it stopped)
 _ONE_US = timedelta(microseconds=1)
 
@@ -385,15 +383,6 @@ def _masked(rs: CompiledRuleset, state: CustomerState, moment: datetime, grades:
             if held is not None and not is_boundary(moment, every, rs.tz):
                 grades[name] = held
     return grades
-
-
-def graded_at(state: CustomerState) -> float | None:
-    """The latest instant (seconds) the state was graded as of: its latest event or the clock."""
-    latest = state.last_event_ts
-    clock = state.grade_since.get(GRADED_AT) if state.grade_since else None
-    if clock is None:
-        return latest
-    return clock if latest is None or clock > latest else latest
 
 
 def next_wake(rs: CompiledRuleset, state: CustomerState, after: datetime, population: Population | None = None,

@@ -223,6 +223,20 @@ class CustomerState:
         return state
 
 
+# Where the clock records the instant it last graded a customer (seconds), so that a schedule
+# rebuilt from the table resumes from there. A key of grade_since no ladder can have.
+GRADED_AT = "@clock"
+
+
+def graded_at(state: CustomerState) -> float | None:
+    """The latest instant (seconds) the state was graded as of: its latest event or the clock."""
+    latest = state.last_event_ts
+    clock = state.grade_since.get(GRADED_AT) if state.grade_since else None
+    if clock is None:
+        return latest
+    return clock if latest is None or clock > latest else latest
+
+
 def seen_before(state: CustomerState, day: int, event_id: str) -> bool:
     """Whether an event with ``event_id`` on UTC ``day`` was already applied to ``state``."""
     days = state.seen.get(event_id)

@@ -1,4 +1,4 @@
-"""Response bodies of the worker's HTTP API (streams/web.py); the OpenAPI description is built from them."""
+"""Response bodies of the worker's HTTP API (streams/downstream/web.py); the OpenAPI description is built from them."""
 
 from __future__ import annotations
 

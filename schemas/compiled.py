@@ -6,9 +6,7 @@ compiles :data:`MODULES` into ``.build/mypyc/`` beside the checkout; each packag
 when the build's stamp is the hash of the sources as they are now. An edited source therefore
 runs as written, never an older compiled copy; without a C compiler, or with a stale build, the
 same code runs as plain Python, slower (docs/performance.md, "The hot path compiled"). The modules are the ones a
-batch spends its time in; they type-check clean under mypy, which mypyc needs. The same build
-compiles :data:`EXTENSIONS`, written in C (the memory store's state table); without it the store
-runs on a dict (streams/state_index.py).
+batch spends its time in; they type-check clean under mypy, which mypyc needs.
 
     python deploy/compile.py build     # compile (needs mypy, a C compiler, Python headers)
     python deploy/compile.py ensure    # compile unless the build is current
@@ -23,12 +21,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / ".build" / "mypyc"
-MODULES = ("rules/windows.py", "rules/state.py", "rules/metrics.py", "rules/engine.py", "rules/changes.py",
-           "rules/schedule.py", "rules/risk.py", "schemas/decode.py", "schemas/money.py", "schemas/timestamps.py",
-           "streams/processor.py", "streams/outbox.py")
-# Written in C: the memory store's state table (streams/state_index.py says why).
-EXTENSIONS = {"streams._statetable": "streams/_statetable.c"}
-PACKAGES = ("rules", "schemas", "streams")
+MODULES = ("rules/windows.py", "rules/state.py", "rules/metrics.py", "rules/engine.py", "rules/deciders.py",
+           "rules/explain.py", "rules/changes.py", "rules/schedule.py", "rules/risk.py", "schemas/decode.py",
+           "schemas/money.py", "schemas/timestamps.py", "streams/processor.py", "streams/faustext/outbox.py")
+# Every package holding a module of MODULES, as a path; each calls attach() in its __init__.
+PACKAGES = ("rules", "schemas", "streams", "streams/faustext")
 STAMP = BUILD / "stamp"
 
 # "compiled", "stale" (built from other sources: not used), "absent"; set by the first attach().
@@ -38,7 +35,7 @@ STATUS: str | None = None
 def source_stamp() -> str:
     """The hash of the compiled modules' sources and of this interpreter's version."""
     digest = hashlib.sha256(sys.version.encode())
-    for name in (*MODULES, *EXTENSIONS.values()):
+    for name in MODULES:
         digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
     return digest.hexdigest()
 
@@ -61,4 +58,4 @@ def attach(package: str, path: list[str]) -> None:
     if status() == "compiled":
         if str(BUILD) not in sys.path:
             sys.path.insert(0, str(BUILD))  # mypyc's shared runtime module sits at the build's top
-        path.insert(0, str(BUILD / package))
+        path.insert(0, str(BUILD.joinpath(*package.split("."))))

@@ -1,7 +1,7 @@
 """The Faust app: one batch handler over both input topics, one state table, three sinks.
 
 The handler only moves data: it takes a fetch of raw records (see
-:mod:`streams.batching` for why not one event at a time), hands it to
+:mod:`streams.faustext.batching` for why not one event at a time), hands it to
 :func:`streams.processor.process_batch` (pure), sends the outputs, waits until
 they are on the broker, and only then writes the new state to the table (and
 so to its changelog). A crash at any point therefore either replays the batch
@@ -23,16 +23,16 @@ import orjson
 
 from rules.engine import CompiledRuleset
 from streams.kafka_config import bootstrap_list, faust_broker_options
-from streams.downstream import attach_downstream, observe_batch
+from streams.downstream.wiring import attach_downstream, observe_batch
 from streams.processor import INTERACTIONS, TRANSACTIONS, Record
 from streams.settings import Settings
-from streams.batching import BatchingApp, deliver_in_batches
+from streams.faustext.batching import BatchingApp, deliver_in_batches
 from streams.clock import attach_clock
 from streams.population import attach_population
 from streams.rules_start import attach_rules_regrade
 from streams.handler import BatchGrader
-from streams.outbox import MAX_BATCH_BYTES
-from streams.tables import FaustStateStore
+from streams.faustext.outbox import MAX_BATCH_BYTES
+from streams.faustext.tables import FaustStateStore
 
 log = logging.getLogger("gradeflow")
 
@@ -65,7 +65,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     app = BatchingApp(
         settings.group_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_list(settings)],
-        # memory:// is Faust's memory store over gradeflow's state index (streams/tables.py).
+        # memory:// is Faust's memory store over gradeflow's state index (streams/faustext/tables.py).
         store="gradeflow-memory://" if settings.store.startswith("memory:") else settings.store,
         datadir=str(settings.data_dir),
         topic_partitions=settings.partitions,
@@ -132,7 +132,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
             # on the changelog. This runs while the next batch is graded.
             if written is not None:
                 await store.settle(written)
-            cast(Any, app.consumer).ack_records(messages)  # streams/batching.py's consumer
+            cast(Any, app.consumer).ack_records(messages)  # streams/faustext/batching.py's consumer
 
         return settle()
 

@@ -57,11 +57,11 @@ import orjson
 
 from rules.engine import CompiledRuleset
 from rules import risk
-from rules.schedule import Schedule, graded_at, next_wake, regrade
-from rules.state import CustomerState
-from streams.outbox import publish
+from rules.schedule import Schedule, next_wake, regrade
+from rules.state import CustomerState, graded_at
+from streams.faustext.outbox import publish
 from streams.processor import utcnow
-from streams.tables import RESERVED
+from streams.faustext.tables import RESERVED
 
 log = logging.getLogger("gradeflow.clock")
 CHUNK = 500  # customers per step of a rebuild or of filing noted customers, between yields to the event loop

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rules.engine import CompiledRuleset
-from streams.outbox import Outbox, Sent
+from streams.faustext.outbox import Outbox, Sent
 from streams.processor import BatchResult, Record, process_batch, utcnow
 
 

@@ -2,7 +2,7 @@
 
 One mapping, three consumers: the Faust app (aiokafka underneath), the admin
 client of ``gradeflow topics`` (kafka-python) and the producer/consumer helpers
-of :mod:`streams.local` (kafka-python). All of them get the same TLS context
+of :mod:`streams.tools.local` (kafka-python). All of them get the same TLS context
 and the same SASL credentials, so a setting that works for one works for all.
 
 Secrets (the SASL password, the key password) are read here and handed to the

@@ -50,7 +50,7 @@ CHUNK = 5000
 
 
 class StateItems(Protocol):
-    """Where the sketches read states: the worker's :class:`streams.tables.FaustStateStore`, a dict in tests."""
+    """Where the sketches read states: the worker's :class:`streams.faustext.tables.FaustStateStore`, a dict in tests."""
 
     def partition_items(self, partitions: Collection[int]) -> Iterable[tuple[bytes, int, bytes]]: ...
 

@@ -18,9 +18,10 @@ import orjson
 
 from rules import risk, windows
 from rules.changes import Cause, grade
-from rules.schedule import catch_up, graded_at
-from rules.engine import CompiledRuleset, Population
-from rules.state import CustomerState, fold, forget_seen_before, prune, remember, seen_before
+from rules.schedule import catch_up
+from rules.deciders import Population
+from rules.engine import CompiledRuleset
+from rules.state import CustomerState, fold, forget_seen_before, graded_at, prune, remember, seen_before
 from schemas import SCHEMA_VERSION
 from schemas.decode import Contact, Txn, decode_interaction, decode_transaction
 from schemas.errors import InvalidEvent
@@ -82,7 +83,7 @@ class StateReader(Protocol):
 def read_states(store: StateReader, customer_ids: list[str]) -> list[bytes | None]:
     """The state bytes of each of ``customer_ids`` (None for a customer never seen), in order:
     with the store's ``get_many`` where it has one (the memory store's index reads a batch of
-    states at once, docs/performance.md, "The state table in C"), else one ``get`` each."""
+    states in one call, streams/faustext/state_index.py), else one ``get`` each."""
     many = getattr(store, "get_many", None)
     if many is not None:
         return many(customer_ids)

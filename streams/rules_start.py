@@ -12,7 +12,7 @@ Wiring (streams/app.py, in create_app, after the table and the store)::
 
     attach_rules_regrade(app, settings, ruleset, table, store, population)
 
-``store`` is the table's :class:`streams.tables.FaustStateStore` (its one write path);
+``store`` is the table's :class:`streams.faustext.tables.FaustStateStore` (its one write path);
 ``population`` is the object attach_population returned (or None). The sweep
 starts after each rebalance has recovered the tables (Faust's
 ``on_rebalance_complete``) and runs in chunks, each holding the worker's writer
@@ -33,7 +33,7 @@ import orjson
 from rules.changes import regrade_for_rules
 from rules.engine import CompiledRuleset
 from rules.state import CustomerState
-from streams.outbox import publish
+from streams.faustext.outbox import publish
 from streams.processor import utcnow
 
 log = logging.getLogger("gradeflow.rules")

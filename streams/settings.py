@@ -167,7 +167,7 @@ class Settings(BaseSettings):
         86400.0, ge=0, description="Alerts produced longer ago than this are not sent (a new deployment reading "
                                    "grade-alerts from its beginning must not page for last month); 0: no limit.")
 
-    # --- on-call delivery: rate limits and the alert-storm guard (streams/alerts.py) ----------
+    # --- on-call delivery: rate limits and the alert-storm guard (streams/downstream/alerts/) ----------
     alert_webhook_rate_per_min: float = Field(600.0, gt=0, description="Most requests a minute to the generic webhook, per worker process.")
     alert_slack_rate_per_min: float = Field(60.0, gt=0, description="Most messages a minute to the Slack webhook, per worker process (Slack allows about one a second).")
     alert_pagerduty_rate_per_min: float = Field(120.0, gt=0, description="Most events a minute to PagerDuty per routing key, per worker process (PagerDuty's limit is 120).")

@@ -48,7 +48,7 @@ INPUT, OUTPUT, CHANGELOG, INTERNAL = "input", "output", "changelog", "internal"
 
 # How long an alert waiting for another delivery attempt stays on the retry topic: far longer
 # than the retry schedule (capped at GRADEFLOW_ALERT_RETRY_MAX_DELAY_S between rounds), short
-# enough that an alert nobody could deliver does not linger for ever. streams/downstream.py
+# enough that an alert nobody could deliver does not linger for ever. streams/downstream/wiring.py
 # declares the topic with the same value.
 ALERT_RETRIES_RETENTION_S = 14 * 24 * 3600
 
@@ -100,13 +100,13 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         specs.append(TopicSpec(settings.changelog_topic(table), CHANGELOG, n, rf,
                                {**common, "cleanup.policy": "compact"}))
     if settings.downstream:
-        # The alert dispatcher's retry topic (streams/downstream.py). Faust would declare it at
+        # The alert dispatcher's retry topic (streams/downstream/wiring.py). Faust would declare it at
         # start, but only a principal allowed to create topics can; `topics create` provisions it
         # with the rest when the workers may not (GRADEFLOW_CREATE_TOPICS=false).
         specs.append(TopicSpec(alert_retries_topic(settings), INTERNAL, n, rf,
                                {**common, "cleanup.policy": "delete",
                                 "retention.ms": str(ALERT_RETRIES_RETENTION_S * 1000)}))
-        # Alerts a sink refused for good (streams/alerts.py): written by the dispatcher only.
+        # Alerts a sink refused for good (streams/downstream/alerts/delivery.py): written by the dispatcher only.
         specs.append(TopicSpec(names.alert_dead_letters, OUTPUT, n, rf,
                                {**common, "cleanup.policy": "delete",
                                 "retention.ms": str(settings.alert_dead_letters_retention_ms)}))

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from streams.local import WorkerProcess, drop_run, unique_env
+from streams.tools.local import WorkerProcess, drop_run, unique_env
 
 
 @pytest.fixture(scope="session")
@@ -54,13 +54,13 @@ def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
 
 
 def audit_outputs(env: dict[str, str], envs: list[dict[str, str]]) -> None:
-    """The invariants of grade-changes (streams/audit.py) on what a test's workers published: every
+    """The invariants of grade-changes (streams/tools/audit.py) on what a test's workers published: every
     chain valid, as_of never backwards, a change delivered twice identical, and, when every worker
     ran one ruleset, each key downgrade with exactly one alert. Outputs only: a test's history
     decides what the offline run would be, and its own assertions compare with that."""
     from rules.engine import compile_ruleset
     from rules.ruleset import load
-    from streams.audit import Audit, read_cluster
+    from streams.tools.audit import Audit, read_cluster
     from streams.settings import load_settings
 
     settings = load_settings(**{k[len("GRADEFLOW_"):].lower(): v for k, v in env.items() if k.startswith("GRADEFLOW_")})

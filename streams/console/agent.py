@@ -25,7 +25,7 @@ def feed_of(downstream: Any) -> Feed:
 def attach_feed(app: Any, settings: Any, downstream: Any) -> None:
     """Register the agent. It shares the app's consumer group, acknowledges after Redis took a batch, and
     gives work up unacknowledged when the worker stops or rebalances (as the other downstream agents)."""
-    from streams.downstream import Released, release
+    from streams.downstream.wiring import Released, release
 
     names = settings.topics
     topics = app.topic(names.grade_changes, names.alerts, names.dead_letters, key_type=bytes, value_type=bytes)

@@ -29,7 +29,7 @@ def keep_sentence(alert: dict[str, Any], tz: Any) -> str:
 
 def lag_of(app: Any) -> dict[str, Any]:
     """This worker's consumer lag per assigned partition (as gradeflow_consumer_lag says it)."""
-    from streams.metrics import _LagCollector
+    from streams.downstream.metrics import _LagCollector
 
     rows = []
     for family in _LagCollector(app).collect():
@@ -87,7 +87,7 @@ def current_from_table(raw: bytes, rs: CompiledRuleset) -> dict[str, Any]:
 def add_api(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, downstream: Any, guarded: Any) -> None:
     from faust.web import Request, Response, View
 
-    from streams.tables import FaustStateStore
+    from streams.faustext.tables import FaustStateStore
 
     ladders = [lad.name for lad in ruleset.ladders]
     states = FaustStateStore(table)
@@ -158,7 +158,7 @@ def add_api(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, downs
 
     @app.page("/api/customers/{customer_id}/timeline", base=guarded, name="gradeflow-api-timeline")
     async def timeline(self: View, request: Request, customer_id: str) -> Response:
-        from streams.web import is_ready
+        from streams.downstream.web import is_ready
 
         try:
             changes = await feed_of(downstream).timeline(customer_id)

@@ -33,12 +33,8 @@ def test_a_batch_write_replaces_values_of_present_keys_and_refuses_an_absent_one
 
 
 def test_the_comparison_times_each_structure_on_reads_it_checked_equal(capsys: pytest.CaptureFixture[str]) -> None:
-    from streams import state_index
-
     ns = compare(500, batches=2)
     expected = {"dict read", "dict write", "index read", "index write"}
-    if state_index.COMPILED:  # make test compiles it; make test-fast may not have
-        expected |= {"table read", "table write"}
     assert set(ns) == expected and min(ns.values()) > 0
     assert main(["--sizes", "100,1000", "--batches", "1"]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ import time
 from aiokafka.partitioner import murmur2
 
 from bench.run import produce
-from tests.streams.test_outbox import PARTITIONS, _read, _topic
+from tests.streams.faustext.test_outbox import PARTITIONS, _read, _topic
 
 
 def test_the_bench_appends_every_record_where_send_would_in_order_across_chunks(bootstrap: str) -> None:

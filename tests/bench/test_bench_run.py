@@ -9,7 +9,7 @@ from typing import Any, cast
 import orjson
 
 from bench.run import median_run, steady_rate, worker_env, worker_timeline
-from streams.local import unique_env
+from streams.tools.local import unique_env
 
 
 def _at(clock: str) -> float:

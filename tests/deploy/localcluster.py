@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from streams.local import ROOT
+from streams.tools.local import ROOT
 
 UP = ROOT / "deploy" / "local" / "up"
 DOWN = ROOT / "deploy" / "local" / "down"

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from streams.local import ROOT
+from streams.tools.local import ROOT
 from test_packaging import COMPOSE, DOCS, K8S, OPERATOR_API, manifests
 
 API_VERSIONS = {
@@ -138,9 +138,9 @@ def test_the_http_port_is_open_only_where_it_must_be_and_guarded_there():
 
 
 def exported_metrics() -> set[str]:
-    """The names of the samples a worker's /metrics serves, from streams/metrics.py itself."""
+    """The names of the samples a worker's /metrics serves, from streams/downstream/metrics.py itself."""
     from streams.app import Counters
-    from streams.metrics import Metrics
+    from streams.downstream.metrics import Metrics
 
     app = SimpleNamespace(gradeflow_counters=Counters())
     text = Metrics(app).render().decode()

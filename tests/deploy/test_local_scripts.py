@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.local import ROOT
+from streams.tools.local import ROOT
 from tests.deploy.localcluster import free_base_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(600)]

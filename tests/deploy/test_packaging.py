@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streams.local import ROOT
+from streams.tools.local import ROOT
 from streams.settings import Settings, load_settings
 
 K8S = ROOT / "deploy" / "k8s"

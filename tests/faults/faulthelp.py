@@ -24,7 +24,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from rules.engine import compile_ruleset
 from rules.ruleset import load
-from streams.local import kafka_options
+from streams.tools.local import kafka_options
 from streams.processor import TRANSACTIONS, Record, process_batch
 
 CUSTOMERS = 300
@@ -155,7 +155,7 @@ def read_all(bootstrap: str, topics: list[str], env: dict[str, str], idle_s: flo
              timeout_s: float = 90.0) -> list[tuple[str, bytes]]:
     """(topic, value) of every record on ``topics``, from the beginning until ``idle_s`` without one.
 
-    Not streams.local.consume: kafka-python refuses network frames over
+    Not streams.tools.local.consume: kafka-python refuses network frames over
     ``receive_message_max_bytes`` (1 MB by default) while a fetch may return up to
     ``fetch_max_bytes`` (50 MB), so reading a few MB of outputs fails there.
     """

@@ -15,7 +15,7 @@ import pytest
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
-from streams.local import free_port, kafka_options, produce
+from streams.tools.local import free_port, kafka_options, produce
 from tests.faults.faulthelp import Offline, read_all, scrape, summary
 from tests.streams.test_processor_input import CATALOGUE, txn_doc
 

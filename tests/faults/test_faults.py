@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from streams.local import WorkerProcess, free_port, unique_env
+from streams.tools.local import WorkerProcess, free_port, unique_env
 from streams.settings import load_settings
 from streams.topics import create_topics
 from tests.deploy.localcluster import LocalCluster, port_from_env

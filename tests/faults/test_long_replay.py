@@ -25,8 +25,8 @@ import pytest
 
 from rules.engine import compile_ruleset
 from rules.ruleset import load
-from streams.audit import Audit, read_cluster
-from streams.local import ROOT, WorkerProcess, free_port, unique_env
+from streams.tools.audit import Audit, read_cluster
+from streams.tools.local import ROOT, WorkerProcess, free_port, unique_env
 from streams.settings import load_settings
 from streams.topics import create_topics
 
@@ -145,7 +145,7 @@ def test_long_replay_without_faults(bootstrap, records) -> None:
         run.wait_committed(EVENTS)
         check(run, run.audit())
         # The same checker as the command users run: 100% and exit 0.
-        done = subprocess.run([sys.executable, "-m", "streams.cli", "audit", "--progress"], cwd=ROOT,
+        done = subprocess.run([sys.executable, "-m", "streams.tools.cli", "audit", "--progress"], cwd=ROOT,
                               env={**os.environ, **run.env}, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "customers agreeing" in done.stdout and "(100.00%)" in done.stdout and "OK: every check agrees" in done.stdout

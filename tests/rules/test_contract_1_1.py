@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from schemas.decode import decode_interaction, decode_transaction
 from schemas.errors import InvalidEvent
 from schemas.events import INTERACTION_TYPES, TRANSACTION_TYPES, Interaction, Transaction
-from streams.local import ROOT
+from streams.tools.local import ROOT
 
 SCHEMA = json.loads((ROOT / "schemas" / "json" / "transaction.schema.json").read_text(encoding="utf-8"))
 BASE = {"event_id": "e", "customer_id": "c", "occurred_at": "2026-01-02T03:04:05+08:00", "amount": "12.50",

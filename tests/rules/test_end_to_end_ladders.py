@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from streams.local import consume, produce
+from streams.tools.local import consume, produce
 from tests.rules.rulehelp import two_ladder_ruleset
 
 RULESET = two_ladder_ruleset("e2e-multi", [

@@ -13,7 +13,7 @@ from rules import population as pop
 from rules.engine import compile_ruleset
 from rules.population import RELATIVE_ACCURACY
 from rules.ruleset import load
-from streams.local import consume
+from streams.tools.local import consume
 from tests.streams.producerhelp import produce_librdkafka as produce
 
 N = 240

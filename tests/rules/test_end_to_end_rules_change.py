@@ -13,7 +13,7 @@ import orjson
 from rules.changes import Cause, grade
 from rules.engine import compile_ruleset
 from rules.ruleset import PRESETS_DIR, parse
-from streams.local import consume
+from streams.tools.local import consume
 from tests.streams.producerhelp import produce_librdkafka as produce
 from streams.rules_start import plan
 

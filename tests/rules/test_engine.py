@@ -123,7 +123,9 @@ def test_reasons_name_the_band_that_applied(rfm5) -> None:
 
 def test_kept_sentences_read_as_freshly_built_ones_and_stay_bounded() -> None:
     # A ruleset of its own: the cache lives on the compiled ruleset.
-    from rules.engine import _KEPT, _metric_sentence, _score, compile_ruleset
+    from rules.deciders import _score
+    from rules.engine import compile_ruleset
+    from rules.explain import _KEPT, _metric_sentence
     from rules.ruleset import load
 
     rs = compile_ruleset(load("rfm-5"))

@@ -9,7 +9,7 @@ import pytest
 
 from rules.ruleset import PRESETS_DIR, load
 from schemas.errors import RulesetError
-from streams.cli import main
+from streams.tools.cli import main
 
 RFM5 = (PRESETS_DIR / "rfm-5.yaml").read_text(encoding="utf-8")
 

@@ -12,9 +12,9 @@ from rules import windows
 from rules.changes import Cause, grade
 from rules.engine import compile_ruleset, evaluate
 from rules.ruleset import load, parse
-from rules.schedule import (GRADED_AT, _masked, Schedule, candidate_days, first_candidate_day, first_look, grades_at,
+from rules.schedule import (_masked, Schedule, candidate_days, first_candidate_day, first_look, grades_at,
                             midnight, midnight_ts, next_change_at, next_wake, plan_of, regrade)
-from rules.state import CustomerState, apply_interaction, apply_transaction, prune
+from rules.state import GRADED_AT, CustomerState, apply_interaction, apply_transaction, prune
 from schemas.errors import RulesetError
 from tests.rules.rulehelp import SHANGHAI, at
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import orjson
 
-from streams.cli import main
+from streams.tools.cli import main
 
 from tests.rules.presethelp import contact, local, txn
 

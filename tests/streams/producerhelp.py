@@ -60,7 +60,7 @@ def produce_librdkafka(bootstrap: str, topic: str, records: Iterable[tuple[bytes
                        env: Mapping[str, str] | None = None) -> dict[bytes | None, int]:
     """Send (key, value) records in order with confluent-kafka's default producer (librdkafka, whose
     default partitioner is CRC32-based, not Kafka's Java murmur2), flush, and return the partition
-    each key landed on. ``env`` is accepted for the same call shape as ``streams.local.produce``
+    each key landed on. ``env`` is accepted for the same call shape as ``streams.tools.local.produce``
     (these tests run on the plain local broker)."""
     from confluent_kafka import Producer
 

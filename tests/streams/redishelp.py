@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from streams.local import free_port
+from streams.tools.local import free_port
 
 
 class RedisServer:

@@ -11,7 +11,7 @@ import pytest
 
 from rules.engine import compile_ruleset, evaluate
 from rules.ruleset import load
-from streams.local import consume, produce, unique_env
+from streams.tools.local import consume, produce, unique_env
 from tests.streams.partitionhelp import partition_of
 from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
 from tests.streams.partitionhelp import customers_on

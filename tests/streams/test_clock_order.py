@@ -5,7 +5,7 @@ more than a year, refunds, late events) go through what the worker does: batches
 sizes through ``process_batch`` with the event clock's stream times, the clock's timer ticking at
 random points between them, and crashes that lose a batch's state writes after its outputs were
 published, followed by a restart that rebuilds the clock from the table and replays the batch.
-Whatever the interleaving, ``streams.audit`` finds every chain valid, every key downgrade with
+Whatever the interleaving, ``streams.tools.audit`` finds every chain valid, every key downgrade with
 exactly one alert, and the published changes equal to the offline run, customer by customer.
 """
 
@@ -24,7 +24,7 @@ import pytest
 from rules.engine import compile_ruleset
 from rules.ruleset import load
 from rules.state import CustomerState
-from streams.audit import Audit
+from streams.tools.audit import Audit
 from streams.clock import Clock
 from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
@@ -272,7 +272,7 @@ class HandlerAsItWas:
 
     async def grade(self, records: list[Record]) -> None:
         from rules import risk
-        from streams.outbox import publish
+        from streams.faustext.outbox import publish
 
         result = process_batch(records, RS, self.store, utcnow())  # no clock: no catch-up
         names = self.settings.topics

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from kafka import KafkaProducer
 
-from streams.local import WorkerProcess, consume, kafka_options, unique_env
+from streams.tools.local import WorkerProcess, consume, kafka_options, unique_env
 from streams.settings import load_settings
 from streams.topics import check_topics, create_topics
 from tests.deploy.localcluster import LocalCluster, port_from_env

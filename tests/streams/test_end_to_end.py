@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import orjson
 
-from streams.local import ROOT, consume
+from streams.tools.local import ROOT, consume
 from tests.streams.producerhelp import produce_librdkafka as produce
 
 
@@ -113,7 +113,7 @@ def read_with_positions(bootstrap, topic):
 
 
 def test_worker_without_broker_says_so_and_exits_nonzero():
-    proc = subprocess.run([sys.executable, "-m", "streams.cli", "worker", "--bootstrap", "127.0.0.1:9"],
+    proc = subprocess.run([sys.executable, "-m", "streams.tools.cli", "worker", "--bootstrap", "127.0.0.1:9"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

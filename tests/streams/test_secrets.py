@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from downstream_helpers import StandIn, wait_until
+from tests.streams.downstream_helpers import StandIn, wait_until
 from redishelp import RedisServer
 from schemas.errors import ConfigurationError
-from streams.local import ROOT, WorkerProcess, drop_run, free_port, produce, unique_env
+from streams.tools.local import ROOT, WorkerProcess, drop_run, free_port, produce, unique_env
 from streams.settings import SecretUrl, describe_settings, load_settings, masked_url, redact, secret_values
-from test_alerts import key_customers
+from tests.streams.downstream.test_alerts import key_customers
 
 REDIS_PASSWORD = "s3cr3t-redis-XYZ"
 SECRETS = {
@@ -112,7 +112,7 @@ def redis_with_password(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT, env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "streams.tools.cli", *args], cwd=ROOT, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams.local import ROOT, WorkerProcess, consume, produce, unique_env
+from streams.tools.local import ROOT, WorkerProcess, consume, produce, unique_env
 from tests.deploy.localcluster import LocalCluster, port_from_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]  # starts its own broker with deploy/local/up
@@ -30,7 +30,7 @@ def sasl_cluster() -> Iterator[LocalCluster]:
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GRADEFLOW_")}
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT, env={**clean, **env},
+    return subprocess.run([sys.executable, "-m", "streams.tools.cli", *args], cwd=ROOT, env={**clean, **env},
                           capture_output=True, text=True, timeout=90)
 
 

@@ -10,7 +10,7 @@ import faust
 import pytest
 
 from schemas.errors import ConfigurationError
-from streams.cli import _settings, build_parser
+from streams.tools.cli import _settings, build_parser
 from streams.kafka_config import describe_connection, faust_broker_options, kafka_python_options
 from streams.settings import Settings, load_settings
 
@@ -153,6 +153,6 @@ def test_worker_and_topics_take_the_same_options_as_the_environment(clean_env, t
         assert s.kafka_sasl_password_file == pw and s.kafka_ssl_ca_file == ca_file and s.kafka_client_id == "cid"
         assert (s.topic_prefix, s.partitions, s.replication_factor, s.min_insync_replicas) == ("p.", 12, 3, 2)
     # no option takes the password itself (it would show in `ps`)
-    from streams.cli import _CONNECTION_OPTIONS
+    from streams.tools.cli import _CONNECTION_OPTIONS
 
     assert "kafka_sasl_password" not in _CONNECTION_OPTIONS

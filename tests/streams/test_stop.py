@@ -13,10 +13,10 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from downstream_helpers import wait_until
+from tests.streams.downstream_helpers import wait_until
 from redishelp import RedisServer
-from streams.local import WorkerProcess, consume, free_port, kafka_options, produce
-from test_standby import purchase
+from streams.tools.local import WorkerProcess, consume, free_port, kafka_options, produce
+from tests.streams.faustext.test_standby import purchase
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
 

@@ -8,7 +8,7 @@ import sys
 
 from kafka.admin import NewTopic
 
-from streams.local import ROOT, drop_run, unique_env
+from streams.tools.local import ROOT, drop_run, unique_env
 from streams.settings import alert_retries_topic, load_settings
 from streams.topics import (ALERT_RETRIES_RETENTION_S, INTERNAL, TABLES, admin_client, check_topics, create_topics,
                             topic_specs)
@@ -16,7 +16,7 @@ from streams.topics import (ALERT_RETRIES_RETENTION_S, INTERNAL, TABLES, admin_c
 
 def cli(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT, env=full,
+    return subprocess.run([sys.executable, "-m", "streams.tools.cli", *args], cwd=ROOT, env=full,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,364 @@
+"""The ``gradeflow`` command line: worker, topics, rules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from schemas.errors import GradeflowError, RulesetError, ServerUnavailable
+from streams import __version__
+
+READY_LINE = "gradeflow: worker ready (tables recovered, consuming)"
+
+
+def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings imported lazily (Faust is slow to import)
+    from streams.settings import load_settings
+
+    return load_settings(
+        kafka_bootstrap=getattr(args, "bootstrap", None),
+        ruleset=getattr(args, "ruleset", None),
+        app_id=getattr(args, "app_id", None),
+        web_port=getattr(args, "web_port", None),
+        log_level=getattr(args, "loglevel", None),
+        redis_url=getattr(args, "redis_url", None),
+        redis_prefix=getattr(args, "redis_prefix", None),
+        **{name: getattr(args, name, None) for name in _CONNECTION_OPTIONS},
+    )
+
+
+# Kafka connection and topic layout options, shared by `worker` and `topics`: --kafka-x-y sets kafka_x_y.
+# There is no option for the password itself (it would show in `ps`): use the env or a file.
+_CONNECTION_OPTIONS = {
+    "kafka_security_protocol": ("--security-protocol", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", str),
+    "kafka_sasl_mechanism": ("--sasl-mechanism", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", str),
+    "kafka_sasl_username": ("--sasl-username", "SASL user", str),
+    "kafka_sasl_password_file": ("--sasl-password-file", "file holding the SASL password", str),
+    "kafka_ssl_ca_file": ("--ssl-ca-file", "PEM CA file that signed the brokers' certificates", str),
+    "kafka_ssl_cert_file": ("--ssl-cert-file", "PEM client certificate (mutual TLS)", str),
+    "kafka_ssl_key_file": ("--ssl-key-file", "PEM client key (mutual TLS)", str),
+    "kafka_client_id": ("--client-id", "Kafka client.id", str),
+    "topic_prefix": ("--topic-prefix", "prefix of every topic name and of the app id", str),
+    "partitions": ("--partitions", "partitions of inputs and changelogs", int),
+    "replication_factor": ("--replication-factor", "replication factor of every topic (default: the cluster's "
+                                                   "default.replication.factor)", int),
+    "min_insync_replicas": ("--min-insync-replicas", "min.insync.replicas of every topic", int),
+}
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a worker until stopped."""
+    from streams.faustext import check_versions
+
+    # Before anything talks to the broker: a worker on an untested Faust or aiokafka is refused
+    # (importing streams.faustext checks too, but only the first time in a process).
+    check_versions()
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.kafka_config import describe_connection
+    from streams.topics import admin_client, check_topics, cluster_default_replication_factor, create_topics
+
+    settings = _settings(args)
+    ruleset = compile_ruleset(load(settings.ruleset))
+    admin = admin_client(settings, timeout_s=5.0)
+    warnings: list[str] = []
+    try:
+        if settings.create_topics:
+            create_topics(settings, admin)
+        problems = check_topics(settings, admin, warnings=warnings)
+        if settings.replication_factor is None:
+            # The topics Faust and the worker create themselves (its group leader's, the alert retries',
+            # the population's) get the cluster's default too, as a number: their clients cannot ask for -1.
+            settings = settings.model_copy(
+                update={"replication_factor": cluster_default_replication_factor(admin)})
+    finally:
+        admin.close()
+    for warning in warnings:
+        print(f"gradeflow: topic check: {warning}", file=sys.stderr)
+    if problems:
+        # The worker refuses a layout that would lose or misplace state.
+        for problem in problems:
+            print(f"gradeflow: topic check: {problem}", file=sys.stderr)
+        print(f"gradeflow worker: refusing to start on this topic layout ({len(problems)} problem(s), "
+              f"see `gradeflow topics check`)", file=sys.stderr)
+        return 1
+
+    from faust import Worker
+
+    from streams.app import create_app
+    from streams.memory import fix_mmap_threshold, limit_malloc_arenas, raise_collector_threshold
+
+    limit_malloc_arenas(settings.malloc_arena_max)  # before Faust starts its threads
+    fix_mmap_threshold(settings.malloc_mmap_threshold)
+    raise_collector_threshold(settings.gc_threshold)
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings, ruleset)
+    from schemas.compiled import status as hot_path
+
+    print(f"gradeflow worker: ruleset {ruleset.id}@{ruleset.version}, broker {describe_connection(settings)}, "
+          f"app {settings.group_id}, hot path {_HOT_PATH[hot_path()]}", file=sys.stderr, flush=True)
+    class GradeflowWorker(Worker):
+        async def on_startup_finished(self) -> None:
+            await super().on_startup_finished()
+            # Printed whatever the log level: scripts and tests wait for it.
+            print(READY_LINE, file=sys.stderr, flush=True)
+
+    GradeflowWorker(app, loglevel=settings.log_level).execute_from_commandline()
+    return 0
+
+
+# schemas/compiled.py's status, as the worker's start line says it.
+_HOT_PATH = {"compiled": "compiled (mypyc)", "stale": "plain Python (the compiled build is stale: make compile)",
+             "absent": "plain Python (not compiled: make compile)"}
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    """Create every topic gradeflow uses (idempotent)."""
+    from streams.topics import create_topics
+
+    settings = _settings(args)
+    created = create_topics(settings)
+    print("created: " + ", ".join(created) if created else "all topics already exist")
+    return 0
+
+
+def cmd_topics_check(args: argparse.Namespace) -> int:
+    """Compare the cluster's topics with what gradeflow needs; name each difference; exit 1 if any."""
+    from streams.topics import check_topics, topic_specs
+
+    settings = _settings(args)
+    warnings: list[str] = []
+    problems = check_topics(settings, warnings=warnings)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s); `gradeflow topics create` creates missing topics, "
+              f"the others need kafka-topics/kafka-configs (see docs/deploy.md)", file=sys.stderr)
+        return 1
+    rf = (f">= {settings.replication_factor}" if settings.replication_factor is not None
+          else "the cluster's default")
+    print(f"ok: {len(topic_specs(settings))} topics match (partitions {settings.partitions}, "
+          f"replication factor {rf}, min.insync.replicas >= {settings.min_insync_replicas})")
+    return 0
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    """Validate rule files; print what is wrong; exit 1 if any is bad."""
+    from rules.ruleset import load
+
+    bad = 0
+    for name in args.files:
+        try:
+            rs = load(name)
+            print(f"ok: {name} ({rs.id}@{rs.version}, ladders: {', '.join(rs.ladders)})")
+        except RulesetError as exc:
+            bad += 1
+            for problem in exc.problems:
+                print(f"{exc.source}: {problem}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_redis_rebuild(args: argparse.Namespace) -> int:
+    """Rebuild the Redis current grades from the grade-changes topic (never moves a grade backwards)."""
+    from streams.downstream.redis_grades import rebuild
+    from streams.settings import redis_prefix
+
+    from streams.settings import redact
+
+    settings = _settings(args)  # --redis-url and --redis-prefix validated like the environment
+    try:
+        stats = rebuild(settings, clear_first=args.clear, fill_tables=not args.no_tables)
+    except Exception as exc:  # noqa: BLE001 - Redis or broker unreachable: one line
+        print(redact(f"gradeflow: redis rebuild failed: {type(exc).__name__}: {exc}", settings), file=sys.stderr)
+        return 1
+    print(f"redis rebuild of {settings.topics.grade_changes} into {settings.redis_url} (prefix {redis_prefix(settings)}): "
+          + " ".join(f"{k}={v}" for k, v in stats.items()))
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Print every setting as the worker would read it, secrets masked."""
+    from streams.settings import describe_settings
+
+    for name, value in describe_settings(_settings(args)):
+        print(f"GRADEFLOW_{name.upper()}={value}")
+    return 0
+
+
+def cmd_rules_explain(args: argparse.Namespace) -> int:
+    """The metrics and the rule that decided each grade of one customer, at the end of a history."""
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.tools.rules_tools import explain
+
+    code, text = explain(compile_ruleset(load(args.file)), args.events, args.customer)
+    print(text, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+def cmd_rules_try(args: argparse.Namespace) -> int:
+    """Grade distribution per ladder over a history and, against another ruleset, who would move."""
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.tools.rules_tools import try_ruleset
+
+    against = compile_ruleset(load(args.against)) if args.against else None
+    print(try_ruleset(compile_ruleset(load(args.file)), args.events, against, report=args.report))
+    if args.report:
+        print(f"report: {args.report}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Read the input topics and grade-changes, recompute offline with the same engine, report agreement."""
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+    from streams.tools.audit import Audit, read_cluster
+
+    settings = _settings(args)
+    ruleset = compile_ruleset(load(args.ruleset or settings.ruleset))
+    bar = None
+    if args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="audit", unit="records", file=sys.stderr)
+    try:
+        inputs, changes, alerts = read_cluster(settings, bar.update if bar is not None else None)
+        if bar is not None:
+            bar.set_description("audit: recomputing")
+        audit = Audit(ruleset, clock=settings.clock, allowed_lateness_days=settings.allowed_lateness_days,
+                      max_future_skew_s=settings.max_future_skew_s)
+        report = audit.check(inputs, changes, alerts, bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"gradeflow audit of {settings.topics.grade_changes} against {len(inputs)} input records "
+          f"(ruleset {ruleset.id}@{ruleset.version}, clock {settings.clock})")
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Produce a history into the input topics; with --wait, until the worker has graded it."""
+    from streams.tools.replay import replay, wait_graded
+
+    settings = _settings(args)
+    done = replay(settings, args.history, rate=args.rate, progress=not args.quiet)
+    print(f"replayed {done.sent} events ({done.transactions} to {settings.topics.transactions}, {done.interactions} "
+          f"to {settings.topics.interactions}) in {done.seconds:.1f} s")
+    if args.wait:
+        if not wait_graded(settings, args.timeout, progress=not args.quiet):
+            print(f"gradeflow replay: group {settings.group_id} had not graded everything after {args.timeout:g} s",
+                  file=sys.stderr)
+            return 1
+        print(f"graded: group {settings.group_id} committed every input record")
+    return 0
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``gradeflow``."""
+    parser = argparse.ArgumentParser(prog="gradeflow", description="Real-time customer grading on Kafka.")
+    parser.add_argument("--version", action="version", version=f"gradeflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def broker_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--bootstrap", "-b", help="Kafka bootstrap servers (GRADEFLOW_KAFKA_BOOTSTRAP)")
+        p.add_argument("--app-id", help="consumer group / app id (GRADEFLOW_APP_ID)")
+        for dest, (flag, text, kind) in _CONNECTION_OPTIONS.items():
+            p.add_argument(flag, dest=dest, type=kind, help=f"{text} (GRADEFLOW_{dest.upper()})")
+
+    worker = sub.add_parser("worker", help="run a grading worker")
+    broker_opts(worker)
+    worker.add_argument("--ruleset", "-r", help="preset name or rule file (GRADEFLOW_RULESET), default rfm-5")
+    worker.add_argument("--web-port", type=int, help="HTTP port (GRADEFLOW_WEB_PORT)")
+    worker.add_argument("--loglevel", "-l", help="log level (GRADEFLOW_LOG_LEVEL)")
+    worker.set_defaults(func=cmd_worker)
+
+    topics = sub.add_parser("topics", help="manage gradeflow's topics").add_subparsers(dest="action", required=True)
+    create = topics.add_parser("create", help="create every topic gradeflow uses")
+    broker_opts(create)
+    create.set_defaults(func=cmd_topics_create)
+    tcheck = topics.add_parser("check", help="compare the cluster's topics with what gradeflow needs (exit 0/1)")
+    broker_opts(tcheck)
+    tcheck.set_defaults(func=cmd_topics_check)
+
+    rules = sub.add_parser("rules", help="work with rule files").add_subparsers(dest="action", required=True)
+    check = rules.add_parser("check", help="validate rule files")
+    check.add_argument("files", nargs="+")
+    check.set_defaults(func=cmd_rules_check)
+    explain = rules.add_parser("explain", help="metrics and deciding rule of each grade of one customer, offline")
+    explain.add_argument("file", help="preset name or rule file")
+    explain.add_argument("--events", required=True, help="history: JSON Lines of transactions and interactions")
+    explain.add_argument("--customer", required=True, help="customer_id to explain")
+    explain.set_defaults(func=cmd_rules_explain)
+    trial = rules.add_parser("try", help="grade distribution over a history, offline, with the worker's code")
+    trial.add_argument("file", help="preset name or rule file")
+    trial.add_argument("--events", required=True, help="history: JSON Lines of transactions and interactions")
+    trial.add_argument("--against", help="another ruleset: how many customers would move from which grade to which")
+    trial.add_argument("--report", help="also write an HTML report (inline SVG, no network) with the grade "
+                                        "distribution and, with --against, the from-to flows")
+    trial.set_defaults(func=cmd_rules_try)
+
+    replay = sub.add_parser("replay", help="produce a history (JSON Lines) into the input topics, with progress")
+    broker_opts(replay)
+    replay.add_argument("history", help="JSON Lines of transactions and interactions, in the order to send them")
+    replay.add_argument("--rate", type=_positive, help="events per second (default: as fast as possible)")
+    replay.add_argument("--wait", action="store_true",
+                        help="then wait until the worker's group has committed every input record")
+    replay.add_argument("--timeout", type=_positive, default=600.0, help="seconds --wait waits at most (600)")
+    replay.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    replay.set_defaults(func=cmd_replay)
+
+    show = sub.add_parser("settings", help="print the settings a worker would run with (secrets masked)")
+    broker_opts(show)
+    show.set_defaults(func=cmd_settings)
+
+    redis_cmd = sub.add_parser("redis", help="the Redis copy of current grades").add_subparsers(dest="action",
+                                                                                             required=True)
+    rebuild = redis_cmd.add_parser("rebuild", help="rebuild Redis from the grade-changes topic (from its beginning)")
+    broker_opts(rebuild)
+    rebuild.add_argument("--redis-url", help="Redis URL (GRADEFLOW_REDIS_URL); a password here shows in the "
+                                             "process list: prefer the environment")
+    rebuild.add_argument("--redis-prefix", help="key prefix (GRADEFLOW_REDIS_PREFIX), default the app id")
+    rebuild.add_argument("--clear", action="store_true", help="delete the current-grade keys first")
+    rebuild.add_argument("--no-tables", action="store_true",
+                         help="do not fill ladders the compacted topic lost from the table changelog")
+    rebuild.set_defaults(func=cmd_redis_rebuild)
+
+    audit = sub.add_parser("audit", help="check grade-changes and alerts against an offline run of the input topics "
+                                          "(exit 1 on any divergence)")
+    broker_opts(audit)
+    audit.add_argument("--ruleset", "-r", help="preset name or rule file (GRADEFLOW_RULESET), default rfm-5")
+    audit.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    audit.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gradeflow`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ServerUnavailable as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except RulesetError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}: {problem}", file=sys.stderr)
+        return 1
+    except GradeflowError as exc:
+        print(f"gradeflow: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
