@@ -13,7 +13,7 @@ from streams.app import create_app
 from streams.faustext.faust_pages import BUILTIN_PAGE_SETTINGS
 from streams.tools.local import free_port, produce
 from streams.settings import load_settings
-from tests.streams.test_standby import purchase
+from tests.streams.faustext.test_standby import purchase
 
 FAUST_PAGES = ["/router/", "/router/customer-state/get/?key=c1", "/table/", "/table/customer-state/",
                "/table/customer-state/c1/", "/graph/", "/assignment/", "/performance/"]
