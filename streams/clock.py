@@ -66,10 +66,9 @@ from streams.faustext.tables import RESERVED
 log = logging.getLogger("gradeflow.clock")
 CHUNK = 500  # customers per step of a rebuild or of filing noted customers, between yields to the event loop
 # Customers per wake step. A wake evaluates a customer at several instants (and, for a key
-# customer, scans the at-risk horizon): ~0.2-1 ms each on the 2026-12-03 VM, so a step of 500 could
-# hold the event loop, and the batches waiting on it, for hundreds of ms. (The p99 of seconds seen
-# then with the wall clock came from how many customers were woken, fixed in rules/schedule.py.)
-# Each step publishes its outputs.
+# customer, scans the at-risk horizon): ~0.2-1 ms each on a 2-core VM, so a step of 500 could
+# hold the event loop, and the batches waiting on it, for hundreds of ms. Each step holds the writer
+# lock and publishes its outputs.
 WAKE_CHUNK = 32
 MAX_STEPS = 32  # changes one customer may go through in one wake (one per due instant)
 # A key of the state table that holds no customer: each input partition's stream time (event

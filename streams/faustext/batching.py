@@ -60,7 +60,7 @@ class BatchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
     graded it sends a fetch for the rest alone (the idle ``interactions``
     partitions, the assignor's): the broker holds that one for the whole wait, and
     input partitions drained meanwhile cannot be fetched until it returns. Two
-    workers spent half their time there (docs/performance.md §10).
+    workers spent half their time there (docs/performance.md, "Fetch wait and idle partitions").
     """
 
     def _create_worker_consumer(self, transport: Any) -> Any:

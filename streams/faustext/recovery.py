@@ -6,7 +6,7 @@ conductor, then, in ``Recovery._slurp_changelogs``, an ``asyncio.wait_for`` (one
 record before it is buffered and applied a thousand at a time. Measured here that capped a
 recovering worker at 8,000-14,000 changelog records/s (73 s for a million customers), while the
 same worker grades ~45,000 events/s; a fetch at a time it reads ~400,000 (docs/deploy.md,
-"Recovery time"; docs/performance.md §19).
+"Recovery time"; docs/performance.md, "Recovery a fetch at a time").
 
 :func:`bulk_recovery` gives the consumer's drain loop (streams/faustext/batching.py) a way round that for
 the partitions Faust's recovery is reading: the records of one fetch are applied to the table's

@@ -36,8 +36,8 @@ class IndexedMemoryStore(MemoryStore):
     """Faust's memory store over a :class:`~streams.faustext.state_index.StateIndex` instead of a dict.
 
     What ``GRADEFLOW_STORE=memory://`` runs (registered as the Faust store ``gradeflow-memory://``
-    in pyproject.toml): the same store, whose batch reads and writes of states overlap their cache
-    misses (docs/performance.md §18).
+    in pyproject.toml): the same store, with batch reads and writes of states (docs/performance.md,
+    "State lookups as customers grow").
     """
 
     def __post_init__(self) -> None:
