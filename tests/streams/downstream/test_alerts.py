@@ -444,6 +444,10 @@ def test_two_workers_and_a_restart_deliver_each_alert_once(worker_factory, boots
         w1b.start(ready_timeout=180)
         wait_until(lambda: len({b["alert_id"] for b in server.delivered("/hook")}) >= 40, timeout=120,
                    what=f"40 alerts\n{w2.tail()}\n{w1b.tail()}")
+        # PagerDuty is held to its rate (two a second per worker): the recoveries below resolve only
+        # incidents already open there (a recovery before its page supersedes the page instead).
+        wait_until(lambda: len({b["dedup_key"] for b in server.delivered("/pagerduty/v2/enqueue")
+                                if b["event_action"] == "trigger"}) >= 40, timeout=120, what="40 pages")
         produce(bootstrap, topic, recoveries[:10])
         wait_until(lambda: sum(1 for b in server.delivered("/pagerduty/v2/enqueue")
                                if b["event_action"] == "resolve") >= 10, timeout=90, what="10 resolves")
