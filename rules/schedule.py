@@ -468,7 +468,7 @@ def catch_up(customer_id: str, rs: CompiledRuleset, state: CustomerState, upto: 
     start = graded_at(state)
     if start is None or start >= upto or not state.grades:
         return [], []
-    look = first_look(rs, state, population)
+    look = first_look(rs, state, population, after=start)
     if look is None or look > upto:
         return [], []  # the cheap lower bound: most customers stop here
     changes: list[dict[str, Any]] = []

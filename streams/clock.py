@@ -123,8 +123,8 @@ class Clock:
         self.schedules: dict[int, Schedule] = {}
         self.stream_time: dict[int, float] = {}  # partition → highest event time of its records (event clock)
         self.advanced_at: dict[int, float] = {}  # partition → wall time its stream time last moved
-        # customer key → (input partition, latest event time, first look): noted, not yet scheduled
-        self.pending: dict[bytes, tuple[int, float | None, float | None]] = {}
+        # customer key → (input partition, first look): noted, not yet scheduled
+        self.pending: dict[bytes, tuple[int, float | None]] = {}
         self.active: set[int] | None = None  # None until the first recovery, and during a rebalance
         self.generation = 0
         self.started = wall()
@@ -145,8 +145,8 @@ class Clock:
         if self.mode == "off":
             return
         pending = self.pending
-        for customer_id, (last_ts, look) in looks.items():
-            pending[customer_id.encode()] = (states[customer_id][1].partition, last_ts, look)
+        for customer_id, (_last_ts, look) in looks.items():
+            pending[customer_id.encode()] = (states[customer_id][1].partition, look)
 
     def stream_times(self, partitions: set[int]) -> dict[int, float] | None:
         """What the handler passes to ``process_batch`` as ``stream_time``: None unless the event
@@ -207,7 +207,7 @@ class Clock:
             return 0
         pending, self.pending = self.pending, {}
         active = self.active
-        for n, (key, (partition, _last_ts, look)) in enumerate(pending.items(), 1):
+        for n, (key, (partition, look)) in enumerate(pending.items(), 1):
             if partition not in active:
                 continue
             if key in self.pending:

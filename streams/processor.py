@@ -276,10 +276,8 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
             if clocked:
                 # Time alone first: whatever it changed up to where this event's partition is.
                 changes, alerts = catch_up(customer_id, rs, state, reached, now, population)
-                for change in changes:
-                    result.grade_changes.append((key, bytes(memoryview(orjson.dumps(change)))))
-                for alert in alerts:
-                    result.alerts.append((key, bytes(memoryview(orjson.dumps(alert)))))
+                if changes:
+                    _emit(result, key, changes, alerts)
             fold(state, event, track, tz)
             cause = Cause("transaction" if role == TRANSACTIONS else "interaction", event_id)
             # Grades never go back in time: an older event is evaluated as of
@@ -293,12 +291,8 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                 as_of, as_of_ts = datetime.fromtimestamp(graded, tz), graded
             prune(state, windows.day_of_ts(as_of_ts, tz), longest)
             changes, alerts = grade(customer_id, rs, state, as_of, cause, now, population, as_of_ts)
-            # Right-sized: a batch holds its documents until the outbox is acked, and each orjson
-            # output holds 4 KiB whatever its length (docs/performance.md, "Memory").
-            for change in changes:
-                result.grade_changes.append((key, bytes(memoryview(orjson.dumps(change)))))
-            for alert in alerts:
-                result.alerts.append((key, bytes(memoryview(orjson.dumps(alert)))))
+            if changes:
+                _emit(result, key, changes, alerts)
             result.applied += 1
         if last_record is not None:
             if state.seen and state.last_event_ts is not None:
@@ -309,6 +303,16 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                                              risk.first_look(rs, state, clock_horizon, population))
     result.dead = len(dead_letters)
     return result
+
+
+def _emit(result: BatchResult, key: bytes, changes: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> None:
+    """Queue a customer's change and alert documents, serialized. Right-sized: a batch holds its
+    documents until the outbox is acked, and each orjson output holds 4 KiB whatever its length
+    (docs/performance.md, "Memory")."""
+    for change in changes:
+        result.grade_changes.append((key, bytes(memoryview(orjson.dumps(change)))))
+    for alert in alerts:
+        result.alerts.append((key, bytes(memoryview(orjson.dumps(alert)))))
 
 
 def utcnow() -> datetime:

@@ -53,6 +53,18 @@ def worker_factory(bootstrap: str) -> Iterator[Callable[..., WorkerProcess]]:
             warnings.warn(f"could not delete the topics of {env['GRADEFLOW_APP_ID']}: {exc!r}", stacklevel=2)
 
 
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No GRADEFLOW_ variable of the environment the tests run in: settings from defaults and what
+    the test sets."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("GRADEFLOW_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
 def audit_outputs(env: dict[str, str], envs: list[dict[str, str]]) -> None:
     """The invariants of grade-changes (streams/tools/audit.py) on what a test's workers published: every
     chain valid, as_of never backwards, a change delivered twice identical, and, when every worker

@@ -32,10 +32,7 @@ def attach_feed(app: Any, settings: Any, downstream: Any) -> None:
 
     @app.agent(topics, name="console-feed")
     async def console_feed(stream: Any) -> None:
-        async for events in stream.take_events(500, within=0.2):
-            if downstream.releasing():
-                release(events)
-                continue
+        async for events in downstream.batches(stream, 500):
             changes, alerts, dead = [], [], []
             for event in events:
                 m = event.message

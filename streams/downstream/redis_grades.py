@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from streams.faustext.tables import RESERVED
+from streams.readback import read_to_end
 
 log = logging.getLogger("gradeflow.redis")
 
@@ -222,10 +223,6 @@ def rebuild(settings: Any, clear_first: bool = False, batch: int = 1000,
         if not parts:
             raise RuntimeError(f"topic {topic} does not exist")
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        todo = {tp for tp in tps if end[tp] > 0}
         pending: list[tuple[dict[str, Any], int]] = []
 
         def flush() -> None:
@@ -233,25 +230,18 @@ def rebuild(settings: Any, clear_first: bool = False, batch: int = 1000,
                 stats[RESULT_NAMES[r]] += 1
             pending.clear()
 
-        while todo:
-            polled = consumer.poll(timeout_ms=500, max_records=batch)
-            for tp, records in polled.items():
-                for record in records:
-                    if record.offset >= end[tp]:
-                        continue
-                    stats["read"] += 1
-                    doc = parse_change(record.value)
-                    if doc is None:
-                        stats["skipped"] += 1
-                        continue
-                    pending.append((doc, record.offset))
+        for _tp, records in read_to_end(consumer, tps, max_records=batch):
+            for record in records:
+                stats["read"] += 1
+                doc = parse_change(record.value)
+                if doc is None:
+                    stats["skipped"] += 1
+                    continue
+                pending.append((doc, record.offset))
             if len(pending) >= batch:
                 flush()
                 if progress:
                     progress(stats)
-            for tp in list(todo):
-                if consumer.position(tp) >= end[tp]:
-                    todo.discard(tp)
         flush()
         if fill_tables:
             stats["filled_from_tables"] = fill_from_tables(settings, client, consumer)
@@ -283,20 +273,11 @@ def fill_from_tables(settings: Any, client: Any, consumer: Any) -> int:
     parts = consumer.partitions_for_topic(topic) or set()
     if not parts:
         return 0
-    tps = [TopicPartition(topic, p) for p in sorted(parts)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    end = consumer.end_offsets(tps)
     latest: dict[bytes, bytes | None] = {}
-    todo = {tp for tp in tps if end[tp] > 0}
-    while todo:
-        for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
-            for record in records:
-                if record.offset < end[tp] and record.key is not None:
-                    latest[record.key] = record.value
-        for tp in list(todo):
-            if consumer.position(tp) >= end[tp]:
-                todo.discard(tp)
+    for _tp, records in read_to_end(consumer, [TopicPartition(topic, p) for p in sorted(parts)]):
+        for record in records:
+            if record.key is not None:
+                latest[record.key] = record.value
     script = client.register_script(FILL_LUA)
     filled = 0
     pipe = client.pipeline(transaction=False)

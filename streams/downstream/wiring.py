@@ -32,7 +32,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -176,6 +176,16 @@ class Downstream:
         key = str(doc["alert"].get("customer_id", "")).encode()
         fut = await self.alert_dead_letter_topic.send(key=key, value=orjson.dumps(doc))
         await fut
+
+    async def batches(self, stream: Any, size: int) -> AsyncIterator[list[Any]]:
+        """The stream's events, up to ``size`` at a time; a batch taken after a stop or revocation
+        began is given up unacknowledged instead (read again, by whoever owns it)."""
+        async for events in stream.take_events(size, within=0.2):
+            if self.releasing():
+                release(events)
+            else:
+                yield events
+
     def releasing(self) -> bool:
         """Whether the worker is stopping or in a rebalance (Faust suspends its flow control for one)."""
         app = self.app
@@ -311,10 +321,7 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
 
     @app.agent(changes, name="redis-writer")
     async def redis_writer(stream: Any) -> None:
-        async for events in stream.take_events(settings.redis_batch_size, within=0.2):
-            if ds.releasing():
-                release(events)  # taken after a stop or revocation began: read again, by whoever owns them
-                continue
+        async for events in ds.batches(stream, settings.redis_batch_size):
             items = []
             for event in events:
                 doc = parse_change(event.message.value)
@@ -330,10 +337,7 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
 
     @app.agent(alerts_and_changes, name="alert-dispatcher")
     async def alert_dispatcher(stream: Any) -> None:
-        async for events in stream.take_events(200, within=0.2):
-            if ds.releasing():
-                release(events)
-                continue
+        async for events in ds.batches(stream, 200):
             # Sequential per customer (their order matters), concurrent across customers.
             by_customer: dict[bytes | None, list[tuple[bool, float | None, dict[str, Any]]]] = {}
             for event in events:

@@ -300,6 +300,7 @@ def read_cluster(settings: Any, progress: Callable[[int], None] | None = None
     from kafka import KafkaConsumer, TopicPartition
 
     from schemas.errors import ServerUnavailable
+    from streams.readback import read_to_end
     from streams.kafka_config import kafka_python_options
 
     names = settings.topics
@@ -318,27 +319,17 @@ def read_cluster(settings: Any, progress: Callable[[int], None] | None = None
         for topic in (names.transactions, names.interactions, names.grade_changes, names.alerts):
             for p in sorted(consumer.partitions_for_topic(topic) or ()):
                 tps.append(TopicPartition(topic, p))
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        todo = {tp for tp in tps if end[tp] > 0}
-        while todo:
-            for tp, records in consumer.poll(timeout_ms=500, max_records=10000).items():
-                for r in records:
-                    if r.offset >= end[tp]:
-                        continue
-                    if tp.topic in roles:
-                        inputs.append(Record(roles[tp.topic], tp.topic, tp.partition, r.offset, r.key, r.value,
-                                             r.timestamp))
-                    elif tp.topic == names.grade_changes and r.value is not None:
-                        changes.append((tp.partition, r.offset, r.value))
-                    elif r.value is not None:
-                        alerts.append((tp.partition, r.offset, r.value))
-                if progress is not None:
-                    progress(len(records))
-            for tp in list(todo):
-                if consumer.position(tp) >= end[tp]:
-                    todo.discard(tp)
+        for tp, records in read_to_end(consumer, tps, max_records=10000):
+            for r in records:
+                if tp.topic in roles:
+                    inputs.append(Record(roles[tp.topic], tp.topic, tp.partition, r.offset, r.key, r.value,
+                                         r.timestamp))
+                elif tp.topic == names.grade_changes and r.value is not None:
+                    changes.append((tp.partition, r.offset, r.value))
+                elif r.value is not None:
+                    alerts.append((tp.partition, r.offset, r.value))
+            if progress is not None:
+                progress(len(records))
     finally:
         consumer.close()
     # A customer's outputs all sit on one partition (keyed by customer): partition order is topic order.

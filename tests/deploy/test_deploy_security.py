@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from streams.tools.local import ROOT
-from test_packaging import COMPOSE, DOCS, K8S, OPERATOR_API, manifests
+from tests.deploy.test_packaging import COMPOSE, DOCS, K8S, OPERATOR_API, manifests
 
 API_VERSIONS = {
     "ConfigMap": "v1", "Service": "v1", "StatefulSet": "apps/v1", "PodDisruptionBudget": "policy/v1",

@@ -26,6 +26,7 @@ from rules.ruleset import load
 from rules.state import CustomerState
 from streams.tools.audit import Audit
 from streams.clock import Clock
+from streams.handler import BatchGrader
 from streams.processor import TRANSACTIONS, Record, process_batch, utcnow
 from streams.settings import Settings
 from tests.streams.producerhelp import RecordingProducer
@@ -64,6 +65,12 @@ class Store:
 
     def __init__(self) -> None:
         self.held: dict[bytes, tuple[int, bytes]] = {}
+        self.down = False  # the process died: writes go nowhere
+
+    def write_many(self, outbox, states):
+        if not self.down:
+            for key, raw, partition in states:
+                self.held[key] = (partition, raw)
 
     def get(self, customer_id: str):
         got = self.held.get(customer_id.encode())
@@ -100,6 +107,7 @@ class Worker:
         app = SimpleNamespace(producer=RecordingProducer(self.log, PARTITIONS), gradeflow_population=None,
                               assignor=SimpleNamespace(assigned_actives=lambda: tps))
         self.clock = Clock(app, settings, RS, store, store, wall=(lambda: wall[0]) if wall is not None else time.time)
+        self.grader = BatchGrader(settings, RS, store, self.clock, None, self.clock.writer, lambda: app.producer)
         asyncio.run(self.clock.rebuild())
 
     def _collect(self) -> None:
@@ -112,21 +120,14 @@ class Worker:
         self.log.clear()
 
     def batch(self, records: list[Record], crash: bool = False) -> None:
-        """What streams/app.py's handler does; ``crash``: the process dies once the outputs are
-        published, before the states are written."""
-        clock = self.clock
-        now = datetime.fromtimestamp(self.wall[0], timezone.utc) if self.wall is not None else utcnow()
-        result = process_batch(records, RS, self.store, now, clock_horizon=clock.look_horizon,
-                               stream_time=clock.stream_times({r.partition for r in records}))
-        self.published += [doc for _, doc in result.grade_changes]
-        self.alerts += [doc for _, doc in result.alerts]
-        if crash:
-            return
-        for customer_id, (raw, record) in result.states.items():
-            self.store.held[customer_id.encode()] = (record.partition, raw)
-        for key, raw, partition in clock.advanced(result.stream_time):
-            self.store.held[key] = (partition, raw)
-        clock.note(result.looks, result.states)
+        """What streams/app.py's handler does (the same BatchGrader); ``crash``: the process dies
+        once the outputs are published, before the states are written."""
+        self.store.down = crash
+        try:
+            asyncio.run(self.grader.grade(records))
+        finally:
+            self.store.down = False
+        self._collect()
 
     def tick(self) -> None:
         asyncio.run(self.clock.tick())
@@ -245,14 +246,6 @@ class SlowAcks(RecordingProducer):
         return future
 
 
-class DictTable(Store):
-    """The store with the table's batch write (its changelog left out: no crash in this run)."""
-
-    def write_many(self, outbox, states):
-        for key, raw, partition in states:
-            self.held[key] = (partition, raw)
-
-
 class NoLock:
     """A lock that excludes nothing: the worker as it was before the writer lock."""
 
@@ -293,11 +286,9 @@ class HandlerAsItWas:
 def race(seed: int, writer, as_it_was: bool = False) -> tuple[list[Record], list[bytes], list[bytes]]:
     """The batch handler and the clock's timer running concurrently in one event loop, the
     producer's acknowledgements taking a random number of turns."""
-    from streams.handler import BatchGrader
-
     rng = random.Random(3000 + seed)
     records = history(seed, customers=30, events=600)
-    store = DictTable()
+    store = Store()
     published: list[bytes] = []
     alerts: list[bytes] = []
     settings = Settings(clock="event", partitions=PARTITIONS, app_id="t", at_risk_horizon_days=0)

@@ -15,7 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from tests.streams.downstream_helpers import StandIn, wait_until
-from redishelp import RedisServer
+from tests.streams.redishelp import RedisServer
 from schemas.errors import ConfigurationError
 from streams.tools.local import ROOT, WorkerProcess, drop_run, free_port, produce, unique_env
 from streams.settings import SecretUrl, describe_settings, load_settings, masked_url, redact, secret_values
@@ -50,13 +50,6 @@ def secret_env(standin_port: int, redis_port: int) -> dict[str, str]:
 def leaks(text: str) -> list[str]:
     return [s for s in EVERY_SECRET if s in text]
 
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for key in list(os.environ):
-        if key.startswith("GRADEFLOW_"):
-            monkeypatch.delenv(key)
-    return monkeypatch
 
 
 # ----------------------------------------------------------------------------- without servers

@@ -25,15 +25,6 @@ def ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "ca.pem"
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("GRADEFLOW_"):
-            monkeypatch.delenv(key)
-    return monkeypatch
-
 
 def test_defaults_are_plaintext_without_credentials(clean_env):
     s = load_settings()

@@ -14,7 +14,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from tests.streams.downstream_helpers import wait_until
-from redishelp import RedisServer
+from tests.streams.redishelp import RedisServer
 from streams.tools.local import WorkerProcess, consume, free_port, kafka_options, produce
 from tests.streams.faustext.test_standby import purchase
 

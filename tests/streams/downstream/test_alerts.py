@@ -29,7 +29,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.streams.downstream_helpers import StandIn, delete_prefix, free_port, wait_until
-from oncall_helpers import Answer, Scripted
+from tests.streams.downstream.oncall_helpers import Answer, Scripted
 from rules.engine import compile_ruleset
 from rules.ruleset import load
 from schemas.events import Alert
