@@ -14,6 +14,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from streams.faustext.recovery import standby_progress
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -91,6 +93,30 @@ class _LagCollector:
         yield lag
 
 
+class _StandbyCollector:
+    """How far each standby copy of the state table has read its changelog partition."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        position = GaugeMetricFamily("gradeflow_standby_position",
+                                     "Next changelog offset a standby copy of the state will read, per partition.",
+                                     labels=["topic", "partition"])
+        lag = GaugeMetricFamily("gradeflow_standby_lag",
+                                "Changelog records a standby copy has still to read (end as of the last fetch).",
+                                labels=["topic", "partition"])
+        for (topic, partition), (at, high) in sorted(standby_progress(self.app).items()):
+            position.add_metric([topic, str(partition)], at)
+            if high is not None:
+                lag.add_metric([topic, str(partition)], max(0, high - at))
+        yield position
+        yield lag
+
+
 class StateGauge:
     """A gauge without a sample until its first :meth:`set`: a state not yet known is not shown as 0."""
 
@@ -120,6 +146,7 @@ class Metrics:
         r = self.registry
         r.register(_CountersCollector(app))
         r.register(_LagCollector(app))
+        r.register(_StandbyCollector(app))
         self.latency = Histogram(
             "gradeflow_processing_latency_seconds",
             "Per grading batch: from the broker timestamp of its first record to the grade decision.",

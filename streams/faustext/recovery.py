@@ -147,3 +147,31 @@ def _signal_progress(recovery: Any) -> bool:
             recovery._standbys_span = None
         tables.on_standbys_ready()
     return ended
+
+
+def standby_progress(app: Any) -> dict[tuple[str, int], tuple[int, int | None]]:
+    """Each standby changelog partition of this worker: (the next offset its copy will read, the
+    partition's end as of the consumer's last fetch, or None before one).
+
+    A standby is warm when the two are equal: a failover onto it then reads nothing but what
+    was written after. Faust's own ``standby_highwaters`` are taken once at the start of a
+    recovery and go stale as the active worker writes on; the consumer's fetch highwater moves
+    with every fetch, so that is the end used here.
+    """
+    recovery = getattr(getattr(app, "tables", None), "recovery", None)
+    if recovery is None:
+        return {}
+    try:
+        consumer = app.consumer
+    except Exception:  # noqa: BLE001 - before the consumer started
+        return {}
+    progress: dict[tuple[str, int], tuple[int, int | None]] = {}
+    for tp in list(recovery.standby_tps):
+        seen = recovery.standby_offsets.get(tp)
+        position = seen + 1 if seen is not None and seen >= 0 else 0
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - no fetch of this partition yet
+            high = None
+        progress[(tp.topic, tp.partition)] = (position, high)
+    return progress

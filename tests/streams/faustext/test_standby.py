@@ -14,14 +14,18 @@ changelog holds its data (streams/faustext/tables.py), so the promoted standby r
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
-from streams.tools.local import WorkerProcess, consume, faust_log_tables, produce, unique_env, wait_group
+from streams.tools.local import (WorkerProcess, consume, faust_log_tables, free_port, kafka_options, produce,
+                                 unique_env, wait_group)
 from tests.streams.partitionhelp import partition_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(240)]
@@ -52,15 +56,44 @@ class Failover:
     survivor_log: str
 
 
+def standby_positions(port: int) -> dict[tuple[str, int], int]:
+    """``gradeflow_standby_position`` of the worker serving /metrics on ``port``."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    positions = {}
+    for labels, value in re.findall(r"^gradeflow_standby_position\{([^}]*)\} (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        positions[(found["topic"], int(found["partition"]))] = int(float(value))
+    return positions
+
+
+def wait_standby_warm(bootstrap: str, worker: WorkerProcess, changelog: str, partitions: set[int],
+                      timeout_s: float = 60.0) -> None:
+    """Until ``worker``'s standby copies of ``partitions`` have read their changelog to its end."""
+    consumer = KafkaConsumer(**kafka_options(bootstrap))
+    try:
+        tps = [TopicPartition(changelog, p) for p in partitions]
+        ends = {(tp.topic, tp.partition): end for tp, end in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+    port = int(worker.env["GRADEFLOW_WEB_PORT"])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        positions = standby_positions(port)
+        if all(positions.get(tp, -1) >= end for tp, end in ends.items()):
+            return
+        assert time.monotonic() < deadline, f"standbys not warm: positions {positions}, ends {ends}"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def failover(bootstrap: str) -> Failover:
     env = unique_env("standby", GRADEFLOW_KAFKA_BOOTSTRAP=bootstrap, GRADEFLOW_STANDBY_REPLICAS="1",
                      GRADEFLOW_STORE="rocksdb://",
                      GRADEFLOW_KAFKA_SESSION_TIMEOUT_S=str(SESSION_TIMEOUT_S),
-                     GRADEFLOW_KAFKA_HEARTBEAT_INTERVAL_S="1", GRADEFLOW_DOWNSTREAM="false",
+                     GRADEFLOW_KAFKA_HEARTBEAT_INTERVAL_S="1",
                      GRADEFLOW_PARTITIONS=str(PARTITIONS))
     # Own client ids tell the workers apart in the group; own data dirs, as on two hosts.
-    w1 = WorkerProcess({**env, "GRADEFLOW_KAFKA_CLIENT_ID": "w1",
+    w1 = WorkerProcess({**env, "GRADEFLOW_KAFKA_CLIENT_ID": "w1", "GRADEFLOW_WEB_PORT": str(free_port()),
                         "GRADEFLOW_DATA_DIR": env["GRADEFLOW_DATA_DIR"] + "-w1"}, name="w1")
     w2 = WorkerProcess({**env, "GRADEFLOW_KAFKA_CLIENT_ID": "w2",
                         "GRADEFLOW_DATA_DIR": env["GRADEFLOW_DATA_DIR"] + "-w2"}, name="w2")
@@ -75,9 +108,10 @@ def failover(bootstrap: str) -> Failover:
                                                             idle_s=30, timeout_s=90)]
         initial = {d["customer_id"]: d for d in first}
         assert len(initial) == CUSTOMERS, f"graded {len(initial)} of {CUSTOMERS}:\n{w1.tail()}\n{w2.tail()}"
-        time.sleep(2)  # let the standby copies read the last changelog records
-
         killed_partitions = assignment["w2"][transactions]
+        changelog = f"{env['GRADEFLOW_APP_ID']}-customer-state-changelog"
+        wait_standby_warm(bootstrap, w1, changelog, killed_partitions)
+
         probes = {c: f"probe-{c}" for c in customers
                   if partition_of(c.encode(), PARTITIONS) in killed_partitions}
         killed_at = time.time()
