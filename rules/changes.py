@@ -105,6 +105,8 @@ def _alert(customer_id: str, ladder: CompiledLadder, change: dict[str, Any], as_
         "grade_change_event_id": change["event_id"],
         "as_of": _iso(as_of),
         "dedup_key": f"gradeflow/{ladder.name}/{customer_id}/key-downgrade",
+        # What made it, so the storm guard can fold pages by cause without reading grade-changes.
+        "cause": change["cause"],
     }
 
 

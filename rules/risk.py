@@ -170,6 +170,7 @@ def alert_of(customer_id: str, rs: CompiledRuleset, state: CustomerState, drop: 
         "dedup_key": dedup_key(drop.ladder, customer_id),
         "kind": "at_risk",
         "due_at": at.isoformat(),
+        "cause": {"kind": "clock", "event_id": None},
     }
 
 

@@ -237,6 +237,9 @@ class Alert(_Output):
                                  "at due_at unless something changes (added in 1, optional: absent means downgrade).")
     due_at: datetime | None = Field(
         None, description="at_risk only: the instant time alone will lower the grade (null or absent otherwise).")
+    cause: Cause | None = Field(
+        None, description="What made the grade change (at_risk: the clock), as on the grade change (added in 1, "
+                          "optional: absent in alerts of earlier releases).")
 
 
 class DeadLetter(_Output):

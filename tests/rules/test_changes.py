@@ -123,6 +123,7 @@ def test_alert_fields_link_to_the_change(rfm5) -> None:
     assert alert["customer_id"] == "客户-7" and alert["ladder"] == "value"
     assert alert["as_of"] == change["as_of"]
     assert alert["dedup_key"] == "gradeflow/value/客户-7/key-downgrade"
+    assert alert["cause"] == change["cause"] == {"kind": "transaction", "event_id": "e-1"}
     assert "A → B" in alert["summary"] and "no longer a key customer" in alert["summary"]
     assert "R+F+M = 9" in alert["summary"]
     # The dedup key is the same for any later downgrade of that customer on that ladder;

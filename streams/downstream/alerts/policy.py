@@ -83,13 +83,17 @@ def is_storm(alert: dict[str, Any]) -> bool:
 
 
 def cause_of(alert: dict[str, Any], ruleset: CompiledRuleset) -> str:
-    """What made the alert: ``clock`` (time alone), ``rules`` (a new ruleset) or ``event`` (a
-    transaction or interaction).
+    """What made the alert: ``transaction``, ``interaction``, ``clock`` (time alone) or ``rules``
+    (a new ruleset): the alert's ``cause``.
 
-    The alert carries no cause, but its ``grade_change_event_id`` is the change's deterministic id
-    (rules/changes.py ``change_id``), which for the clock and the rules is made of what the alert
-    holds: rebuilding it tells them apart without reading grade-changes (not ordered with alerts).
+    An alert written by an earlier release carries no cause (one may still wait on the retry
+    topic); its ``grade_change_event_id`` is the change's deterministic id (rules/changes.py
+    ``change_id``), which for the clock and the rules is made of what the alert holds, so
+    rebuilding it tells those two apart; anything else was an input ``event``.
     """
+    cause = alert.get("cause")
+    if isinstance(cause, dict) and isinstance(cause.get("kind"), str):
+        return cause["kind"]
     if is_at_risk(alert):
         return "clock"
     try:
@@ -158,7 +162,8 @@ class StormGuard:
         }
 
 
-CAUSE_WORDS = {"clock": "the clock (time alone)", "rules": "a new ruleset", "event": "transactions or interactions"}
+CAUSE_WORDS = {"clock": "the clock (time alone)", "rules": "a new ruleset", "transaction": "transactions",
+               "interaction": "interactions", "event": "transactions or interactions"}
 
 
 def recovery_of(change: dict[str, Any], ruleset: CompiledRuleset) -> dict[str, Any] | None:

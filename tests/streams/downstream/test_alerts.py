@@ -708,7 +708,19 @@ def clock_alert(customer: str, as_of: str = "2026-02-01T00:00:00+08:00", cause: 
     return doc
 
 
-def test_the_cause_of_an_alert_is_told_from_its_grade_change_id():
+def test_the_cause_of_an_alert_is_the_cause_it_carries():
+    from rules.changes import Cause, decide_changes
+    from streams.downstream.alerts.policy import cause_of
+    from tests.rules.test_changes import AS_OF, NOW, _ev
+
+    rs = compile_ruleset(load("rfm-5"))
+    for kind, event_id in (("transaction", "t-1"), ("interaction", "i-1"), ("clock", None), ("rules", None)):
+        _changes, [alert] = decide_changes("pia", rs, {"value": "A"}, _ev(rs, "B"), AS_OF, Cause(kind, event_id), NOW)
+        assert cause_of(alert, rs) == kind
+    assert cause_of(at_risk_doc("pia"), rs) == "clock"
+
+
+def test_an_alert_of_an_earlier_release_has_its_cause_told_from_its_grade_change_id():
     from streams.downstream.alerts.policy import cause_of
 
     rs = compile_ruleset(load("rfm-5"))
