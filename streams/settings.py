@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(2000, ge=1, description="Most records the agent takes per batch.")
     batch_within: float = Field(0.05, gt=0, description="Seconds the agent waits to fill a batch.")
     report_interval: float = Field(10.0, gt=0, description="Seconds between the worker's gradeflow-stats log lines.")
+    stop_timeout_s: float = Field(
+        15.0, ge=1, le=3600, description="Seconds a worker has to stop cleanly after SIGTERM or SIGINT; then it exits at "
+                                         "once (code 75), leaving what it had not acknowledged to be read again.")
     log_level: str = "info"
     malloc_arena_max: int = Field(
         2, ge=0, description="glibc malloc arenas of the worker process (MALLOC_ARENA_MAX); fewer arenas, less memory "

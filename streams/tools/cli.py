@@ -97,7 +97,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     print(f"gradeflow worker: ruleset {ruleset.id}@{ruleset.version}, broker {describe_connection(settings)}, "
           f"app {settings.group_id}, hot path {_HOT_PATH[hot_path()]}", file=sys.stderr, flush=True)
+    from streams.stopping import StopDeadline
+
+    deadline = StopDeadline(settings.stop_timeout_s)
+
     class GradeflowWorker(Worker):
+        def _on_sigterm(self) -> None:
+            deadline.arm()
+            super()._on_sigterm()
+
+        def _on_sigint(self) -> None:
+            deadline.arm()
+            super()._on_sigint()
+
         async def on_startup_finished(self) -> None:
             await super().on_startup_finished()
             # Printed whatever the log level: scripts and tests wait for it.

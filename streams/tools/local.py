@@ -85,8 +85,8 @@ class WorkerProcess:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
-    def start(self, ready_timeout: float = 60.0) -> "WorkerProcess":
-        """Start and wait until Faust reports the worker ready."""
+    def start(self, ready_timeout: float = 60.0, wait_ready: bool = True) -> "WorkerProcess":
+        """Start and wait until Faust reports the worker ready (unless ``wait_ready`` is false)."""
         logs = ROOT / ".local" / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"{self.env.get('GRADEFLOW_APP_ID', 'gradeflow')}-{self.name}.log"
@@ -99,6 +99,8 @@ class WorkerProcess:
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         out.close()
+        if not wait_ready:
+            return self
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -10,6 +10,7 @@ through :func:`streams.processor.process_batch`, the code the worker runs.
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -18,8 +19,9 @@ import orjson
 import pytest
 from kafka import KafkaProducer
 
-from streams.tools.local import WorkerProcess, consume, kafka_options, unique_env
+from streams.tools.local import WorkerProcess, consume, free_port, kafka_options, unique_env
 from streams.settings import load_settings
+from streams.stopping import EXIT_STOP_DEADLINE
 from streams.topics import check_topics, create_topics
 from tests.deploy.localcluster import LocalCluster, port_from_env
 from tests.faults.faulthelp import Offline
@@ -147,3 +149,66 @@ def test_workers_and_brokers_fail_and_every_grade_change_arrives(cluster):
     finally:
         for w in workers:
             w.stop()
+
+
+def test_sigterm_stops_workers_within_20_s_with_a_broker_down_and_nothing_acknowledged_is_lost(cluster):
+    """Replication factor 1 on three brokers, one broker killed (its partitions have no leader) and
+    Redis unreachable from the start: both workers stop within 20 s of SIGTERM, and once the broker
+    is back a new worker delivers every grade change the offline run gives."""
+    cluster.up()  # every broker, whatever an earlier test left down
+    bootstrap = cluster.env["GRADEFLOW_KAFKA_BOOTSTRAP"]
+    env = unique_env("brokerdown", GRADEFLOW_KAFKA_BOOTSTRAP=bootstrap, GRADEFLOW_REPLICATION_FACTOR="1",
+                     GRADEFLOW_PARTITIONS="6", GRADEFLOW_KAFKA_SESSION_TIMEOUT_S="10",
+                     GRADEFLOW_KAFKA_HEARTBEAT_INTERVAL_S="1", GRADEFLOW_BATCH_SIZE="200",
+                     GRADEFLOW_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    create_topics(load_settings(**{k[len("GRADEFLOW_"):].lower(): v for k, v in env.items()}))
+    records = history(seed=11)
+    expected = Offline(records, summarize=summary).changes
+    workers = [WorkerProcess({**env, "GRADEFLOW_DATA_DIR": f"{env['GRADEFLOW_DATA_DIR']}-{name}",
+                              "GRADEFLOW_WEB_PORT": str(free_port())}, name=name) for name in ("w1", "w2")]
+    try:
+        for w in workers:
+            w.start(ready_timeout=120)
+        p = KafkaProducer(**kafka_options(bootstrap, env), acks="all", linger_ms=5)
+        for key, value in records:
+            p.send(env["GRADEFLOW_TOPIC_TRANSACTIONS"], key=key, value=value)
+        p.flush()
+        p.close()
+        topic = env["GRADEFLOW_TOPIC_GRADE_CHANGES"]
+        wait_until(lambda: any(True for _ in consume(bootstrap, [topic], until=1, idle_s=2, timeout_s=5, env=env)),
+                   timeout=60, what="grading under way")
+        cluster.kill("kafka-3")
+        took: dict[str, tuple[int | None, float]] = {}
+
+        def stop(w: WorkerProcess) -> None:
+            started = time.monotonic()
+            code = w.stop(signal.SIGTERM, timeout=60)
+            took[w.name] = (code, time.monotonic() - started)
+
+        stoppers = [threading.Thread(target=stop, args=(w,)) for w in workers]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
+        for w in workers:
+            code, seconds = took[w.name]
+            assert seconds < 20.0, (w.name, code, seconds, w.tail())
+            # A clean stop, or the deadline's exit, which says so in the log.
+            assert code == 0 or (code == EXIT_STOP_DEADLINE and "did not stop within" in w.tail(200)), (code, w.tail())
+        cluster.up()  # kafka-3 back with its partitions
+        after = WorkerProcess({**env, "GRADEFLOW_DATA_DIR": f"{env['GRADEFLOW_DATA_DIR']}-w3"}, name="w3")
+        workers.append(after)
+        after.start(ready_timeout=120)
+
+        def delivered() -> dict[str, list[tuple]]:
+            got: dict[str, dict[str, tuple]] = {}
+            for _t, _k, value in consume(bootstrap, [topic], idle_s=3, timeout_s=60, env=env):
+                doc = orjson.loads(value)
+                got.setdefault(doc["customer_id"], {})[doc["event_id"]] = summary(doc)
+            return {c: list(v.values()) for c, v in got.items()}
+
+        wait_until(lambda: delivered() == expected, timeout=180, interval=3,
+                   what="every grade change of the offline run, once the broker is back")
+    finally:
+        for w in workers:
+            w.stop(signal.SIGKILL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from tests.streams.downstream_helpers import wait_until
 from tests.streams.redishelp import RedisServer
-from streams.tools.local import WorkerProcess, consume, free_port, kafka_options, produce
+from streams.tools.local import WorkerProcess, consume, free_port, kafka_options, produce, unique_env
 from tests.streams.faustext.test_standby import purchase
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
@@ -134,3 +135,56 @@ def test_sigterm_mid_backlog_stops_in_time_and_a_restart_grades_the_rest(worker_
     worker_factory(env=env, name="after-restart")
     wait_until(lambda: topic_size(bootstrap, changes) >= customers, timeout=180, what="the rest graded")
     assert customers_on(bootstrap, changes, customers) == {f"c{i}" for i in range(customers)}
+
+
+def set_consumer_quota(bootstrap: str, client_id: str, bytes_per_s: int | None) -> None:
+    """Throttle (or, with None, stop throttling) fetches of Kafka client ``client_id`` on the
+    broker: a slow network or a busy broker, made real with a client quota (Kafka's own tool)."""
+    kafka = Path(__file__).resolve().parents[2] / ".local" / "kafka"
+    change = (["--add-config", f"consumer_byte_rate={bytes_per_s}"] if bytes_per_s is not None
+              else ["--delete-config", "consumer_byte_rate"])
+    subprocess.run(["java", "-cp", str(kafka / "libs" / "*"),
+                    f"-Dlog4j2.configurationFile={kafka / 'tools-log4j2.xml'}", "kafka.admin.ConfigCommand",
+                    "--bootstrap-server", bootstrap.split(",")[0], "--alter", *change,
+                    "--entity-type", "clients", "--entity-name", client_id],
+                   check=True, capture_output=True, timeout=60)
+
+
+def test_sigterm_mid_recovery_stops_in_time_and_a_restart_recovers_every_state(worker_factory, bootstrap):
+    customers = 20_000
+    env = unique_env("stoprec", GRADEFLOW_WEB_PORT=str(free_port()))
+    env["GRADEFLOW_KAFKA_CLIENT_ID"] = env["GRADEFLOW_APP_ID"]
+    changes = env["GRADEFLOW_TOPIC_GRADE_CHANGES"]
+    worker = worker_factory(env=env, name="grades")
+    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"],
+            [purchase(f"c{i}", f"e{i}", 2, "100") for i in range(customers)])
+    wait_until(lambda: topic_size(bootstrap, changes) >= customers, timeout=180, what="every customer graded")
+    worker.stop()
+    # Fetches of this worker now crawl: its changelog recovery takes minutes instead of a second.
+    set_consumer_quota(bootstrap, env["GRADEFLOW_KAFKA_CLIENT_ID"], 50_000)
+    recovering = WorkerProcess(env, name="recovering")
+    try:
+        recovering.start(wait_ready=False)
+        assert recovering.log_path is not None
+        wait_until(lambda: "Reading Starts At - Active" in recovering.log_path.read_text(errors="replace"),
+                   timeout=60, what="the changelog recovery under way")
+        code, took = timed_stop(recovering)
+        log = recovering.log_path.read_text(errors="replace")
+        assert "Done reading from changelog topics" not in log, "recovery ended before the stop: proves nothing"
+        assert code == 0 and took < STOP_WITHIN_S, (code, took, recovering.tail())
+    finally:
+        recovering.stop(signal.SIGKILL)
+        set_consumer_quota(bootstrap, env["GRADEFLOW_KAFKA_CLIENT_ID"], None)
+    # Nothing of the state was lost with the interrupted recovery: the next worker grades a second
+    # purchase of each customer from the first (an upgrade with both purchases counted, never an
+    # "initial" grade from empty state).
+    worker_factory(env=env, name="after-recovery")
+    probes = [f"c{i}" for i in range(0, customers, 200)]
+    produce(bootstrap, env["GRADEFLOW_TOPIC_TRANSACTIONS"], [purchase(c, f"probe-{c}", 3, "50000") for c in probes])
+    wait_until(lambda: topic_size(bootstrap, changes) >= customers + len(probes), timeout=120,
+               what="the probes graded")
+    docs = [orjson.loads(v) for _t, _k, v in consume(bootstrap, [changes], idle_s=3, timeout_s=60)]
+    probed = {d["customer_id"]: d for d in docs if d["cause"]["event_id"] and d["cause"]["event_id"].startswith("probe-")}
+    assert probed.keys() == set(probes)
+    for doc in probed.values():
+        assert doc["direction"] == "upgrade" and doc["metrics"]["frequency"] == 2, doc
