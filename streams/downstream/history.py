@@ -22,7 +22,7 @@ instant since the limit has an answer — and then the oldest beyond ``GRADEFLOW
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -121,6 +121,54 @@ def in_effect(changes: Sequence[dict[str, Any]], at_us: int) -> tuple[dict[str, 
         else:
             return current, change, current is not None or change.get("previous_grade") is None
     return current, None, current is not None
+
+
+MAX_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class Query:
+    """The query of ``GET /customers/{customer_id}/history``."""
+
+    ladder: str | None = None
+    since_us: int | None = None
+    until_us: int | None = None
+    limit: int | None = None
+
+    @classmethod
+    def parse(cls, params: Mapping[str, str]) -> "Query":
+        """From query parameters; ValueError (answered 400) names the parameter that is wrong."""
+        from schemas.errors import InvalidEvent
+        from schemas.timestamps import parse_rfc3339
+
+        times: dict[str, int | None] = {}
+        for name in ("since", "until"):
+            raw = params.get(name) or None
+            try:
+                times[name] = None if raw is None else epoch_us(parse_rfc3339(raw, name).isoformat())
+            except InvalidEvent as exc:
+                raise ValueError(f"{exc.message} (RFC 3339 with an offset, e.g. 2026-05-15T10:00:00+08:00)") from None
+        limit = None
+        if params.get("limit"):
+            try:
+                limit = int(params["limit"])
+            except ValueError:
+                raise ValueError("limit must be an integer") from None
+            if not 1 <= limit <= MAX_LIMIT:
+                raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
+        since, until = times["since"], times["until"]
+        if since is not None and until is not None and since > until:
+            raise ValueError("since is after until")
+        return cls(params.get("ladder") or None, since, until, limit)
+
+
+def body(customer_id: str, found: dict[str, dict[str, Any]], bounds: Bounds) -> dict[str, Any]:
+    """The answer of ``GET /customers/{customer_id}/history`` (schemas.api.CustomerHistory)."""
+    ladders = {ladder: {"changes": part["changes"], "kept_from": part["oldest"]["as_of"],
+                        "complete": part["oldest"].get("previous_grade") is None}
+               for ladder, part in sorted(found.items())}
+    return {"customer_id": customer_id, "ladders": ladders, "max_changes": bounds.max_changes,
+            "max_age_days": bounds.max_age_days}
 
 
 def sort_key(change: dict[str, Any]) -> tuple[int, int]:
