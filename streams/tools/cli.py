@@ -1,4 +1,4 @@
-"""The ``gradeflow`` command line: worker, topics, rules."""
+"""The ``gradeflow`` command line: worker, topics, rules, explain."""
 
 from __future__ import annotations
 
