@@ -19,6 +19,7 @@ import orjson
 
 from schemas.errors import GradeflowError
 from streams.downstream.history import epoch_us, in_effect
+from streams.settings import masked_url
 
 
 class ExplainError(GradeflowError):
@@ -31,6 +32,7 @@ def fetch(api: str, customer_id: str, token: str | None, ladder: str | None = No
     url = f"{api.rstrip('/')}/customers/{quote(customer_id, safe='')}/history"
     if ladder:
         url += "?" + urlencode({"ladder": ladder})
+    shown = masked_url(api)  # a URL may carry a password; errors never show it
     request = urllib.request.Request(url)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -42,10 +44,10 @@ def fetch(api: str, customer_id: str, token: str | None, ladder: str | None = No
             detail = str(orjson.loads(exc.read()).get("error", ""))
         except (orjson.JSONDecodeError, AttributeError):
             detail = ""
-        raise ExplainError(f"{api} answered {exc.code}{': ' + detail if detail else ''}") from None
-    except (urllib.error.URLError, OSError) as exc:
+        raise ExplainError(f"{shown} answered {exc.code}{': ' + detail if detail else ''}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # ValueError: a malformed URL
         reason = getattr(exc, "reason", exc)
-        raise ExplainError(f"cannot reach the API at {api}: {reason}") from None
+        raise ExplainError(f"cannot reach the API at {shown}: {reason}") from None
 
 
 def explain(doc: dict[str, Any], at: datetime) -> dict[str, Any]:

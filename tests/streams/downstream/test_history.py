@@ -218,3 +218,12 @@ def test_any_sequence_is_bounded_as_stated(days, repeats, max_changes, max_age_d
     finally:
         delete_prefix(prefix, REDIS_URL)
     assert got == bounded([(history.epoch_us(d["as_of"]), o, d["event_id"]) for d, o in arrivals], bounds)
+
+
+def test_explain_says_the_api_is_unreachable_without_showing_a_password(capsys, clean_env):
+    from streams.tools.local import free_port
+
+    url = f"http://ops:hunter2@127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["explain", "--customer", "alice", "--at", "2026-05-15T10:00:00Z", "--api", url]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the API at http://ops:***@127.0.0.1:" in err and "hunter2" not in err
