@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from schemas.events import Metrics, RulesetRef
+from schemas.events import Cause, Metrics, RulesetRef
 
 
 class LadderGrade(BaseModel):
@@ -56,3 +56,38 @@ class Health(BaseModel):
 
 class Error(BaseModel):
     error: str
+
+
+# --- grade history (GET /customers/{customer_id}/history, streams/downstream/history.py) ---------------------
+
+class HistoryChange(BaseModel):
+    """One grade change as the history keeps it: the ``grade-changes`` document without its emission time."""
+
+    event_id: str = Field(description="The change's deterministic id on grade-changes.")
+    ladder: str
+    previous_grade: str | None
+    grade: str
+    direction: Literal["initial", "upgrade", "downgrade"] | None
+    as_of: str = Field(description="Event time at which the grade was evaluated (RFC 3339).")
+    cause: Cause = Field(description="What caused it; event_id is the transaction's or interaction's id.")
+    ruleset: RulesetRef | None = Field(description="The ruleset version that decided it.")
+    metrics: Metrics | None
+    reasons: list[str] = Field(description="Why the ladder gave this grade, one sentence per step.")
+    offset: int = Field(description="Offset of the change on grade-changes (orders changes with the same as_of).")
+
+
+class LadderHistory(BaseModel):
+    changes: list[HistoryChange] = Field(description="Oldest first: the window asked for, its latest `limit` changes.")
+    kept_from: str = Field(description="as_of of the oldest change kept (the history is bounded).")
+    complete: bool = Field(description="The oldest change kept is the customer's first grade on this ladder: "
+                                       "nothing was dropped.")
+
+
+class CustomerHistory(BaseModel):
+    """``GET /customers/{customer_id}/history``."""
+
+    customer_id: str
+    ladders: dict[str, LadderHistory] = Field(description="By ladder (only ladders with changes).")
+    max_changes: int = Field(description="GRADEFLOW_HISTORY_MAX_CHANGES: changes kept per customer and ladder.")
+    max_age_days: float = Field(description="GRADEFLOW_HISTORY_MAX_AGE_DAYS: event-time age kept, counted back from "
+                                            "the newest change of the ladder (plus the change in effect then).")

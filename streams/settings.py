@@ -222,6 +222,15 @@ class Settings(BaseSettings):
     dead_letters_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the dead-letter topic.")
     alert_dead_letters_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the alert dead-letter topic.")
 
+    # --- grade history per customer and ladder (streams/downstream/history.py, docs/downstream.md) ---
+    history_max_changes: int = Field(
+        100, ge=1, le=10_000, description="Grade changes kept per customer and ladder in the Redis history "
+                                          "(GET /customers/{id}/history, gradeflow explain); the oldest go first.")
+    history_max_age_days: float = Field(
+        400.0, gt=0, le=3650, description="History changes older than this many days before the customer's newest "
+                                          "change on that ladder (event time) are dropped, but for the one in "
+                                          "effect at that limit.")
+
     # --- the clock: re-grading by time alone (streams/clock.py, docs/clock.md) ---------------
     clock: Literal["wall", "event", "off"] = Field(
         "wall", description="What time it is for re-grading without events: wall (now), event (per input "

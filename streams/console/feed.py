@@ -5,9 +5,6 @@ inputs, and keeps in Redis (``P`` is the prefix, ``GRADEFLOW_REDIS_PREFIX``):
 
 ``P:console:alerts`` (sorted set)          the latest :data:`ALERTS_CAP` alerts (downgrades and at-risk
                                            warnings), scored by ``as_of``; each member is the alert's JSON
-``P:console:timeline:<customer_id>`` (sorted set)
-                                           the customer's latest :data:`TIMELINE_CAP` grade changes, scored
-                                           by ``as_of``
 ``P:console:at-risk`` (sorted set)         key customers warned about, member ``customer_id␟ladder``, scored
                                            by the instant of the predicted drop; at most :data:`AT_RISK_CAP`,
                                            the soonest kept
@@ -19,8 +16,9 @@ inputs, and keeps in Redis (``P`` is the prefix, ``GRADEFLOW_REDIS_PREFIX``):
 ``P:console:moves:h:<hour>`` (hash)        the same per hour (kept 26 hours)
 ``P:console:dead`` (hash)                  reason → dead letters seen
 
-Everything is bounded whatever the number of customers but the timelines, bounded per customer
-(:data:`TIMELINE_CAP` × ~300 bytes). Alerts, timelines and the at-risk list are sets of deterministic
+A customer's timeline is read from their grade history (streams/downstream/history.py, kept by the
+``redis-writer``): its latest :data:`TIMELINE_CAP` changes over all ladders. Everything here is
+bounded whatever the number of customers. Alerts and the at-risk list are sets of deterministic
 documents, so a record read again after a crash or a rebalance changes nothing; the per-minute
 counts and dead-letter totals may count such a record twice (they are rates to look at, not a ledger).
 """
@@ -33,6 +31,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import orjson
+
+from streams.downstream.history import AsyncHistory, entry as history_entry
 
 ALERTS_CAP = 1000
 TIMELINE_CAP = 20
@@ -104,9 +104,6 @@ class Keys:
         self.dead = f"{base}:dead"
         self._base = base
 
-    def timeline(self, customer_id: str) -> str:
-        return f"{self._base}:timeline:{customer_id}"
-
     def rate(self, minute: int) -> str:
         return f"{self._base}:rate:{minute}"
 
@@ -115,15 +112,6 @@ class Keys:
 
     def moves_hour(self, hour: int) -> str:
         return f"{self._base}:moves:h:{hour}"
-
-
-def change_entry(doc: dict[str, Any]) -> dict[str, Any]:
-    """What a timeline keeps of a grade change (deterministic: no emission time)."""
-    cause = doc.get("cause") or {}
-    return {"event_id": doc.get("event_id"), "ladder": doc.get("ladder"), "previous_grade": doc.get("previous_grade"),
-            "grade": doc.get("grade"), "direction": doc.get("direction"), "as_of": doc.get("as_of"),
-            "cause": {"kind": cause.get("kind"), "event_id": cause.get("event_id")},
-            "reasons": doc.get("reasons") or [], "metrics": doc.get("metrics")}
 
 
 _ALERT_FIELDS = ("alert_id", "customer_id", "ladder", "severity", "summary", "previous_grade", "grade", "as_of",
@@ -147,6 +135,7 @@ class Feed:
         self._end_at_risk = redis.register_script(END_AT_RISK_LUA)
         self._prune = redis.register_script(PRUNE_AT_RISK_LUA)
         self._max_now = redis.register_script(MAX_NOW_LUA)
+        self.history = AsyncHistory(redis, prefix)
 
     async def record(self, changes: Iterable[dict[str, Any]], alerts: Iterable[dict[str, Any]],
                      dead: Iterable[dict[str, Any]], arrived: float | None = None) -> None:
@@ -172,12 +161,9 @@ class Feed:
                                             client=pipe)
         pipe.zremrangebyrank(k.alerts, 0, -ALERTS_CAP - 1)
         for doc in changes:
-            entry = change_entry(doc)
+            entry = history_entry(doc, -1)
             at = ts(entry["as_of"]) or 0.0
             latest = at if latest is None else max(latest, at)
-            key = k.timeline(str(doc.get("customer_id")))
-            pipe.zadd(key, {orjson.dumps(entry): at})
-            pipe.zremrangebyrank(key, 0, -TIMELINE_CAP - 1)
             await self._end_at_risk(keys=[k.at_risk, k.at_risk_doc],
                                     args=[f"{doc.get('customer_id')}{SEP}{entry['ladder']}", at], client=pipe)
             cause = str(entry["cause"]["kind"])
@@ -240,8 +226,8 @@ class Feed:
         return out, now
 
     async def timeline(self, customer_id: str) -> list[dict[str, Any]]:
-        """The customer's latest grade changes, newest first."""
-        return [orjson.loads(raw) for raw in await self.redis.zrevrange(self.keys.timeline(customer_id), 0, -1)]
+        """The customer's latest :data:`TIMELINE_CAP` grade changes over all ladders, newest first (their history)."""
+        return await self.history.latest(customer_id, TIMELINE_CAP)
 
     async def rates(self, minutes: int = 60, now: float | None = None) -> list[dict[str, Any]]:
         """Grade changes per minute by cause over the last ``minutes`` minutes, oldest first."""

@@ -196,7 +196,8 @@ def rebuild(settings: Any, clear_first: bool = False, batch: int = 1000,
     """Read ``grade-changes`` from the beginning to its current end and apply it to Redis.
 
     Applying uses the same script as the worker, so a rebuild on top of a
-    live Redis never moves a grade backwards; ``clear_first`` deletes the
+    live Redis never moves a grade backwards; the changes still on the topic
+    also go to the histories (streams/downstream/history.py, idempotent); ``clear_first`` deletes the
     current-grade keys first (for a Redis that holds wrong data). Then, unless
     ``fill_tables`` is false, ladders still missing are filled from the table
     changelog (:func:`fill_from_tables`).
@@ -204,6 +205,7 @@ def rebuild(settings: Any, clear_first: bool = False, batch: int = 1000,
     import redis as redis_lib
     from kafka import KafkaConsumer, TopicPartition
 
+    from streams.downstream import history
     from streams.kafka_config import kafka_python_options
     from streams.settings import redis_prefix
 
@@ -214,6 +216,8 @@ def rebuild(settings: Any, clear_first: bool = False, batch: int = 1000,
     if clear_first:
         stats["cleared"] = clear(client, prefix)
     script = client.register_script(APPLY_LUA)
+    history_script = client.register_script(history.RECORD_LUA)
+    bounds = history.Bounds.of(settings)
     topic = settings.topics.grade_changes
     consumer = KafkaConsumer(**kafka_python_options(settings), group_id=None,
                              enable_auto_commit=False, auto_offset_reset="earliest",
@@ -228,6 +232,7 @@ def rebuild(settings: Any, clear_first: bool = False, batch: int = 1000,
         def flush() -> None:
             for r in apply_sync(client, prefix, pending, script):
                 stats[RESULT_NAMES[r]] += 1
+            history.record_sync(client, prefix, pending, bounds, history_script)
             pending.clear()
 
         for _tp, records in read_to_end(consumer, tps, max_records=batch):

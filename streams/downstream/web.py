@@ -3,6 +3,9 @@
 ``GET /customers/{customer_id}``  current grades and metrics; from this worker's table when
                                   it holds the customer's state (``partition`` says where),
                                   else from Redis (``partition`` null)
+``GET /customers/{customer_id}/history``
+                                  the customer's grade changes per ladder, bounded (Redis;
+                                  ``ladder``, ``since``, ``until``, ``limit``)
 ``GET /grades``                   customers per grade, per ladder (Redis)
 ``GET /healthz``                  the process answers (no token)
 ``GET /readyz``                   partitions assigned and table recovery done (no token)
@@ -25,9 +28,10 @@ from faust.web import Request, Response, View
 
 from rules.engine import CompiledRuleset, evaluate
 from rules.state import CustomerState
-from schemas.api import CustomerGrades, Error, GradeCounts, Health
+from schemas.api import CustomerGrades, CustomerHistory, Error, GradeCounts, Health
 from schemas.money import format_minor
 from streams import __version__, console
+from streams.downstream import history
 from streams.faustext.tables import FaustStateStore
 
 OPEN_PATHS = ("/healthz", "/readyz")
@@ -91,7 +95,7 @@ def _metrics(rs: CompiledRuleset, ev: Any, ladder_name: str) -> dict[str, Any] |
 def openapi(settings: Any) -> dict[str, Any]:
     """The OpenAPI 3.1 description of this API."""
     schemas: dict[str, Any] = {}
-    for model in (CustomerGrades, GradeCounts, Health, Error):
+    for model in (CustomerGrades, CustomerHistory, GradeCounts, Health, Error):
         doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(doc.pop("$defs", {}))
         schemas[model.__name__] = doc
@@ -116,6 +120,24 @@ def openapi(settings: Any) -> dict[str, Any]:
                 "responses": {"200": ok("CustomerGrades", "Grades by ladder, and where they were read."),
                               "401": unauthorized, "404": ok("Error", "No grade known for this customer."),
                               "503": ok("Error", "Redis is unreachable (customer not local).")}}},
+            "/customers/{customer_id}/history": {"get": {
+                "summary": "The customer's grade changes per ladder, oldest first, with ruleset version, cause, "
+                           "metrics and reasons (bounded: GRADEFLOW_HISTORY_MAX_CHANGES, GRADEFLOW_HISTORY_MAX_AGE_DAYS)",
+                "parameters": [
+                    {"name": "customer_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "ladder", "in": "query", "schema": {"type": "string"}, "description": "Only this ladder."},
+                    {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"},
+                     "description": "Changes with as_of at or after this instant (RFC 3339 with an offset)."},
+                    {"name": "until", "in": "query", "schema": {"type": "string", "format": "date-time"},
+                     "description": "Changes with as_of at or before this instant (RFC 3339 with an offset)."},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": history.MAX_LIMIT},
+                     "description": "At most this many per ladder: the latest of the window."}],
+                "security": secured,
+                "responses": {"200": ok("CustomerHistory", "Changes by ladder."),
+                              "400": ok("Error", "A bad parameter."), "401": unauthorized,
+                              "404": ok("Error", "No grade change known for this customer."),
+                              "503": ok("Error", "Redis is unreachable.")}}},
             "/grades": {"get": {"summary": "Customers per grade, per ladder", "security": secured,
                                 "responses": {"200": ok("GradeCounts", "Counts from Redis."), "401": unauthorized,
                                               "503": ok("Error", "Redis is unreachable.")}}},
@@ -183,6 +205,26 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
                 return self.json({"error": f"no grade known for customer {customer_id!r}"}, status=404)
             source = "redis"
         return self.json({"customer_id": customer_id, "source": source, "partition": partition, "grades": grades})
+
+    bounds = history.Bounds.of(settings)
+
+    @app.page("/customers/{customer_id}/history", base=Guarded, name="gradeflow-customer-history")
+    async def customer_history(self: View, request: Request, customer_id: str) -> Response:
+        try:
+            query = history.Query.parse(request.query)
+        except ValueError as exc:
+            return self.json({"error": str(exc)}, status=400)
+        reader = downstream.history()
+        try:
+            known = await reader.ladders(customer_id)
+            wanted = [query.ladder] if query.ladder else known
+            found = await reader.read(customer_id, [lad for lad in wanted if lad in known],
+                                      query.since_us, query.until_us, query.limit)
+        except Exception as exc:  # noqa: BLE001 - Redis down: say so
+            return self.json({"error": f"redis unavailable: {type(exc).__name__}"}, status=503)
+        if not known:
+            return self.json({"error": f"no grade change known for customer {customer_id!r}"}, status=404)
+        return self.json(history.body(customer_id, found, bounds))
 
     @app.page("/grades", base=Guarded, name="gradeflow-grades")
     async def grades(self: View, request: Request) -> Response:

@@ -3,7 +3,8 @@
 It consumes the *output* topics, never the inputs, so that nothing here can
 slow or break the grading hot path:
 
-- ``redis-writer`` (grade-changes → Redis current grades, streams/downstream/redis_grades.py)
+- ``redis-writer`` (grade-changes → Redis current grades, streams/downstream/redis_grades.py, and each
+  customer's bounded grade history, streams/downstream/history.py)
 - ``alert-dispatcher`` (grade-alerts + grade-changes → on-call sinks, streams/downstream/alerts/)
 - ``alert-retry`` (the retry topic → the same sinks, when due); what a sink refuses for good
   goes to the alert dead-letter topic instead, never retried
@@ -46,6 +47,7 @@ from streams.downstream.alerts.delivery import Dispatcher
 from streams.downstream.alerts.policy import check_settings
 from streams.faustext.faust_pages import close_builtin_pages
 from streams.downstream.metrics import Metrics, observe_batch
+from streams.downstream.history import AsyncHistory, Bounds
 from streams.downstream.redis_grades import RESULT_NAMES, AsyncGrades, parse_change
 from streams.settings import Settings, alert_retries_topic, redact, redis_prefix
 from streams.topics import ALERT_RETRIES_RETENTION_S
@@ -130,6 +132,7 @@ class Downstream:
         self.metrics = Metrics(app)
         self._redis: Any = None
         self._grades: AsyncGrades | None = None
+        self._history: AsyncHistory | None = None
         self._dispatcher: Dispatcher | None = None
         self.retry_topic: Any = None
         self.alert_dead_letter_topic: Any = None
@@ -151,6 +154,17 @@ class Downstream:
         if self._grades is None:
             self._grades = AsyncGrades(self.redis(), self.prefix)
         return self._grades
+
+    def history(self) -> AsyncHistory:
+        if self._history is None:
+            self._history = AsyncHistory(self.redis(), self.prefix, Bounds.of(self.settings))
+        return self._history
+
+    async def _apply_changes(self, items: list[tuple[dict[str, Any], int]]) -> list[int]:
+        # Both idempotent: after a failure between the two, the retry finds the grades already applied.
+        results = await self.grades().apply(items)
+        await self.history().record(items)
+        return results
 
     def dispatcher(self) -> Dispatcher:
         if self._dispatcher is None:
@@ -220,14 +234,14 @@ class Downstream:
             await asyncio.sleep(min(left, _POLL_S))
 
     async def write_grades(self, items: list[tuple[dict[str, Any], int]]) -> None:
-        """Apply grade changes to Redis; while Redis fails, wait and try again (never skip).
+        """Apply grade changes to Redis (current grades, history); while Redis fails, wait and try again (never skip).
 
         Raises Released when the worker stops or rebalances before Redis took them.
         """
         delay = 0.2
         while True:
             try:
-                results = await self.guard(self.grades().apply(items))
+                results = await self.guard(self._apply_changes(items))
                 break
             except (Released, asyncio.CancelledError):
                 raise

@@ -1,4 +1,4 @@
-"""The ``gradeflow`` command line: worker, topics, rules."""
+"""The ``gradeflow`` command line: worker, topics, rules, explain."""
 
 from __future__ import annotations
 
@@ -210,6 +210,32 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """A customer's grade on each ladder at an instant, the change that set it and the next, from a live cluster."""
+    import orjson
+
+    from schemas.errors import InvalidEvent
+    from schemas.timestamps import parse_rfc3339
+    from streams.tools.explain import explain, fetch, render
+
+    try:
+        at = parse_rfc3339(args.at, "--at")
+    except InvalidEvent as exc:
+        print(f"gradeflow explain: {exc.message} (RFC 3339 with an offset, e.g. 2026-05-15T10:00:00+08:00)",
+              file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    host = "127.0.0.1" if settings.web_host in ("0.0.0.0", "::", "") else settings.web_host
+    api = args.api or f"http://{host}:{settings.web_port}"
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    result = explain(fetch(api, args.customer, token, args.ladder), at)
+    if args.json:
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render(result))
+    return 0
+
+
 def cmd_rules_try(args: argparse.Namespace) -> int:
     """Grade distribution per ladder over a history and, against another ruleset, who would move."""
     from rules.engine import compile_ruleset
@@ -345,6 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--no-tables", action="store_true",
                          help="do not fill ladders the compacted topic lost from the table changelog")
     rebuild.set_defaults(func=cmd_redis_rebuild)
+
+    why = sub.add_parser("explain", help="a customer's grade on each ladder at an instant, the change that set it "
+                                         "(cause, ruleset, metrics, reasons) and the next one, from a worker's API")
+    why.add_argument("--customer", required=True, help="customer_id")
+    why.add_argument("--at", required=True, help="the instant, RFC 3339 with an offset (2026-05-15T10:00:00+08:00)")
+    why.add_argument("--ladder", help="only this ladder")
+    why.add_argument("--api", help="the HTTP API's base URL (default http://GRADEFLOW_WEB_HOST:GRADEFLOW_WEB_PORT); "
+                                   "the token comes from GRADEFLOW_API_TOKEN")
+    why.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    why.set_defaults(func=cmd_explain)
 
     audit = sub.add_parser("audit", help="check grade-changes and alerts against an offline run of the input topics "
                                           "(exit 1 on any divergence)")

@@ -14,6 +14,7 @@ from tests.streams.downstream_helpers import delete_prefix
 from streams.console import assets
 from streams.console.api import keep_sentence
 from streams.console.feed import ALERTS_CAP, TIMELINE_CAP, Feed
+from streams.downstream.history import AsyncHistory, Bounds
 
 REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
 TZ = timezone(timedelta(hours=8))
@@ -46,11 +47,17 @@ def test_feed_is_bounded_idempotent_and_ordered(redis_prefix):
         client = aioredis.Redis.from_url(REDIS_URL)
         feed = Feed(client, redis_prefix)
         try:
+            # The timeline is the customer's history (written by the redis-writer), over all its ladders.
             many = [change("big", n, "A", "B") for n in range(TIMELINE_CAP + 5)]
+            writer = AsyncHistory(client, redis_prefix, Bounds(max_changes=TIMELINE_CAP + 100, max_age_days=400))
+            other = [{**change("big", n, "A", "B"), "ladder": "loyalty", "event_id": f"l{n}"} for n in (3, 22)]
+            await writer.record([(doc, 2 * n) for n, doc in enumerate(many)] + [(other[0], 7), (other[1], 45)])
             await feed.record(many, [], [], arrived=1_800_000_000)
             await feed.record(many, [], [], arrived=1_800_000_000)  # read again after a crash
             kept = await feed.timeline("big")
-            assert [c["event_id"] for c in kept] == [f"e{n}" for n in reversed(range(5, TIMELINE_CAP + 5))]
+            order = [f"e{n}" for n in reversed(range(TIMELINE_CAP + 5))]
+            order.insert(order.index("e22"), "l22")  # same as_of, later on the topic
+            assert [c["event_id"] for c in kept] == order[:TIMELINE_CAP]
             alerts = [{**warning("c", n % 60, "2026-03-01T00:00:00+08:00"), "alert_id": f"a{n}", "kind": "downgrade",
                        "as_of": f"2026-01-02T{n // 3600:02d}:{n // 60 % 60:02d}:{n % 60:02d}+08:00",
                        "severity": "critical" if n % 2 else "warning"} for n in range(ALERTS_CAP + 10)]

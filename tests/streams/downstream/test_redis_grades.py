@@ -20,6 +20,7 @@ from tests.streams.downstream_helpers import delete_prefix, wait_until
 from tests.streams.test_end_to_end import EXPECTED_CHANGES, history
 
 from streams.tools.local import ROOT, consume, produce
+from streams.downstream.history import history_key
 from streams.downstream.redis_grades import APPLIED, DUPLICATE, STALE, AsyncGrades, apply_sync, customer_key
 
 REDIS_URL = os.environ.get("GRADEFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -170,6 +171,8 @@ def test_worker_writes_current_grades_and_rebuild_restores_them(worker_factory, 
             assert (stored["grade"], stored["event_id"], stored["metrics"], stored["as_of"]) == \
                    (doc["grade"], doc["event_id"], doc["metrics"], doc["as_of"])
         before = {c: client.hgetall(customer_key(prefix, c)) for c in final}
+        histories = {c: client.zrange(history_key(prefix, c, "value"), 0, -1, withscores=True) for c in final}
+        assert {c: len(h) for c, h in histories.items()} == {c: len(v) for c, v in EXPECTED_CHANGES.items()}
 
         # Redis lost: rebuild from the topic.
         worker.stop()
@@ -183,12 +186,15 @@ def test_worker_writes_current_grades_and_rebuild_restores_them(worker_factory, 
         assert "applied=" in proc.stdout
         after = {c: client.hgetall(customer_key(prefix, c)) for c in final}
         assert after == before
+        # The histories come back too (this topic is not compacted yet), at the same offsets.
+        assert {c: client.zrange(history_key(prefix, c, "value"), 0, -1, withscores=True) for c in final} == histories
         assert counts(client, prefix, "value") == dict(Counter(final.values()))
         # A second rebuild on top changes nothing.
         proc = subprocess.run([sys.executable, "-m", "streams.tools.cli", "redis", "rebuild"], cwd=ROOT, env=run_env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and " applied=0 " in proc.stdout, proc.stdout + proc.stderr
         assert {c: client.hgetall(customer_key(prefix, c)) for c in final} == before
+        assert {c: client.zrange(history_key(prefix, c, "value"), 0, -1, withscores=True) for c in final} == histories
 
         # A compacted grade-changes topic may have lost a ladder's last change (it is keyed by customer
         # only): the tables still know the grade. From the tables alone, every grade comes back...
