@@ -183,7 +183,12 @@ class Downstream:
         async for events in stream.take_events(size, within=0.2):
             if self.releasing():
                 release(events)
-            else:
+                continue
+            erasure = getattr(self.app, "gradeflow_erasure", None)
+            if erasure is not None:
+                # Records of an erased customer read after the erasure must not write them back.
+                events = erasure.keep(events)
+            if events:
                 yield events
 
     def releasing(self) -> bool:
