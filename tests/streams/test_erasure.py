@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import orjson
 import pytest
@@ -144,7 +145,7 @@ def test_erase_redis_removes_every_key_and_entry_of_the_customer_and_only_theirs
             await client.aclose()
 
     asyncio.run(fill())
-    sync = redis.Redis.from_url(REDIS_URL)
+    sync: Any = redis.Redis.from_url(REDIS_URL)
     try:
         def mentions(customer: str) -> list[str]:
             """Every key, hash field and set member under the prefix that names ``customer``."""
