@@ -55,6 +55,7 @@ end
 return redis.call('DEL', KEYS[1])
 """
 
+VISITED_MEMORY = 10_000
 _GLOB_SPECIAL = "\\*?[]"
 
 
@@ -123,6 +124,9 @@ class Erasure:
         self.ready = asyncio.Event()
         self.visits = 0
         self.receipts = 0
+        # (erasure id, partition) of the visits done here, the latest VISITED_MEMORY: a request
+        # re-done after a takeover is passed on again, and each copy would repeat every later visit.
+        self.visited: dict[tuple[str, int], None] = {}
 
     # ------------------------------------------------------------ markers
 
@@ -159,6 +163,8 @@ class Erasure:
     async def visit(self, raw: bytes, partition: int) -> None:
         """The request ``raw`` read on partition ``partition`` of the request topic (this worker owns it)."""
         doc = CustomerErasure.model_validate_json(raw)
+        if (doc.erasure_id, partition) in self.visited:
+            return
         if doc.partition != partition:
             log.warning("gradeflow: an erasure request for partition %d was read on partition %d; visiting %d",
                         doc.partition, partition, partition)
@@ -181,12 +187,16 @@ class Erasure:
             self._forget(key, partition)
         self.visits += 1
         last = partition + 1 >= self.settings.partitions
+        done = (doc.erasure_id, partition)
         doc = doc.model_copy(update={"partition": partition + 1, "state_partition": state_partition})
         if not last:
             outbox.add(self.topics.requests, doc.erasure_id.encode(), doc.model_dump_json().encode(), partition + 1)
             await (await outbox.send(producer)).acked()
-            return
-        await self.finish(doc)
+        else:
+            await self.finish(doc)
+        self.visited[done] = None
+        if len(self.visited) > VISITED_MEMORY:
+            del self.visited[next(iter(self.visited))]
 
     def _forget(self, key: bytes, partition: int) -> None:
         clock = self.clock

@@ -52,7 +52,7 @@ def request_erasures(settings: Settings, customer_ids: list[str]) -> tuple[dict[
 
 def wait_receipts(settings: Settings, erasure_ids: set[str], start: dict[int, int],
                   timeout_s: float) -> dict[str, dict[str, Any]]:
-    """The receipts of ``erasure_ids`` that arrive on the receipt topic after ``start`` within ``timeout_s``."""
+    """The first receipt of each of ``erasure_ids`` that arrives on the receipt topic after ``start`` within ``timeout_s``."""
     from kafka import KafkaConsumer, TopicPartition
 
     from streams.kafka_config import kafka_python_options
@@ -74,7 +74,8 @@ def wait_receipts(settings: Settings, erasure_ids: set[str], start: dict[int, in
                     except orjson.JSONDecodeError:
                         continue
                     if isinstance(doc, dict) and doc.get("erasure_id") in erasure_ids:
-                        found[doc["erasure_id"]] = doc
+                        # The first: a visit re-done after a takeover may repeat it, finding nothing left.
+                        found.setdefault(doc["erasure_id"], doc)
     finally:
         consumer.close()
     return found
