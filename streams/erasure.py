@@ -246,16 +246,27 @@ class Erasure:
         kept = []
         for event in events:
             m = event.message
-            at = erasures.erased_at(_text(m.key)) if m.key is not None else None
-            if at is not None and m.value is not None:
+            if m.key is not None and m.value is not None and erasures.erased_at(_text(m.key)) is not None:
                 try:
-                    as_of = orjson.loads(m.value).get("as_of")
-                    if as_of is None or datetime.fromisoformat(as_of).timestamp() <= at:
-                        continue
-                except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-                    pass
+                    doc = orjson.loads(m.value)
+                except orjson.JSONDecodeError:
+                    doc = None
+                if isinstance(doc, dict) and self.erased(doc):
+                    continue
             kept.append(event)
         return kept
+
+    def erased(self, doc: dict[str, Any]) -> bool:
+        """Whether an output document (a change, an alert) is of an erased customer, graded at or
+        before the erasure."""
+        at = self.erasures.erased_at(str(doc.get("customer_id", "")))
+        if at is None:
+            return False
+        as_of = doc.get("as_of")
+        try:
+            return as_of is None or datetime.fromisoformat(str(as_of)).timestamp() <= at
+        except ValueError:
+            return True
 
 
 def retained(settings: Settings) -> list[str]:

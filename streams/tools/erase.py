@@ -23,6 +23,9 @@ def request_erasures(settings: Settings, customer_ids: list[str]) -> tuple[dict[
 
     if settings.erasure_key is None:
         raise ConfigurationError("erasure is off: set GRADEFLOW_ERASURE_KEY (the same on every worker) first")
+    bad = [c for c in customer_ids if not 1 <= len(c) <= 256]
+    if bad:
+        raise ConfigurationError(f"{len(bad)} customer ids are not 1 to 256 characters long")
     names = erasure_topics(settings)
     options = kafka_python_options(settings)
     consumer = KafkaConsumer(**options, group_id=None, enable_auto_commit=False)

@@ -176,3 +176,23 @@ def test_erase_redis_removes_every_key_and_entry_of_the_customer_and_only_theirs
         assert orjson.loads(sync.zrange(f"{p}:console:alerts", 0, -1)[0])["customer_id"] == "bob"
     finally:
         sync.close()
+
+
+def test_downstream_agents_drop_an_erased_customers_outputs_graded_before_the_erasure(
+        clean_env: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from streams.erasure import Erasure
+
+    erasure = Erasure(None, load_settings(erasure_key="x" * 40), None, None, asyncio.Lock(), lambda: None)
+    erasure.erasures.erase("alice", datetime.fromisoformat("2026-03-01T00:00:00+00:00").timestamp())
+
+    def event(key: str, as_of: str) -> SimpleNamespace:
+        doc = {"customer_id": key, "as_of": as_of, "ladder": "value", "grade": "VIP"}
+        return SimpleNamespace(message=SimpleNamespace(key=key.encode(), value=orjson.dumps(doc)))
+
+    before, after = event("alice", "2026-02-01T00:00:00+00:00"), event("alice", "2026-03-02T00:00:00+00:00")
+    bob = event("bob", "2026-02-01T00:00:00+00:00")
+    assert erasure.keep([before, bob, after]) == [bob, after]  # after the erasure: the new customer's
+    assert erasure.erased({"customer_id": "alice", "as_of": "2026-03-01T00:00:00+00:00"})
+    assert not erasure.erased({"customer_id": "bob", "as_of": "2026-01-01T00:00:00+00:00"})
