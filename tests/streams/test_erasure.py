@@ -196,3 +196,11 @@ def test_downstream_agents_drop_an_erased_customers_outputs_graded_before_the_er
     assert erasure.keep([before, bob, after]) == [bob, after]  # after the erasure: the new customer's
     assert erasure.erased({"customer_id": "alice", "as_of": "2026-03-01T00:00:00+00:00"})
     assert not erasure.erased({"customer_id": "bob", "as_of": "2026-01-01T00:00:00+00:00"})
+
+
+def test_customers_erase_is_refused_while_erasure_is_off(clean_env: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from streams.tools.cli import main
+
+    assert main(["customers", "erase", "alice"]) == 1
+    assert "GRADEFLOW_ERASURE_KEY" in capsys.readouterr().err
