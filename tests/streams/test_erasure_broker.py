@@ -1,5 +1,6 @@
 """Erasure on a real broker and Redis: two workers, erasures requested mid-stream, a worker restarted
-meanwhile, old events of the erased customers replayed before and after the restart.
+meanwhile, old events of the erased customers replayed after the restart and again to a worker
+started after both stopped (it knows the erasures from the markers alone).
 
 Afterwards every topic and Redis is read. The erased customers are left only where docs/erasure.md
 says: the receipts, the refusal markers (keyed hashes, no id), the request topic and the input
@@ -89,7 +90,7 @@ def test_erased_customers_leave_only_the_receipt_and_the_marker(worker_factory: 
     ports = [free_port(), free_port()]
     try:
         w1 = worker_factory(env={**env, "GRADEFLOW_WEB_PORT": str(ports[0])}, name="worker1")
-        worker_factory(env={**env, "GRADEFLOW_WEB_PORT": str(ports[1])}, name="worker2")
+        w2 = worker_factory(env={**env, "GRADEFLOW_WEB_PORT": str(ports[1])}, name="worker2")
         start = datetime(2026, 1, 5, 9, 0, tzinfo=timezone(timedelta(hours=8)))
         first = events(CUSTOMERS, start, 600, 1, "a")
         produce(bootstrap, topics.transactions, first)
@@ -107,7 +108,7 @@ def test_erased_customers_leave_only_the_receipt_and_the_marker(worker_factory: 
         ids, receipts_from = request_erasures(settings, ERASED)
         w1.stop()
         feeder.join()
-        worker_factory(env={**env, "GRADEFLOW_WEB_PORT": str(ports[0])}, name="worker1-again")
+        w1 = worker_factory(env={**env, "GRADEFLOW_WEB_PORT": str(ports[0])}, name="worker1-again")
         receipts = wait_receipts(settings, set(ids), receipts_from, 120)
         assert set(receipts) == set(ids)
         assert {r["customer_id"] for r in receipts.values()} == set(ERASED)
@@ -134,6 +135,16 @@ def test_erased_customers_leave_only_the_receipt_and_the_marker(worker_factory: 
                              capture_output=True, text=True, timeout=120)
         assert cli.returncode == 0, cli.stderr
         assert "no state held" in cli.stdout and cli.stdout.count(" done: ") == 2
+
+        # Both workers gone, a new one knows the erasures from the markers alone: the replay is refused.
+        w1.stop()
+        w2.stop()
+        port = free_port()
+        worker_factory(env={**env, "GRADEFLOW_WEB_PORT": str(port)}, name="worker3")
+        produce(bootstrap, topics.transactions, replay)
+        assert wait_graded(settings, 90, progress=False)
+        assert wait_until(lambda: metric(port, "gradeflow_events_refused_total") >= len(replay), 60,
+                          what="the replay refused by a worker that only read the markers")
 
         # Every topic of the run, record by record.
         erasures = erasure_topics(settings)
