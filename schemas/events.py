@@ -258,10 +258,43 @@ class DeadLetter(_Output):
     dead_lettered_at: datetime
 
 
+class CustomerErasure(_Output):
+    """A request to erase a customer (``customer-erasures``; ``gradeflow customers erase`` writes it).
+
+    Key: ``erasure_id``. Producers write it to partition 0; each worker passes it on to the next
+    input partition once it erased what it holds there (docs/erasure.md)."""
+
+    erasure_id: str = Field(min_length=1, max_length=128, description="Unique per request; the receipt carries it.")
+    customer_id: CustomerId
+    requested_at: datetime = Field(description="The erasure instant: events that occurred at or before it are refused.")
+    partition: int = Field(0, ge=0, description="The input partition this record visits (0 when requested).")
+    state_partition: int | None = Field(None, description="Where the customer's state was found, once found.")
+
+
+class ErasureRemoved(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state_partition: int | None = Field(description="Input partition whose state (and changelog) was tombstoned; null: none held.")
+    output_tombstones: list[str] = Field(description="Compacted output topics given a tombstone keyed by the customer.")
+    redis_keys: int = Field(description="Redis keys and entries removed (grades, alert marks, console entries).")
+
+
+class ErasureReceipt(_Output):
+    """An erasure done (``erasure-receipts``): what was removed, so that downstream services erase too. Key: ``customer_id``."""
+
+    erasure_id: str
+    customer_id: str
+    requested_at: datetime
+    completed_at: datetime
+    removed: ErasureRemoved
+    retained: list[str] = Field(description="What remains by design, in words (the refusal marker, topics that expire).")
+
+
 ALL_MODELS: dict[str, type[BaseModel]] = {
     "transaction": Transaction,
     "interaction": Interaction,
     "grade-change": GradeChange,
     "alert": Alert,
     "dead-letter": DeadLetter,
+    "customer-erasure": CustomerErasure,
+    "erasure-receipt": ErasureReceipt,
 }

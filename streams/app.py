@@ -29,6 +29,7 @@ from streams.settings import Settings
 from streams.faustext.batching import BatchingApp, deliver_in_batches
 from streams.clock import attach_clock
 from streams.population import attach_population
+from streams.erasure import attach_erasure
 from streams.rules_start import attach_rules_regrade
 from streams.handler import BatchGrader
 from streams.faustext.outbox import MAX_BATCH_BYTES
@@ -39,13 +40,14 @@ log = logging.getLogger("gradeflow")
 
 @dataclass
 class Counters:
-    """Running totals; ``consumed == applied + duplicates + replayed + dead_lettered`` always holds."""
+    """Running totals; ``consumed == applied + duplicates + replayed + dead_lettered + refused`` always holds."""
 
     consumed: int = 0
     applied: int = 0
     duplicates: int = 0
     replayed: int = 0
     dead_lettered: int = 0
+    refused: int = 0  # events of erased customers from before their erasure (streams/erasure.py)
     grade_changes: int = 0
     alerts: int = 0
     by_topic: dict[str, int] = field(default_factory=dict)
@@ -103,6 +105,9 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     attach_rules_regrade(app, settings, ruleset, table, store, population, writer)  # cause "rules" after a version change
     grader = BatchGrader(settings, ruleset, store, clock, population, writer,
                          lambda: cast(Any, app.producer)._ensure_producer())  # the AIOKafkaProducer under Faust's
+    erasure = attach_erasure(app, settings, store, clock, writer, grader.producer)  # None without GRADEFLOW_ERASURE_KEY
+    if erasure is not None:
+        grader.erasures = erasure.erasures
 
     async def grade(messages: list[Any]) -> Awaitable[None]:  # aiokafka ConsumerRecords of one fetch
         """One fetch of input records: decode, grade, send, then store state, then ack."""
@@ -115,12 +120,15 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
             topic = m.topic
             records.append(Record(roles[topic], topic, m.partition, m.offset, m.key, m.value, m.timestamp, m))
             by_topic[topic] = by_topic.get(topic, 0) + 1
+        if erasure is not None:
+            await erasure.ready.wait()  # every erasure known before any event is graded
         result, written = await grader.grade(records)
         counters.consumed += result.consumed
         counters.applied += result.applied
         counters.duplicates += result.duplicates
         counters.replayed += result.replayed
         counters.dead_lettered += result.dead
+        counters.refused += result.refused
         counters.grade_changes += len(result.grade_changes)
         counters.alerts += len(result.alerts)
         observe_batch(app, records)

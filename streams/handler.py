@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rules.engine import CompiledRuleset
+from rules.erasure import Erasures
 from streams.faustext.outbox import Outbox, Sent
 from streams.processor import BatchResult, Record, process_batch, utcnow
 
@@ -30,6 +31,7 @@ class BatchGrader:
         self.population, self.writer, self.producer = population, writer, producer
         names = settings.topics
         self.out_changes, self.out_alerts, self.out_dead = names.grade_changes, names.alerts, names.dead_letters
+        self.erasures: Erasures | None = None  # the worker's known erasures (streams/erasure.py), if erasure is on
 
     async def grade(self, records: list[Record]) -> tuple[BatchResult, Sent | None]:
         """Grade one fetch; return its result and the sent state writes (to settle before the
@@ -42,7 +44,8 @@ class BatchGrader:
                                    allowed_lateness_days=settings.allowed_lateness_days,
                                    max_future_skew_s=settings.max_future_skew_s,
                                    clock_horizon=clock.look_horizon,
-                                   stream_time=clock.stream_times({r.partition for r in records}))
+                                   stream_time=clock.stream_times({r.partition for r in records}),
+                                   erased=self.erasures)
             producer = self.producer()
             outbox = Outbox()
             outbox.extend(self.out_dead, result.dead_letters)

@@ -21,6 +21,7 @@ from rules.changes import Cause, grade
 from rules.schedule import catch_up
 from rules.deciders import Population
 from rules.engine import CompiledRuleset
+from rules.erasure import Erasures
 from rules.state import CustomerState, fold, forget_seen_before, graded_at, prune, remember, seen_before
 from schemas import SCHEMA_VERSION
 from schemas.decode import Contact, Txn, decode_interaction, decode_transaction
@@ -106,17 +107,20 @@ class BatchResult:
     # With the event clock (``stream_time`` given): input partition → the highest event time of
     # its records, through this batch.
     stream_time: dict[int, float] = field(default_factory=dict)
-    # consumed == applied + duplicates + replayed + dead, always.
+    # consumed == applied + duplicates + replayed + dead + refused, always.
     consumed: int = 0
     applied: int = 0
     replayed: int = 0  # offset already applied (a replay after a crash or rebalance): skipped, no output
     duplicates: int = 0  # event_id already applied (producer retry, re-sent event): skipped, no output
     dead: int = 0
     dead_reasons: dict[str, int] = field(default_factory=dict)  # reason → dead letters of this batch
+    # An erased customer's event that occurred at or before the erasure: skipped, no output, and
+    # no dead letter either (it would copy the personal data the erasure removed).
+    refused: int = 0
 
     @property
     def reconciled(self) -> bool:
-        return self.consumed == self.applied + self.duplicates + self.replayed + self.dead
+        return self.consumed == self.applied + self.duplicates + self.replayed + self.dead + self.refused
 
 
 def _text_or_b64(raw: bytes | None, force_b64: bool = False) -> tuple[str | None, str | None]:
@@ -166,7 +170,8 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                   allowed_lateness_days: float | None = None,
                   max_future_skew_s: float | None = MAX_FUTURE_SKEW_S,
                   clock_horizon: timedelta | None = None,
-                  stream_time: dict[int, float] | None = None) -> BatchResult:
+                  stream_time: dict[int, float] | None = None,
+                  erased: Erasures | None = None) -> BatchResult:
     """Apply a batch of records; return outputs and the new state of every touched customer.
 
     ``now`` is wall-clock time, used for ``emitted_at``, ``dead_lettered_at``
@@ -196,6 +201,9 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
     therefore placed by the records' order, not by when a timer fired: a replay of the same
     records emits the same changes with the same ids, in the same order. The partitions' stream
     times after the batch are in ``BatchResult.stream_time``.
+
+    ``erased``: the erasures the worker knows (rules/erasure.py). An event of an erased customer
+    that occurred at or before the erasure instant is *refused*: counted, nothing else.
     """
     result = BatchResult(consumed=len(records))
     dead_letters = result.dead_letters
@@ -248,7 +256,11 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
         key = customer_id.encode()
         last_record = None
         offsets = state.offsets
+        erased_at = erased.erased_at(customer_id) if erased else None
         for record, event, ts, reached in events:
+            if erased_at is not None and ts <= erased_at:
+                result.refused += 1
+                continue
             role = record.role
             # At-least-once delivery replays records after a crash; the state
             # remembers the last offset it applied from each input partition.

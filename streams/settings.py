@@ -246,6 +246,25 @@ class Settings(BaseSettings):
         None, gt=0, description="With clock=event: after this many seconds of wall time without a new event on an "
                                 "input partition, its clock follows wall time (never, when unset).")
 
+    # --- customer erasure (streams/erasure.py, docs/erasure.md) ----------------------------
+    erasure_key: SecretStr | None = Field(
+        None, min_length=32, description="Secret of the refusal markers erasure leaves (HMAC-SHA256 of the customer id; "
+                                         "at least 32 characters, never logged, the same on every worker and never "
+                                         "changed); unset: erasure is off (no erasure topics, `customers erase` refused).")
+    topic_customer_erasures: str = Field(
+        "customer-erasures", description="Erasure requests (`gradeflow customers erase`); as many partitions as the inputs.")
+    topic_erasure_markers: str = Field(
+        "erasure-markers", description="Refusal markers of erased customers (compacted; no personal data).")
+    topic_erasure_receipts: str = Field(
+        "erasure-receipts", description="One receipt per completed erasure, for downstream services to erase too.")
+    erasure_requests_retention_ms: int = Field(
+        7 * DAY_MS, ge=1, description="retention.ms of the erasure request topic (it names the customers).")
+    erasure_receipts_retention_ms: int = Field(
+        28 * DAY_MS, ge=1, description="retention.ms of the erasure receipt topic (it names the customers).")
+    erasure_markers_retention_ms: int | None = Field(
+        None, ge=1, description="retention.ms of the refusal markers (compact,delete); unset: kept for ever (compact). "
+                                "Must be at least input_retention_ms: a marker must outlive the events it refuses.")
+
     @field_validator("alert_alertmanager_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -286,6 +305,15 @@ class Settings(BaseSettings):
             # one from the beginning: the standby would cost a second copy and buy nothing.
             raise ValueError("GRADEFLOW_STANDBY_REPLICAS needs GRADEFLOW_STORE=rocksdb:// (the memory store "
                              "keeps no standby copy across a rebalance)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_erasure(self) -> "Settings":
+        markers, inputs = self.erasure_markers_retention_ms, self.input_retention_ms
+        if markers is not None and (inputs is None or inputs < 0 or markers < inputs):
+            # A marker gone before the events it refuses would let a replay bring the customer back.
+            raise ValueError("GRADEFLOW_ERASURE_MARKERS_RETENTION_MS must be at least GRADEFLOW_INPUT_RETENTION_MS, "
+                             "which must then be set and finite (unset the former to keep markers for ever)")
         return self
 
     @property
@@ -396,3 +424,18 @@ def load_settings(**overrides: object) -> Settings:
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"GRADEFLOW_{where.upper()}: {msg}" if where else msg)
         raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
+
+
+@dataclass(frozen=True)
+class ErasureTopics:
+    """The full names of the erasure topics (``topic_prefix`` applied)."""
+
+    requests: str
+    markers: str
+    receipts: str
+
+
+def erasure_topics(settings: Settings) -> ErasureTopics:
+    p = settings.topic_prefix
+    return ErasureTopics(p + settings.topic_customer_erasures, p + settings.topic_erasure_markers,
+                         p + settings.topic_erasure_receipts)

@@ -35,7 +35,7 @@ from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
 
 from schemas.errors import ConfigurationError, ServerUnavailable
 from streams.kafka_config import bootstrap_list, check_tls, kafka_python_options, tcp_answers, unreachable_message
-from streams.settings import Settings, alert_retries_topic
+from streams.settings import Settings, alert_retries_topic, erasure_topics
 
 __all__ = ["TABLES", "TopicSpec", "Problem", "topic_specs", "bootstrap_list", "unreachable_message",
            "admin_client", "create_topics", "check_topics", "replication_warnings", "new_topic",
@@ -110,7 +110,31 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         specs.append(TopicSpec(names.alert_dead_letters, OUTPUT, n, rf,
                                {**common, "cleanup.policy": "delete",
                                 "retention.ms": str(settings.alert_dead_letters_retention_ms)}))
+    if settings.erasure_key is not None:
+        specs += erasure_specs(settings)
     return specs
+
+
+def erasure_specs(settings: Settings) -> list[TopicSpec]:
+    """The erasure topics (docs/erasure.md), declared only when GRADEFLOW_ERASURE_KEY is set.
+
+    Requests are an input, co-partitioned with the others: an erasure visits each input
+    partition on the worker that owns it. Markers are compacted (one per customer, no personal
+    data) and outlive the inputs; requests and receipts name customers and expire.
+    """
+    n, rf = settings.partitions, settings.replication_factor
+    common = {"min.insync.replicas": str(settings.min_insync_replicas)}
+    names = erasure_topics(settings)
+    markers = {**common, "cleanup.policy": "compact"}
+    if settings.erasure_markers_retention_ms is not None:
+        markers = {**common, "cleanup.policy": "compact,delete", "retention.ms": str(settings.erasure_markers_retention_ms)}
+    return [
+        TopicSpec(names.requests, INPUT, n, rf,
+                  {**common, "cleanup.policy": "delete", "retention.ms": str(settings.erasure_requests_retention_ms)}),
+        TopicSpec(names.markers, INTERNAL, 1, rf, markers),
+        TopicSpec(names.receipts, OUTPUT, 1, rf,
+                  {**common, "cleanup.policy": "delete", "retention.ms": str(settings.erasure_receipts_retention_ms)}),
+    ]
 
 
 class _ConnectionErrors(logging.Handler):

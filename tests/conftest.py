@@ -72,7 +72,7 @@ def audit_outputs(env: dict[str, str], envs: list[dict[str, str]]) -> None:
     decides what the offline run would be, and its own assertions compare with that."""
     from rules.engine import compile_ruleset
     from rules.ruleset import load
-    from streams.tools.audit import Audit, read_cluster
+    from streams.tools.audit import Audit, read_cluster, read_erasures
     from streams.settings import load_settings
 
     settings = load_settings(**{k[len("GRADEFLOW_"):].lower(): v for k, v in env.items() if k.startswith("GRADEFLOW_")})
@@ -83,10 +83,11 @@ def audit_outputs(env: dict[str, str], envs: list[dict[str, str]]) -> None:
 
     try:
         _inputs, changes, alerts = read_cluster(settings)
+        erasures = read_erasures(settings)
     except (ServerUnavailable, KafkaError) as exc:  # a test that took its cluster away: nothing to read
         warnings.warn(f"outputs of {env['GRADEFLOW_APP_ID']} not audited: {exc!r}", stacklevel=2)
         return
-    audit = Audit(compile_ruleset(load(settings.ruleset)), clock=settings.clock)
+    audit = Audit(compile_ruleset(load(settings.ruleset)), clock=settings.clock, erasures=erasures)
     report = audit.check([], changes, alerts if len(rulesets) == 1 else None, offline=False)
     assert report.ok, f"the outputs of {env['GRADEFLOW_APP_ID']} break an invariant:\n{report.render()}"
 

@@ -197,7 +197,12 @@ class Downstream:
         async for events in stream.take_events(size, within=0.2):
             if self.releasing():
                 release(events)
-            else:
+                continue
+            erasure = getattr(self.app, "gradeflow_erasure", None)
+            if erasure is not None:
+                # Records of an erased customer read after the erasure must not write them back.
+                events = erasure.keep(events)
+            if events:
                 yield events
 
     def releasing(self) -> bool:
@@ -383,6 +388,9 @@ def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 log.warning("gradeflow: skipping a record on the alert retry topic that is not a retry")
                 continue
+            erasure = getattr(app, "gradeflow_erasure", None)
+            if erasure is not None and isinstance(doc["item"], dict) and erasure.erased(doc["item"]):
+                continue  # a retry of an erased customer's alert: delivering it would write them back to Redis
             try:
                 if wait > 0:
                     await ds.pause(min(wait, 1.0))

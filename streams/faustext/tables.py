@@ -237,6 +237,29 @@ class FaustStateStore:
         finally:
             var.set(previous)
 
+    def holds(self, key: bytes, partition: int) -> bool:
+        """Whether this worker holds a state for ``key`` on input partition ``partition``."""
+        data = self.table.data
+        if self._memory() is not None:
+            return bool(data._key_partition.get(key) == partition and self._memory().get(key) is not None)
+        if partition not in self._rocksdb_partitions():
+            return False
+        return data._db_for_partition(partition).get(key) is not None
+
+    def delete_many(self, outbox: Outbox, keys: Iterable[tuple[bytes, int]]) -> None:
+        """Remove each ``(key, input partition)`` from the table and queue its tombstone for that
+        partition's changelog (erasure, streams/erasure.py). Send the outbox, then :meth:`settle` it."""
+        changelog = self.table.changelog_topic.get_topic_name()
+        data = self.table.data
+        memory = self._memory()
+        for key, partition in keys:
+            if memory is not None:
+                memory.delete_many([key])
+                data._key_partition.pop(key, None)
+            else:
+                data._db_for_partition(partition).delete(key)
+            outbox.add(changelog, key, None, partition)
+
     async def replace(self, producer: Any, writes: Iterable[tuple[bytes, bytes, bytes, int]]) -> list[bytes]:
         """Write each ``(key, old, new, input partition)`` whose state is still ``old``, then settle.
 

@@ -21,6 +21,12 @@ the worker fetched them in), and an interaction's time moves its partition's clo
 customer there: the offline run merges the two by Kafka timestamp, and on a partition with records
 on both topics compares final grades rather than every change. A ruleset with
 population-relative grades is not recomputed (its thresholds move with every other customer).
+
+Erased customers (docs/erasure.md): given the erasures (:func:`read_erasures`, from the marker
+topic and GRADEFLOW_ERASURE_KEY), the offline run refuses their events up to the erasure as the
+workers do, and their published changes and alerts as of the erasure or before are left out of
+every check (counted): the compacted topic drops them. A customer's changes after the erasure
+are a new customer's, whose chain starts again.
 :func:`read_cluster` reads the topics for the command.
 """
 
@@ -36,6 +42,7 @@ import orjson
 
 from rules.changes import _alert
 from rules.engine import CompiledRuleset
+from rules.erasure import Erasures
 from rules.schedule import catch_up
 from rules.state import CustomerState
 from streams.processor import INTERACTIONS, MAX_FUTURE_SKEW_S, TRANSACTIONS, Record, process_batch
@@ -62,6 +69,7 @@ class Report:
     agreeing_final: int | None = None
     recomputed: str = ""  # why offline agreement was or was not checked
     both_topics: int = 0  # customers on partitions with records on both input topics: final grades compared
+    erased: int = 0  # changes and alerts of erased customers from before their erasure, left out
     problems: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, kind: str, text: str) -> None:
@@ -84,6 +92,9 @@ class Report:
         if self.both_topics:
             lines.append(f"               {self.both_topics} customers on partitions with records on both "
                          f"input topics: their final grades compared")
+        if self.erased:
+            lines.append(f"erased         {self.erased} changes and alerts of erased customers, as of their erasure "
+                         f"or before: left out")
         lines += [f"customers agreeing      {share(self.agreeing_customers, self.customers)}",
                   f"final grades agreeing   {share(self.agreeing_final, self.final_grades)}"]
         for kind, texts in sorted(self.problems.items()):
@@ -101,8 +112,9 @@ class Audit:
     """Check published changes and alerts against each other and against an offline run."""
 
     def __init__(self, rs: CompiledRuleset, clock: str = "off", allowed_lateness_days: float | None = None,
-                 max_future_skew_s: float | None = MAX_FUTURE_SKEW_S) -> None:
+                 max_future_skew_s: float | None = MAX_FUTURE_SKEW_S, erasures: Erasures | None = None) -> None:
         self.rs, self.clock = rs, clock
+        self.erasures = erasures
         self.allowed_lateness_days = allowed_lateness_days
         self.max_future_skew_s = max_future_skew_s
         self.ladders = {ladder.name: ladder for ladder in rs.ladders}
@@ -134,7 +146,8 @@ class Audit:
                 result = process_batch([r], rs, store, now, population=None,
                                        allowed_lateness_days=self.allowed_lateness_days,
                                        max_future_skew_s=self.max_future_skew_s, clock_horizon=horizon,
-                                       stream_time=streams if self.clock == "event" else None)
+                                       stream_time=streams if self.clock == "event" else None,
+                                       erased=self.erasures)
                 if self.clock == "event":
                     streams = result.stream_time
                 for customer_id, (raw, _record) in result.states.items():
@@ -172,6 +185,9 @@ class Audit:
         seen: dict[str, tuple] = {}
         for value in published:
             change = orjson.loads(value)
+            if self._erased(change):
+                report.erased += 1
+                continue
             s = summary(change)
             first = seen.get(change["event_id"])
             if first is not None:
@@ -195,6 +211,13 @@ class Audit:
         else:
             self._check_offline(inputs, online, report, progress)
         return report
+
+    def _erased(self, doc: dict[str, Any]) -> bool:
+        """Whether ``doc`` (a change or an alert) is of an erased customer, as of the erasure or before."""
+        if self.erasures is None or not self.erasures:
+            return False
+        at = self.erasures.erased_at(str(doc.get("customer_id")))
+        return at is not None and _as_of(doc).timestamp() <= at
 
     def _check_chains(self, online: dict[str, list[dict[str, Any]]], report: Report) -> dict[str, dict[str, Any]]:
         """Chains per customer and ladder; returns the published changes that call for an alert."""
@@ -223,6 +246,9 @@ class Audit:
         got: dict[str, set[str]] = {}
         for value in alerts:
             alert = orjson.loads(value)
+            if self._erased(alert):
+                report.erased += 1
+                continue
             if alert.get("kind") == "at_risk":
                 continue
             report.alerts += 1
@@ -336,3 +362,30 @@ def read_cluster(settings: Any, progress: Callable[[int], None] | None = None
     changes.sort(key=lambda c: (c[0], c[1]))
     alerts.sort(key=lambda a: (a[0], a[1]))
     return inputs, [v for _, _, v in changes], [v for _, _, v in alerts]
+
+
+def read_erasures(settings: Any) -> Erasures | None:
+    """The erasures on the marker topic (None when GRADEFLOW_ERASURE_KEY is unset or the topic is missing)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from rules.erasure import decode_instant
+    from streams.kafka_config import kafka_python_options
+    from streams.readback import read_to_end
+    from streams.settings import erasure_topics
+
+    if settings.erasure_key is None:
+        return None
+    topic = erasure_topics(settings).markers
+    erasures = Erasures(settings.erasure_key.get_secret_value().encode())
+    consumer = KafkaConsumer(**kafka_python_options(settings), group_id=None, enable_auto_commit=False)
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return None
+        for _tp, records in read_to_end(consumer, [TopicPartition(topic, p) for p in sorted(parts)]):
+            for r in records:
+                if r.key is not None and r.value is not None:
+                    erasures.add(r.key, decode_instant(r.value))
+    finally:
+        consumer.close()
+    return erasures

@@ -253,7 +253,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Read the input topics and grade-changes, recompute offline with the same engine, report agreement."""
     from rules.engine import compile_ruleset
     from rules.ruleset import load
-    from streams.tools.audit import Audit, read_cluster
+    from streams.tools.audit import Audit, read_cluster, read_erasures
 
     settings = _settings(args)
     ruleset = compile_ruleset(load(args.ruleset or settings.ruleset))
@@ -267,7 +267,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.set_description("audit: recomputing")
         audit = Audit(ruleset, clock=settings.clock, allowed_lateness_days=settings.allowed_lateness_days,
-                      max_future_skew_s=settings.max_future_skew_s)
+                      max_future_skew_s=settings.max_future_skew_s, erasures=read_erasures(settings))
         report = audit.check(inputs, changes, alerts, bar.update if bar is not None else None)
     finally:
         if bar is not None:
@@ -292,6 +292,30 @@ def cmd_replay(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         print(f"graded: group {settings.group_id} committed every input record")
+    return 0
+
+
+def cmd_customers_erase(args: argparse.Namespace) -> int:
+    """Request the erasure of customers; with --wait, wait until every receipt is on erasure-receipts."""
+    from streams.tools.erase import request_erasures, wait_receipts
+
+    settings = _settings(args)
+    ids, start = request_erasures(settings, args.customer_ids)
+    for erasure_id, customer_id in ids.items():
+        print(f"erasure {erasure_id} requested: {customer_id}")
+    if not args.wait:
+        return 0
+    receipts = wait_receipts(settings, set(ids), start, args.timeout)
+    for erasure_id, doc in receipts.items():
+        removed = doc["removed"]
+        held = "state removed" if removed["state_partition"] is not None else "no state held"
+        print(f"erasure {erasure_id} done: {held}, tombstones on {', '.join(removed['output_tombstones']) or 'none'}, "
+              f"{removed['redis_keys']} Redis entries removed")
+    missing = set(ids) - set(receipts)
+    if missing:
+        print(f"gradeflow customers erase: no receipt after {args.timeout:g} s for {len(missing)} of {len(ids)} "
+              f"erasures (are workers running with GRADEFLOW_ERASURE_KEY?); they stay requested", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -381,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the token comes from GRADEFLOW_API_TOKEN")
     why.add_argument("--json", action="store_true", help="one JSON document instead of text")
     why.set_defaults(func=cmd_explain)
+
+    customers = sub.add_parser("customers", help="customer lifecycle").add_subparsers(dest="action", required=True)
+    erase = customers.add_parser("erase", help="erase customers everywhere gradeflow keeps them (docs/erasure.md)")
+    broker_opts(erase)
+    erase.add_argument("customer_ids", nargs="+", metavar="ID", help="customer id")
+    erase.add_argument("--wait", action="store_true", help="wait for every erasure's receipt (exit 1 if one is missing)")
+    erase.add_argument("--timeout", type=_positive, default=120.0, help="seconds --wait waits (default 120)")
+    erase.set_defaults(func=cmd_customers_erase)
 
     audit = sub.add_parser("audit", help="check grade-changes and alerts against an offline run of the input topics "
                                           "(exit 1 on any divergence)")
