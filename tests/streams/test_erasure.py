@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from rules.erasure import Erasures
 from schemas.errors import ConfigurationError
 from streams.console.feed import Feed as ConsoleFeed
+from streams.downstream.history import AsyncHistory, Bounds
 from streams.downstream.redis_grades import AsyncGrades, counts_key, customer_key
 from streams.erasure import erase_redis, glob_escape
 from streams.processor import process_batch
@@ -126,6 +127,8 @@ def test_erase_redis_removes_every_key_and_entry_of_the_customer_and_only_theirs
             grades = AsyncGrades(client, p)
             await grades.apply([(_change(c, "VIP", "2026-01-01T00:00:00+00:00", f"e-{c}"), i)
                                 for i, c in enumerate(customers)])
+            await AsyncHistory(client, p, Bounds(100, 400.0)).record(
+                [(_change(c, "VIP", "2026-01-01T00:00:00+00:00", f"e-{c}"), i) for i, c in enumerate(customers)])
             await ConsoleFeed(client, p).record([_change(c, "VIP", "2026-01-01T00:00:00+00:00", f"e-{c}")
                                                  for c in customers],
                                                 [_alert(c, k) for c in customers for k in ("downgrade", "at_risk")], [])
