@@ -17,6 +17,7 @@ from typing import Any
 from rules.engine import CompiledRuleset
 from streams.faustext.outbox import Outbox, Sent
 from streams.processor import BatchResult, Record, process_batch, utcnow
+from streams.settings import shadow_diffs_topic
 
 
 class BatchGrader:
@@ -25,11 +26,15 @@ class BatchGrader:
     giving the AIOKafkaProducer to send through."""
 
     def __init__(self, settings: Any, ruleset: CompiledRuleset, store: Any, clock: Any, population: Any,
-                 writer: asyncio.Lock, producer: Callable[[], Any]) -> None:
+                 writer: asyncio.Lock, producer: Callable[[], Any], shadows: tuple[CompiledRuleset, ...] = (),
+                 shadow_stats: Any = None) -> None:
         self.settings, self.ruleset, self.store, self.clock = settings, ruleset, store, clock
         self.population, self.writer, self.producer = population, writer, producer
         names = settings.topics
         self.out_changes, self.out_alerts, self.out_dead = names.grade_changes, names.alerts, names.dead_letters
+        # Shadow rulesets (streams/shadow.py): graded beside the ruleset, published only on their topic.
+        self.shadows, self.shadow_stats = shadows, shadow_stats
+        self.out_shadow = shadow_diffs_topic(settings) if shadows else ""
 
     async def grade(self, records: list[Record]) -> tuple[BatchResult, Sent | None]:
         """Grade one fetch; return its result and the sent state writes (to settle before the
@@ -42,12 +47,15 @@ class BatchGrader:
                                    allowed_lateness_days=settings.allowed_lateness_days,
                                    max_future_skew_s=settings.max_future_skew_s,
                                    clock_horizon=clock.look_horizon,
-                                   stream_time=clock.stream_times({r.partition for r in records}))
+                                   stream_time=clock.stream_times({r.partition for r in records}),
+                                   shadows=self.shadows)
             producer = self.producer()
             outbox = Outbox()
             outbox.extend(self.out_dead, result.dead_letters)
             outbox.extend(self.out_changes, result.grade_changes)
             outbox.extend(self.out_alerts, result.alerts)
+            if result.shadow_diffs:
+                outbox.extend(self.out_shadow, result.shadow_diffs)
             # Outputs first, durable; then state. A crash in between replays the
             # batch with the same deterministic outputs; the reverse order could
             # record state whose grade changes were never delivered.
@@ -63,4 +71,7 @@ class BatchGrader:
                 written = await outbox.send(producer)
             if result.states:
                 clock.note(result.looks, result.states)
+            if self.shadow_stats is not None:
+                self.shadow_stats.note_batch(result.shadow_signatures, result.states)
+                self.shadow_stats.records += len(result.shadow_diffs)
         return result, written

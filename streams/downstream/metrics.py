@@ -120,6 +120,9 @@ class Metrics:
         r = self.registry
         r.register(_CountersCollector(app))
         r.register(_LagCollector(app))
+        from streams.shadow import ShadowCollector
+
+        r.register(ShadowCollector(app))  # gradeflow_shadow_*: only with shadow rulesets
         self.latency = Histogram(
             "gradeflow_processing_latency_seconds",
             "Per grading batch: from the broker timestamp of its first record to the grade decision.",
