@@ -4,6 +4,7 @@
                                   it holds the customer's state (``partition`` says where),
                                   else from Redis (``partition`` null)
 ``GET /grades``                   customers per grade, per ladder (Redis)
+``GET /rules/diff``               the blast radius of promoting a shadow ruleset (streams/shadow_diff.py)
 ``GET /healthz``                  the process answers (no token)
 ``GET /readyz``                   partitions assigned and table recovery done (no token)
 ``GET /metrics``                  Prometheus text format
@@ -27,7 +28,7 @@ from rules.engine import CompiledRuleset, evaluate
 from rules.state import CustomerState
 from schemas.api import CustomerGrades, Error, GradeCounts, Health
 from schemas.money import format_minor
-from streams import __version__, console
+from streams import __version__, console, shadow_diff
 from streams.faustext.tables import FaustStateStore
 
 OPEN_PATHS = ("/healthz", "/readyz")
@@ -143,6 +144,7 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
     ladders = [lad.name for lad in ruleset.ladders]
     spec = openapi(settings)
     spec["paths"].update(console.api_paths())
+    spec["paths"].update(shadow_diff.api_paths())
     states = FaustStateStore(table)
 
     class Guarded(View):
@@ -211,3 +213,4 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
         return self.json(spec)
 
     console.register(app, settings, table, ruleset, downstream, Guarded)
+    shadow_diff.register(app, settings, ruleset, Guarded)  # /rules/diff: the blast radius of a shadow ruleset
