@@ -1,0 +1,190 @@
+"""Shadow rulesets in the hot path and the clock, without a broker: the active outputs are untouched,
+the shadow grades are what the candidate alone would give, and a record is due exactly when a
+customer's pair of grades changes."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+
+from rules import shadow
+from rules.engine import CompiledRuleset, compile_ruleset
+from rules.ruleset import load
+from rules.state import CustomerState
+from schemas.events import ShadowDiff
+from streams.processor import TRANSACTIONS, BatchResult, Record, process_batch
+from streams.settings import shadow_diffs_topic
+from tests.rules.shadowhelp import candidate
+from tests.streams.partitionhelp import customers_on, partition_of
+from tests.streams.shadowhelp import history
+from tests.streams.test_clock import make_clock
+
+RS = compile_ruleset(load("rfm-5"))
+SHADOWS = shadow.prepare(RS, [candidate()])
+NOW = datetime(2026, 7, 1, 12, tzinfo=timezone.utc)
+PARTITIONS = 4
+
+
+def records(docs: list[dict[str, Any]]) -> list[Record]:
+    out = []
+    offsets = [0] * PARTITIONS
+    for doc in docs:
+        key = str(doc["customer_id"]).encode()
+        p = partition_of(key, PARTITIONS)
+        out.append(Record(TRANSACTIONS, "transactions", p, offsets[p], key, orjson.dumps(doc)))
+        offsets[p] += 1
+    return out
+
+
+class Store(dict):
+    def get(self, customer_id: str) -> bytes | None:  # type: ignore[override]
+        return dict.get(self, customer_id)
+
+
+def grade_all(rs: CompiledRuleset, recs: list[Record], shadows: tuple[CompiledRuleset, ...] = (),
+              batch: int = 37) -> tuple[Store, list[BatchResult]]:
+    """The handler's loop with the event clock: stream times carried from batch to batch."""
+    store = Store()
+    stream: dict[int, float] = {}
+    results = []
+    for start in range(0, len(recs), batch):
+        result = process_batch(recs[start:start + batch], rs, store, NOW, clock_horizon=timedelta(0),
+                               stream_time=stream, shadows=shadows)
+        for customer_id, (raw, _) in result.states.items():
+            store[customer_id] = raw
+        stream = dict(result.stream_time)
+        results.append(result)
+    return store, results
+
+
+def without_shadow(raw: bytes) -> bytes:
+    state = CustomerState.from_bytes(raw)
+    state.shadow = {}
+    return state.to_bytes()
+
+
+def test_shadows_change_nothing_the_active_ruleset_outputs():
+    recs = records(history())
+    plain_store, plain = grade_all(RS, recs)
+    store, shadowed = grade_all(RS, recs, SHADOWS)
+    for a, b in zip(plain, shadowed):
+        assert (a.grade_changes, a.alerts, a.dead_letters, a.looks.keys()) == \
+               (b.grade_changes, b.alerts, b.dead_letters, b.looks.keys())
+        assert not a.shadow_diffs and b.shadow_diffs
+    assert {c: without_shadow(raw) for c, raw in store.items()} == dict(plain_store)
+    assert all(b'"sh"' not in raw for raw in plain_store.values())  # no shadow, nothing of one in the state
+
+
+def test_shadow_grades_are_the_candidates_own_and_the_topic_ends_on_them():
+    recs = records(history())
+    store, results = grade_all(RS, recs, SHADOWS)
+    alone_store, _ = grade_all(SHADOWS[0], recs)
+    latest: dict[str, dict[str, Any]] = {}
+    for result in results:
+        for key, value in result.shadow_diffs:
+            doc = orjson.loads(value)
+            ShadowDiff.model_validate(doc)
+            assert doc["customer_id"] == key.decode()
+            latest[key.decode()] = doc
+    differing = 0
+    for customer_id, raw in store.items():
+        state = CustomerState.from_bytes(raw)
+        mine = state.shadow["rfm-5@2"]["g"]
+        assert mine == CustomerState.from_bytes(alone_store[customer_id]).grades, customer_id
+        doc = latest[customer_id]  # every graded customer has a record; its latest is the truth now
+        assert doc["grades"] == state.grades and doc["shadows"][0]["grades"] == mine
+        assert doc["differs"] == (mine != state.grades)
+        differing += doc["differs"]
+    assert 0 < differing < len(store)
+
+
+def test_a_record_when_the_pair_changes_and_one_when_it_stops_differing():
+    c = "alice"
+
+    def txn(n: int, when: str, amount: str) -> dict[str, Any]:
+        return {"event_id": f"e{n}", "customer_id": c, "occurred_at": when, "type": "purchase", "amount": amount,
+                "currency": "CNY"}
+
+    recs = records([txn(0, "2026-03-10T10:00:00+08:00", "2000"),  # R5 F1 M2 = 8: B under both
+                    txn(1, "2026-03-10T11:00:00+08:00", "2000"),  # F2, 4000: B (9) under rfm-5, A (10) under the candidate
+                    txn(2, "2026-03-10T12:00:00+08:00", "10"),  # F3: 10 → A under rfm-5, 11 → A: agree again
+                    txn(3, "2026-03-10T13:00:00+08:00", "10")])  # nothing changes: no record
+    store = Store()
+    docs = []
+    for record in recs:
+        result = process_batch([record], RS, store, NOW, shadows=SHADOWS)
+        store.update({k: raw for k, (raw, _) in result.states.items()})
+        docs.append([orjson.loads(v) for _, v in result.shadow_diffs])
+    assert [[(d["grades"], d["shadows"][0]["grades"], d["differs"]) for d in batch] for batch in docs] == [
+        [({"value": "B"}, {"value": "B"}, False)],  # first evaluation: said once, agreeing
+        [({"value": "B"}, {"value": "A"}, True)],
+        [({"value": "A"}, {"value": "A"}, False)],  # stopped differing: said so
+        []]
+    assert docs[1][0]["shadows"][0]["differences"][0]["direction"] == "upgrade"
+
+
+def test_shadows_of_an_earlier_run_are_dropped_when_none_runs():
+    store, _ = grade_all(RS, records(history(customers=5, events=20)), SHADOWS)
+    more = records(history(customers=5, events=40))[20:]
+    for r in more:
+        r.offset += 100
+    store2 = Store(store)
+    result = process_batch(more, RS, store2, NOW)
+    assert not result.shadow_diffs
+    assert result.states and all(b'"sh"' not in raw for raw, _ in result.states.values())
+
+
+def test_the_clock_wakes_a_customer_where_time_moves_only_the_shadow_grade():
+    clock, table, store, log, settings = make_clock("event")
+    clock.shadows = SHADOWS
+    alone, alone_table, alone_store, alone_log, _ = make_clock("event")
+    alone.rs = SHADOWS[0]
+    asyncio.run(clock.rebuild())
+    asyncio.run(alone.rebuild())
+    key, pusher = customers_on(0, 2)
+
+    def txn(customer: str, when: str, amount: str, offset: int) -> Record:
+        doc = {"event_id": f"{customer}-{offset}", "customer_id": customer, "occurred_at": when, "type": "purchase",
+               "amount": amount, "currency": "CNY"}
+        return Record(TRANSACTIONS, settings.topics.transactions, 0, offset, customer.encode(), orjson.dumps(doc))
+
+    def feed(c: Any, t: dict, s: Any, rs: CompiledRuleset, recs: list[Record], shadows: tuple = ()) -> BatchResult:
+        result = process_batch(recs, rs, s, NOW, clock_horizon=c.look_horizon,
+                               stream_time=c.stream_times({r.partition for r in recs}), shadows=shadows)
+        for customer_id, (raw, _) in result.states.items():
+            t[customer_id.encode()] = raw
+        for k, raw, _p in c.advanced(result.stream_time):
+            t[k] = raw
+        c.note(result.looks, result.states)
+        return result
+
+    # key: 2 × 2500 on 03-10 → R5 F2 M3 = 10: A under both. The candidate's R5 ends after 3 days
+    # (A → B at 03-14 00:00), rfm-5's after 7 (A → B at 03-18 00:00).
+    first = [txn(key, "2026-03-10T10:00:00+08:00", "2500", 0), txn(key, "2026-03-10T11:00:00+08:00", "2500", 1)]
+    feed(clock, table, store, RS, first, SHADOWS)
+    feed(alone, alone_table, alone_store, SHADOWS[0], first)
+    asyncio.run(clock.tick())
+    asyncio.run(alone.tick())
+    log.clear()
+    push = [txn(pusher, "2026-03-15T09:00:00+08:00", "1", 2)]  # the partition's time passes 03-14 only
+    feed(clock, table, store, RS, push, SHADOWS)
+    feed(alone, alone_table, alone_store, SHADOWS[0], push)
+    asyncio.run(clock.tick())
+    asyncio.run(alone.tick())
+    topic = shadow_diffs_topic(settings)
+    sent = [(e[1], e[3]) for e in log if e[0] == "send" and e[2] == key.encode()]
+    assert [t for t, _ in sent] == [topic]  # no grade change, no alert: only the shadow's record
+    doc = sent[0][1]
+    assert doc["grades"] == {"value": "A"} and doc["shadows"][0]["grades"] == {"value": "B"}
+    assert doc["shadows"][0]["differences"][0]["alert"] == "critical"
+    state = CustomerState.from_bytes(table[key.encode()])
+    assert state.grades == {"value": "A"}
+    assert state.shadow["rfm-5@2"]["g"] == CustomerState.from_bytes(alone_table[key.encode()]).grades == {"value": "B"}
+    # the candidate alone changed at the same instant as its shadow did
+    alone_change = [e[3] for e in alone_log if e[0] == "send" and e[2] == key.encode() and "direction" in e[3]]
+    assert [(c["previous_grade"], c["grade"], c["as_of"]) for c in alone_change][-1] == \
+        ("A", "B", "2026-03-14T00:00:00+08:00")
+    assert state.shadow["rfm-5@2"]["s"]["@clock"] == datetime(2026, 3, 14, tzinfo=timezone(timedelta(hours=8))).timestamp()
