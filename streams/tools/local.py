@@ -35,6 +35,7 @@ def unique_env(prefix: str = "gf", **extra: str) -> dict[str, str]:
         "GRADEFLOW_TOPIC_ALERTS": f"{tag}-grade-alerts",
         "GRADEFLOW_TOPIC_DEAD_LETTERS": f"{tag}-dead-letters",
         "GRADEFLOW_TOPIC_ALERT_DEAD_LETTERS": f"{tag}-alert-dead-letters",
+        "GRADEFLOW_TOPIC_SHADOW_DIFFS": f"{tag}-grade-shadow-diffs",
         "GRADEFLOW_DATA_DIR": str(ROOT / ".local" / "workers" / tag),
         # Scripted histories lie in the past: under the wall clock every customer would be
         # re-graded by time at once. Tests of the clock ask for one (GRADEFLOW_CLOCK=event).

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
+import pytest
 
 from rules import shadow
 from rules.engine import CompiledRuleset, compile_ruleset
@@ -17,7 +18,8 @@ from rules.state import CustomerState
 from schemas.events import ShadowDiff
 from streams.processor import TRANSACTIONS, BatchResult, Record, process_batch
 from streams.settings import shadow_diffs_topic
-from tests.rules.shadowhelp import candidate
+from streams.settings import load_settings
+from tests.rules.shadowhelp import RFM5, candidate
 from tests.streams.partitionhelp import customers_on, partition_of
 from tests.streams.shadowhelp import history
 from tests.streams.test_clock import make_clock
@@ -188,3 +190,18 @@ def test_the_clock_wakes_a_customer_where_time_moves_only_the_shadow_grade():
     assert [(c["previous_grade"], c["grade"], c["as_of"]) for c in alone_change][-1] == \
         ("A", "B", "2026-03-14T00:00:00+08:00")
     assert state.shadow["rfm-5@2"]["s"]["@clock"] == datetime(2026, 3, 14, tzinfo=timezone(timedelta(hours=8))).timestamp()
+
+
+def test_a_shadow_that_cannot_run_is_refused_at_start(tmp_path, clean_env):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(RFM5.replace("window_days: 365", "window_days: oops"), encoding="utf-8")
+    from schemas.errors import ConfigurationError, RulesetError
+    from streams.shadow import load_shadows
+
+    clean_env.setenv("GRADEFLOW_SHADOW_RULESETS", f"{bad}")
+    with pytest.raises(RulesetError) as exc:
+        load_shadows(load_settings(), RS)
+    assert exc.value.source == str(bad) and any("window_days" in p for p in exc.value.problems)
+    clean_env.setenv("GRADEFLOW_SHADOW_RULESETS", "rfm-5")
+    with pytest.raises(ConfigurationError, match="GRADEFLOW_SHADOW_RULESETS: rfm-5@1: version '1' is the active"):
+        load_shadows(load_settings(), RS)
