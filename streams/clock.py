@@ -312,6 +312,7 @@ class Clock:
         warned = 0
         shadows = self.shadows
         diffs: list[tuple[bytes, bytes]] = []
+        signatures: dict[bytes, tuple[Any, ...]] = {}
         for key, at, exact in due:
             raw = self.store.get_key(key)
             if raw is None:
@@ -343,8 +344,8 @@ class Clock:
                         alerts += [(key, orjson.dumps(a)) for a in warn]
                         writes[key] = (raw, state.to_bytes())
                     if before is not None:
-                        self._shadow_wake(customer_id, key, raw, state, before, now, emitted_at, later, recheck,
-                                          writes, diffs)
+                        signatures[key] = self._shadow_wake(customer_id, key, raw, state, before, now, emitted_at,
+                                                            later, recheck, writes, diffs)
                     continue
             for _ in range(MAX_STEPS):
                 moment = datetime.fromtimestamp(nxt, rs.tz)  # type: ignore[arg-type]
@@ -369,16 +370,14 @@ class Clock:
             if changed or warn:
                 writes[key] = (raw, state.to_bytes())
             if before is not None:
-                self._shadow_wake(customer_id, key, raw, state, before, now, emitted_at, later, recheck, writes, diffs)
+                signatures[key] = self._shadow_wake(customer_id, key, raw, state, before, now, emitted_at, later,
+                                                    recheck, writes, diffs)
         self.stats.woken += len(due)
         if changes or alerts or diffs:
             names = self.settings.topics
             outputs = {names.grade_changes: changes, names.alerts: alerts}
             if diffs:
                 outputs[shadow_diffs_topic(self.settings)] = diffs
-                stats = getattr(self.app, "gradeflow_shadow", None)
-                if stats is not None:
-                    stats.records += len(diffs)
             # Outputs first, durable; then state (as the handler does).
             await publish(self.app.producer._ensure_producer(), outputs)
             self.stats.changes += len(changes)
@@ -390,6 +389,11 @@ class Clock:
             return  # revoked meanwhile: the partition's new owner re-grades (same ids)
         if writes:
             await self._write(partition, writes, later)
+        stats = getattr(self.app, "gradeflow_shadow", None)
+        if stats is not None:
+            stats.records += len(diffs)
+            for key, sig in signatures.items():
+                stats.note(partition, key, sig)
         for key, when in later.items():
             if key not in self.pending:  # a batch touched it meanwhile: absorb() schedules it
                 schedule.set(key, when, exact=key not in recheck)
@@ -397,7 +401,7 @@ class Clock:
     def _shadow_wake(self, customer_id: str, key: bytes, raw: bytes, state: CustomerState,
                      before: tuple[Any, bytes], now: float, emitted_at: datetime, later: dict[bytes, float | None],
                      recheck: set[bytes], writes: dict[bytes, tuple[bytes, bytes]],
-                     diffs: list[tuple[bytes, bytes]]) -> None:
+                     diffs: list[tuple[bytes, bytes]]) -> tuple[Any, ...]:
         """The shadows' part of a customer's wake, once the ruleset's is done: their own changes by
         time up to ``now``, their record if what they say changed, and the customer woken again at
         the earlier of the ruleset's next instant and theirs."""
@@ -415,6 +419,7 @@ class Clock:
             if ours is None or mine < ours:
                 later[key] = mine
                 recheck.add(key)  # not the ruleset's own instant: it looks again from its state there
+        return after
 
     def _at_risk(self, customer_id: str, state: CustomerState, now_dt: datetime, now: float,
                  following: tuple[datetime | None, bool], key: bytes, later: dict[bytes, float | None],

@@ -19,6 +19,7 @@ from schemas.events import ShadowDiff
 from streams.processor import TRANSACTIONS, BatchResult, Record, process_batch
 from streams.settings import shadow_diffs_topic
 from streams.settings import load_settings
+from streams.shadow import ShadowStats
 from tests.rules.shadowhelp import RFM5, candidate
 from tests.streams.partitionhelp import customers_on, partition_of
 from tests.streams.shadowhelp import history
@@ -142,6 +143,7 @@ def test_shadows_of_an_earlier_run_are_dropped_when_none_runs():
 def test_the_clock_wakes_a_customer_where_time_moves_only_the_shadow_grade():
     clock, table, store, log, settings = make_clock("event")
     clock.shadows = SHADOWS
+    clock.app.gradeflow_shadow = stats = ShadowStats(SHADOWS)
     alone, alone_table, alone_store, alone_log, _ = make_clock("event")
     alone.rs = SHADOWS[0]
     asyncio.run(clock.rebuild())
@@ -176,6 +178,7 @@ def test_the_clock_wakes_a_customer_where_time_moves_only_the_shadow_grade():
     feed(alone, alone_table, alone_store, SHADOWS[0], push)
     asyncio.run(clock.tick())
     asyncio.run(alone.tick())
+    assert stats.counts() == {"rfm-5@2": 1} and stats.records == 1  # the wake counted it as differing
     topic = shadow_diffs_topic(settings)
     sent = [(e[1], e[3]) for e in log if e[0] == "send" and e[2] == key.encode()]
     assert [t for t, _ in sent] == [topic]  # no grade change, no alert: only the shadow's record
