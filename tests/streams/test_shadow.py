@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from rules import shadow
-from rules.engine import CompiledRuleset, compile_ruleset
+from rules.engine import CompiledRuleset, compile_ruleset, evaluate
 from rules.ruleset import load
 from rules.state import CustomerState
 from schemas.events import ShadowDiff
@@ -208,3 +208,90 @@ def test_a_shadow_that_cannot_run_is_refused_at_start(tmp_path, clean_env):
     clean_env.setenv("GRADEFLOW_SHADOW_RULESETS", "rfm-5")
     with pytest.raises(ConfigurationError, match="GRADEFLOW_SHADOW_RULESETS: rfm-5@1: version '1' is the active"):
         load_shadows(load_settings(), RS)
+
+
+class SweepStore:
+    """The table's store as the sweeps use it: states by key, on one input partition."""
+
+    def __init__(self, held: dict[bytes, bytes]) -> None:
+        self.held = held
+        self.writes: list[bytes] = []
+
+    def partition_items(self, partitions: Any) -> list[tuple[bytes, int, bytes]]:
+        return [(k, 0, v) for k, v in self.held.items()]
+
+    def get_keys(self, keys: list[bytes]) -> list[bytes | None]:
+        return [self.held.get(k) for k in keys]
+
+    async def replace(self, producer: Any, writes: Any) -> list[bytes]:
+        for key, old, new, _partition in writes:
+            assert self.held[key] == old
+            self.held[key] = new
+            self.writes.append(key)
+        return []
+
+
+def sweep_app(settings: Any, log: list) -> Any:
+    from types import SimpleNamespace
+
+    from tests.streams.producerhelp import RecordingProducer
+
+    tps = [SimpleNamespace(topic=settings.topics.transactions, partition=0)]
+    return SimpleNamespace(producer=RecordingProducer(log, 1, decode=orjson.loads),
+                           assignor=SimpleNamespace(assigned_actives=lambda: tps))
+
+
+def test_a_shadow_configured_later_follows_every_customer_at_the_next_recovery():
+    from streams.settings import Settings
+    from streams.shadow import ShadowSweep
+
+    plain, _ = grade_all(RS, records(history()))  # graded while no shadow ran
+    held = {k.encode(): v for k, v in plain.items()}
+    settings = Settings(app_id="t", partitions=1)
+    log: list = []
+    store = SweepStore(dict(held))
+    stats = ShadowStats(SHADOWS)
+    sweep = ShadowSweep(sweep_app(settings, log), settings, RS, SHADOWS, store, stats, asyncio.Lock())
+    assert asyncio.run(sweep.sweep()) == len(held)
+    sent = {e[2].decode(): e[3] for e in log if e[0] == "send"}
+    assert set(sent) == set(plain) and {e[1] for e in log if e[0] == "send"} == {shadow_diffs_topic(settings)}
+    differing = 0
+    for customer_id, doc in sent.items():
+        state = CustomerState.from_bytes(store.held[customer_id.encode()])
+        # as of the instant the active ruleset graded the customer: the candidate's grade there
+        alone = CustomerState.from_bytes(plain[customer_id])
+        alone.grades, alone.grade_since = {}, {}
+        at = datetime.fromtimestamp(alone.last_event_ts, SHADOWS[0].tz)  # type: ignore[arg-type]
+        assert state.shadow["rfm-5@2"]["g"] == evaluate(SHADOWS[0], alone, at).grades
+        assert doc["shadows"][0]["grades"] == state.shadow["rfm-5@2"]["g"] and doc["grades"] == state.grades
+        assert without_shadow(store.held[customer_id.encode()]) == plain[customer_id]  # the active part unchanged
+        differing += doc["differs"]
+    assert stats.counts() == {"rfm-5@2": differing} and differing > 0
+    # a second recovery finds them all following: nothing to grade, write or publish
+    log.clear()
+    assert asyncio.run(sweep.sweep()) == 0 and not [e for e in log if e[0] == "send"]
+    assert stats.counts() == {"rfm-5@2": differing}
+
+
+def test_a_new_active_version_regrades_with_its_shadows_following():
+    from streams.rules_start import plan
+
+    plain, _ = grade_all(RS, records(history(customers=30, events=90)), SHADOWS)
+    v3 = candidate("3", recency=False, monetary=False, **{"- {min: 10, grade: A}": "- {min: 11, grade: A}"})
+    shadows = shadow.prepare(v3, [candidate()])
+    diffs: list[tuple[bytes, bytes]] = []
+    signatures: dict[bytes, tuple[Any, ...]] = {}
+    items = [(k.encode(), v) for k, v in plain.items()]
+    changes, _alerts, states = plan(v3, items, None, shadows, diffs, signatures)
+    assert set(states) == set(signatures) == {k for k, _ in items}
+    for key, (_old, new) in states.items():
+        state = CustomerState.from_bytes(new)
+        assert state.ruleset == "rfm-5@3"
+        assert state.shadow["rfm-5@2"] == CustomerState.from_bytes(plain[key.decode()]).shadow["rfm-5@2"]
+    # a record for exactly the customers whose active grade the new version changed
+    moved = {k for k, _ in changes}
+    assert moved and {k for k, _ in diffs} == moved
+    for key, value in diffs:
+        doc = orjson.loads(value)
+        assert doc["ruleset"] == {"id": "rfm-5", "version": "3"}
+        assert doc["grades"] == CustomerState.from_bytes(states[key][1]).grades
