@@ -29,7 +29,7 @@ from rules import shadow
 from rules.engine import CompiledRuleset, compile_ruleset
 from rules.ruleset import load
 from rules.state import CustomerState
-from schemas.errors import ConfigurationError
+from schemas.errors import ConfigurationError, RulesetError
 from streams.faustext.outbox import publish
 from streams.processor import utcnow
 from streams.settings import shadow_diffs_topic, shadow_ruleset_names
@@ -43,7 +43,12 @@ def load_shadows(settings: Any, active: CompiledRuleset) -> tuple[CompiledRulese
 
     A file that is not a valid ruleset raises :class:`schemas.errors.RulesetError` (file, path,
     what is wrong); one that cannot run beside ``active`` raises ConfigurationError naming the setting."""
-    compiled = [compile_ruleset(load(name)) for name in shadow_ruleset_names(settings)]
+    compiled = []
+    for name in shadow_ruleset_names(settings):
+        try:
+            compiled.append(compile_ruleset(load(name)))
+        except RulesetError as exc:
+            raise RulesetError(f"{exc.source} (GRADEFLOW_SHADOW_RULESETS)", exc.problems) from None
     try:
         return shadow.prepare(active, compiled)
     except ValueError as exc:

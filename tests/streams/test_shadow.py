@@ -204,7 +204,8 @@ def test_a_shadow_that_cannot_run_is_refused_at_start(tmp_path, clean_env):
     clean_env.setenv("GRADEFLOW_SHADOW_RULESETS", f"{bad}")
     with pytest.raises(RulesetError) as exc:
         load_shadows(load_settings(), RS)
-    assert exc.value.source == str(bad) and any("window_days" in p for p in exc.value.problems)
+    assert exc.value.source == f"{bad} (GRADEFLOW_SHADOW_RULESETS)"
+    assert any(p.startswith("window_days (line ") for p in exc.value.problems), exc.value.problems
     clean_env.setenv("GRADEFLOW_SHADOW_RULESETS", "rfm-5")
     with pytest.raises(ConfigurationError, match="GRADEFLOW_SHADOW_RULESETS: rfm-5@1: version '1' is the active"):
         load_shadows(load_settings(), RS)
@@ -295,3 +296,17 @@ def test_a_new_active_version_regrades_with_its_shadows_following():
         doc = orjson.loads(value)
         assert doc["ruleset"] == {"id": "rfm-5", "version": "3"}
         assert doc["grades"] == CustomerState.from_bytes(states[key][1]).grades
+
+
+def test_the_worker_refuses_to_start_with_a_shadow_it_cannot_run(tmp_path, clean_env, capsys):
+    from streams.tools.cli import main
+
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(RFM5.replace('version: "1"', 'version: "2"').replace("window_days: 365", "window_days: 730"),
+                      encoding="utf-8")
+    clean_env.setenv("GRADEFLOW_SHADOW_RULESETS", f"rfm-5, {longer}")
+    clean_env.setenv("GRADEFLOW_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # refused before any broker is asked
+    assert main(["worker"]) == 1
+    err = capsys.readouterr().err
+    assert "GRADEFLOW_SHADOW_RULESETS: rfm-5@1: version '1' is the active ruleset's" in err
+    assert "rfm-5@2: needs 730 days of history; the active ruleset keeps 365" in err
