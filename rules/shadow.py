@@ -29,6 +29,7 @@ from rules import risk
 from rules.changes import Cause, alert_severity, direction, grade, json_value
 from rules.engine import CompiledRuleset, evaluate
 from rules.schedule import catch_up as _catch_up
+from rules.schedule import first_look as _lower_bound
 from rules.schedule import next_wake, regrade
 from rules.state import CustomerState, graded_at
 from schemas import SCHEMA_VERSION
@@ -202,15 +203,13 @@ def next_look(shadows: tuple[CompiledRuleset, ...], state: CustomerState, after:
 
 def first_look(shadows: tuple[CompiledRuleset, ...], state: CustomerState) -> float | None:
     """A cheap lower bound of :func:`next_look` from where each shadow was last graded."""
-    from rules.schedule import first_look as lower_bound
-
     found: float | None = None
     for rs in shadows:
         with view(state, rs) as v:
             if not v.grades:
                 continue
             start = graded_at(v)
-            found = risk.earliest(found, lower_bound(rs, v, None, after=start))
+            found = risk.earliest(found, _lower_bound(rs, v, None, after=start))
     return found
 
 
@@ -242,15 +241,16 @@ def diff_record(active: CompiledRuleset, shadows: tuple[CompiledRuleset, ...], c
         if entry is None or entry.get("at") is None:
             continue
         found = differences(rs, state.grades, entry["g"])
-        if found:
-            with view(state, rs) as v:
-                as_of = datetime.fromtimestamp(graded_at(v) or at or 0.0, rs.tz)
-                ev = evaluate(rs, v, as_of)
+        with view(state, rs) as v:
+            mine = graded_at(v)  # later than the active's when time alone moved the shadow since
+            if found:
+                ev = evaluate(rs, v, datetime.fromtimestamp(mine or 0.0, rs.tz))
                 for d in found:
                     lad = next(x for x in rs.ladders if x.name == d["ladder"])
                     d["values"] = {n: json_value(rs, n, ev.values.get(n)) for n in lad.metrics}
                     d["reasons"] = ev.reasons[lad.name]
         out.append({"ruleset": {"id": rs.id, "version": rs.version}, "grades": dict(entry["g"]),
+                    "as_of": datetime.fromtimestamp(mine, rs.tz).isoformat() if mine is not None else None,
                     "differences": found})
     return {
         "schema_version": SCHEMA_VERSION,

@@ -272,6 +272,8 @@ class ShadowDifference(BaseModel):
 class ShadowGrades(BaseModel):
     ruleset: RulesetRef
     grades: dict[str, str] = Field(description="The shadow ruleset's grade per ladder.")
+    as_of: datetime | None = Field(description="Event time the shadow ruleset last graded the customer as of: the "
+                                               "active one's, or later when time alone moved a shadow grade since.")
     differences: list[ShadowDifference]
 
 
@@ -282,8 +284,8 @@ class ShadowDiff(_Output):
     customer_id: str
     ruleset: RulesetRef = Field(description="The active ruleset.")
     grades: dict[str, str] = Field(description="The active ruleset's grade per ladder.")
-    as_of: datetime | None = Field(description="Event time the active ruleset last graded the customer as of; "
-                                               "the shadows were graded as of the same instant.")
+    as_of: datetime | None = Field(description="Event time the active ruleset last graded the customer as of "
+                                               "(the shadows were graded as of it too).")
     differs: bool = Field(description="Whether any shadow grade differs from the active one.")
     shadows: list[ShadowGrades]
     emitted_at: datetime

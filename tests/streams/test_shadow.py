@@ -185,6 +185,8 @@ def test_the_clock_wakes_a_customer_where_time_moves_only_the_shadow_grade():
     doc = sent[0][1]
     assert doc["grades"] == {"value": "A"} and doc["shadows"][0]["grades"] == {"value": "B"}
     assert doc["shadows"][0]["differences"][0]["alert"] == "critical"
+    # the active ruleset graded the customer last at their event; time alone moved the shadow since
+    assert (doc["as_of"], doc["shadows"][0]["as_of"]) == ("2026-03-10T11:00:00+08:00", "2026-03-14T00:00:00+08:00")
     state = CustomerState.from_bytes(table[key.encode()])
     assert state.grades == {"value": "A"}
     assert state.shadow["rfm-5@2"]["g"] == CustomerState.from_bytes(alone_table[key.encode()]).grades == {"value": "B"}
