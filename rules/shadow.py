@@ -163,15 +163,16 @@ def follow_clock(shadows: tuple[CompiledRuleset, ...], customer_id: str, state: 
 def follow_rules(shadows: tuple[CompiledRuleset, ...], customer_id: str, state: CustomerState,
                  now: datetime) -> bool:
     """Grade each shadow not yet following the active grades (a new shadow, or the active ruleset
-    re-graded or moved without it) as of the instant the state was graded; whether any was."""
+    moved past it while it did not run) as of the instant the state was graded; whether any was."""
     at = graded_at(state)
     if at is None:
         return False
     done = False
     for rs in shadows:
         entry = state.shadow.get(rs.key)
-        if entry is not None and entry.get("at") == at:
-            continue
+        followed = entry.get("at") if entry is not None else None
+        if followed is not None and followed >= at:
+            continue  # it followed the ruleset up to this instant (or a clock instant past it)
         with view(state, rs) as v:
             grade(customer_id, rs, v, datetime.fromtimestamp(at, rs.tz), RULES, now, None, at)
         _followed(state, rs)

@@ -410,8 +410,15 @@ class Clock:
         after = shadow.signature(shadows, state)
         if after != before[0]:
             diffs.append((key, orjson.dumps(shadow.diff_record(self.rs, shadows, customer_id, state, emitted_at))))
-        if key in writes or orjson.dumps(state.shadow) != before[1]:
+        if key in writes:
             writes[key] = (raw, state.to_bytes())
+        elif orjson.dumps(state.shadow) != before[1]:
+            # Only the shadows moved: the ruleset's part is written as it was read, so that a shadow
+            # never records an instant the ruleset's grading would not have (what a later,
+            # older event is graded as of depends on it).
+            kept = CustomerState.from_bytes(raw)
+            kept.shadow = state.shadow
+            writes[key] = (raw, kept.to_bytes())
         mine = shadow.next_look(shadows, state, now)
         if mine is not None:
             mine = max(mine, now + 1e-3)  # strictly later: never woken twice in one tick

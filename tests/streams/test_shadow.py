@@ -175,6 +175,7 @@ def test_the_clock_wakes_a_customer_where_time_moves_only_the_shadow_grade():
     log.clear()
     push = [txn(pusher, "2026-03-15T09:00:00+08:00", "1", 2)]  # the partition's time passes 03-14 only
     feed(clock, table, store, RS, push, SHADOWS)
+    active_part = without_shadow(table[key.encode()])
     feed(alone, alone_table, alone_store, SHADOWS[0], push)
     asyncio.run(clock.tick())
     asyncio.run(alone.tick())
@@ -189,6 +190,7 @@ def test_the_clock_wakes_a_customer_where_time_moves_only_the_shadow_grade():
     assert (doc["as_of"], doc["shadows"][0]["as_of"]) == ("2026-03-10T11:00:00+08:00", "2026-03-14T00:00:00+08:00")
     state = CustomerState.from_bytes(table[key.encode()])
     assert state.grades == {"value": "A"}
+    assert without_shadow(table[key.encode()]) == active_part  # a shadow-only wake wrote the shadow alone
     assert state.shadow["rfm-5@2"]["g"] == CustomerState.from_bytes(alone_table[key.encode()]).grades == {"value": "B"}
     # the candidate alone changed at the same instant as its shadow did
     alone_change = [e[3] for e in alone_log if e[0] == "send" and e[2] == key.encode() and "direction" in e[3]]
