@@ -82,15 +82,28 @@ def _direction(ladder: CompiledLadder, previous: str | None, grade: str) -> str:
     return "upgrade" if ladder.rank[grade] < ladder.rank[previous] else "downgrade"
 
 
+def direction(ladder: CompiledLadder, previous: str | None, grade: str) -> str:
+    """``initial``, ``upgrade`` or ``downgrade``: how moving from ``previous`` to ``grade`` reads on ``ladder``."""
+    return _direction(ladder, previous, grade)
+
+
+def alert_severity(ladder: CompiledLadder, previous: str | None, grade: str) -> str | None:
+    """The severity of the alert a downgrade from ``previous`` to ``grade`` raises, or None: only a
+    drop out of or within the ladder's key grades alerts."""
+    if previous not in ladder.key:
+        return None
+    # Leaving the key grades altogether is what on-call must act on now; a
+    # step down inside them (S → A) is worth knowing but not waking for.
+    return "critical" if grade not in ladder.key else "warning"
+
+
 def _alert(customer_id: str, ladder: CompiledLadder, change: dict[str, Any], as_of: datetime) -> dict[str, Any] | None:
     previous = change["previous_grade"]
     grade = change["grade"]
     if change["direction"] != "downgrade" or previous not in ladder.key:
         return None
-    # Leaving the key grades altogether is what on-call must act on now; a
-    # step down inside them (S → A) is worth knowing but not waking for.
     left_key = grade not in ladder.key
-    severity = "critical" if left_key else "warning"
+    severity = alert_severity(ladder, previous, grade)
     verb = "is no longer a key customer" if left_key else "dropped within the key grades"
     return {
         "schema_version": SCHEMA_VERSION,

@@ -289,6 +289,42 @@ class ErasureReceipt(_Output):
     retained: list[str] = Field(description="What remains by design, in words (the refusal marker, topics that expire).")
 
 
+class ShadowDifference(BaseModel):
+    """One ladder where a shadow ruleset's grade differs from the active one's."""
+
+    ladder: str
+    from_: str | None = Field(alias="from", description="The active ruleset's grade (null: none on this ladder).")
+    to: str = Field(description="The shadow ruleset's grade.")
+    direction: Literal["initial", "upgrade", "downgrade"] = Field(
+        description="How a promotion of the shadow ruleset would move the customer.")
+    alert: Literal["warning", "critical"] | None = Field(
+        description="The alert that move would raise (a key customer downgraded), or null.")
+    values: dict[str, Any] = Field(description="The shadow ruleset's metrics of this ladder (money as decimal strings).")
+    reasons: list[str] = Field(description="Why the shadow ruleset gives this grade.")
+
+
+class ShadowGrades(BaseModel):
+    ruleset: RulesetRef
+    grades: dict[str, str] = Field(description="The shadow ruleset's grade per ladder.")
+    as_of: datetime | None = Field(description="Event time the shadow ruleset last graded the customer as of: the "
+                                               "active one's, or later when time alone moved a shadow grade since.")
+    differences: list[ShadowDifference]
+
+
+class ShadowDiff(_Output):
+    """``grade-shadow-diffs`` (compacted, key = customer_id): a customer's grades under the active
+    ruleset and each shadow ruleset, published when either changes; never a grade change."""
+
+    customer_id: str
+    ruleset: RulesetRef = Field(description="The active ruleset.")
+    grades: dict[str, str] = Field(description="The active ruleset's grade per ladder.")
+    as_of: datetime | None = Field(description="Event time the active ruleset last graded the customer as of "
+                                               "(the shadows were graded as of it too).")
+    differs: bool = Field(description="Whether any shadow grade differs from the active one.")
+    shadows: list[ShadowGrades]
+    emitted_at: datetime
+
+
 ALL_MODELS: dict[str, type[BaseModel]] = {
     "transaction": Transaction,
     "interaction": Interaction,
@@ -297,4 +333,5 @@ ALL_MODELS: dict[str, type[BaseModel]] = {
     "dead-letter": DeadLetter,
     "customer-erasure": CustomerErasure,
     "erasure-receipt": ErasureReceipt,
+    "shadow-diff": ShadowDiff,
 }

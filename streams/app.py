@@ -31,6 +31,7 @@ from streams.clock import attach_clock
 from streams.population import attach_population
 from streams.erasure import attach_erasure
 from streams.rules_start import attach_rules_regrade
+from streams.shadow import attach_shadow
 from streams.handler import BatchGrader
 from streams.faustext.outbox import MAX_BATCH_BYTES
 from streams.faustext.tables import FaustStateStore
@@ -62,8 +63,9 @@ class Counters:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
-    """Build the Faust app for ``settings`` running ``ruleset``."""
+def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[CompiledRuleset, ...] = ()) -> faust.App:
+    """Build the Faust app for ``settings`` running ``ruleset``, with ``shadows`` graded beside it
+    (streams/shadow.py)."""
     app = BatchingApp(
         settings.group_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_list(settings)],
@@ -103,8 +105,11 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     clock = attach_clock(app, settings, ruleset, table, store, writer)  # cause "clock": re-grading by time alone
     population = attach_population(app, settings, ruleset, store)  # None without relative grades
     attach_rules_regrade(app, settings, ruleset, table, store, population, writer)  # cause "rules" after a version change
+    shadow_stats = attach_shadow(app, settings, ruleset, shadows, store, writer)  # None without shadow rulesets
+    clock.shadows = shadows
     grader = BatchGrader(settings, ruleset, store, clock, population, writer,
-                         lambda: cast(Any, app.producer)._ensure_producer())  # the AIOKafkaProducer under Faust's
+                         lambda: cast(Any, app.producer)._ensure_producer(),  # the AIOKafkaProducer under Faust's
+                         shadows, shadow_stats)
     erasure = attach_erasure(app, settings, store, clock, writer, grader.producer)  # None without GRADEFLOW_ERASURE_KEY
     if erasure is not None:
         grader.erasures = erasure.erasures

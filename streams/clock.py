@@ -56,12 +56,13 @@ from typing import Any
 import orjson
 
 from rules.engine import CompiledRuleset
-from rules import risk
+from rules import risk, shadow
 from rules.schedule import Schedule, next_wake, regrade
 from rules.state import CustomerState, graded_at
 from streams.faustext.outbox import publish
 from streams.processor import utcnow
 from streams.faustext.tables import RESERVED
+from streams.settings import shadow_diffs_topic
 
 log = logging.getLogger("gradeflow.clock")
 CHUNK = 500  # customers per step of a rebuild or of filing noted customers, between yields to the event loop
@@ -130,6 +131,10 @@ class Clock:
         self.started = wall()
         self.stats = ClockStats()
         self.busy = asyncio.Lock()
+        # Shadow rulesets (rules/shadow.py; streams/app.py sets them): a wake grades them as of the
+        # same instants as the ruleset, and the schedule also wakes a customer where time alone
+        # changes a shadow grade.
+        self.shadows: tuple[CompiledRuleset, ...] = ()
 
     # ------------------------------------------------------------ the handler's one call
 
@@ -248,7 +253,10 @@ class Clock:
                 while chunk := list(islice(held, CHUNK)):
                     for key, _partition, raw in chunk:
                         state = CustomerState.from_bytes(raw)
-                        schedules[p].set(key, risk.first_look(rs, state, self.horizon, population), exact=False)
+                        look = risk.first_look(rs, state, self.horizon, population)
+                        if self.shadows:
+                            look = risk.earliest(look, shadow.first_look(self.shadows, state))
+                        schedules[p].set(key, look, exact=False)
                     await asyncio.sleep(0)
                     if generation != self.generation:
                         return
@@ -302,6 +310,9 @@ class Clock:
         recheck: set[bytes] = set()
         now_dt = datetime.fromtimestamp(now, rs.tz)
         warned = 0
+        shadows = self.shadows
+        diffs: list[tuple[bytes, bytes]] = []
+        signatures: dict[bytes, tuple[Any, ...]] = {}
         for key, at, exact in due:
             raw = self.store.get_key(key)
             if raw is None:
@@ -315,6 +326,7 @@ class Clock:
             customer_id = key.decode()
             changed = False
             nxt: float | None = at
+            before = (shadow.signature(shadows, state), orjson.dumps(state.shadow)) if shadows else None
             start = graded_at(state)
             if exact and start is not None and at <= start:
                 # Due from an older state: the customer was graded past it since (an event, or
@@ -331,10 +343,15 @@ class Clock:
                         warned += len(warn)
                         alerts += [(key, orjson.dumps(a)) for a in warn]
                         writes[key] = (raw, state.to_bytes())
+                    if before is not None:
+                        signatures[key] = self._shadow_wake(customer_id, key, raw, state, before, now, emitted_at,
+                                                            later, recheck, writes, diffs)
                     continue
             for _ in range(MAX_STEPS):
                 moment = datetime.fromtimestamp(nxt, rs.tz)  # type: ignore[arg-type]
                 out, warn = regrade(customer_id, rs, state, moment, emitted_at, population)
+                if shadows:
+                    shadow.follow_clock(shadows, customer_id, state, moment, emitted_at)
                 if out:
                     changed = True
                     changes += [(key, orjson.dumps(c)) for c in out]
@@ -352,11 +369,17 @@ class Clock:
                 alerts += [(key, orjson.dumps(a)) for a in warn]
             if changed or warn:
                 writes[key] = (raw, state.to_bytes())
+            if before is not None:
+                signatures[key] = self._shadow_wake(customer_id, key, raw, state, before, now, emitted_at, later,
+                                                    recheck, writes, diffs)
         self.stats.woken += len(due)
-        if changes or alerts:
+        if changes or alerts or diffs:
             names = self.settings.topics
+            outputs = {names.grade_changes: changes, names.alerts: alerts}
+            if diffs:
+                outputs[shadow_diffs_topic(self.settings)] = diffs
             # Outputs first, durable; then state (as the handler does).
-            await publish(self.app.producer._ensure_producer(), {names.grade_changes: changes, names.alerts: alerts})
+            await publish(self.app.producer._ensure_producer(), outputs)
             self.stats.changes += len(changes)
             self.stats.alerts += len(alerts)
             self.stats.at_risk += warned
@@ -366,9 +389,44 @@ class Clock:
             return  # revoked meanwhile: the partition's new owner re-grades (same ids)
         if writes:
             await self._write(partition, writes, later)
+        stats = getattr(self.app, "gradeflow_shadow", None)
+        if stats is not None:
+            stats.records += len(diffs)
+            for key, sig in signatures.items():
+                stats.note(partition, key, sig)
         for key, when in later.items():
             if key not in self.pending:  # a batch touched it meanwhile: absorb() schedules it
                 schedule.set(key, when, exact=key not in recheck)
+
+    def _shadow_wake(self, customer_id: str, key: bytes, raw: bytes, state: CustomerState,
+                     before: tuple[Any, bytes], now: float, emitted_at: datetime, later: dict[bytes, float | None],
+                     recheck: set[bytes], writes: dict[bytes, tuple[bytes, bytes]],
+                     diffs: list[tuple[bytes, bytes]]) -> tuple[Any, ...]:
+        """The shadows' part of a customer's wake, once the ruleset's is done: their own changes by
+        time up to ``now``, their record if what they say changed, and the customer woken again at
+        the earlier of the ruleset's next instant and theirs."""
+        shadows = self.shadows
+        shadow.catch_up(shadows, customer_id, state, now, emitted_at)
+        after = shadow.signature(shadows, state)
+        if after != before[0]:
+            diffs.append((key, orjson.dumps(shadow.diff_record(self.rs, shadows, customer_id, state, emitted_at))))
+        if key in writes:
+            writes[key] = (raw, state.to_bytes())
+        elif orjson.dumps(state.shadow) != before[1]:
+            # Only the shadows moved: the ruleset's part is written as it was read, so that a shadow
+            # never records an instant the ruleset's grading would not have (what a later,
+            # older event is graded as of depends on it).
+            kept = CustomerState.from_bytes(raw)
+            kept.shadow = state.shadow
+            writes[key] = (raw, kept.to_bytes())
+        mine = shadow.next_look(shadows, state, now)
+        if mine is not None:
+            mine = max(mine, now + 1e-3)  # strictly later: never woken twice in one tick
+            ours = later.get(key)
+            if ours is None or mine < ours:
+                later[key] = mine
+                recheck.add(key)  # not the ruleset's own instant: it looks again from its state there
+        return after
 
     def _at_risk(self, customer_id: str, state: CustomerState, now_dt: datetime, now: float,
                  following: tuple[datetime | None, bool], key: bytes, later: dict[bytes, float | None],

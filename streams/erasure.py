@@ -38,7 +38,7 @@ from rules.erasure import Erasures, decode_instant, encode_instant
 from schemas import SCHEMA_VERSION
 from schemas.events import CustomerErasure
 from streams.faustext.outbox import Outbox
-from streams.settings import Settings, erasure_topics, redis_prefix
+from streams.settings import Settings, erasure_topics, redis_prefix, shadow_diffs_topic, shadow_ruleset_names
 
 log = logging.getLogger("gradeflow.erasure")
 
@@ -214,6 +214,8 @@ class Erasure:
         settings, producer = self.settings, self.producer()
         key = doc.customer_id.encode()
         compacted = [settings.topics.grade_changes] if "compact" in settings.grade_changes_cleanup_policy else []
+        if shadow_ruleset_names(settings):
+            compacted.append(shadow_diffs_topic(settings))  # the customer's shadow grades (rules/shadow.py)
         outbox = Outbox()
         for topic in compacted:
             outbox.add(topic, key, None)  # placed by key, like the customer's changes

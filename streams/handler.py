@@ -18,6 +18,7 @@ from rules.engine import CompiledRuleset
 from rules.erasure import Erasures
 from streams.faustext.outbox import Outbox, Sent
 from streams.processor import BatchResult, Record, process_batch, utcnow
+from streams.settings import shadow_diffs_topic
 
 
 class BatchGrader:
@@ -26,12 +27,16 @@ class BatchGrader:
     giving the AIOKafkaProducer to send through."""
 
     def __init__(self, settings: Any, ruleset: CompiledRuleset, store: Any, clock: Any, population: Any,
-                 writer: asyncio.Lock, producer: Callable[[], Any]) -> None:
+                 writer: asyncio.Lock, producer: Callable[[], Any], shadows: tuple[CompiledRuleset, ...] = (),
+                 shadow_stats: Any = None) -> None:
         self.settings, self.ruleset, self.store, self.clock = settings, ruleset, store, clock
         self.population, self.writer, self.producer = population, writer, producer
         names = settings.topics
         self.out_changes, self.out_alerts, self.out_dead = names.grade_changes, names.alerts, names.dead_letters
         self.erasures: Erasures | None = None  # the worker's known erasures (streams/erasure.py), if erasure is on
+        # Shadow rulesets (streams/shadow.py): graded beside the ruleset, published only on their topic.
+        self.shadows, self.shadow_stats = shadows, shadow_stats
+        self.out_shadow = shadow_diffs_topic(settings) if shadows else ""
 
     async def grade(self, records: list[Record]) -> tuple[BatchResult, Sent | None]:
         """Grade one fetch; return its result and the sent state writes (to settle before the
@@ -45,12 +50,14 @@ class BatchGrader:
                                    max_future_skew_s=settings.max_future_skew_s,
                                    clock_horizon=clock.look_horizon,
                                    stream_time=clock.stream_times({r.partition for r in records}),
-                                   erased=self.erasures)
+                                   erased=self.erasures, shadows=self.shadows)
             producer = self.producer()
             outbox = Outbox()
             outbox.extend(self.out_dead, result.dead_letters)
             outbox.extend(self.out_changes, result.grade_changes)
             outbox.extend(self.out_alerts, result.alerts)
+            if result.shadow_diffs:
+                outbox.extend(self.out_shadow, result.shadow_diffs)
             # Outputs first, durable; then state. A crash in between replays the
             # batch with the same deterministic outputs; the reverse order could
             # record state whose grade changes were never delivered.
@@ -66,4 +73,7 @@ class BatchGrader:
                 written = await outbox.send(producer)
             if result.states:
                 clock.note(result.looks, result.states)
+            if self.shadow_stats is not None:
+                self.shadow_stats.note_batch(result.shadow_signatures, result.states)
+                self.shadow_stats.records += len(result.shadow_diffs)
         return result, written

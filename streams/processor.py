@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from rules import risk, windows
+from rules import risk, shadow, windows
 from rules.changes import Cause, grade
 from rules.schedule import catch_up
 from rules.deciders import Population
@@ -117,6 +117,11 @@ class BatchResult:
     # An erased customer's event that occurred at or before the erasure: skipped, no output, and
     # no dead letter either (it would copy the personal data the erasure removed).
     refused: int = 0
+    # With shadow rulesets: the grade-shadow-diffs records (key, value) of the customers whose
+    # differences from the active grades changed, and each written customer's differences now
+    # (rules.shadow.signature: a customer differs when any of its entries is a non-empty tuple).
+    shadow_diffs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    shadow_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def reconciled(self) -> bool:
@@ -171,7 +176,8 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                   max_future_skew_s: float | None = MAX_FUTURE_SKEW_S,
                   clock_horizon: timedelta | None = None,
                   stream_time: dict[int, float] | None = None,
-                  erased: Erasures | None = None) -> BatchResult:
+                  erased: Erasures | None = None,
+                  shadows: tuple[CompiledRuleset, ...] = ()) -> BatchResult:
     """Apply a batch of records; return outputs and the new state of every touched customer.
 
     ``now`` is wall-clock time, used for ``emitted_at``, ``dead_lettered_at``
@@ -204,6 +210,9 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
 
     ``erased``: the erasures the worker knows (rules/erasure.py). An event of an erased customer
     that occurred at or before the erasure instant is *refused*: counted, nothing else.
+    ``shadows``: candidate rulesets (rules/shadow.py) graded beside ``rs`` as of the same instants,
+    kept in the customers' states; their grades leave only as ``BatchResult.shadow_diffs``. Empty:
+    nothing of theirs runs.
     """
     result = BatchResult(consumed=len(records))
     dead_letters = result.dead_letters
@@ -255,6 +264,7 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
         state = CustomerState.from_bytes(raw) if raw is not None else CustomerState()
         key = customer_id.encode()
         last_record = None
+        before = shadow.signature(shadows, state) if shadows else None
         offsets = state.offsets
         erased_at = erased.erased_at(customer_id) if erased else None
         for record, event, ts, reached in events:
@@ -290,6 +300,8 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                 changes, alerts = catch_up(customer_id, rs, state, reached, now, population)
                 if changes:
                     _emit(result, key, changes, alerts)
+                if shadows:
+                    shadow.catch_up(shadows, customer_id, state, reached, now)
             fold(state, event, track, tz)
             cause = Cause("transaction" if role == TRANSACTIONS else "interaction", event_id)
             # Grades never go back in time: an older event is evaluated as of
@@ -305,16 +317,35 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
             changes, alerts = grade(customer_id, rs, state, as_of, cause, now, population, as_of_ts)
             if changes:
                 _emit(result, key, changes, alerts)
+            if shadows:
+                shadow.follow_event(shadows, customer_id, state, as_of, as_of_ts, cause, now)
             result.applied += 1
         if last_record is not None:
             if state.seen and state.last_event_ts is not None:
                 forget_seen_before(state, int((state.last_event_ts - lateness_s) // _DAY_S))
+            if shadows:
+                shadow_out(result, rs, shadows, customer_id, key, state, before, now)
+            elif state.shadow:
+                state.shadow.clear()  # the shadows of an earlier run: they no longer follow
             result.states[customer_id] = (state.to_bytes(), last_record)
             if clock_horizon is not None:
-                result.looks[customer_id] = (state.last_event_ts,
-                                             risk.first_look(rs, state, clock_horizon, population))
+                look = risk.first_look(rs, state, clock_horizon, population)
+                if shadows:
+                    look = risk.earliest(look, shadow.first_look(shadows, state))
+                result.looks[customer_id] = (state.last_event_ts, look)
     result.dead = len(dead_letters)
     return result
+
+
+def shadow_out(result: BatchResult, rs: CompiledRuleset, shadows: tuple[CompiledRuleset, ...], customer_id: str,
+               key: bytes, state: CustomerState, before: tuple[Any, ...] | None, now: datetime) -> None:
+    """A customer's shadow record after a batch: one on grade-shadow-diffs when what differs changed
+    (a customer that stops differing gets one saying so, for compacted readers)."""
+    shadow.forget_others(shadows, state)
+    after = shadow.signature(shadows, state)
+    result.shadow_signatures[customer_id] = after
+    if after != before:
+        result.shadow_diffs.append((key, orjson.dumps(shadow.diff_record(rs, shadows, customer_id, state, now))))
 
 
 def _emit(result: BatchResult, key: bytes, changes: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> None:

@@ -30,21 +30,27 @@ from typing import Any
 
 import orjson
 
+from rules import shadow
 from rules.changes import regrade_for_rules
 from rules.engine import CompiledRuleset
 from rules.state import CustomerState
 from streams.faustext.outbox import publish
 from streams.processor import utcnow
+from streams.settings import shadow_diffs_topic
 
 log = logging.getLogger("gradeflow.rules")
 CHUNK = 500
 
 
-def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population: Any = None
+def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population: Any = None,
+         shadows: tuple[CompiledRuleset, ...] = (), diffs: list[tuple[bytes, bytes]] | None = None,
+         signatures: dict[bytes, tuple[Any, ...]] | None = None,
          ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], dict[bytes, tuple[bytes, bytes]]]:
     """Pure step of a sweep: for (key, state bytes) pairs, the changes, alerts and new states due.
 
-    New states are ``key → (old bytes, new bytes)``.
+    New states are ``key → (old bytes, new bytes)``. With ``shadows`` (rules/shadow.py) each
+    re-graded customer's shadows follow, as of the same instant: their grade-shadow-diffs records
+    are appended to ``diffs`` and their signatures put in ``signatures``.
     """
     now = utcnow()
     changes: list[tuple[bytes, bytes]] = []
@@ -57,7 +63,16 @@ def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population:
         state = CustomerState.from_bytes(raw)
         if state.ruleset == key_of:
             continue
+        before = shadow.signature(shadows, state) if shadows else None
         out, warn = regrade_for_rules(key.decode(), ruleset, state, now, population)
+        if shadows:
+            shadow.forget_others(shadows, state)
+            shadow.follow_rules(shadows, key.decode(), state, now)
+            after = shadow.signature(shadows, state)
+            if signatures is not None:
+                signatures[key] = after
+            if diffs is not None and after != before:
+                diffs.append((key, orjson.dumps(shadow.diff_record(ruleset, shadows, key.decode(), state, now))))
         changes += [(key, orjson.dumps(c)) for c in out]
         alerts += [(key, orjson.dumps(a)) for a in warn]
         states[key] = (raw, state.to_bytes())
@@ -80,6 +95,9 @@ class RulesRegrade:
         # A partition lost and regained (or promoted from a standby, whose copy another worker
         # wrote, maybe with older rules) is not in it.
         self.swept: set[int] = set()
+        # Shadow rulesets (streams/shadow.py sets them): they follow every customer re-graded here.
+        self.shadows: tuple[CompiledRuleset, ...] = ()
+        self.shadow_stats: Any = None
 
     def active_partitions(self) -> set[int]:
         inputs = self.settings.topics.transactions
@@ -103,11 +121,19 @@ class RulesRegrade:
                 keys = [key for key, _, _ in chunk]
                 where = {key: partition for key, partition, _ in chunk}
                 items = [(key, raw) for key, raw in zip(keys, self.store.get_keys(keys)) if raw is not None]
-                changes, alerts, states = plan(self.rs, items, thresholds)
+                diffs: list[tuple[bytes, bytes]] = []
+                signatures: dict[bytes, tuple[Any, ...]] = {}
+                changes, alerts, states = plan(self.rs, items, thresholds, self.shadows, diffs, signatures)
                 if not states:
                     continue
                 producer = self.app.producer._ensure_producer()
-                await publish(producer, {names.grade_changes: changes, names.alerts: alerts})  # before the states
+                outputs = {names.grade_changes: changes, names.alerts: alerts}
+                if self.shadows:
+                    outputs[shadow_diffs_topic(self.settings)] = diffs
+                    for key, sig in signatures.items():
+                        self.shadow_stats.note(where[key], key, sig)
+                    self.shadow_stats.records += len(diffs)
+                await publish(producer, outputs)  # before the states
                 await self.store.replace(producer, ((key, old, new, where[key])
                                                     for key, (old, new) in states.items()))
             done += len(states)

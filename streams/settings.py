@@ -264,6 +264,14 @@ class Settings(BaseSettings):
     erasure_markers_retention_ms: int | None = Field(
         None, ge=1, description="retention.ms of the refusal markers (compact,delete); unset: kept for ever (compact). "
                                 "Must be at least input_retention_ms: a marker must outlive the events it refuses.")
+    # --- shadow rulesets: candidates graded beside the active one (rules/shadow.py, docs/rules-lifecycle.md) ---
+    shadow_rulesets: str = Field(
+        "", description="Candidate rulesets graded beside the active one on the same state and events, "
+                        "comma-separated presets or rule files (like GRADEFLOW_RULESET); each needs another "
+                        "version than the active one. Their grades go only to the shadow-diffs topic.")
+    topic_shadow_diffs: str = Field(
+        "grade-shadow-diffs", description="Compacted topic (key = customer_id) of each customer's active and "
+                                          "shadow grades, published when they change (with shadow rulesets).")
 
     @field_validator("alert_alertmanager_url", mode="before")
     @classmethod
@@ -338,6 +346,16 @@ def alert_retries_topic(settings: Settings) -> str:
     if settings.topic_alert_retries:
         return settings.topic_prefix + settings.topic_alert_retries
     return f"{settings.group_id}-alert-retries"
+
+
+def shadow_diffs_topic(settings: Settings) -> str:
+    """The full name of the grade-shadow-diffs topic, ``topic_prefix`` applied."""
+    return settings.topic_prefix + settings.topic_shadow_diffs
+
+
+def shadow_ruleset_names(settings: Settings) -> list[str]:
+    """The presets or rule files of ``GRADEFLOW_SHADOW_RULESETS``, in order (empty: none)."""
+    return [name.strip() for name in settings.shadow_rulesets.split(",") if name.strip()]
 
 
 def redis_prefix(settings: Settings) -> str:

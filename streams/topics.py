@@ -36,6 +36,7 @@ from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
 from schemas.errors import ConfigurationError, ServerUnavailable
 from streams.kafka_config import bootstrap_list, check_tls, kafka_python_options, tcp_answers, unreachable_message
 from streams.settings import Settings, alert_retries_topic, erasure_topics
+from streams.settings import shadow_diffs_topic, shadow_ruleset_names
 
 __all__ = ["TABLES", "TopicSpec", "Problem", "topic_specs", "bootstrap_list", "unreachable_message",
            "admin_client", "create_topics", "check_topics", "replication_warnings", "new_topic",
@@ -96,6 +97,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(names.dead_letters, OUTPUT, n, rf,
                   {**common, "cleanup.policy": "delete", "retention.ms": str(settings.dead_letters_retention_ms)}),
     ]
+    if shadow_ruleset_names(settings):
+        # Each customer's active and shadow grades (rules/shadow.py): the latest per customer is the truth.
+        specs.append(TopicSpec(shadow_diffs_topic(settings), OUTPUT, n, rf, {**common, "cleanup.policy": "compact"}))
     for table in TABLES:
         specs.append(TopicSpec(settings.changelog_topic(table), CHANGELOG, n, rf,
                                {**common, "cleanup.policy": "compact"}))

@@ -149,6 +149,9 @@ class Metrics:
         r.register(_CountersCollector(app))
         r.register(_LagCollector(app))
         r.register(_StandbyCollector(app))
+        from streams.shadow import ShadowCollector
+
+        r.register(ShadowCollector(app))  # gradeflow_shadow_*: only with shadow rulesets
         self.latency = Histogram(
             "gradeflow_processing_latency_seconds",
             "Per grading batch: from the broker timestamp of its first record to the grade decision.",

@@ -7,6 +7,7 @@
                                   the customer's grade changes per ladder, bounded (Redis;
                                   ``ladder``, ``since``, ``until``, ``limit``)
 ``GET /grades``                   customers per grade, per ladder (Redis)
+``GET /rules/diff``               the blast radius of promoting a shadow ruleset (streams/shadow_diff.py)
 ``GET /healthz``                  the process answers (no token)
 ``GET /readyz``                   partitions assigned and table recovery done (no token)
 ``GET /metrics``                  Prometheus text format
@@ -32,6 +33,7 @@ from schemas.api import CustomerGrades, CustomerHistory, Error, GradeCounts, Hea
 from schemas.money import format_minor
 from streams import __version__, console
 from streams.downstream import history
+from streams import shadow_diff
 from streams.faustext.tables import FaustStateStore
 
 OPEN_PATHS = ("/healthz", "/readyz")
@@ -165,6 +167,7 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
     ladders = [lad.name for lad in ruleset.ladders]
     spec = openapi(settings)
     spec["paths"].update(console.api_paths())
+    spec["paths"].update(shadow_diff.api_paths())
     states = FaustStateStore(table)
 
     class Guarded(View):
@@ -253,3 +256,4 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
         return self.json(spec)
 
     console.register(app, settings, table, ruleset, downstream, Guarded)
+    shadow_diff.register(app, settings, ruleset, Guarded)  # /rules/diff: the blast radius of a shadow ruleset

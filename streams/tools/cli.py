@@ -59,6 +59,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     ruleset = compile_ruleset(load(settings.ruleset))
+    from streams.shadow import load_shadows
+
+    shadows = load_shadows(settings, ruleset)  # refused here, before anything starts, if one cannot run
     admin = admin_client(settings, timeout_s=5.0)
     warnings: list[str] = []
     try:
@@ -92,10 +95,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     raise_collector_threshold(settings.gc_threshold)
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings, ruleset)
+    app = create_app(settings, ruleset, shadows)
     from schemas.compiled import status as hot_path
 
-    print(f"gradeflow worker: ruleset {ruleset.id}@{ruleset.version}, broker {describe_connection(settings)}, "
+    print(f"gradeflow worker: ruleset {ruleset.id}@{ruleset.version}"
+          + "".join(f", shadow {rs.key}" for rs in shadows) + f", broker {describe_connection(settings)}, "
           f"app {settings.group_id}, hot path {_HOT_PATH[hot_path()]}", file=sys.stderr, flush=True)
     from streams.stopping import StopDeadline
 
@@ -249,6 +253,29 @@ def cmd_rules_try(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_diff(args: argparse.Namespace) -> int:
+    """The blast radius of promoting CANDIDATE: live from the shadow state, or offline over a history."""
+    import json
+
+    from rules.diff import render
+    from rules.engine import compile_ruleset
+    from rules.ruleset import load
+
+    settings = _settings(args)
+    active = compile_ruleset(load(settings.ruleset))
+    candidate = compile_ruleset(load(args.candidate))
+    if args.against:
+        from streams.tools.rules_tools import diff_offline
+
+        doc = diff_offline(active, candidate, args.against, args.sample)
+    else:
+        from streams.shadow_diff import live_diff, read_records
+
+        doc = live_diff(read_records(settings), active, candidate, args.sample)
+    print(json.dumps(doc, ensure_ascii=False, indent=2) if args.json else render(doc))
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """Read the input topics and grade-changes, recompute offline with the same engine, report agreement."""
     from rules.engine import compile_ruleset
@@ -369,6 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--report", help="also write an HTML report (inline SVG, no network) with the grade "
                                         "distribution and, with --against, the from-to flows")
     trial.set_defaults(func=cmd_rules_try)
+
+    rdiff = rules.add_parser("diff", help="what promoting a candidate ruleset would do: from-to matrix, key "
+                                          "customers downgraded, alerts, distribution (live from the shadow state)")
+    broker_opts(rdiff)
+    rdiff.add_argument("candidate", help="preset name or rule file of the candidate (a shadow ruleset, for the live "
+                                         "answer)")
+    rdiff.add_argument("--ruleset", "-r", help="the active ruleset (GRADEFLOW_RULESET), default rfm-5")
+    rdiff.add_argument("--against", help="offline instead: a history (JSON Lines) both rulesets are run over")
+    rdiff.add_argument("--sample", type=int, default=10, help="key customers downgraded shown per ladder (10)")
+    rdiff.add_argument("--json", action="store_true", help="print the answer as JSON (as GET /rules/diff gives it)")
+    rdiff.set_defaults(func=cmd_rules_diff)
 
     replay = sub.add_parser("replay", help="produce a history (JSON Lines) into the input topics, with progress")
     broker_opts(replay)

@@ -18,7 +18,9 @@ from typing import Any
 
 import orjson
 
+from rules import diff
 from rules import population as pop
+from rules.changes import json_value
 from rules.engine import CompiledRuleset, Evaluation, evaluate
 from rules.metrics import show
 from rules.state import CustomerState
@@ -175,11 +177,7 @@ def try_ruleset(rs: CompiledRuleset, history: str | Path, against: CompiledRules
         if ladder.name not in theirs:
             lines.append(f"ladder {ladder.name}: not in {against.id}@{against.version}")
             continue
-        moves: Counter[tuple[str, str]] = Counter()
-        for customer_id in result.states:
-            old = other.evaluate(customer_id).grades[ladder.name] if customer_id in other.states else None
-            new = result.evaluate(customer_id).grades[ladder.name]
-            moves[(old or "-", new)] += 1
+        moves = diff.moves(pairs(other, result, detail=False), ladder.name)
         same = sum(n for (a, b), n in moves.items() if a == b)
         flows.append((ladder.name, list(theirs[ladder.name].grades), list(ladder.grades), moves))
         lines.append(f"ladder {ladder.name}: {same} unchanged, {sum(moves.values()) - same} move")
@@ -202,3 +200,31 @@ def _report(path: str | Path | None, rs: CompiledRuleset, lines: list[str], mine
     title = f"rules try: {rs.id}@{rs.version}" + (f" against {against}" if against else "")
     write_report(path, title, lines, [(lad.name, list(lad.grades), mine[lad.name]) for lad in rs.ladders], flows,
                  against)
+
+
+def pairs(active: Run, candidate: Run, detail: bool = True) -> list[diff.Pair]:
+    """Each customer of ``candidate``'s run with their grades under both rulesets as of the end of
+    the history (``-``: none under ``active``); with ``detail``, the candidate's metrics and
+    reasons where its grade differs. ``rules try --against`` and ``rules diff --against`` use it."""
+    out = []
+    ladders = candidate.rs.ladders
+    for customer_id in candidate.states:
+        ev = candidate.evaluate(customer_id)
+        old = dict(active.evaluate(customer_id).grades) if customer_id in active.states else {}
+        shown: dict[str, tuple[dict[str, Any], list[str]]] = {}
+        if detail:
+            for lad in ladders:
+                if ev.grades[lad.name] != old.get(lad.name):
+                    shown[lad.name] = ({n: json_value(candidate.rs, n, ev.values.get(n)) for n in lad.metrics},
+                                       ev.reasons[lad.name])
+        out.append(diff.Pair(customer_id, old, dict(ev.grades), shown))
+    return out
+
+
+def diff_offline(active: CompiledRuleset, candidate: CompiledRuleset, history: str | Path,
+                 sample: int = diff.SAMPLE) -> dict[str, Any]:
+    """``gradeflow rules diff CANDIDATE --against HISTORY``: the blast radius of promoting ``candidate``
+    over ``active``, both run over the history with the worker's code (as ``rules try --against``)."""
+    records = read_history(history)
+    return diff.blast_radius({"id": active.id, "version": active.version}, candidate,
+                             pairs(run(active, records), run(candidate, records)), sample)
