@@ -44,7 +44,8 @@ _FORMAT = 3
 # "rs", "sd", "bw" and format 2's "se" are read by from_bytes itself.
 _EXT = {"gs": ("grade_since", False), "lt": ("last_by_type", False),
         "ib": ("ibuckets", True), "at": ("attrs", False), "fl": ("flows", True), "bb": ("balance_base", False),
-        "iv": ("invoices", False), "wr": ("warned", False)}
+        "iv": ("invoices", False), "wr": ("warned", False), "mt": ("merged_into", False),
+        "mg": ("merges", False)}
 # Invoices kept per customer (paid ones leave with the retention window);
 # beyond this, a new invoice replaces the earliest paid one, or is not tracked.
 MAX_INVOICES = 500
@@ -92,6 +93,11 @@ class CustomerState:
     # ladder → the instant (seconds) of the clock downgrade an at-risk warning was emitted for
     # (rules/risk.py): one warning per drop instant. Kept as ext "wr".
     warned: dict[str, float] = field(default_factory=dict)
+    # Identity merges (rules/merge.py). On an id merged into another, the state is only this
+    # marker, ``[into_id, merge_id, into_partition]``: no facts, no grades. Kept as ext "mt".
+    merged_into: list[Any] | None = None
+    # On the surviving id: merge id → the id merged into it (a merge is applied once). Ext "mg".
+    merges: dict[str, str] = field(default_factory=dict)
 
     # Written out: a dataclass's generated __init__ is interpreted even in a compiled module
     # (schemas/compiled.py), and a state is built for every customer a batch touches.
@@ -103,7 +109,8 @@ class CustomerState:
                  attrs: dict[str, list[Any]] | None = None, flows: dict[int, int] | None = None,
                  balance_base: int = 0, invoices: dict[str, list[int | None]] | None = None,
                  grade_since: dict[str, float] | None = None, ruleset: str | None = None,
-                 seen: dict[str, int | list[int]] | None = None, warned: dict[str, float] | None = None) -> None:
+                 seen: dict[str, int | list[int]] | None = None, warned: dict[str, float] | None = None,
+                 merged_into: list[Any] | None = None, merges: dict[str, str] | None = None) -> None:
         self.last_event_ts = last_event_ts
         self.last_purchase_ts = last_purchase_ts
         self.first_purchase_ts = first_purchase_ts
@@ -122,6 +129,8 @@ class CustomerState:
         self.ruleset = ruleset
         self.seen = {} if seen is None else seen
         self.warned = {} if warned is None else warned
+        self.merged_into = merged_into
+        self.merges = {} if merges is None else merges
 
     def to_bytes(self) -> bytes:
         """Serialize to the changelog format (a JSON array, versioned), in an allocation of its size."""
@@ -144,6 +153,10 @@ class CustomerState:
             ext["sd"] = self.seen
         if self.warned:
             ext["wr"] = self.warned
+        if self.merged_into is not None:
+            ext["mt"] = self.merged_into
+        if self.merges:
+            ext["mg"] = self.merges
         flat: list[int] = []
         wide: list[list[int]] = []
         for day, b in self.buckets.items():

@@ -17,6 +17,7 @@ from typing import Any
 from rules.engine import CompiledRuleset
 from rules.erasure import Erasures
 from streams.faustext.outbox import Outbox, Sent
+from streams.merging import forward
 from streams.processor import BatchResult, Record, process_batch, utcnow
 
 
@@ -32,6 +33,7 @@ class BatchGrader:
         names = settings.topics
         self.out_changes, self.out_alerts, self.out_dead = names.grade_changes, names.alerts, names.dead_letters
         self.erasures: Erasures | None = None  # the worker's known erasures (streams/erasure.py), if erasure is on
+        self.merges_topic: str | None = None  # where events of merged-away ids go (streams/merging.py), if merges are on
 
     async def grade(self, records: list[Record]) -> tuple[BatchResult, Sent | None]:
         """Grade one fetch; return its result and the sent state writes (to settle before the
@@ -51,6 +53,11 @@ class BatchGrader:
             outbox.extend(self.out_dead, result.dead_letters)
             outbox.extend(self.out_changes, result.grade_changes)
             outbox.extend(self.out_alerts, result.alerts)
+            if result.forwarded:
+                if self.merges_topic is None:
+                    raise RuntimeError("events of a merged-away customer id, with GRADEFLOW_CUSTOMER_MERGES off: "
+                                       "turn it back on (docs/customers.md)")
+                forward(outbox, self.merges_topic, result.forwarded, utcnow())
             # Outputs first, durable; then state. A crash in between replays the
             # batch with the same deterministic outputs; the reverse order could
             # record state whose grade changes were never delivered.
