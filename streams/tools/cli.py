@@ -319,6 +319,27 @@ def cmd_customers_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_customers_merge(args: argparse.Namespace) -> int:
+    """Request the merge of FROM into INTO; with --wait, wait for its outcome."""
+    from streams.tools.merge import request_merge, wait_outcome
+
+    settings = _settings(args)
+    merge_id, start = request_merge(settings, args.from_id, args.into_id)
+    print(f"merge {merge_id} requested: {args.from_id} into {args.into_id}")
+    if not args.wait:
+        return 0
+    outcome = wait_outcome(settings, merge_id, start, args.timeout)
+    if outcome is None:
+        print(f"gradeflow customers merge: no outcome after {args.timeout:g} s (are workers running with "
+              f"GRADEFLOW_CUSTOMER_MERGES=true?); it stays requested", file=sys.stderr)
+        return 1
+    if outcome["step"] == "refused":
+        print(f"merge {merge_id} refused: {outcome.get('reason')}", file=sys.stderr)
+        return 1
+    print(f"merge {merge_id} done: {args.from_id} ended (grade none), {args.into_id} re-graded")
+    return 0
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -413,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--wait", action="store_true", help="wait for every erasure's receipt (exit 1 if one is missing)")
     erase.add_argument("--timeout", type=_positive, default=120.0, help="seconds --wait waits (default 120)")
     erase.set_defaults(func=cmd_customers_erase)
+    merge = customers.add_parser("merge", help="merge customer id FROM into INTO: one customer from then on "
+                                               "(docs/customers.md)")
+    broker_opts(merge)
+    merge.add_argument("from_id", metavar="FROM", help="the id that ends")
+    merge.add_argument("into_id", metavar="INTO", help="the id that stays, with the events of both")
+    merge.add_argument("--wait", action="store_true", help="wait for the outcome (exit 1 if refused or none)")
+    merge.add_argument("--timeout", type=_positive, default=120.0, help="seconds --wait waits (default 120)")
+    merge.set_defaults(func=cmd_customers_merge)
 
     audit = sub.add_parser("audit", help="check grade-changes and alerts against an offline run of the input topics "
                                           "(exit 1 on any divergence)")
