@@ -6,7 +6,7 @@ the state and grades of one customer fed the union of both ids' events."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -179,7 +179,7 @@ FROM_EVENTS = [("2026-01-20T10:00:00+08:00", "300.00"), ("2026-02-15T10:00:00+08
 LATER = ("2026-03-10T10:00:00+08:00", "5000.00")
 
 
-def union_state(extra: list[tuple[str, str]] = ()) -> tuple[CustomerState, dict[str, str]]:
+def union_state(extra: Sequence[tuple[str, str]] = ()) -> tuple[CustomerState, dict[str, str]]:
     """One customer fed the events of both ids (and ``extra``), offline; its state and grades."""
     records = [txn(INTO, 0, i, when, amount, f"a{i}") for i, (when, amount) in enumerate(INTO_EVENTS)]
     records += [txn(INTO, 0, 10 + i, when, amount, f"b{i}") for i, (when, amount) in enumerate(FROM_EVENTS)]
