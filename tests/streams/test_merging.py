@@ -273,3 +273,41 @@ def test_a_merge_of_an_unknown_id_or_into_itself_is_refused_and_changes_nothing(
     assert [o.step for o in outcomes] == ["refused"] * 3
     assert "no state held for nobody" in (outcomes[0].reason or "")
     assert "itself" in (outcomes[2].reason or "")
+
+
+def test_erasing_the_merged_customer_erases_the_merged_away_id_too(clean_env: Any) -> None:
+    from datetime import datetime, timezone
+
+    from streams.erasure import Erasure
+    from streams.erasure import request as erasure_request
+
+    async def run() -> tuple[Cluster, list[str]]:
+        cluster = await scenario(None)
+        table = cluster.table
+
+        def delete_many(outbox: Outbox, keys: Iterable[tuple[bytes, int]]) -> None:
+            for key, partition in keys:
+                table.held.pop(key, None)
+                outbox.add(CHANGELOG, key, None, partition)
+
+        table.delete_many = delete_many  # type: ignore[attr-defined]
+        settings = load_settings(customer_merges=True, partitions=4, erasure_key="k" * 32)
+        erasure = Erasure(None, settings, table, NoClock(), asyncio.Lock(), lambda: cluster.broker)
+        requests = erasure.topics.requests
+        queue = cluster.broker.topics.setdefault((requests, 0), [])
+        queue.append((b"e-1", erasure_request(INTO, "e-1", datetime.now(timezone.utc))))
+        done: dict[int, int] = {}
+        while True:  # every request's visits, each partition in order
+            pending = [p for p in range(4) if done.get(p, 0) < len(cluster.broker.topics.get((requests, p), []))]
+            if not pending:
+                break
+            p = pending[0]
+            _key, raw = cluster.broker.topics[(requests, p)][done.get(p, 0)]
+            await erasure.visit(raw, p)
+            done[p] = done.get(p, 0) + 1
+        receipts = [orjson.loads(v)["customer_id"] for _k, v in cluster.broker.topics[(erasure.topics.receipts, 0)]]
+        return cluster, receipts
+
+    cluster, receipts = asyncio.run(run())
+    assert sorted(receipts) == [INTO, FROM]
+    assert INTO.encode() not in cluster.table.held and FROM.encode() not in cluster.table.held
