@@ -253,7 +253,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Read the input topics and grade-changes, recompute offline with the same engine, report agreement."""
     from rules.engine import compile_ruleset
     from rules.ruleset import load
-    from streams.tools.audit import Audit, read_cluster, read_erasures
+    from streams.tools.audit import Audit, read_cluster, read_erasures, read_merges
 
     settings = _settings(args)
     ruleset = compile_ruleset(load(args.ruleset or settings.ruleset))
@@ -267,7 +267,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.set_description("audit: recomputing")
         audit = Audit(ruleset, clock=settings.clock, allowed_lateness_days=settings.allowed_lateness_days,
-                      max_future_skew_s=settings.max_future_skew_s, erasures=read_erasures(settings))
+                      max_future_skew_s=settings.max_future_skew_s, erasures=read_erasures(settings),
+                      merges=read_merges(settings))
         report = audit.check(inputs, changes, alerts, bar.update if bar is not None else None)
     finally:
         if bar is not None:
