@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import pytest
 
 from rules.merge import ENDED, TERMINAL_GRADE
 from rules.state import CustomerState
@@ -311,3 +313,51 @@ def test_erasing_the_merged_customer_erases_the_merged_away_id_too(clean_env: An
     cluster, receipts = asyncio.run(run())
     assert sorted(receipts) == [INTO, FROM]
     assert INTO.encode() not in cluster.table.held and FROM.encode() not in cluster.table.held
+
+
+def test_the_processor_forwards_every_event_of_a_merged_away_id_and_counts_it() -> None:
+    from rules.erasure import Erasures
+    from rules.merge import marker
+
+    store = DictStore({FROM: marker(INTO, "m-1", 1).to_bytes()})
+    records = [txn(FROM, 2, 0, "2026-01-20T10:00:00+08:00", "300.00", "b0"),
+               txn(FROM, 2, 1, "2026-04-20T10:00:00+08:00", "80.00", "b1"),
+               txn(INTO, 2, 2, "2026-01-20T10:00:00+08:00", "300.00", "a0")]
+    result = process_batch(records, RS, store, NOW)
+    assert [(r.offset, m) for r, m in result.forwarded] == [(0, [INTO, "m-1", 1]), (1, [INTO, "m-1", 1])]
+    assert (result.consumed, result.applied, len(result.forwarded)) == (3, 1, 2) and result.reconciled
+    assert FROM not in result.states and not [k for k, _v in result.grade_changes if k == FROM.encode()]
+    # FROM erased later: its events from before the erasure are refused, not forwarded.
+    erasures = Erasures(b"s" * 32)
+    erasures.erase(FROM, datetime.fromisoformat("2026-03-01T00:00:00+08:00").timestamp())
+    result = process_batch(records, RS, store, NOW, erased=erasures)
+    assert (result.refused, len(result.forwarded)) == (1, 1) and result.reconciled
+
+
+def test_the_merge_topic_is_declared_only_when_merges_are_on(clean_env: Any) -> None:
+    from schemas.errors import ConfigurationError
+    from streams.tools.merge import request_merge
+    from streams.topics import topic_specs
+
+    plain = {s.name for s in topic_specs(load_settings())}
+    specs = {s.name: s for s in topic_specs(load_settings(customer_merges=True, partitions=6,
+                                                          input_retention_ms=5000))}
+    assert set(specs) - plain == {MERGES}
+    assert specs[MERGES].partitions == 6 and specs[MERGES].config["retention.ms"] == "5000"
+    with pytest.raises(ConfigurationError, match="GRADEFLOW_CUSTOMER_MERGES"):
+        request_merge(load_settings(), FROM, INTO)
+    with pytest.raises(ConfigurationError, match="itself"):
+        request_merge(load_settings(customer_merges=True), INTO, INTO)
+
+
+def test_a_ladder_may_not_name_the_terminal_grade(tmp_path: Any) -> None:
+    from pathlib import Path
+
+    from rules.ruleset import RulesetError, load, resolve
+
+    text = Path(resolve("rfm-5")).read_text(encoding="utf-8")
+    path = tmp_path / "rules.yaml"
+    path.write_text(text.replace("[S, A, B, C, D]", "[S, A, B, C, none]").replace("else: D", "else: none"),
+                    encoding="utf-8")
+    with pytest.raises(RulesetError, match="'none' is reserved"):
+        load(path)
