@@ -2,11 +2,15 @@
 partitions merged while the worker is killed (SIGKILL) at a random point of the merge, then
 restarted. The merged customer's grades and metrics (read from the worker's API) equal those of
 one customer fed the union of both ids' events offline; the merged-away id ended with the
-terminal change on every ladder; a later event of it is graded as the merged customer's."""
+terminal change on every ladder; a later event of it is graded as the merged customer's; the command
+refuses a merge of an id already merged or never seen."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from functools import partial
 import time
 import urllib.request
@@ -22,7 +26,7 @@ from rules.merge import ENDED, TERMINAL_GRADE
 from streams.downstream.web import table_grades
 from streams.processor import TRANSACTIONS, Record, process_batch
 from streams.settings import load_settings
-from streams.tools.local import free_port, produce, unique_env
+from streams.tools.local import ROOT, free_port, produce, unique_env
 from streams.tools.merge import request_merge, wait_outcome
 from streams.tools.replay import wait_graded
 from tests.streams.downstream_helpers import wait_until
@@ -159,6 +163,13 @@ def test_a_merge_survives_a_crash_at_a_random_point_and_equals_the_union(worker_
                             and c["cause"]["kind"] == "merge" for c in last.values()), (seed, last)
         first_end = next(i for i, c in enumerate(theirs) if c["direction"] == ENDED)
         assert all(c["direction"] == ENDED for c in theirs[first_end:]), seed  # copies at most, after it
+    # The command: merging an id already merged, or one never seen, is refused, and says why.
+    for from_, into, why in [(pairs[0][1], pairs[0][0], "already merged"), ("nobody", pairs[1][0], "no state held")]:
+        cli = subprocess.run([sys.executable, "-m", "streams.tools.cli", "customers", "merge", from_, into, "--wait",
+                              "--timeout", "60"], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                             timeout=90)
+        assert cli.returncode == 1 and why in cli.stderr, cli.stderr
+
     # Others untouched: their grades those of their own events.
     for customer in others:
         want = union_grades(rs, customer, events[customer])
