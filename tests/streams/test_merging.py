@@ -361,3 +361,38 @@ def test_a_ladder_may_not_name_the_terminal_grade(tmp_path: Any) -> None:
                     encoding="utf-8")
     with pytest.raises(RulesetError, match="'none' is reserved"):
         load(path)
+
+
+def test_merges_chain_an_id_merged_into_one_merged_later_follows_it() -> None:
+    carol_events = [("2026-01-02T10:00:00+08:00", "700.00"), ("2026-02-25T10:00:00+08:00", "20.00")]
+
+    async def run() -> Cluster:
+        cluster = Cluster(load_settings(customer_merges=True, partitions=4))
+        await cluster.grade([txn(INTO, 1, i, when, amount, f"a{i}") for i, (when, amount) in enumerate(INTO_EVENTS)])
+        await cluster.grade([txn(FROM, 2, i, when, amount, f"b{i}") for i, (when, amount) in enumerate(FROM_EVENTS)])
+        await cluster.grade([txn("carol", 3, i, when, amount, f"c{i}") for i, (when, amount) in enumerate(carol_events)])
+        for merge_id, a, b in [("m-1", FROM, INTO), ("m-2", INTO, "carol")]:
+            doc = request(a, b, merge_id=merge_id)
+            cluster.broker.topics.setdefault((MERGES, 0), []).append((merge_id.encode(), encode(doc)))
+            await cluster.drain()
+        await cluster.grade([txn(FROM, 2, len(FROM_EVENTS), LATER[0], LATER[1], "later0")])
+        await cluster.drain()
+        return cluster
+
+    cluster = asyncio.run(run())
+    carol = CustomerState.from_bytes(cluster.table.held[b"carol"][1])
+    assert carol.merges == {"m-1": FROM, "m-2": INTO}
+    records = [txn("carol", 0, 0, when, amount, f"x{i}") for i, (when, amount) in
+               enumerate(INTO_EVENTS + FROM_EVENTS + carol_events + [LATER])]
+    records.sort(key=lambda r: orjson.loads(r.value or b"")["occurred_at"])
+    store = DictStore()
+    for n, record in enumerate(records):
+        record.offset = n
+        store.save(process_batch([record], RS, store, NOW))
+    union = CustomerState.from_bytes(store["carol"])
+    assert {k: v for k, v in facts(carol).items() if k != "seen"} == \
+        {k: v for k, v in facts(union).items() if k != "seen"}
+    assert carol.grades == union.grades
+    # alice, merged into carol in turn, ended too.
+    assert {c["ladder"]: c["grade"] for c in cluster.changes(INTO)} == \
+        {ladder.name: TERMINAL_GRADE for ladder in RS.ladders}
