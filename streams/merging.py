@@ -49,6 +49,8 @@ from streams.settings import Settings, merges_topic
 
 log = logging.getLogger("gradeflow.merging")
 
+DONE_MEMORY = 10_000
+
 
 def request(from_id: str, into_id: str, requested_at: datetime | None = None,
             merge_id: str | None = None) -> CustomerMerge:
@@ -92,10 +94,17 @@ class Merging:
         self.grader, self.counters = grader, counters
         self.topic = merges_topic(settings)
         self.steps: dict[str, int] = {}
+        # (merge id, step, partition) of the steps done here, the latest DONE_MEMORY: a step
+        # redelivered after a restart of the consumer (not of the worker) is not passed on again,
+        # which would repeat every later step once more (each would change nothing).
+        self.done: dict[tuple[str, str, int], None] = {}
 
     async def step(self, raw: bytes, partition: int, offset: int) -> None:
         """The record ``raw`` read at ``offset`` of partition ``partition`` of the merge topic (owned here)."""
         doc = CustomerMerge.model_validate_json(raw)
+        once = (doc.merge_id, doc.step, partition)
+        if once in self.done:
+            return
         if doc.step == "find":
             await self.find(doc, partition)
         elif doc.step == "hand_off":
@@ -107,6 +116,10 @@ class Merging:
         else:
             return  # an outcome: for `customers merge --wait`
         self.steps[doc.step] = self.steps.get(doc.step, 0) + 1
+        if doc.step != "event":  # a merge's events share its id: their replays are told by offset
+            self.done[once] = None
+            if len(self.done) > DONE_MEMORY:
+                del self.done[next(iter(self.done))]
 
     async def _send(self, outbox: Outbox) -> None:
         if outbox:
