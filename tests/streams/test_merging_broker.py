@@ -3,7 +3,8 @@ partitions merged while the worker is killed (SIGKILL) at a random point of the 
 restarted. The merged customer's grades and metrics (read from the worker's API) equal those of
 one customer fed the union of both ids' events offline; the merged-away id ended with the
 terminal change on every ladder; a later event of it is graded as the merged customer's; the command
-refuses a merge of an id already merged or never seen."""
+refuses a merge of an id already merged or never seen; `gradeflow audit` agrees with everything; erasing a
+merged customer erases the id merged into it."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from rules.ruleset import load
 from rules.merge import ENDED, TERMINAL_GRADE
 from streams.downstream.web import table_grades
 from streams.processor import TRANSACTIONS, Record, process_batch
-from streams.settings import load_settings
+from streams.settings import erasure_topics, load_settings
+from streams.tools.erase import request_erasures, wait_receipts
 from streams.tools.local import ROOT, free_port, produce, unique_env
 from streams.tools.merge import request_merge, wait_outcome
 from streams.tools.replay import wait_graded
@@ -35,6 +37,7 @@ from tests.streams.test_erasure_broker import read_all
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
 
+KEY = "merge-test-erasure-key-" + "0123456789abcdef" * 2
 START = datetime(2026, 1, 5, 9, 0, tzinfo=timezone(timedelta(hours=8)))
 
 
@@ -71,6 +74,17 @@ def api(port: int, customer: str) -> dict[str, Any] | None:
             return orjson.loads(answer.read())  # type: ignore[no-any-return]
     except OSError:
         return None
+
+
+def status(port: int, customer: str) -> int:
+    """The HTTP status of the API's answer for ``customer``."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/customers/{customer}", timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
 
 
 class Watcher:
@@ -110,7 +124,7 @@ def shows(port: int, customer: str, grades: dict[str, Any]) -> dict[str, Any] | 
 
 
 def test_a_merge_survives_a_crash_at_a_random_point_and_equals_the_union(worker_factory: Any) -> None:
-    env = unique_env("merge", GRADEFLOW_CUSTOMER_MERGES="true", GRADEFLOW_PARTITIONS="4",
+    env = unique_env("merge", GRADEFLOW_CUSTOMER_MERGES="true", GRADEFLOW_PARTITIONS="4", GRADEFLOW_ERASURE_KEY=KEY,
                      GRADEFLOW_KAFKA_SESSION_TIMEOUT_S="10", GRADEFLOW_KAFKA_HEARTBEAT_INTERVAL_S="1")
     settings = load_settings(**{k[len("GRADEFLOW_"):].lower(): v for k, v in env.items()})
     rs = compile_ruleset(load(settings.ruleset))
@@ -175,3 +189,18 @@ def test_a_merge_survives_a_crash_at_a_random_point_and_equals_the_union(worker_
         want = union_grades(rs, customer, events[customer])
         got = api(port, customer)
         assert got is not None and got["grades"] == want, customer
+
+    # The audit recomputes everything offline and agrees, merged customers included.
+    audit = subprocess.run([sys.executable, "-m", "streams.tools.cli", "audit"], cwd=ROOT,
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 0 and "merged         4 customer ids" in audit.stdout, audit.stdout + audit.stderr
+
+    # Erasing a merged customer erases the id merged into it: a receipt for each, no state left.
+    into, from_ = pairs[0]
+    ids, receipts_from = request_erasures(settings, [into])
+    assert set(wait_receipts(settings, set(ids), receipts_from, 90)) == set(ids)
+    receipts = wait_until(lambda: {orjson.loads(r.value)["customer_id"] for r in
+                                   read_all(settings, erasure_topics(settings).receipts)} >= {into, from_}, 60,
+                          what="a receipt for the merged-away id too")
+    assert receipts
+    assert status(port, into) == status(port, from_) == 404  # nothing held, in the table or Redis
