@@ -32,7 +32,7 @@ class Cause:
     __slots__ = ("kind", "event_id")
 
     def __init__(self, kind: str, event_id: str | None) -> None:
-        self.kind = kind  # transaction | interaction | clock | rules
+        self.kind = kind  # transaction | interaction | clock | rules | merge
         self.event_id = event_id
 
     def __eq__(self, other: object) -> bool:

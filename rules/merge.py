@@ -19,7 +19,22 @@ ago than that stays open on the merged customer. Within the retention, both halv
 
 from __future__ import annotations
 
-from rules.state import MAX_INVOICES, CustomerState, remember
+from datetime import datetime
+from typing import Any
+
+from rules.changes import Cause, change_id, grade, json_value
+from rules.deciders import Population
+from rules.engine import CompiledRuleset, evaluate
+from rules.state import MAX_INVOICES, CustomerState, forget_seen_before, graded_at, prune, remember
+from rules.windows import day_of_ts
+from schemas import SCHEMA_VERSION
+from schemas.money import format_minor
+
+# The grade an id merged into another ends with on every ladder: not a grade of any ladder (a
+# ruleset may not name one so, rules/ruleset.py), and the id has no change after it.
+TERMINAL_GRADE = "none"
+# The direction of that last change.
+ENDED = "ended"
 
 
 def _widen(bucket: list[int]) -> list[int]:
@@ -97,3 +112,76 @@ def merge_facts(into: CustomerState, other: CustomerState) -> None:
     for event_id, days in other.seen.items():
         for day in ([days] if isinstance(days, int) else days):
             remember(into, day, event_id)
+
+
+def marker(into_id: str, merge_id: str, into_partition: int) -> CustomerState:
+    """What stays of an id merged into ``into_id``: no facts, no grades, where its events now go."""
+    return CustomerState(merged_into=[into_id, merge_id, into_partition])
+
+
+def terminal_changes(customer_id: str, rs: CompiledRuleset, state: CustomerState, into_id: str, merge_id: str,
+                     at: float, emitted_at: datetime,
+                     population: Population | None = None) -> list[dict[str, Any]]:
+    """The last change of each graded ladder of ``customer_id``, merged into ``into_id``: to
+    :data:`TERMINAL_GRADE`, direction :data:`ENDED`, cause ``merge``, as of the later of the
+    state's last grading and ``at`` (the merge request's instant), so ``as_of`` never goes back.
+    The metrics are the id's last ones. No alert: the customer is not lost, it lives on as ``into_id``."""
+    graded = graded_at(state)
+    as_of_ts = at if graded is None or at > graded else graded
+    as_of = datetime.fromtimestamp(as_of_ts, rs.tz)
+    ev = evaluate(rs, state, datetime.fromtimestamp(graded if graded is not None else at, rs.tz), population,
+                  hysteresis=False)
+    cause = Cause("merge", merge_id)
+    out = []
+    for ladder in rs.ladders:
+        previous = state.grades.get(ladder.name)
+        if previous is None or previous == TERMINAL_GRADE:
+            continue
+        out.append({
+            "schema_version": SCHEMA_VERSION,
+            "event_id": change_id(customer_id, ladder.name, rs, cause, as_of, previous, TERMINAL_GRADE),
+            "customer_id": customer_id,
+            "ladder": ladder.name,
+            "ruleset": {"id": rs.id, "version": rs.version},
+            "previous_grade": previous,
+            "grade": TERMINAL_GRADE,
+            "direction": ENDED,
+            "as_of": as_of.isoformat(),
+            "cause": {"kind": cause.kind, "event_id": cause.event_id},
+            "metrics": {
+                "recency_days": ev.recency_days,
+                "frequency": ev.frequency,
+                "monetary": format_minor(ev.monetary_minor, rs.currency),
+                "r": ev.scores.get("r", 0),
+                "f": ev.scores.get("f", 0),
+                "m": ev.scores.get("m", 0),
+                "code": ev.code,
+                "values": {name: json_value(rs, name, ev.values.get(name)) for name in ladder.metrics},
+            },
+            "reasons": [f"Merged into customer {into_id} (merge {merge_id})."],
+            "emitted_at": emitted_at.isoformat(),
+        })
+    return out
+
+
+def absorb(into_id: str, rs: CompiledRuleset, into: CustomerState, other: CustomerState, from_id: str,
+           merge_id: str, emitted_at: datetime, population: Population | None = None,
+           lateness_days: float | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """Merge ``other`` (the state of ``from_id``) into ``into`` once per ``merge_id`` and re-grade it
+    with cause ``merge`` as of its latest grading; the changes and alerts due, or None when this
+    merge was already applied (a replayed transfer changes nothing)."""
+    if merge_id in into.merges:
+        return None
+    merge_facts(into, other)
+    into.merges[merge_id] = from_id
+    for earlier_id, earlier_from in other.merges.items():  # ids merged into FROM before go with it
+        into.merges.setdefault(earlier_id, earlier_from)
+    as_of_ts = graded_at(into)
+    if as_of_ts is None:
+        return [], []
+    lateness = rs.retention_days if lateness_days is None else lateness_days
+    prune(into, day_of_ts(as_of_ts, rs.tz), rs.retention_days)
+    if into.seen and into.last_event_ts is not None:
+        forget_seen_before(into, int((into.last_event_ts - lateness * 86400.0) // 86400.0))
+    return grade(into_id, rs, into, datetime.fromtimestamp(as_of_ts, rs.tz), Cause("merge", merge_id), emitted_at,
+                 population, as_of_ts)

@@ -288,6 +288,9 @@ class Ladder(_Strict):
     def _known_grades(self) -> "Ladder":
         if len(set(self.grades)) != len(self.grades):
             raise ValueError("grades must be unique")
+        if "none" in self.grades:
+            # The grade an id merged into another ends with (rules/merge.py, docs/customers.md).
+            raise ValueError("'none' is reserved (the grade of a customer id merged into another): name it otherwise")
         known = set(self.grades)
         found: list[tuple[Loc, str, Any]] = []
         for i, name in enumerate(self.key):

@@ -44,7 +44,8 @@ _FORMAT = 3
 # "rs", "sd", "bw" and format 2's "se" are read by from_bytes itself.
 _EXT = {"gs": ("grade_since", False), "lt": ("last_by_type", False),
         "ib": ("ibuckets", True), "at": ("attrs", False), "fl": ("flows", True), "bb": ("balance_base", False),
-        "iv": ("invoices", False), "wr": ("warned", False), "sh": ("shadow", False)}
+        "iv": ("invoices", False), "wr": ("warned", False), "sh": ("shadow", False),
+        "mt": ("merged_into", False), "mg": ("merges", False)}
 # Invoices kept per customer (paid ones leave with the retention window);
 # beyond this, a new invoice replaces the earliest paid one, or is not tracked.
 MAX_INVOICES = 500
@@ -95,6 +96,11 @@ class CustomerState:
     # Shadow rulesets (rules/shadow.py): "id@version" → {"g": grades, "s": since, "at": the instant the
     # active ruleset had graded the customer as of when the shadow last followed}. Kept as ext "sh".
     shadow: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Identity merges (rules/merge.py). On an id merged into another, the state is only this
+    # marker, ``[into_id, merge_id, into_partition]``: no facts, no grades. Kept as ext "mt".
+    merged_into: list[Any] | None = None
+    # On the surviving id: merge id → the id merged into it (a merge is applied once). Ext "mg".
+    merges: dict[str, str] = field(default_factory=dict)
 
     # Written out: a dataclass's generated __init__ is interpreted even in a compiled module
     # (schemas/compiled.py), and a state is built for every customer a batch touches.
@@ -107,7 +113,8 @@ class CustomerState:
                  balance_base: int = 0, invoices: dict[str, list[int | None]] | None = None,
                  grade_since: dict[str, float] | None = None, ruleset: str | None = None,
                  seen: dict[str, int | list[int]] | None = None, warned: dict[str, float] | None = None,
-                 shadow: dict[str, dict[str, Any]] | None = None) -> None:
+                 shadow: dict[str, dict[str, Any]] | None = None,
+                 merged_into: list[Any] | None = None, merges: dict[str, str] | None = None) -> None:
         self.last_event_ts = last_event_ts
         self.last_purchase_ts = last_purchase_ts
         self.first_purchase_ts = first_purchase_ts
@@ -127,6 +134,8 @@ class CustomerState:
         self.seen = {} if seen is None else seen
         self.warned = {} if warned is None else warned
         self.shadow = {} if shadow is None else shadow
+        self.merged_into = merged_into
+        self.merges = {} if merges is None else merges
 
     def to_bytes(self) -> bytes:
         """Serialize to the changelog format (a JSON array, versioned), in an allocation of its size."""
@@ -151,6 +160,10 @@ class CustomerState:
             ext["wr"] = self.warned
         if self.shadow:
             ext["sh"] = self.shadow
+        if self.merged_into is not None:
+            ext["mt"] = self.merged_into
+        if self.merges:
+            ext["mg"] = self.merges
         flat: list[int] = []
         wide: list[list[int]] = []
         for day, b in self.buckets.items():

@@ -67,7 +67,7 @@ class HistoryChange(BaseModel):
     ladder: str
     previous_grade: str | None
     grade: str
-    direction: Literal["initial", "upgrade", "downgrade"] | None
+    direction: Literal["initial", "upgrade", "downgrade", "ended"] | None
     as_of: str = Field(description="Event time at which the grade was evaluated (RFC 3339).")
     cause: Cause = Field(description="What caused it; event_id is the transaction's or interaction's id.")
     ruleset: RulesetRef | None = Field(description="The ruleset version that decided it.")

@@ -182,7 +182,8 @@ class RulesetRef(BaseModel):
 
 
 class Cause(BaseModel):
-    kind: Literal["transaction", "interaction", "clock", "rules"]
+    kind: Literal["transaction", "interaction", "clock", "rules", "merge"] = Field(
+        description="merge: the customer was merged with another id (event_id: the merge id); docs/customers.md.")
     event_id: str | None = None
 
 
@@ -207,7 +208,9 @@ class GradeChange(_Output):
     ruleset: RulesetRef
     previous_grade: str | None
     grade: str
-    direction: Literal["initial", "upgrade", "downgrade"]
+    direction: Literal["initial", "upgrade", "downgrade", "ended"] = Field(
+        description="ended: the id was merged into another customer; its grade is then the terminal grade "
+                    "\"none\" and it has no more changes (docs/customers.md).")
     as_of: datetime = Field(description="Event time at which the grade was evaluated.")
     cause: Cause
     metrics: Metrics
@@ -325,6 +328,31 @@ class ShadowDiff(_Output):
     emitted_at: datetime
 
 
+class CustomerMerge(_Output):
+    """A record of ``customer-merges`` (``gradeflow customers merge FROM INTO`` writes the request).
+
+    Key: ``merge_id``. One topic carries every step of a merge (docs/customers.md): the request
+    visiting the input partitions to find both ids (``find``), the hand-off at FROM's partition
+    (``hand_off``), FROM's state sent to INTO's partition (``transfer``), FROM's later events sent
+    there (``event``) and the outcome (``done`` or ``refused``, on partition 0)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    merge_id: str = Field(min_length=1, max_length=128, description="Unique per request; every step carries it.")
+    from_id: CustomerId = Field(alias="from", description="The id that ends: merged into `into`.")
+    into_id: CustomerId = Field(alias="into", description="The id that stays, with the facts of both.")
+    requested_at: datetime
+    step: Literal["find", "hand_off", "transfer", "event", "done", "refused"] = "find"
+    partition: int = Field(0, ge=0, description="find: the input partition this record visits (0 when requested).")
+    into_partition: int | None = Field(None, description="Where INTO's state was found, once found.")
+    from_partition: int | None = Field(None, description="Where FROM's state was found, once found.")
+    state: str | None = Field(None, description="transfer: FROM's state (the changelog format, as text).")
+    role: Literal["t", "i"] | None = Field(None, description="event: the input topic it came from (t: transactions, "
+                                                             "i: interactions).")
+    event: dict[str, Any] | None = Field(None, description="event: FROM's event, its customer_id now INTO.")
+    reason: str | None = Field(None, description="refused: why nothing was merged.")
+
+
 ALL_MODELS: dict[str, type[BaseModel]] = {
     "transaction": Transaction,
     "interaction": Interaction,
@@ -334,4 +362,5 @@ ALL_MODELS: dict[str, type[BaseModel]] = {
     "customer-erasure": CustomerErasure,
     "erasure-receipt": ErasureReceipt,
     "shadow-diff": ShadowDiff,
+    "customer-merge": CustomerMerge,
 }

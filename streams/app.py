@@ -30,6 +30,7 @@ from streams.faustext.batching import BatchingApp, deliver_in_batches
 from streams.clock import attach_clock
 from streams.population import attach_population
 from streams.erasure import attach_erasure
+from streams.merging import attach_merging
 from streams.rules_start import attach_rules_regrade
 from streams.shadow import attach_shadow
 from streams.handler import BatchGrader
@@ -49,6 +50,7 @@ class Counters:
     replayed: int = 0
     dead_lettered: int = 0
     refused: int = 0  # events of erased customers from before their erasure (streams/erasure.py)
+    forwarded: int = 0  # events of ids merged into another, sent on to it (streams/merging.py)
     grade_changes: int = 0
     alerts: int = 0
     by_topic: dict[str, int] = field(default_factory=dict)
@@ -113,6 +115,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[Comp
     erasure = attach_erasure(app, settings, store, clock, writer, grader.producer)  # None without GRADEFLOW_ERASURE_KEY
     if erasure is not None:
         grader.erasures = erasure.erasures
+    attach_merging(app, settings, ruleset, store, clock, population, writer, grader)  # None unless GRADEFLOW_CUSTOMER_MERGES
 
     async def grade(messages: list[Any]) -> Awaitable[None]:  # aiokafka ConsumerRecords of one fetch
         """One fetch of input records: decode, grade, send, then store state, then ack."""
@@ -134,6 +137,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[Comp
         counters.replayed += result.replayed
         counters.dead_lettered += result.dead
         counters.refused += result.refused
+        counters.forwarded += len(result.forwarded)
         counters.grade_changes += len(result.grade_changes)
         counters.alerts += len(result.alerts)
         observe_batch(app, records)

@@ -34,7 +34,9 @@ from typing import Any
 
 import orjson
 
+from rules.changes import uuid5
 from rules.erasure import Erasures, decode_instant, encode_instant
+from rules.state import CustomerState
 from schemas import SCHEMA_VERSION
 from schemas.events import CustomerErasure
 from streams.faustext.outbox import Outbox
@@ -104,6 +106,11 @@ async def erase_redis(redis: Any, prefix: str, customer_id: str) -> int:
         if fields:
             n += int(await redis.hdel(firing, *fields))
     return n
+
+
+def merged_ids(raw: bytes | None) -> list[str]:
+    """The ids merged into the customer whose state is ``raw`` (docs/customers.md)."""
+    return sorted(set(CustomerState.from_bytes(raw).merges.values())) if raw is not None else []
 
 
 def request(customer_id: str, erasure_id: str, requested_at: datetime) -> bytes:
@@ -183,6 +190,11 @@ class Erasure:
         key = customer_id.encode()
         async with self.writer:
             if self.store.holds(key, partition):
+                # Ids merged into this customer (streams/merging.py) are this customer too: each
+                # is erased by a request of its own, queued before the state that names them goes.
+                for from_id in merged_ids(self.store.get_key(key)):
+                    erasure_id = uuid5(f"erasure\x1f{doc.erasure_id}\x1f{from_id}")
+                    outbox.add(self.topics.requests, erasure_id.encode(), request(from_id, erasure_id, doc.requested_at), 0)
                 self.store.delete_many(outbox, [(key, partition)])
                 await self.store.settle(await outbox.send(producer))
                 state_partition = partition

@@ -17,6 +17,7 @@ from typing import Any
 from rules.engine import CompiledRuleset
 from rules.erasure import Erasures
 from streams.faustext.outbox import Outbox, Sent
+from streams.merging import forward
 from streams.processor import BatchResult, Record, process_batch, utcnow
 from streams.settings import shadow_diffs_topic
 
@@ -37,6 +38,7 @@ class BatchGrader:
         # Shadow rulesets (streams/shadow.py): graded beside the ruleset, published only on their topic.
         self.shadows, self.shadow_stats = shadows, shadow_stats
         self.out_shadow = shadow_diffs_topic(settings) if shadows else ""
+        self.merges_topic: str | None = None  # where events of merged-away ids go (streams/merging.py), if merges are on
 
     async def grade(self, records: list[Record]) -> tuple[BatchResult, Sent | None]:
         """Grade one fetch; return its result and the sent state writes (to settle before the
@@ -58,6 +60,11 @@ class BatchGrader:
             outbox.extend(self.out_alerts, result.alerts)
             if result.shadow_diffs:
                 outbox.extend(self.out_shadow, result.shadow_diffs)
+            if result.forwarded:
+                if self.merges_topic is None:
+                    raise RuntimeError("events of a merged-away customer id, with GRADEFLOW_CUSTOMER_MERGES off: "
+                                       "turn it back on (docs/customers.md)")
+                forward(outbox, self.merges_topic, result.forwarded, utcnow())
             # Outputs first, durable; then state. A crash in between replays the
             # batch with the same deterministic outputs; the reverse order could
             # record state whose grade changes were never delivered.

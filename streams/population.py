@@ -109,6 +109,8 @@ class Population:
                 if p not in states:
                     continue
                 state = CustomerState.from_bytes(raw)
+                if state.merged_into is not None:
+                    continue  # an id merged into another (docs/customers.md): not a customer of its own
                 states[p].append(state)
                 if state.last_event_ts is not None and (latest_ts is None or state.last_event_ts > latest_ts):
                     latest_ts = state.last_event_ts

@@ -29,6 +29,10 @@ from schemas.errors import InvalidEvent
 
 TRANSACTIONS = "t"
 INTERACTIONS = "i"
+# Events of an id merged into another, applied to that other (streams/merging.py): their offsets
+# are those of the merge topic, kept apart from the inputs' in the state.
+MERGED_TRANSACTIONS = "mt"
+MERGED_INTERACTIONS = "mi"
 
 # Kafka's default message limit is 1 MiB; a dead letter must fit in it.
 DEAD_LETTER_MAX_BYTES = 256 * 1024
@@ -49,7 +53,7 @@ _DAY_S = 86400.0
 class Record:
     """One consumed record, with its origin."""
 
-    role: str  # TRANSACTIONS | INTERACTIONS
+    role: str  # TRANSACTIONS | INTERACTIONS (MERGED_… for events of a merged-away id)
     topic: str
     partition: int
     offset: int
@@ -122,10 +126,14 @@ class BatchResult:
     # (rules.shadow.signature: a customer differs when any of its entries is a non-empty tuple).
     shadow_diffs: list[tuple[bytes, bytes]] = field(default_factory=list)
     shadow_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # Events of an id merged into another (its state is the merge marker): each with the marker's
+    # [into_id, merge_id, into_partition], to send there (streams/merging.py); nothing else here.
+    forwarded: list[tuple[Record, list[Any]]] = field(default_factory=list)
 
     @property
     def reconciled(self) -> bool:
-        return self.consumed == self.applied + self.duplicates + self.replayed + self.dead + self.refused
+        return self.consumed == (self.applied + self.duplicates + self.replayed + self.dead + self.refused
+                                 + len(self.forwarded))
 
 
 def _text_or_b64(raw: bytes | None, force_b64: bool = False) -> tuple[str | None, str | None]:
@@ -230,7 +238,8 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
             if value is not None and len(value) > MAX_EVENT_BYTES:
                 raise InvalidEvent("too_large", f"value of {len(value)} bytes is larger than an event may be "
                                                 f"({MAX_EVENT_BYTES} bytes)")
-            if record.role == TRANSACTIONS:
+            role = record.role
+            if role == TRANSACTIONS or role == MERGED_TRANSACTIONS:
                 txn = decode_transaction(value, record.key, check_keys)
                 if txn.currency != rs.currency:
                     raise InvalidEvent("invalid_currency",
@@ -267,6 +276,12 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
         before = shadow.signature(shadows, state) if shadows else None
         offsets = state.offsets
         erased_at = erased.erased_at(customer_id) if erased else None
+        if state.merged_into is not None:
+            forwarded = [(record, state.merged_into) for record, _e, ts, _r in events
+                         if erased_at is None or ts > erased_at]
+            result.refused += len(events) - len(forwarded)
+            result.forwarded += forwarded
+            continue
         for record, event, ts, reached in events:
             if erased_at is not None and ts <= erased_at:
                 result.refused += 1
@@ -303,7 +318,8 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                 if shadows:
                     shadow.catch_up(shadows, customer_id, state, reached, now)
             fold(state, event, track, tz)
-            cause = Cause("transaction" if role == TRANSACTIONS else "interaction", event_id)
+            cause = Cause("transaction" if role == TRANSACTIONS or role == MERGED_TRANSACTIONS else "interaction",
+                          event_id)
             # Grades never go back in time: an older event is evaluated as of
             # the customer's latest event time, with the old event in its bucket.
             # Nor behind the clock: a clock change already graded the customer

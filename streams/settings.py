@@ -273,6 +273,15 @@ class Settings(BaseSettings):
         "grade-shadow-diffs", description="Compacted topic (key = customer_id) of each customer's active and "
                                           "shadow grades, published when they change (with shadow rulesets).")
 
+    # --- identity merges (streams/merging.py, docs/customers.md) ---------------------------
+    customer_merges: bool = Field(
+        False, description="Merge two customer ids into one (`gradeflow customers merge FROM INTO`): declares the "
+                           "merge topic and runs its steps. Once a merge was done, keep it on: later events of the "
+                           "merged-away id go through that topic.")
+    topic_customer_merges: str = Field(
+        "customer-merges", description="Merge requests and steps, and later events of merged-away ids; as many "
+                                       "partitions as the inputs.")
+
     @field_validator("alert_alertmanager_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -451,6 +460,11 @@ class ErasureTopics:
     requests: str
     markers: str
     receipts: str
+
+
+def merges_topic(settings: Settings) -> str:
+    """The full name of the merge topic (``topic_prefix`` applied)."""
+    return settings.topic_prefix + settings.topic_customer_merges
 
 
 def erasure_topics(settings: Settings) -> ErasureTopics:

@@ -37,6 +37,7 @@ from schemas.errors import ConfigurationError, ServerUnavailable
 from streams.kafka_config import bootstrap_list, check_tls, kafka_python_options, tcp_answers, unreachable_message
 from streams.settings import Settings, alert_retries_topic, erasure_topics
 from streams.settings import shadow_diffs_topic, shadow_ruleset_names
+from streams.settings import merges_topic
 
 __all__ = ["TABLES", "TopicSpec", "Problem", "topic_specs", "bootstrap_list", "unreachable_message",
            "admin_client", "create_topics", "check_topics", "replication_warnings", "new_topic",
@@ -116,7 +117,22 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                                 "retention.ms": str(settings.alert_dead_letters_retention_ms)}))
     if settings.erasure_key is not None:
         specs += erasure_specs(settings)
+    if settings.customer_merges:
+        specs += merge_specs(settings)
     return specs
+
+
+def merge_specs(settings: Settings) -> list[TopicSpec]:
+    """The merge topic (docs/customers.md), declared only when GRADEFLOW_CUSTOMER_MERGES is on.
+
+    An input, co-partitioned with the others: a merge's steps go to the partition of the worker
+    that holds the state they need, and a merged-away id's later events to the survivor's. It
+    keeps records as long as the inputs do: they are that id's events.
+    """
+    config = {"min.insync.replicas": str(settings.min_insync_replicas), "cleanup.policy": "delete"}
+    if settings.input_retention_ms is not None:
+        config["retention.ms"] = str(settings.input_retention_ms)
+    return [TopicSpec(merges_topic(settings), INPUT, settings.partitions, settings.replication_factor, config)]
 
 
 def erasure_specs(settings: Settings) -> list[TopicSpec]:

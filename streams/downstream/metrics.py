@@ -48,20 +48,23 @@ class _CountersCollector:
              "Input records skipped because their event_id was already applied (producer retries, re-sent events)."),
             ("gradeflow_events_refused", getattr(c, "refused", 0),
              "Input records of erased customers from before their erasure, refused (docs/erasure.md)."),
+            ("gradeflow_events_forwarded", getattr(c, "forwarded", 0),
+             "Input records of customer ids merged into another, sent on to it (docs/customers.md)."),
             ("gradeflow_grade_changes_emitted", c.grade_changes, "Grade-change events emitted by the grading agent."),
             ("gradeflow_alerts_emitted", c.alerts, "Alerts emitted to grade-alerts by the grading agent."),
         ):
             yield CounterMetricFamily(name, text, value=value)
-        # consumed = applied + duplicates + replayed + dead_lettered + refused, always: anything else is a bug.
+        # consumed = applied + duplicates + replayed + dead_lettered + refused + forwarded, always: anything else is a bug.
         yield GaugeMetricFamily(
             "gradeflow_events_unreconciled",
-            "consumed - (applied + duplicate + replayed + dead_lettered + refused); always 0 when every record is accounted for.",
+            "consumed - (applied + duplicate + replayed + dead_lettered + refused + forwarded); always 0 when every record is accounted for.",
             value=unreconciled(c))
 
 
 def unreconciled(c: Any) -> int:
-    """Records consumed but in none of the five outcomes (``streams.app.Counters``); 0 unless there is a bug."""
-    return c.consumed - (c.applied + getattr(c, "duplicates", 0) + c.replayed + c.dead_lettered + getattr(c, "refused", 0))
+    """Records consumed but in none of the six outcomes (``streams.app.Counters``); 0 unless there is a bug."""
+    return c.consumed - (c.applied + getattr(c, "duplicates", 0) + c.replayed + c.dead_lettered + getattr(c, "refused", 0)
+                         + getattr(c, "forwarded", 0))
 
 
 class _LagCollector:

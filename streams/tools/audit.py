@@ -27,6 +27,12 @@ topic and GRADEFLOW_ERASURE_KEY), the offline run refuses their events up to the
 workers do, and their published changes and alerts as of the erasure or before are left out of
 every check (counted): the compacted topic drops them. A customer's changes after the erasure
 are a new customer's, whose chain starts again.
+
+Merged customers (docs/customers.md): given the merges done (:func:`read_merges`, from the merge
+topic), an id merged into another must end with the terminal grade on every ladder it had, and the
+surviving id's final grades must be those of one customer fed the events of all its ids
+(recomputed offline with no clock; with the event clock its final grades are left out, counted).
+Their changes are not compared one by one: the merge re-grade has no counterpart offline.
 :func:`read_cluster` reads the topics for the command.
 """
 
@@ -43,11 +49,13 @@ import orjson
 from rules.changes import _alert
 from rules.engine import CompiledRuleset
 from rules.erasure import Erasures
+from rules.merge import TERMINAL_GRADE
 from rules.schedule import catch_up
 from rules.state import CustomerState
 from streams.processor import INTERACTIONS, MAX_FUTURE_SKEW_S, TRANSACTIONS, Record, process_batch
 
 SHOWN = 10  # divergences shown per kind
+_MERGED = "merged customers differing from the union of their events"
 
 
 def summary(change: dict[str, Any]) -> tuple:
@@ -70,6 +78,7 @@ class Report:
     recomputed: str = ""  # why offline agreement was or was not checked
     both_topics: int = 0  # customers on partitions with records on both input topics: final grades compared
     erased: int = 0  # changes and alerts of erased customers from before their erasure, left out
+    merged: int = 0  # customer ids in merges: final grades compared against the union of their events
     problems: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, kind: str, text: str) -> None:
@@ -95,6 +104,9 @@ class Report:
         if self.erased:
             lines.append(f"erased         {self.erased} changes and alerts of erased customers, as of their erasure "
                          f"or before: left out")
+        if self.merged:
+            lines.append(f"merged         {self.merged} customer ids in merges: final grades compared with one "
+                         f"customer fed the events of all its ids")
         lines += [f"customers agreeing      {share(self.agreeing_customers, self.customers)}",
                   f"final grades agreeing   {share(self.agreeing_final, self.final_grades)}"]
         for kind, texts in sorted(self.problems.items()):
@@ -112,8 +124,10 @@ class Audit:
     """Check published changes and alerts against each other and against an offline run."""
 
     def __init__(self, rs: CompiledRuleset, clock: str = "off", allowed_lateness_days: float | None = None,
-                 max_future_skew_s: float | None = MAX_FUTURE_SKEW_S, erasures: Erasures | None = None) -> None:
+                 max_future_skew_s: float | None = MAX_FUTURE_SKEW_S, erasures: Erasures | None = None,
+                 merges: dict[str, str] | None = None) -> None:
         self.rs, self.clock = rs, clock
+        self.merges = merges or {}  # merged-away id → the id it was merged into
         self.erasures = erasures
         self.allowed_lateness_days = allowed_lateness_days
         self.max_future_skew_s = max_future_skew_s
@@ -279,6 +293,13 @@ class Audit:
             partition_roles.setdefault(r.partition, set()).add(r.role)
             if r.key is not None:
                 home[r.key.decode("utf-8", "replace")] = r.partition
+        merged = self.merges.keys() | set(self.merges.values())
+        report.final_grades = 0
+        report.agreeing_final = 0
+        if merged:
+            self._check_merged(inputs, online, report)
+        expected = {c: v for c, v in expected.items() if c not in merged}
+        online = {c: v for c, v in online.items() if c not in merged}
         mixed = {p for p, kinds in partition_roles.items() if len(kinds) > 1}
         both = {customer for customer, p in home.items() if p in mixed}
         report.both_topics = len(both)
@@ -303,10 +324,60 @@ class Audit:
                 report.add("customers differing from offline",
                            f"{customer}: from change {at}: offline {_brief(want[at:at + 2])}, "
                            f"published {_brief(got[at:at + 2])}")
-        report.customers = len(set(expected) | set(online))
-        report.agreeing_customers = agreeing
-        report.final_grades = final_total
-        report.agreeing_final = final_agree
+        report.customers = len(set(expected) | set(online)) + report.merged
+        report.agreeing_customers = agreeing + report.merged - sum(1 for t in report.problems.get(_MERGED, ()))
+        report.final_grades += final_total
+        report.agreeing_final = final_agree + (report.agreeing_final or 0)
+
+    def root(self, customer_id: str) -> str:
+        """The id ``customer_id`` lives on as, after every merge."""
+        seen = {customer_id}
+        while customer_id in self.merges:
+            customer_id = self.merges[customer_id]
+            if customer_id in seen:
+                break
+            seen.add(customer_id)
+        return customer_id
+
+    def _check_merged(self, inputs: list[Record], online: dict[str, list[dict[str, Any]]], report: Report) -> None:
+        """Merged-away ids ended; each surviving id's final grades those of the union of its ids' events."""
+        groups: dict[str, list[Record]] = {}
+        for r in inputs:
+            customer = r.key.decode("utf-8", "replace") if r.key is not None else None
+            if customer is not None and (customer in self.merges or customer in self.merges.values()):
+                groups.setdefault(self.root(customer), []).append(r)
+        report.merged = len(self.merges.keys() | set(self.merges.values()))
+        report.agreeing_final = report.agreeing_final or 0
+        for customer in sorted(self.merges):
+            finals = {c["ladder"]: c["grade"] for c in online.get(customer, [])}
+            report.final_grades += len(finals)
+            ended = {ladder for ladder, grade in finals.items() if grade == TERMINAL_GRADE}
+            report.agreeing_final += len(ended)
+            if len(ended) != len(finals):
+                report.add(_MERGED, f"{customer} (merged into {self.merges[customer]}) did not end: {finals}")
+        if self.clock != "off":
+            return  # the clock's changes of the union depend on partitions the ids did not share
+        now = datetime.now(timezone.utc)
+        for root, records in sorted(groups.items()):
+            store: dict[str, bytes] = {}
+            ordered = sorted(records, key=lambda r: (r.timestamp_ms or 0, r.partition, r.offset))
+            for n, r in enumerate(ordered):
+                doc = orjson.loads(r.value or b"null")
+                if isinstance(doc, dict) and "customer_id" in doc:
+                    doc["customer_id"] = root
+                union = Record(r.role, r.topic, 0, n, root.encode(), orjson.dumps(doc), r.timestamp_ms)
+                result = process_batch([union], self.rs, store, now, allowed_lateness_days=self.allowed_lateness_days,
+                                       max_future_skew_s=self.max_future_skew_s, erased=self.erasures)
+                for customer_id, (raw, _record) in result.states.items():
+                    store[customer_id] = raw
+            want = CustomerState.from_bytes(store[root]).grades if root in store else {}
+            got = {c["ladder"]: c["grade"] for c in online.get(root, [])}
+            ladders = want.keys() | got.keys()
+            report.final_grades += len(ladders)
+            report.agreeing_final += sum(1 for k in ladders if want.get(k) == got.get(k))
+            if want != got:
+                report.add(_MERGED, f"{root} (with {', '.join(sorted(c for c in self.merges if self.root(c) == root))}):"
+                                    f" the union of their events {want}, published {got}")
 
 
 def _brief(summaries: list[tuple]) -> str:
@@ -389,3 +460,33 @@ def read_erasures(settings: Any) -> Erasures | None:
     finally:
         consumer.close()
     return erasures
+
+
+def read_merges(settings: Any) -> dict[str, str]:
+    """The merges done, from the merge topic's outcomes: merged-away id → the id it was merged into
+    (empty when merges are off or the topic is missing)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams.kafka_config import kafka_python_options
+    from streams.readback import read_to_end
+    from streams.settings import merges_topic
+
+    if not settings.customer_merges:
+        return {}
+    topic = merges_topic(settings)
+    merges: dict[str, str] = {}
+    consumer = KafkaConsumer(**kafka_python_options(settings), group_id=None, enable_auto_commit=False)
+    try:
+        if not consumer.partitions_for_topic(topic):
+            return {}
+        for _tp, records in read_to_end(consumer, [TopicPartition(topic, 0)]):
+            for r in records:
+                try:
+                    doc = orjson.loads(r.value or b"")
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(doc, dict) and doc.get("step") == "done":
+                    merges[str(doc["from"])] = str(doc["into"])
+    finally:
+        consumer.close()
+    return merges

@@ -280,7 +280,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Read the input topics and grade-changes, recompute offline with the same engine, report agreement."""
     from rules.engine import compile_ruleset
     from rules.ruleset import load
-    from streams.tools.audit import Audit, read_cluster, read_erasures
+    from streams.tools.audit import Audit, read_cluster, read_erasures, read_merges
 
     settings = _settings(args)
     ruleset = compile_ruleset(load(args.ruleset or settings.ruleset))
@@ -294,7 +294,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.set_description("audit: recomputing")
         audit = Audit(ruleset, clock=settings.clock, allowed_lateness_days=settings.allowed_lateness_days,
-                      max_future_skew_s=settings.max_future_skew_s, erasures=read_erasures(settings))
+                      max_future_skew_s=settings.max_future_skew_s, erasures=read_erasures(settings),
+                      merges=read_merges(settings))
         report = audit.check(inputs, changes, alerts, bar.update if bar is not None else None)
     finally:
         if bar is not None:
@@ -343,6 +344,27 @@ def cmd_customers_erase(args: argparse.Namespace) -> int:
         print(f"gradeflow customers erase: no receipt after {args.timeout:g} s for {len(missing)} of {len(ids)} "
               f"erasures (are workers running with GRADEFLOW_ERASURE_KEY?); they stay requested", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_customers_merge(args: argparse.Namespace) -> int:
+    """Request the merge of FROM into INTO; with --wait, wait for its outcome."""
+    from streams.tools.merge import request_merge, wait_outcome
+
+    settings = _settings(args)
+    merge_id, start = request_merge(settings, args.from_id, args.into_id)
+    print(f"merge {merge_id} requested: {args.from_id} into {args.into_id}")
+    if not args.wait:
+        return 0
+    outcome = wait_outcome(settings, merge_id, start, args.timeout)
+    if outcome is None:
+        print(f"gradeflow customers merge: no outcome after {args.timeout:g} s (are workers running with "
+              f"GRADEFLOW_CUSTOMER_MERGES=true?); it stays requested", file=sys.stderr)
+        return 1
+    if outcome["step"] == "refused":
+        print(f"merge {merge_id} refused: {outcome.get('reason')}", file=sys.stderr)
+        return 1
+    print(f"merge {merge_id} done: {args.from_id} ended (grade none), {args.into_id} re-graded")
     return 0
 
 
@@ -451,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--wait", action="store_true", help="wait for every erasure's receipt (exit 1 if one is missing)")
     erase.add_argument("--timeout", type=_positive, default=120.0, help="seconds --wait waits (default 120)")
     erase.set_defaults(func=cmd_customers_erase)
+    merge = customers.add_parser("merge", help="merge customer id FROM into INTO: one customer from then on "
+                                               "(docs/customers.md)")
+    broker_opts(merge)
+    merge.add_argument("from_id", metavar="FROM", help="the id that ends")
+    merge.add_argument("into_id", metavar="INTO", help="the id that stays, with the events of both")
+    merge.add_argument("--wait", action="store_true", help="wait for the outcome (exit 1 if refused or none)")
+    merge.add_argument("--timeout", type=_positive, default=120.0, help="seconds --wait waits (default 120)")
+    merge.set_defaults(func=cmd_customers_merge)
 
     audit = sub.add_parser("audit", help="check grade-changes and alerts against an offline run of the input topics "
                                           "(exit 1 on any divergence)")

@@ -39,6 +39,7 @@ def unique_env(prefix: str = "gf", **extra: str) -> dict[str, str]:
         "GRADEFLOW_TOPIC_ERASURE_MARKERS": f"{tag}-erasure-markers",
         "GRADEFLOW_TOPIC_ERASURE_RECEIPTS": f"{tag}-erasure-receipts",
         "GRADEFLOW_TOPIC_SHADOW_DIFFS": f"{tag}-grade-shadow-diffs",
+        "GRADEFLOW_TOPIC_CUSTOMER_MERGES": f"{tag}-customer-merges",
         "GRADEFLOW_DATA_DIR": str(ROOT / ".local" / "workers" / tag),
         # Scripted histories lie in the past: under the wall clock every customer would be
         # re-graded by time at once. Tests of the clock ask for one (GRADEFLOW_CLOCK=event).
