@@ -30,6 +30,7 @@ from streams.faustext.batching import BatchingApp, deliver_in_batches
 from streams.clock import attach_clock
 from streams.population import attach_population
 from streams.rules_start import attach_rules_regrade
+from streams.rules_control import Start, attach_rules_control
 from streams.handler import BatchGrader
 from streams.faustext.outbox import MAX_BATCH_BYTES
 from streams.faustext.tables import FaustStateStore
@@ -60,8 +61,9 @@ class Counters:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
-    """Build the Faust app for ``settings`` running ``ruleset``."""
+def create_app(settings: Settings, ruleset: CompiledRuleset, start: Start | None = None) -> faust.App:
+    """Build the Faust app for ``settings`` running ``ruleset``; ``start``: what the worker read of
+    the rules-control topic before (streams/rules_control.py; None: follow it from its beginning)."""
     app = BatchingApp(
         settings.group_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_list(settings)],
@@ -100,9 +102,11 @@ def create_app(settings: Settings, ruleset: CompiledRuleset) -> faust.App:
     writer = asyncio.Lock()
     clock = attach_clock(app, settings, ruleset, table, store, writer)  # cause "clock": re-grading by time alone
     population = attach_population(app, settings, ruleset, store)  # None without relative grades
-    attach_rules_regrade(app, settings, ruleset, table, store, population, writer)  # cause "rules" after a version change
+    regrade = attach_rules_regrade(app, settings, ruleset, table, store, population, writer)  # cause "rules" after a version change
     grader = BatchGrader(settings, ruleset, store, clock, population, writer,
                          lambda: cast(Any, app.producer)._ensure_producer())  # the AIOKafkaProducer under Faust's
+    # Promotions and rollbacks: switches all of the above between two holders of the writer lock.
+    attach_rules_control(app, settings, start or Start(ruleset, None, 0), writer, grader, clock, regrade, population)
 
     async def grade(messages: list[Any]) -> Awaitable[None]:  # aiokafka ConsumerRecords of one fetch
         """One fetch of input records: decode, grade, send, then store state, then ack."""

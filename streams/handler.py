@@ -30,6 +30,9 @@ class BatchGrader:
         self.population, self.writer, self.producer = population, writer, producer
         names = settings.topics
         self.out_changes, self.out_alerts, self.out_dead = names.grade_changes, names.alerts, names.dead_letters
+        # The control record that made ``ruleset`` the active one (streams/rules_control.py switches
+        # both under the writer lock, between two batches); None: the ruleset the worker started with.
+        self.promotion_id: str | None = None
 
     async def grade(self, records: list[Record]) -> tuple[BatchResult, Sent | None]:
         """Grade one fetch; return its result and the sent state writes (to settle before the
@@ -42,7 +45,8 @@ class BatchGrader:
                                    allowed_lateness_days=settings.allowed_lateness_days,
                                    max_future_skew_s=settings.max_future_skew_s,
                                    clock_horizon=clock.look_horizon,
-                                   stream_time=clock.stream_times({r.partition for r in records}))
+                                   stream_time=clock.stream_times({r.partition for r in records}),
+                                   promotion_id=self.promotion_id)
             producer = self.producer()
             outbox = Outbox()
             outbox.extend(self.out_dead, result.dead_letters)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from rules import risk, windows
-from rules.changes import Cause, grade
+from rules.changes import Cause, grade, regrade_for_rules
 from rules.schedule import catch_up
 from rules.deciders import Population
 from rules.engine import CompiledRuleset
@@ -166,7 +166,7 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                   allowed_lateness_days: float | None = None,
                   max_future_skew_s: float | None = MAX_FUTURE_SKEW_S,
                   clock_horizon: timedelta | None = None,
-                  stream_time: dict[int, float] | None = None) -> BatchResult:
+                  stream_time: dict[int, float] | None = None, promotion_id: str | None = None) -> BatchResult:
     """Apply a batch of records; return outputs and the new state of every touched customer.
 
     ``now`` is wall-clock time, used for ``emitted_at``, ``dead_lettered_at``
@@ -196,6 +196,11 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
     therefore placed by the records' order, not by when a timer fired: a replay of the same
     records emits the same changes with the same ids, in the same order. The partitions' stream
     times after the batch are in ``BatchResult.stream_time``.
+
+    A customer whose state another ruleset version graded is first re-graded by ``rs`` (cause
+    ``rules``, :func:`rules.changes.regrade_for_rules`, with ``promotion_id`` when a promotion made
+    ``rs`` the active one), before their event: a promotion's changes carry cause ``rules``
+    whether the worker's re-grade sweep or an event reaches the customer first.
     """
     result = BatchResult(consumed=len(records))
     dead_letters = result.dead_letters
@@ -257,6 +262,10 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                 continue
             offsets[role] = record.offset
             last_record = record  # from here on the state changes (at least its offsets)
+            if state.ruleset is not None and state.ruleset != rs.key:
+                changes, alerts = regrade_for_rules(customer_id, rs, state, now, population, promotion_id)
+                if changes:
+                    _emit(result, key, changes, alerts)
             latest = state.last_event_ts
             # Late before duplicate: ids are forgotten past the lateness, so this order gives
             # the same verdict however records are batched.

@@ -246,6 +246,18 @@ class Settings(BaseSettings):
         None, gt=0, description="With clock=event: after this many seconds of wall time without a new event on an "
                                 "input partition, its clock follows wall time (never, when unset).")
 
+    # --- promotion and rollback of a ruleset (streams/rules_control.py, docs/rules-lifecycle.md) ---
+    rules_regrade_chunk: int = Field(
+        500, ge=1, le=100_000, description="Customers per step of the re-grade after a ruleset change; each step "
+                                           "holds the worker's writer lock, so batches wait at most one step.")
+    rules_regrade_pause_s: float = Field(
+        0.0, ge=0, le=60, description="Seconds between two steps of the re-grade after a ruleset change: slows it "
+                                      "down so that it takes less from live grading; 0: none.")
+    alert_fold_rules_changes: bool = Field(
+        True, description="Pages caused by a ruleset change (cause rules) are folded into one summary alert per "
+                          "ladder and storm window, whatever GRADEFLOW_ALERT_STORM_THRESHOLD; false: they count "
+                          "against the threshold like any other page.")
+
     @field_validator("alert_alertmanager_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -310,6 +322,12 @@ def alert_retries_topic(settings: Settings) -> str:
     if settings.topic_alert_retries:
         return settings.topic_prefix + settings.topic_alert_retries
     return f"{settings.group_id}-alert-retries"
+
+
+def rules_control_topic(settings: Settings) -> str:
+    """The full name of the rules-control topic (``<app id>-rules-control``): the active ruleset of
+    every worker of the app and their re-grade progress (streams/rules_control.py)."""
+    return f"{settings.group_id}-rules-control"
 
 
 def redis_prefix(settings: Settings) -> str:

@@ -65,7 +65,7 @@ from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_af
 
 from rules.engine import CompiledRuleset
 from streams.downstream.alerts.policy import (PERMANENT, SEV_RANK, StormGuard, cause_of, check_settings, classify,
-                                              is_at_risk, is_storm, recovery_of, retry_after_s, severity)
+                                              SeverityRule, is_at_risk, is_storm, recovery_of, retry_after_s, severity)
 from streams.downstream.alerts.sinks import AlertmanagerSink, AlertSink, Request, build_sinks
 from streams.downstream.redis_grades import epoch_us
 
@@ -141,9 +141,17 @@ class Dispatcher:
         self.ladders = {lad.name: lad for lad in ruleset.ladders}
         self.rules = check_settings(settings, ruleset)
         self.token = uuid.uuid4().hex
-        self.storm = StormGuard(settings.alert_storm_threshold, settings.alert_storm_window_s)
+        self.storm = StormGuard(settings.alert_storm_threshold, settings.alert_storm_window_s,
+                                bool(getattr(settings, "alert_fold_rules_changes", False)))
         self.limiters = {name: rate_limiter(getattr(settings, f"alert_{name}_rate_per_min")) for name in self.sinks}
         self._session: aiohttp.ClientSession | None = None
+
+    def switch(self, ruleset: CompiledRuleset) -> None:
+        """Read alerts by ``ruleset``'s ladders from now on (a promotion); a ladder the alert
+        settings do not name gets the default severity rule."""
+        self.ruleset = ruleset
+        self.ladders = {lad.name: lad for lad in ruleset.ladders}
+        self.rules = {name: self.rules.get(name, SeverityRule()) for name in self.ladders}
 
     # -- plumbing
 
@@ -184,6 +192,12 @@ class Dispatcher:
             alert = {**alert, "severity": severity(ladder, alert["previous_grade"], alert["grade"],
                                                    self.rules[ladder.name])}
         routes = self.routes(alert["severity"])
+        if routes and self.storm.folds_rules and cause_of(alert, self.ruleset) == "rules":
+            # A promotion moves many customers at once, on purpose: one summary per ladder and
+            # window says what it did, instead of a page per customer.
+            await self._fold(alert, self.storm.window(time.time()), summarize=True)
+            self._count("folded", sink="-")
+            return
         if routes and self.storm.threshold > 0 and await self._storm_folds(alert):
             self._count("folded", sink="-")
             return
@@ -212,17 +226,31 @@ class Dispatcher:
         await r.set(member, b"fold" if folds else b"page", px=ttl)
         if not folds:
             return False
+        await self._fold(alert, window, summarize=count == self.storm.threshold + 1)
+        return True
+
+    async def _fold(self, alert: dict[str, Any], window: int, summarize: bool) -> None:
+        """Count ``alert`` in ``window``'s summary; ``summarize``: schedule the summary (the first
+        fold of the window; a repeat is harmless: the summary of a window is sent once per sink)."""
+        r = self.redis
+        ttl = int(self.storm.window_s * 2000) + 60_000
+        if self.storm.folds_rules and cause_of(alert, self.ruleset) == "rules":
+            # Counted once whatever redelivers it: the member key says it was folded already.
+            member = self._k("storm", "member", alert["alert_id"])
+            if not await r.set(member, b"fold", px=ttl, nx=True):
+                return
+            first = self._k("storm", str(window), "rules-summary")
+            summarize = bool(await r.set(first, b"1", px=ttl, nx=True))
         folded_key = self._k("storm", str(window), "folded")
         field = "\x1f".join((alert["ladder"], cause_of(alert, self.ruleset), alert["severity"]))
         pipe = r.pipeline(transaction=True)
         pipe.hincrby(folded_key, field, 1)
         pipe.pexpire(folded_key, ttl)
         await pipe.execute()
-        if count == self.storm.threshold + 1:
+        if summarize:
             # One second after the window: a fold counted at its very end is in the sum.
             await self.schedule({"kind": STORM_SUMMARY, "sink": "*", "item": {"window": window},
                                  "round": 0, "due": self.storm.bounds(window)[1] + 1.0})
-        return True
 
     async def storm_summary(self, window: int) -> dict[str, Any] | None:
         """The summary alert of a storm window, from the folded counts in Redis (None: nothing folded)."""

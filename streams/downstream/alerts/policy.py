@@ -111,10 +111,13 @@ def cause_of(alert: dict[str, Any], ruleset: CompiledRuleset) -> str:
 class StormGuard:
     """Past ``threshold`` pages in a window (all customers together), further pages of that window
     are folded: not sent, counted by ladder, cause and severity, and summed up in one summary alert
-    sent when the window ends. ``threshold`` 0: never fold."""
+    sent when the window ends. ``threshold`` 0: never fold. ``folds_rules``
+    (GRADEFLOW_ALERT_FOLD_RULES_CHANGES): pages caused by a ruleset change are folded from the
+    first, whatever the threshold, and do not count against it; the summary lists them per ladder."""
 
     threshold: int
     window_s: float
+    folds_rules: bool = False
 
     def window(self, now: float) -> int:
         return int(now // self.window_s)
@@ -145,9 +148,7 @@ class StormGuard:
             "customer_id": "*",
             "ladder": ",".join(ladders),
             "severity": worst,
-            "summary": (f"Alert storm: {total} more key-customer pages between {rfc3339(start)} and "
-                        f"{rfc3339(end)} than the {self.threshold} sent were folded into this one: {parts}. "
-                        f"Every alert is on the alerts topic."),
+            "summary": self._headline(total, start, end, folded) + f": {parts}. Every alert is on the alerts topic.",
             "previous_grade": "",
             "grade": "",
             "grade_change_event_id": "",
@@ -160,6 +161,14 @@ class StormGuard:
             "window_start": start.isoformat(),
             "window_end": end.isoformat(),
         }
+
+
+    def _headline(self, total: int, start: datetime, end: datetime, folded: dict[tuple[str, str, str], int]) -> str:
+        if self.folds_rules and all(cause == "rules" for _, cause, _ in folded):
+            return (f"Ruleset change: {total} key-customer pages between {rfc3339(start)} and {rfc3339(end)} were "
+                    f"folded into this one")
+        return (f"Alert storm: {total} more key-customer pages between {rfc3339(start)} and "
+                f"{rfc3339(end)} than the {self.threshold} sent were folded into this one")
 
 
 CAUSE_WORDS = {"clock": "the clock (time alone)", "rules": "a new ruleset", "transaction": "transactions",
