@@ -27,6 +27,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -123,7 +124,7 @@ def read_topic(settings: Any, timeout_s: float = 15.0) -> tuple[list[tuple[bytes
         consumer.close()
 
 
-def latest_control(records: list[tuple[bytes | None, bytes | None]]) -> RulesControl | None:
+def latest_control(records: Sequence[tuple[bytes | None, bytes | None]]) -> RulesControl | None:
     """The record in force after ``records``: in offset order, each one whose control_version is
     above the one in force replaces it (a second writer of the same version loses)."""
     current: RulesControl | None = None
@@ -384,7 +385,7 @@ def write_record(settings: Any, record: RulesControl, timeout_s: float = 15.0) -
         producer.close()
 
 
-def coverage(records: list[tuple[bytes | None, bytes | None]], control_version: int, ruleset_key: str
+def coverage(records: Sequence[tuple[bytes | None, bytes | None]], control_version: int, ruleset_key: str
              ) -> tuple[set[int], int, int, list[RulesProgress]]:
     """From the topic's records: the input partitions some worker reported done for
     ``control_version`` and ``ruleset_key``, customers done and total (latest report of each
