@@ -94,8 +94,7 @@ def _consumer(settings: Any, timeout_s: float) -> Any:
     from streams.kafka_config import kafka_python_options
 
     return KafkaConsumer(**kafka_python_options(settings), group_id=None, enable_auto_commit=False,
-                         request_timeout_ms=int(max(timeout_s, 11) * 1000) + 1000,
-                         consumer_timeout_ms=int(timeout_s * 1000))
+                         request_timeout_ms=int(max(timeout_s, 11) * 1000) + 1000)
 
 
 def read_topic(settings: Any, timeout_s: float = 15.0) -> tuple[list[tuple[bytes | None, bytes | None]], int]:
@@ -196,6 +195,7 @@ class ActiveRules:
         self.population: Any = None
         self.downstream: Any = None
         self._reported = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def topic(self) -> str:
@@ -243,7 +243,10 @@ class ActiveRules:
         log.warning("gradeflow: ruleset %s → %s by rules-control v%d (%s by %s); re-grading every customer",
                     before, ruleset.key, record.control_version, record.action, record.requested_by)
         if self.regrade is not None:
-            await self.regrade.run()
+            # In the background: the follower must read a rollback that comes during a long re-grade.
+            task = asyncio.ensure_future(self.regrade.run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return True
 
     async def follow(self) -> None:

@@ -49,6 +49,8 @@ def promote(settings: Any, candidate: str, out: TextIO = sys.stderr) -> RulesCon
         if local_text != text:
             raise ControlError(f"ruleset {ruleset.key} is what GRADEFLOW_RULESET runs, with another document: "
                                f"a changed ruleset needs a new version")
+        print(f"gradeflow: ruleset {ruleset.key} is active already (GRADEFLOW_RULESET, never promoted)", file=out)
+        return None
     record = build_record(settings, current, local, local_text, ruleset, text, "promote")
     write_record(settings, record)
     print(f"gradeflow: promoted {ruleset.key} (rules-control v{record.control_version}, previous "
