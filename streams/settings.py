@@ -254,8 +254,8 @@ class Settings(BaseSettings):
         0.0, ge=0, le=60, description="Seconds between two steps of the re-grade after a ruleset change: slows it "
                                       "down so that it takes less from live grading; 0: none.")
     alert_fold_rules_changes: bool = Field(
-        True, description="Pages caused by a ruleset change (cause rules) are not sent one by one but counted per "
-                          "ladder in one summary alert per storm window, whatever GRADEFLOW_ALERT_STORM_THRESHOLD; "
+        True, description="Pages caused by a ruleset change (cause rules) are not sent one by one but counted in one "
+                          "summary alert per ladder and storm window, whatever GRADEFLOW_ALERT_STORM_THRESHOLD; "
                           "false: they are pages like any other.")
 
     @field_validator("alert_alertmanager_url", mode="before")

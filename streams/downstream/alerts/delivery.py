@@ -195,7 +195,7 @@ class Dispatcher:
         if routes and self.storm.folds_rules and cause_of(alert, self.ruleset) == "rules":
             # A promotion moves many customers at once, on purpose: one summary per ladder and
             # window says what it did, instead of a page per customer.
-            await self._fold(alert, self.storm.window(time.time()), summarize=True)
+            await self._fold_rules(alert)
             self._count("folded", sink="-")
             return
         if routes and self.storm.threshold > 0 and await self._storm_folds(alert):
@@ -226,30 +226,36 @@ class Dispatcher:
         await r.set(member, b"fold" if folds else b"page", px=ttl)
         if not folds:
             return False
-        await self._fold(alert, window, summarize=count == self.storm.threshold + 1)
-        return True
-
-    async def _fold(self, alert: dict[str, Any], window: int, summarize: bool) -> None:
-        """Count ``alert`` in ``window``'s summary; ``summarize``: schedule the summary (the first
-        fold of the window; a repeat is harmless: the summary of a window is sent once per sink)."""
-        r = self.redis
-        ttl = int(self.storm.window_s * 2000) + 60_000
-        if self.storm.folds_rules and cause_of(alert, self.ruleset) == "rules":
-            # Counted once whatever redelivers it: the member key says it was folded already.
-            member = self._k("storm", "member", alert["alert_id"])
-            if not await r.set(member, b"fold", px=ttl, nx=True):
-                return
-            first = self._k("storm", str(window), "rules-summary")
-            summarize = bool(await r.set(first, b"1", px=ttl, nx=True))
         folded_key = self._k("storm", str(window), "folded")
         field = "\x1f".join((alert["ladder"], cause_of(alert, self.ruleset), alert["severity"]))
         pipe = r.pipeline(transaction=True)
         pipe.hincrby(folded_key, field, 1)
         pipe.pexpire(folded_key, ttl)
         await pipe.execute()
-        if summarize:
+        if count == self.storm.threshold + 1:
             # One second after the window: a fold counted at its very end is in the sum.
             await self.schedule({"kind": STORM_SUMMARY, "sink": "*", "item": {"window": window},
+                                 "round": 0, "due": self.storm.bounds(window)[1] + 1.0})
+        return True
+
+    async def _fold_rules(self, alert: dict[str, Any]) -> None:
+        """Count a page caused by a ruleset change in its ladder's summary of this window (the
+        first of a ladder and window schedules that summary, due when the window ends)."""
+        r = self.redis
+        ttl = int(self.storm.window_s * 2000) + 60_000
+        member = self._k("storm", "member", alert["alert_id"])
+        if not await r.set(member, b"fold", px=ttl, nx=True):
+            return  # a redelivery: counted already (or paged, if it came before folding was on)
+        window = self.storm.window(time.time())
+        ladder = alert["ladder"]
+        folded_key = self._k("storm", str(window), "rules", ladder)
+        pipe = r.pipeline(transaction=True)
+        pipe.hincrby(folded_key, alert["severity"], 1)
+        pipe.pexpire(folded_key, ttl)
+        pipe.set(self._k("storm", str(window), "rules", ladder, "scheduled"), b"1", px=ttl, nx=True)
+        first = (await pipe.execute())[2]
+        if first:
+            await self.schedule({"kind": STORM_SUMMARY, "sink": "*", "item": {"window": window, "ladder": ladder},
                                  "round": 0, "due": self.storm.bounds(window)[1] + 1.0})
 
     async def storm_summary(self, window: int) -> dict[str, Any] | None:
@@ -262,6 +268,14 @@ class Dispatcher:
         if not folded:
             return None
         return self.storm.summary(window, folded, self.settings.alert_source)
+
+    async def rules_summary(self, window: int, ladder: str) -> dict[str, Any] | None:
+        """The summary of the pages a ruleset change caused on ``ladder`` in ``window`` (None: none)."""
+        raw = await self.redis.hgetall(self._k("storm", str(window), "rules", ladder))
+        by_severity = {(k.decode() if isinstance(k, bytes) else k): int(n) for k, n in raw.items()}
+        if not by_severity:
+            return None
+        return self.storm.rules_summary(window, ladder, by_severity, self.settings.alert_source)
 
     async def on_change(self, change: dict[str, Any]) -> None:
         """A document from ``grade-changes``: resolve open incidents when it is a recovery."""
@@ -276,7 +290,9 @@ class Dispatcher:
     async def on_retry(self, doc: dict[str, Any]) -> None:
         """A document from the retry topic (already due)."""
         if doc["kind"] == STORM_SUMMARY:
-            summary = await self.storm_summary(int(doc["item"]["window"]))
+            ladder = doc["item"].get("ladder")
+            summary = (await self.storm_summary(int(doc["item"]["window"])) if ladder is None
+                       else await self.rules_summary(int(doc["item"]["window"]), ladder))
             if summary is not None:
                 await asyncio.gather(*(self.deliver(TRIGGER, name, summary, 0)
                                        for name in self.routes(summary["severity"])))

@@ -113,7 +113,8 @@ class StormGuard:
     are folded: not sent, counted by ladder, cause and severity, and summed up in one summary alert
     sent when the window ends. ``threshold`` 0: never fold. ``folds_rules``
     (GRADEFLOW_ALERT_FOLD_RULES_CHANGES): pages caused by a ruleset change are folded from the
-    first, whatever the threshold, and do not count against it; the summary lists them per ladder."""
+    first, whatever the threshold, and do not count against it: one summary per ladder and window
+    (:meth:`rules_summary`) says how many there were."""
 
     threshold: int
     window_s: float
@@ -148,7 +149,9 @@ class StormGuard:
             "customer_id": "*",
             "ladder": ",".join(ladders),
             "severity": worst,
-            "summary": self._headline(total, start, end, folded) + f": {parts}. Every alert is on the alerts topic.",
+            "summary": (f"Alert storm: {total} more key-customer pages between {rfc3339(start)} and "
+                        f"{rfc3339(end)} than the {self.threshold} sent were folded into this one: {parts}. "
+                        f"Every alert is on the alerts topic."),
             "previous_grade": "",
             "grade": "",
             "grade_change_event_id": "",
@@ -163,12 +166,36 @@ class StormGuard:
         }
 
 
-    def _headline(self, total: int, start: datetime, end: datetime, folded: dict[tuple[str, str, str], int]) -> str:
-        if self.folds_rules and all(cause == "rules" for _, cause, _ in folded):
-            return (f"Ruleset change: {total} key-customer pages between {rfc3339(start)} and {rfc3339(end)} were "
-                    f"folded into this one")
-        return (f"Alert storm: {total} more key-customer pages between {rfc3339(start)} and "
-                f"{rfc3339(end)} than the {self.threshold} sent were folded into this one")
+    def rules_summary(self, window: int, ladder: str, by_severity: dict[str, int], source: str) -> dict[str, Any]:
+        """The summary alert of the pages a ruleset change caused on ``ladder`` in ``window``
+        (``by_severity``: how many of each severity), sent instead of them."""
+        start, end = (datetime.fromtimestamp(t, timezone.utc) for t in self.bounds(window))
+        total = sum(by_severity.values())
+        worst = max(by_severity, key=lambda v: SEV_RANK.get(v, 0))
+        parts = ", ".join(f"{n} {sev}" for sev, n in sorted(by_severity.items(), key=lambda i: -SEV_RANK.get(i[0], 0)))
+        ident = uuid.uuid5(uuid.NAMESPACE_URL, f"gradeflow/{source}/rules-change/{ladder}/{window}/{self.window_s}")
+        return {
+            "schema_version": 1,
+            "kind": "storm",
+            "alert_id": str(ident),
+            "customer_id": "*",
+            "ladder": ladder,
+            "severity": worst,
+            "summary": (f"Ruleset change: {total} key customers were downgraded on ladder '{ladder}' by a new ruleset "
+                        f"between {rfc3339(start)} and {rfc3339(end)} ({parts}); one summary instead of a page each "
+                        f"(GRADEFLOW_ALERT_FOLD_RULES_CHANGES). Every alert is on the alerts topic."),
+            "previous_grade": "",
+            "grade": "",
+            "grade_change_event_id": "",
+            "as_of": end.isoformat(),
+            "dedup_key": f"gradeflow/rules-change/{ladder}/{rfc3339(start)}",
+            "count": total,
+            "causes": {"rules": total},
+            "folded": [{"ladder": ladder, "cause": "rules", "severity": sev, "count": n}
+                       for sev, n in sorted(by_severity.items())],
+            "window_start": start.isoformat(),
+            "window_end": end.isoformat(),
+        }
 
 
 CAUSE_WORDS = {"clock": "the clock (time alone)", "rules": "a new ruleset", "transaction": "transactions",

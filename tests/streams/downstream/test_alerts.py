@@ -1020,13 +1020,16 @@ def test_pages_of_a_ruleset_change_fold_into_one_summary_whatever_the_threshold(
                 # The customers' own pages go out; the promotion's wait for the window's summary.
                 assert [hit.body["customer_id"] for hit in server.at("/hook")] == ["buyer", "buyer2"]
                 [summary_due] = h.retries
-                assert summary_due["kind"] == "storm_summary"
+                assert summary_due["kind"] == "storm_summary" and summary_due["item"]["ladder"] == "value"
                 await h.dispatcher.on_retry(summary_due)
+                await h.dispatcher.on_retry(summary_due)  # twice (a crash before the commit): sent once
+                assert len(server.at("/hook")) == 3
                 summary = server.at("/hook")[-1].body
-                assert summary["kind"] == "storm" and summary["count"] == 5 and summary["causes"] == {"rules": 5}
+                assert summary["kind"] == "storm" and summary["ladder"] == "value" and summary["count"] == 5
+                assert summary["causes"] == {"rules": 5} and summary["severity"] == "critical"
                 assert summary["folded"] == [{"ladder": "value", "cause": "rules", "severity": "critical", "count": 5}]
-                assert summary["summary"].startswith("Ruleset change: 5 key-customer pages")
-                assert "5 on ladder 'value' caused by a new ruleset" in summary["summary"]
+                assert summary["summary"].startswith("Ruleset change: 5 key customers were downgraded on ladder "
+                                                     "'value'")
 
     asyncio.run(run())
 
