@@ -242,12 +242,19 @@ class ActiveRules:
             self.switched_at = time.time()
         log.warning("gradeflow: ruleset %s → %s by rules-control v%d (%s by %s); re-grading every customer",
                     before, ruleset.key, record.control_version, record.action, record.requested_by)
-        if self.regrade is not None:
-            # In the background: the follower must read a rollback that comes during a long re-grade.
-            task = asyncio.ensure_future(self.regrade.run())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        # In the background: the follower must read a rollback that comes during a long re-grade.
+        task = asyncio.ensure_future(self._after_switch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return True
+
+    async def _after_switch(self) -> None:
+        if self.regrade is not None:
+            await self.regrade.run()
+        if self.clock is not None and getattr(self.clock, "mode", "off") != "off":
+            # The clock's due instants were computed by the old version: compute them again from
+            # the re-graded states (until then a wake leaves customers of another version alone).
+            await self.clock.rebuild()
 
     async def follow(self) -> None:
         """Follow the topic from where the start read stopped, forever, applying new records."""
