@@ -97,16 +97,33 @@ def _consumer(settings: Any, timeout_s: float) -> Any:
                          request_timeout_ms=int(max(timeout_s, 11) * 1000) + 1000)
 
 
-def read_topic(settings: Any, timeout_s: float = 15.0) -> tuple[list[tuple[bytes | None, bytes | None]], int]:
-    """Every record of the rules-control topic, in order, and the offset after the last; ([], 0)
-    when the topic does not exist."""
+def topic_partitions(settings: Any, topic: str) -> int | None:
+    """How many partitions ``topic`` has, None when it does not exist. Asked of the admin API: a
+    consumer's metadata request would have a broker that auto-creates topics create it."""
+    from streams.topics import admin_client
+
+    admin = admin_client(settings)
+    try:
+        if topic not in set(admin.list_topics()):
+            return None
+        [found] = admin.describe_topics([topic])
+        return len(found["partitions"])
+    finally:
+        admin.close()
+
+
+def read_topic(settings: Any, timeout_s: float = 15.0, check: bool = True
+               ) -> tuple[list[tuple[bytes | None, bytes | None]], int]:
+    """Every record of the rules-control topic, in order, and the offset after the last;
+    :class:`ControlError` when the topic does not exist (a producer would have the broker create
+    it with its defaults, not compacted). ``check`` False: the caller knows it exists."""
     from kafka import TopicPartition
 
     topic = rules_control_topic(settings)
+    if check and topic_partitions(settings, topic) is None:
+        raise ControlError(f"{topic}: missing (create it with `gradeflow topics create`)")
     consumer = _consumer(settings, timeout_s)
     try:
-        if consumer.partitions_for_topic(topic) is None:
-            return [], 0
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
         consumer.seek_to_beginning(tp)

@@ -12,22 +12,14 @@ from rules.engine import compile_ruleset
 from rules.ruleset import load, parse, resolve
 from schemas.events import RulesControl
 from streams.rules_control import (ControlError, build_record, compile_record, coverage, key_of, read_control,
-                                   read_topic, write_record)
+                                   read_topic, topic_partitions, write_record)
 
 
 def _input_partitions(settings: Any) -> int:
-    from kafka import KafkaConsumer
-
-    from streams.kafka_config import kafka_python_options
-
-    consumer = KafkaConsumer(**kafka_python_options(settings), group_id=None)
-    try:
-        found = consumer.partitions_for_topic(settings.topics.transactions)
-    finally:
-        consumer.close()
+    found = topic_partitions(settings, settings.topics.transactions)
     if not found:
-        raise ControlError(f"{settings.topics.transactions}: no such topic (run `gradeflow topics create`)")
-    return len(found)
+        raise ControlError(f"{settings.topics.transactions}: missing (create it with `gradeflow topics create`)")
+    return found
 
 
 def promote(settings: Any, candidate: str, out: TextIO = sys.stderr) -> RulesControl | None:
@@ -86,7 +78,7 @@ def wait(settings: Any, record: RulesControl, timeout_s: float, quiet: bool = Fa
                                   dynamic_ncols=True)
     try:
         while True:
-            records, _ = read_topic(settings)
+            records, _ = read_topic(settings, check=False)
             done, examined, total, reports = coverage(records, record.control_version, target)
             if bar is not None:
                 bar.total = max(total, examined)

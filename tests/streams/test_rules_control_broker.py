@@ -136,6 +136,10 @@ def test_promotion_and_rollback_mid_stream_with_two_workers(worker_factory, boot
     thread.join(60)
     assert sent[0] == len(stream)
 
+    for port in ports:
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'gradeflow_rules_active{ruleset="rfm-5",version="1"} 1.0' in metrics
+        assert "gradeflow_rules_control_version 2.0" in metrics and "gradeflow_rules_switches_total 2.0" in metrics
     promotion, rollback = control_records(bootstrap, env)
     assert (promotion.action, promotion.control_version, promotion.previous.version) == ("promote", 1, "1")
     assert (rollback.action, rollback.control_version, rollback.ruleset.version) == ("rollback", 2, "1")

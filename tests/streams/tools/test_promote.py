@@ -62,6 +62,17 @@ def test_promote_and_rollback_write_versioned_records_and_refuse_what_would_misl
     assert again.promotion_id != record.promotion_id
 
 
+def test_nothing_is_written_without_the_control_topic(bootstrap: str, tmp_path: Path) -> None:
+    env = unique_env("promote")
+    settings = load_settings(kafka_bootstrap=bootstrap, app_id=env["GRADEFLOW_APP_ID"])
+    (tmp_path / "v2.yaml").write_text(V2, encoding="utf-8")
+    try:
+        with pytest.raises(ControlError, match=f"{env['GRADEFLOW_APP_ID']}-rules-control: missing"):
+            promote(settings, str(tmp_path / "v2.yaml"), io.StringIO())
+    finally:
+        assert drop_run(bootstrap, env) == []  # and the command created no topic
+
+
 def test_wait_gives_up_after_its_timeout_when_no_worker_reports(app: Settings, tmp_path: Path) -> None:
     (tmp_path / "v2.yaml").write_text(V2, encoding="utf-8")
     record = promote(app, str(tmp_path / "v2.yaml"), io.StringIO())
