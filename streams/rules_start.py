@@ -92,6 +92,11 @@ class SweepProgress:
         self.total, self.done, self.regraded = total or 0, 0, 0
         self.started_at, self.finished_at = time.monotonic(), None
 
+    def reopen(self, ruleset: str) -> None:
+        self.ruleset = ruleset
+        self.partitions_done = set()
+        self.finished_at = None
+
     def step(self, examined: int, regraded: int) -> None:
         self.done += examined
         self.regraded += regraded
@@ -148,6 +153,9 @@ class RulesRegrade:
         self.rs, self.promotion_id = ruleset, promotion_id
         self.generation += 1
         self.swept = set()
+        # A sweep under way goes on by the new ruleset but finishes nothing: until the next sweep
+        # is done no partition counts as done for it (what `rules promote --wait` waits for).
+        self.progress.reopen(ruleset.key)
 
     async def sweep(self) -> int:
         """Re-grade every customer of this worker's partitions not graded by this ruleset."""

@@ -162,6 +162,18 @@ def test_progress_counts_customers_and_gives_an_eta_until_done() -> None:
                                              "eta_s": None, "complete": True}
 
 
+def test_a_switch_during_a_sweep_leaves_no_partition_done_for_the_new_ruleset() -> None:
+    from streams.rules_start import RulesRegrade
+
+    regrade = RulesRegrade(SimpleNamespace(), SETTINGS, V1, None, None)
+    regrade.progress.begin("rfm-5@1", {0, 1}, {0, 1}, None)  # a sweep after a rebalance, partitions done by v1
+    regrade.swept = {0, 1}
+    regrade.switch(V2, "p-1")
+    assert regrade.swept == set() and regrade.rs is V2 and regrade.promotion_id == "p-1"
+    progress = regrade.progress.as_dict()
+    assert (progress["ruleset"], progress["partitions_done"], progress["complete"]) == ("rfm-5@2", [], False)
+
+
 def test_the_wait_counts_partitions_done_by_any_worker_for_that_record_only() -> None:
     def report(worker: str, version: int, ruleset: str, done: list[int], total: int, examined: int,
                complete: bool) -> tuple[bytes, bytes]:
