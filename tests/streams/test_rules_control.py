@@ -192,3 +192,14 @@ def test_the_wait_counts_partitions_done_by_any_worker_for_that_record_only() ->
     assert (done, examined, total, len(reports)) == ({2, 3}, 90, 110, 2)
     done, *_ = coverage(records + [report("a", 1, "rfm-5@2", [0, 1], 50, 50, True)], 1, "rfm-5@2")
     assert done == {0, 1, 2, 3}
+
+
+def test_the_regrade_settings_are_bounded_and_named_when_refused() -> None:
+    from schemas.errors import ConfigurationError
+
+    settings = load_settings(rules_regrade_chunk=50, rules_regrade_pause_s=0.5, alert_fold_rules_changes=False)
+    assert (settings.rules_regrade_chunk, settings.rules_regrade_pause_s, settings.alert_fold_rules_changes) == (
+        50, 0.5, False)
+    for name, value in (("rules_regrade_chunk", 0), ("rules_regrade_pause_s", 61), ("rules_regrade_pause_s", -1)):
+        with pytest.raises(ConfigurationError, match=f"GRADEFLOW_{name.upper()}"):
+            load_settings(**{name: value})
