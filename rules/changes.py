@@ -29,11 +29,13 @@ class Cause:
 
     # A plain class, not a NamedTuple: one is built per event, and a NamedTuple's __new__ is
     # interpreted even in a compiled module (schemas/compiled.py).
-    __slots__ = ("kind", "event_id")
+    __slots__ = ("kind", "event_id", "previous")
 
-    def __init__(self, kind: str, event_id: str | None) -> None:
+    def __init__(self, kind: str, event_id: str | None, previous: str | None = None) -> None:
         self.kind = kind  # transaction | interaction | clock | rules | merge
         self.event_id = event_id
+        # rules only: the ruleset (``id@version``) that graded the customer before
+        self.previous = previous
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Cause) and (self.kind, self.event_id) == (other.kind, other.event_id)
@@ -123,6 +125,14 @@ def _alert(customer_id: str, ladder: CompiledLadder, change: dict[str, Any], as_
     }
 
 
+def _cause(cause: Cause) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": cause.kind, "event_id": cause.event_id}
+    if cause.previous is not None:
+        rid, _, version = cause.previous.rpartition("@")
+        out["previous_ruleset"] = {"id": rid, "version": version}
+    return out
+
+
 def json_value(rs: CompiledRuleset, name: str, value: Any) -> Any:
     """A metric value as the grade-change's ``metrics.values`` carries it: money as a decimal string."""
     if value is None:
@@ -164,7 +174,7 @@ def decide_changes(customer_id: str, rs: CompiledRuleset, grades: dict[str, str]
             "grade": grade,
             "direction": _direction(ladder, previous, grade),
             "as_of": as_of_iso,
-            "cause": {"kind": cause.kind, "event_id": cause.event_id},
+            "cause": _cause(cause),
             "metrics": {
                 "recency_days": ev.recency_days,
                 "frequency": ev.frequency,
@@ -203,8 +213,13 @@ def grade(customer_id: str, rs: CompiledRuleset, state: CustomerState, as_of: da
 
 
 def regrade_for_rules(customer_id: str, rs: CompiledRuleset, state: CustomerState, emitted_at: datetime,
-                      population: Population | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                      population: Population | None = None, promotion_id: str | None = None
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Re-grade a customer graded by another ruleset (or version): changes with cause ``rules``, no more.
+
+    The cause names the version that graded the customer before (``previous_ruleset``) and, for a
+    promotion or rollback, the control record's ``promotion_id`` (its ``event_id``, part of the
+    change's id: promoting v2, rolling back to v1 and promoting v2 again makes new ids each time).
 
     Evaluated as of the customer's latest event time (so ids are deterministic
     and grades stay in event time), without hysteresis (the new rules decide
@@ -214,6 +229,7 @@ def regrade_for_rules(customer_id: str, rs: CompiledRuleset, state: CustomerStat
     """
     if state.ruleset == rs.key:
         return [], []
+    previous = state.ruleset
     state.ruleset = rs.key
     known = {ladder.name for ladder in rs.ladders}
     for name in [n for n in state.grades if n not in known]:
@@ -224,5 +240,5 @@ def regrade_for_rules(customer_id: str, rs: CompiledRuleset, state: CustomerStat
     as_of = datetime.fromtimestamp(graded_at(state) or state.last_event_ts, rs.tz)
     prune(state, local_day(as_of, rs.tz), rs.retention_days)
     evaluation = evaluate(rs, state, as_of, population, hysteresis=False)
-    return decide_changes(customer_id, rs, state.grades, evaluation, as_of, Cause("rules", None), emitted_at,
+    return decide_changes(customer_id, rs, state.grades, evaluation, as_of, Cause("rules", promotion_id, previous), emitted_at,
                           state.grade_since if rs.tracks_since else None)

@@ -182,9 +182,14 @@ class RulesetRef(BaseModel):
 
 
 class Cause(BaseModel):
-    kind: Literal["transaction", "interaction", "clock", "rules", "merge"] = Field(
-        description="merge: the customer was merged with another id (event_id: the merge id); docs/customers.md.")
-    event_id: str | None = None
+    kind: Literal["transaction", "interaction", "clock", "rules", "merge"]
+    event_id: str | None = Field(
+        None, description="transaction, interaction: the input event's id; rules: the promotion's id "
+                          "(rules-control promotion_id), null when the worker started on a new version; merge: the "
+                          "merge id (docs/customers.md); clock: null.")
+    previous_ruleset: RulesetRef | None = Field(
+        None, description="rules only: the ruleset (id and version) that graded the customer before (added in 1, "
+                          "optional: absent in changes of earlier releases and of other causes).")
 
 
 class Metrics(BaseModel):
@@ -353,6 +358,41 @@ class CustomerMerge(_Output):
     reason: str | None = Field(None, description="refused: why nothing was merged.")
 
 
+class RulesControl(_Output):
+    """The active ruleset of every worker of an app, on ``<app id>-rules-control`` (key ``active``,
+    compacted): written by ``gradeflow rules promote`` and ``gradeflow rules rollback``, read to its
+    end by every worker before it grades and followed while it runs (docs/rules-lifecycle.md)."""
+
+    control_version: int = Field(ge=1, description="Increases by one with every promotion or rollback; a worker "
+                                                   "ignores a record whose control_version is not above the one it runs.")
+    action: Literal["promote", "rollback"]
+    promotion_id: str = Field(description="Deterministic id of this record (app, control_version, ruleset): the "
+                                          "cause event_id of the grade changes it makes.")
+    ruleset: RulesetRef = Field(description="The ruleset every worker runs from this record on.")
+    document: str = Field(description="The ruleset's YAML text: every worker compiles this, whatever its local files.")
+    previous: RulesetRef | None = Field(description="The ruleset active before (what a rollback returns to).")
+    previous_document: str | None = Field(description="Its YAML text, so that a rollback needs no local file.")
+    requested_by: str = Field(description="Who wrote the record (user@host of the command).")
+    requested_at: datetime
+
+
+class RulesProgress(_Output):
+    """A worker's re-grade after a promotion, on the rules-control topic (key ``progress/<worker>``):
+    what ``gradeflow rules promote --wait`` follows for every worker at once."""
+
+    worker: str = Field(description="The worker: host and HTTP port.")
+    control_version: int = Field(ge=0, description="The control record being applied (0: none, the worker's own start).")
+    ruleset: RulesetRef
+    partitions: list[int] = Field(description="Input partitions the worker owns.")
+    partitions_done: list[int] = Field(description="Those whose every customer is graded by ``ruleset``.")
+    customers_total: int = Field(ge=0, description="Customers of the partitions being re-graded.")
+    customers_done: int = Field(ge=0, description="Of those, examined so far (re-graded or already up to date).")
+    regraded: int = Field(ge=0, description="Customers re-graded (their state was graded by another version).")
+    eta_s: float | None = Field(description="Seconds left at the current rate; null when unknown or done.")
+    complete: bool = Field(description="True once every owned partition is done.")
+    updated_at: datetime
+
+
 ALL_MODELS: dict[str, type[BaseModel]] = {
     "transaction": Transaction,
     "interaction": Interaction,
@@ -363,4 +403,6 @@ ALL_MODELS: dict[str, type[BaseModel]] = {
     "erasure-receipt": ErasureReceipt,
     "shadow-diff": ShadowDiff,
     "customer-merge": CustomerMerge,
+    "rules-control": RulesControl,
+    "rules-progress": RulesProgress,
 }

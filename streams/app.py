@@ -33,6 +33,7 @@ from streams.erasure import attach_erasure
 from streams.merging import attach_merging
 from streams.rules_start import attach_rules_regrade
 from streams.shadow import attach_shadow
+from streams.rules_control import Start, attach_rules_control
 from streams.handler import BatchGrader
 from streams.faustext.outbox import MAX_BATCH_BYTES
 from streams.faustext.tables import FaustStateStore
@@ -65,9 +66,11 @@ class Counters:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[CompiledRuleset, ...] = ()) -> faust.App:
+def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[CompiledRuleset, ...] = (),
+               start: Start | None = None) -> faust.App:
     """Build the Faust app for ``settings`` running ``ruleset``, with ``shadows`` graded beside it
-    (streams/shadow.py)."""
+    (streams/shadow.py); ``start``: what the worker read of the rules-control topic before
+    (streams/rules_control.py; None: follow it from its beginning)."""
     app = BatchingApp(
         settings.group_id,
         broker=[f"kafka://{hp}" for hp in bootstrap_list(settings)],
@@ -106,7 +109,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[Comp
     writer = asyncio.Lock()
     clock = attach_clock(app, settings, ruleset, table, store, writer)  # cause "clock": re-grading by time alone
     population = attach_population(app, settings, ruleset, store)  # None without relative grades
-    attach_rules_regrade(app, settings, ruleset, table, store, population, writer)  # cause "rules" after a version change
+    regrade = attach_rules_regrade(app, settings, ruleset, table, store, population, writer)  # cause "rules" after a version change
     shadow_stats = attach_shadow(app, settings, ruleset, shadows, store, writer)  # None without shadow rulesets
     clock.shadows = shadows
     grader = BatchGrader(settings, ruleset, store, clock, population, writer,
@@ -115,7 +118,11 @@ def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[Comp
     erasure = attach_erasure(app, settings, store, clock, writer, grader.producer)  # None without GRADEFLOW_ERASURE_KEY
     if erasure is not None:
         grader.erasures = erasure.erasures
-    attach_merging(app, settings, ruleset, store, clock, population, writer, grader)  # None unless GRADEFLOW_CUSTOMER_MERGES
+    merging = attach_merging(app, settings, ruleset, store, clock, population, writer, grader)  # None unless GRADEFLOW_CUSTOMER_MERGES
+    # Promotions and rollbacks: switches all of the above between two holders of the writer lock.
+    rules = attach_rules_control(app, settings, start or Start(ruleset, None, 0), writer, grader, clock, regrade,
+                                 population)
+    rules.merging = merging
 
     async def grade(messages: list[Any]) -> Awaitable[None]:  # aiokafka ConsumerRecords of one fetch
         """One fetch of input records: decode, grade, send, then store state, then ack."""

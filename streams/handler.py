@@ -39,6 +39,9 @@ class BatchGrader:
         self.shadows, self.shadow_stats = shadows, shadow_stats
         self.out_shadow = shadow_diffs_topic(settings) if shadows else ""
         self.merges_topic: str | None = None  # where events of merged-away ids go (streams/merging.py), if merges are on
+        # The control record that made ``ruleset`` the active one (streams/rules_control.py switches
+        # both under the writer lock, between two batches); None: the ruleset the worker started with.
+        self.promotion_id: str | None = None
 
     async def grade(self, records: list[Record]) -> tuple[BatchResult, Sent | None]:
         """Grade one fetch; return its result and the sent state writes (to settle before the
@@ -52,7 +55,7 @@ class BatchGrader:
                                    max_future_skew_s=settings.max_future_skew_s,
                                    clock_horizon=clock.look_horizon,
                                    stream_time=clock.stream_times({r.partition for r in records}),
-                                   erased=self.erasures, shadows=self.shadows)
+                                   erased=self.erasures, shadows=self.shadows, promotion_id=self.promotion_id)
             producer = self.producer()
             outbox = Outbox()
             outbox.extend(self.out_dead, result.dead_letters)

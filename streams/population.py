@@ -71,6 +71,14 @@ class Population:
         self.published = 0
         self.received = 0
 
+    def switch(self, ruleset: CompiledRuleset) -> None:
+        """A promotion made ``ruleset`` the active one (streams/rules_control.py): follow its sketches
+        from now on. The thresholds known stay until the new version's arrive: a quantile of a
+        metric over the same customers does not depend on which version asks for it."""
+        self.rs = ruleset
+        self.prefix = f"{ruleset.key}/"
+        self.latest = {}
+
     # ------------------------------------------------------------ pure-ish parts, tested without a broker
 
     def apply(self, key: bytes | None, value: bytes | None) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from rules import risk, shadow, windows
-from rules.changes import Cause, grade
+from rules.changes import Cause, grade, regrade_for_rules
 from rules.schedule import catch_up
 from rules.deciders import Population
 from rules.engine import CompiledRuleset
@@ -185,7 +185,8 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                   clock_horizon: timedelta | None = None,
                   stream_time: dict[int, float] | None = None,
                   erased: Erasures | None = None,
-                  shadows: tuple[CompiledRuleset, ...] = ()) -> BatchResult:
+                  shadows: tuple[CompiledRuleset, ...] = (),
+                  promotion_id: str | None = None) -> BatchResult:
     """Apply a batch of records; return outputs and the new state of every touched customer.
 
     ``now`` is wall-clock time, used for ``emitted_at``, ``dead_lettered_at``
@@ -221,6 +222,10 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
     ``shadows``: candidate rulesets (rules/shadow.py) graded beside ``rs`` as of the same instants,
     kept in the customers' states; their grades leave only as ``BatchResult.shadow_diffs``. Empty:
     nothing of theirs runs.
+    A customer whose state another ruleset version graded is first re-graded by ``rs`` (cause
+    ``rules``, :func:`rules.changes.regrade_for_rules`, with ``promotion_id`` when a promotion made
+    ``rs`` the active one), before their event: a promotion's changes carry cause ``rules``
+    whether the worker's re-grade sweep or an event reaches the customer first.
     """
     result = BatchResult(consumed=len(records))
     dead_letters = result.dead_letters
@@ -294,6 +299,13 @@ def process_batch(records: list[Record], rs: CompiledRuleset, store: StateReader
                 continue
             offsets[role] = record.offset
             last_record = record  # from here on the state changes (at least its offsets)
+            if state.ruleset is not None and state.ruleset != rs.key:
+                changes, alerts = regrade_for_rules(customer_id, rs, state, now, population, promotion_id)
+                if changes:
+                    _emit(result, key, changes, alerts)
+                if shadows:  # as the rules sweep does (streams/rules_start.py plan)
+                    shadow.forget_others(shadows, state)
+                    shadow.follow_rules(shadows, customer_id, state, now)
             latest = state.last_event_ts
             # Late before duplicate: ids are forgotten past the lateness, so this order gives
             # the same verdict however records are batched.

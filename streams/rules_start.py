@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from itertools import islice
 from typing import Any
 
@@ -44,13 +46,15 @@ CHUNK = 500
 
 def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population: Any = None,
          shadows: tuple[CompiledRuleset, ...] = (), diffs: list[tuple[bytes, bytes]] | None = None,
-         signatures: dict[bytes, tuple[Any, ...]] | None = None,
+         signatures: dict[bytes, tuple[Any, ...]] | None = None, promotion_id: str | None = None,
          ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], dict[bytes, tuple[bytes, bytes]]]:
     """Pure step of a sweep: for (key, state bytes) pairs, the changes, alerts and new states due.
 
     New states are ``key → (old bytes, new bytes)``. With ``shadows`` (rules/shadow.py) each
     re-graded customer's shadows follow, as of the same instant: their grade-shadow-diffs records
-    are appended to ``diffs`` and their signatures put in ``signatures``.
+    are appended to ``diffs`` and their signatures put in ``signatures``. ``promotion_id``: the
+    control record that made ``ruleset`` the active one (streams/rules_control.py), None for the
+    ruleset the worker started with.
     """
     now = utcnow()
     changes: list[tuple[bytes, bytes]] = []
@@ -64,7 +68,7 @@ def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population:
         if state.ruleset == key_of:
             continue
         before = shadow.signature(shadows, state) if shadows else None
-        out, warn = regrade_for_rules(key.decode(), ruleset, state, now, population)
+        out, warn = regrade_for_rules(key.decode(), ruleset, state, now, population, promotion_id)
         if shadows:
             shadow.forget_others(shadows, state)
             shadow.follow_rules(shadows, key.decode(), state, now)
@@ -79,6 +83,57 @@ def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population:
     return changes, alerts, states
 
 
+class SweepProgress:
+    """How far the re-grade of this worker's partitions is: customers examined of the total, the
+    rate, and which partitions are done (every customer graded by the active ruleset)."""
+
+    def __init__(self) -> None:
+        self.ruleset = ""
+        self.partitions: set[int] = set()
+        self.partitions_done: set[int] = set()
+        self.total = 0
+        self.done = 0
+        self.regraded = 0
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.finished_at is not None
+
+    def begin(self, ruleset: str, active: set[int], done: set[int], total: int | None) -> None:
+        self.ruleset = ruleset
+        self.partitions, self.partitions_done = set(active), set(done)
+        self.total, self.done, self.regraded = total or 0, 0, 0
+        self.started_at, self.finished_at = time.monotonic(), None
+
+    def reopen(self, ruleset: str) -> None:
+        self.ruleset = ruleset
+        self.partitions_done = set()
+        self.finished_at = None
+
+    def step(self, examined: int, regraded: int) -> None:
+        self.done += examined
+        self.regraded += regraded
+
+    def finish(self, done: set[int]) -> None:
+        self.partitions_done = set(done)
+        self.finished_at = time.monotonic()
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the rate so far; None before the first step and once finished."""
+        if self.complete or self.started_at is None or self.done <= 0:
+            return None
+        elapsed = time.monotonic() - self.started_at
+        return max(0.0, (self.total - self.done) * elapsed / self.done)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ruleset": self.ruleset, "partitions": sorted(self.partitions),
+                "partitions_done": sorted(self.partitions_done), "customers_total": self.total,
+                "customers_done": self.done, "regraded": self.regraded, "eta_s": self.eta_s(),
+                "complete": self.complete}
+
+
 class RulesRegrade:
     def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
                  population: Any = None, writer: asyncio.Lock | None = None) -> None:
@@ -90,6 +145,14 @@ class RulesRegrade:
         self.again = False
         self.regraded = 0
         self.sweeps = 0
+        self.promotion_id: str | None = None  # see plan()
+        self.chunk = int(getattr(settings, "rules_regrade_chunk", CHUNK))
+        self.pause_s = float(getattr(settings, "rules_regrade_pause_s", 0.0))
+        # Bumped by every ruleset switch: a sweep that a switch overtook marks nothing as swept.
+        self.generation = 0
+        # Progress of the current (or last) sweep, for the API, the metrics and the rules-control topic.
+        self.progress = SweepProgress()
+        self.on_progress: Callable[[], Awaitable[None]] | None = None
         # Input partitions this process has swept and owned ever since: everything written on them
         # since was graded here, by this ruleset, so the next rebalance need not read them again.
         # A partition lost and regained (or promoted from a standby, whose copy another worker
@@ -103,46 +166,80 @@ class RulesRegrade:
         inputs = self.settings.topics.transactions
         return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == inputs}
 
+    def switch(self, ruleset: CompiledRuleset, promotion_id: str | None) -> None:
+        """A new active ruleset (called under the writer lock): every partition is swept again."""
+        self.rs, self.promotion_id = ruleset, promotion_id
+        self.generation += 1
+        self.swept = set()
+        # A sweep under way goes on by the new ruleset but finishes nothing: until the next sweep
+        # is done no partition counts as done for it (what `rules promote --wait` waits for).
+        self.progress.reopen(ruleset.key)
+
     async def sweep(self) -> int:
         """Re-grade every customer of this worker's partitions not graded by this ruleset."""
         active = self.active_partitions()
         todo = active - self.swept
         self.swept &= active
+        generation = self.generation
+        progress = self.progress
+        progress.begin(self.rs.key, active, self.swept, None)
         if not todo:
             self.sweeps += 1
+            progress.finish(active)
+            await self._report()
             return 0
         names = self.settings.topics
-        thresholds = self.population.thresholds if self.population is not None else None
         done = 0
-        held = iter(list(self.store.partition_items(todo)))  # keys and partitions now; states re-read below
-        while chunk := list(islice(held, CHUNK)):
+        held = list(self.store.partition_items(todo))  # keys and partitions now; states re-read below
+        progress.total = len(held)
+        await self._report()
+        steps = iter(held)
+        first = True
+        while chunk := list(islice(steps, self.chunk)):
+            if not first and self.pause_s:
+                await asyncio.sleep(self.pause_s)  # the operator's throttle (GRADEFLOW_RULES_REGRADE_PAUSE_S)
+            first = False
             async with self.writer:
                 # Read under the lock: the handler cannot change these states until they are written.
+                # The ruleset too: a switch (also under the lock) may have come between two chunks.
                 keys = [key for key, _, _ in chunk]
                 where = {key: partition for key, partition, _ in chunk}
                 items = [(key, raw) for key, raw in zip(keys, self.store.get_keys(keys)) if raw is not None]
+                thresholds = self.population.thresholds if self.population is not None else None
                 diffs: list[tuple[bytes, bytes]] = []
                 signatures: dict[bytes, tuple[Any, ...]] = {}
-                changes, alerts, states = plan(self.rs, items, thresholds, self.shadows, diffs, signatures)
-                if not states:
-                    continue
-                producer = self.app.producer._ensure_producer()
-                outputs = {names.grade_changes: changes, names.alerts: alerts}
-                if self.shadows:
-                    outputs[shadow_diffs_topic(self.settings)] = diffs
-                    for key, sig in signatures.items():
-                        self.shadow_stats.note(where[key], key, sig)
-                    self.shadow_stats.records += len(diffs)
-                await publish(producer, outputs)  # before the states
-                await self.store.replace(producer, ((key, old, new, where[key])
-                                                    for key, (old, new) in states.items()))
+                changes, alerts, states = plan(self.rs, items, thresholds, self.shadows, diffs, signatures,
+                                               self.promotion_id)
+                if states:
+                    producer = self.app.producer._ensure_producer()
+                    outputs = {names.grade_changes: changes, names.alerts: alerts}
+                    if self.shadows:
+                        outputs[shadow_diffs_topic(self.settings)] = diffs
+                        for key, sig in signatures.items():
+                            self.shadow_stats.note(where[key], key, sig)
+                        self.shadow_stats.records += len(diffs)
+                    await publish(producer, outputs)  # before the states
+                    await self.store.replace(producer, ((key, old, new, where[key])
+                                                        for key, (old, new) in states.items()))
             done += len(states)
+            progress.step(len(chunk), len(states))
+            await self._report()
         self.regraded += done
         self.sweeps += 1
-        self.swept |= todo & self.active_partitions()
+        if generation == self.generation:
+            self.swept |= todo & self.active_partitions()
+            progress.finish(self.swept & self.active_partitions())
+        await self._report()
         if done:
             log.info("gradeflow: re-graded %d customers for ruleset %s", done, self.rs.key)
         return done
+
+    async def _report(self) -> None:
+        if self.on_progress is not None:
+            try:
+                await self.on_progress()
+            except Exception:  # noqa: BLE001 - progress is informative: the re-grade goes on without it
+                log.exception("gradeflow: reporting re-grade progress failed")
 
     async def run(self) -> None:
         if self.running:

@@ -281,6 +281,17 @@ class Settings(BaseSettings):
     topic_customer_merges: str = Field(
         "customer-merges", description="Merge requests and steps, and later events of merged-away ids; as many "
                                        "partitions as the inputs.")
+    # --- promotion and rollback of a ruleset (streams/rules_control.py, docs/rules-lifecycle.md) ---
+    rules_regrade_chunk: int = Field(
+        500, ge=1, le=100_000, description="Customers per step of the re-grade after a ruleset change; each step "
+                                           "holds the worker's writer lock, so batches wait at most one step.")
+    rules_regrade_pause_s: float = Field(
+        0.0, ge=0, le=60, description="Seconds between two steps of the re-grade after a ruleset change: slows it "
+                                      "down so that it takes less from live grading; 0: none.")
+    alert_fold_rules_changes: bool = Field(
+        True, description="Pages caused by a ruleset change (cause rules) are not sent one by one but counted in one "
+                          "summary alert per ladder and storm window, whatever GRADEFLOW_ALERT_STORM_THRESHOLD; "
+                          "false: they are pages like any other.")
 
     @field_validator("alert_alertmanager_url", mode="before")
     @classmethod
@@ -365,6 +376,12 @@ def shadow_diffs_topic(settings: Settings) -> str:
 def shadow_ruleset_names(settings: Settings) -> list[str]:
     """The presets or rule files of ``GRADEFLOW_SHADOW_RULESETS``, in order (empty: none)."""
     return [name.strip() for name in settings.shadow_rulesets.split(",") if name.strip()]
+
+
+def rules_control_topic(settings: Settings) -> str:
+    """The full name of the rules-control topic (``<app id>-rules-control``): the active ruleset of
+    every worker of the app and their re-grade progress (streams/rules_control.py)."""
+    return f"{settings.group_id}-rules-control"
 
 
 def redis_prefix(settings: Settings) -> str:

@@ -226,3 +226,33 @@ def attach_shadow(app: Any, settings: Any, active: CompiledRuleset, shadows: tup
         task.add_done_callback(tasks.discard)
 
     return stats
+
+
+def beside(active: CompiledRuleset, shadows: tuple[CompiledRuleset, ...]) -> tuple[tuple[CompiledRuleset, ...], list[str]]:
+    """The shadows that can still run beside ``active`` after a promotion or rollback made it the
+    active ruleset, and why each other one cannot (a promoted shadow is the active ruleset now)."""
+    kept: list[CompiledRuleset] = []
+    dropped: list[str] = []
+    for rs in shadows:
+        found = shadow.problems(active, rs)
+        if found:
+            dropped.append(f"{rs.key}: {'; '.join(found)}")
+        else:
+            kept.append(rs)
+    return tuple(kept), dropped
+
+
+def switch_active(app: Any, active: CompiledRuleset, grader: Any, clock: Any, regrade: Any) -> None:
+    """Retarget the worker's shadows to a new active ruleset (under the writer lock): the ones that
+    cannot run beside it stop, with a log line; the state's grades of a stopped one are dropped
+    the next time its customer is written (:func:`rules.shadow.forget_others`)."""
+    sweep = getattr(app, "gradeflow_shadow_sweep", None)
+    if sweep is None:
+        return
+    kept, dropped = beside(active, sweep.shadows)
+    for why in dropped:
+        log.warning("gradeflow: shadow ruleset %s stops beside the active %s", why, active.key)
+    sweep.active, sweep.shadows = active, kept
+    for holder in (grader, clock, regrade):
+        if holder is not None and hasattr(holder, "shadows"):
+            holder.shadows = kept

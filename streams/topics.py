@@ -6,6 +6,7 @@ Layout, from settings (all ``GRADEFLOW_*``):
   or the broker's default;
 * grade changes: ``grade_changes_cleanup_policy`` (compact by default);
 * alerts and dead letters: delete with ``alerts_retention_ms`` / ``dead_letters_retention_ms``;
+* the rules-control topic (``<app id>-rules-control``): 1 partition, compact;
 * the alert retry topic (``<app id>-alert-retries`` or ``topic_alert_retries``), when the
   worker runs the downstream agents: ``partitions``, delete after 14 days; with it the alert
   dead-letter topic (``topic_alert_dead_letters``), delete after ``alert_dead_letters_retention_ms``;
@@ -35,9 +36,8 @@ from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
 
 from schemas.errors import ConfigurationError, ServerUnavailable
 from streams.kafka_config import bootstrap_list, check_tls, kafka_python_options, tcp_answers, unreachable_message
-from streams.settings import Settings, alert_retries_topic, erasure_topics
-from streams.settings import shadow_diffs_topic, shadow_ruleset_names
-from streams.settings import merges_topic
+from streams.settings import (Settings, alert_retries_topic, erasure_topics, merges_topic, rules_control_topic,
+                              shadow_diffs_topic, shadow_ruleset_names)
 
 __all__ = ["TABLES", "TopicSpec", "Problem", "topic_specs", "bootstrap_list", "unreachable_message",
            "admin_client", "create_topics", "check_topics", "replication_warnings", "new_topic",
@@ -47,6 +47,7 @@ __all__ = ["TABLES", "TopicSpec", "Problem", "topic_specs", "bootstrap_list", "u
 TABLES = ("customer-state",)
 
 INPUT, OUTPUT, CHANGELOG, INTERNAL = "input", "output", "changelog", "internal"
+CONTROL = "control"  # the rules-control topic: written by `gradeflow rules promote|rollback`, read by every worker
 
 # How long an alert waiting for another delivery attempt stays on the retry topic: far longer
 # than the retry schedule (capped at GRADEFLOW_ALERT_RETRY_MAX_DELAY_S between rounds), short
@@ -58,7 +59,7 @@ ALERT_RETRIES_RETENTION_S = 14 * 24 * 3600
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
-    role: str  # INPUT | OUTPUT | CHANGELOG | INTERNAL
+    role: str  # INPUT | OUTPUT | CHANGELOG | INTERNAL | CONTROL
     partitions: int
     replication_factor: int | None  # None: the cluster's default.replication.factor
     config: dict[str, str] = field(default_factory=dict)
@@ -101,6 +102,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     if shadow_ruleset_names(settings):
         # Each customer's active and shadow grades (rules/shadow.py): the latest per customer is the truth.
         specs.append(TopicSpec(shadow_diffs_topic(settings), OUTPUT, n, rf, {**common, "cleanup.policy": "compact"}))
+    # The active ruleset and the re-grade progress of every worker (streams/rules_control.py): one
+    # partition, so that every worker reads the records in one order; compacted, so that the latest
+    # record of each key (the active ruleset, each worker's progress) is kept for ever.
+    specs.append(TopicSpec(rules_control_topic(settings), CONTROL, 1, rf, {**common, "cleanup.policy": "compact"}))
     for table in TABLES:
         specs.append(TopicSpec(settings.changelog_topic(table), CHANGELOG, n, rf,
                                {**common, "cleanup.policy": "compact"}))

@@ -89,7 +89,14 @@ def add_api(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, downs
 
     from streams.faustext.tables import FaustStateStore
 
-    ladders = [lad.name for lad in ruleset.ladders]
+    def active() -> CompiledRuleset:
+        # The ruleset a promotion made active (streams/rules_control.py), else the one started with.
+        rules = getattr(app, "gradeflow_rules", None)
+        return rules.active if rules is not None else ruleset
+
+    def ladder_names() -> list[str]:
+        return [lad.name for lad in active().ladders]
+
     states = FaustStateStore(table)
 
     def bad(self: View, exc: Exception) -> Response:
@@ -102,15 +109,16 @@ def add_api(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, downs
     async def overview(self: View, request: Request) -> Response:
         feed = feed_of(downstream)
         now = time.time()
+        rs = active()
         try:
-            counts = await downstream.grades().counts(ladders)
+            counts = await downstream.grades().counts([lad.name for lad in rs.ladders])
             moves = await feed.moves(now)
             rates = await feed.rates(60, now)
             dead = await feed.dead_letters()
         except Exception as exc:  # noqa: BLE001 - Redis down: say so
             return down(self, exc)
         out = []
-        for lad in ruleset.ladders:
+        for lad in rs.ladders:
             known = counts.get(lad.name, {})
             out.append({
                 "name": lad.name, "grades": list(lad.grades), "key": sorted(lad.key or ()),
@@ -121,7 +129,7 @@ def add_api(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, downs
             })
         return self.json({
             "generated_at": datetime.fromtimestamp(now, timezone.utc).isoformat(),
-            "ruleset": {"id": ruleset.id, "version": ruleset.version},
+            "ruleset": {"id": rs.id, "version": rs.version},
             "ladders": out, "changes_per_minute": rates, "dead_letters": dead, "lag": lag_of(app),
         })
 
@@ -130,7 +138,7 @@ def add_api(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, downs
         try:
             limit = _limit(request, 100)
             severity = _choice(request, "severity", SEVERITIES)
-            ladder = _choice(request, "ladder", ladders)
+            ladder = _choice(request, "ladder", ladder_names())
             kind = _choice(request, "kind", KINDS)
         except ValueError as exc:
             return bad(self, exc)
@@ -144,16 +152,17 @@ def add_api(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, downs
     async def at_risk(self: View, request: Request) -> Response:
         try:
             limit = _limit(request, 100)
-            ladder = _choice(request, "ladder", ladders)
+            ladder = _choice(request, "ladder", ladder_names())
         except ValueError as exc:
             return bad(self, exc)
         try:
             found, now = await feed_of(downstream).at_risk(limit, ladder)
         except Exception as exc:  # noqa: BLE001
             return down(self, exc)
+        tz = active().tz
         for doc in found:
-            doc["keep"] = keep_sentence(doc, ruleset.tz)
-        clock_now = datetime.fromtimestamp(now, ruleset.tz).isoformat() if now is not None else None
+            doc["keep"] = keep_sentence(doc, tz)
+        clock_now = datetime.fromtimestamp(now, tz).isoformat() if now is not None else None
         return self.json({"customers": found, "clock": clock_now, "kept": AT_RISK_CAP})
 
     @app.page("/api/customers/{customer_id}/timeline", base=guarded, name="gradeflow-api-timeline")
@@ -173,7 +182,7 @@ def add_api(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, downs
             if states.partition_of(key) is not None:
                 raw = table.get(key)
                 if raw is not None:
-                    current = current_from_table(raw, ruleset)
+                    current = current_from_table(raw, active())
         if not current:  # not held here: the latest change of each ladder says why
             for change in reversed(changes):
                 current[change["ladder"]] = {"grade": change["grade"], "reasons": change.get("reasons") or [],

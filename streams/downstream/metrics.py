@@ -122,6 +122,47 @@ class _StandbyCollector:
         yield lag
 
 
+class _RulesCollector:
+    """The active ruleset and the re-grade after a promotion (streams/rules_control.py)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        rules = getattr(self.app, "gradeflow_rules", None)
+        if rules is None:
+            return
+        status = rules.status()
+        sweep = status["regrade"]
+        info = GaugeMetricFamily("gradeflow_rules_active", "1 for the ruleset this worker grades by.",
+                                 labels=["ruleset", "version"])
+        info.add_metric([status["active"]["id"], status["active"]["version"]], 1)
+        yield info
+        for name, value, text in (
+            ("gradeflow_rules_control_version", status["control_version"],
+             "The rules-control record in force on this worker (0: none, GRADEFLOW_RULESET)."),
+            ("gradeflow_rules_regrade_customers_total", sweep["customers_total"],
+             "Customers of this worker's partitions to examine in the current (or last) re-grade."),
+            ("gradeflow_rules_regrade_customers_done", sweep["customers_done"],
+             "Of those, examined so far."),
+            ("gradeflow_rules_regrade_complete", int(status["regrade_complete"]),
+             "1 once every customer of this worker's partitions is graded by the active ruleset."),
+        ):
+            yield GaugeMetricFamily(name, text, value=value)
+        if sweep["eta_s"] is not None:
+            yield GaugeMetricFamily("gradeflow_rules_regrade_eta_seconds",
+                                    "Seconds left in the re-grade at its rate so far (absent when none runs).",
+                                    value=sweep["eta_s"])
+        yield CounterMetricFamily("gradeflow_rules_switches", "Ruleset switches by rules-control records.",
+                                  value=status["switches"])
+        yield CounterMetricFamily("gradeflow_rules_refused",
+                                  "rules-control records this worker could not apply (see its log).",
+                                  value=status["refused"])
+
+
 class StateGauge:
     """A gauge without a sample until its first :meth:`set`: a state not yet known is not shown as 0."""
 
@@ -155,6 +196,7 @@ class Metrics:
         from streams.shadow import ShadowCollector
 
         r.register(ShadowCollector(app))  # gradeflow_shadow_*: only with shadow rulesets
+        r.register(_RulesCollector(app))
         self.latency = Histogram(
             "gradeflow_processing_latency_seconds",
             "Per grading batch: from the broker timestamp of its first record to the grade decision.",

@@ -10,6 +10,8 @@
 ``GET /rules/diff``               the blast radius of promoting a shadow ruleset (streams/shadow_diff.py)
 ``GET /healthz``                  the process answers (no token)
 ``GET /readyz``                   partitions assigned and table recovery done (no token)
+``GET /rules``                    the active ruleset, the control record that made it active and
+                                  this worker's re-grade progress (docs/rules-lifecycle.md)
 ``GET /metrics``                  Prometheus text format
 ``GET /openapi.json``             this API, described (OpenAPI 3.1)
 ``GET /console/``, ``/api/...``    the console and its JSON (streams/console)
@@ -59,6 +61,11 @@ def is_ready(app: Any) -> tuple[bool, dict[str, Any]]:
         detail["assigned_partitions"] = None
     ok = detail["recovery_completed"] and not detail["in_recovery"] and not detail["rebalancing"] \
         and detail["assigned_partitions"] is not None
+    rules = getattr(app, "gradeflow_rules", None)
+    if rules is not None:
+        # Informative only: a worker re-grading after a promotion grades and answers as usual
+        # (docs/rules-lifecycle.md), so it stays in service.
+        detail["rules_regrade_complete"] = rules.status()["regrade_complete"]
     return ok, detail
 
 
@@ -148,6 +155,12 @@ def openapi(settings: Any) -> dict[str, Any]:
             "/readyz": {"get": {"summary": "Readiness", "security": [],
                                 "responses": {"200": ok("Health", "Partitions assigned, recovery done."),
                                               "503": ok("Health", "Not ready yet.")}}},
+            "/rules": {"get": {"summary": "The active ruleset (id, version, the rules-control record that made it "
+                                         "active, the previous one) and this worker's re-grade: customers done of "
+                                         "the total, ETA, regrade_complete", "security": secured,
+                               "responses": {"200": {"description": "The worker's rules status.",
+                                                     "content": {"application/json": {}}},
+                                             "401": unauthorized}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": secured,
                                  "responses": {"200": {"description": "Prometheus text format 0.0.4",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}},
@@ -164,7 +177,11 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
     """Add the API's pages to ``app``. ``downstream`` gives ``grades()`` (AsyncGrades) and ``metrics``."""
     # The plain token only here, where it is compared; the settings show it masked everywhere else.
     token = settings.api_token.get_secret_value() if settings.api_token else None
-    ladders = [lad.name for lad in ruleset.ladders]
+    def active() -> CompiledRuleset:
+        # The ruleset a promotion made active (streams/rules_control.py), else the one started with.
+        rules = getattr(app, "gradeflow_rules", None)
+        return rules.active if rules is not None else ruleset
+
     spec = openapi(settings)
     spec["paths"].update(console.api_paths())
     spec["paths"].update(shadow_diff.api_paths())
@@ -197,11 +214,11 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
             raw = table.get(key)
             if raw is None:
                 return self.json({"error": f"no grade known for customer {customer_id!r}"}, status=404)
-            grades = table_grades(raw, ruleset)
+            grades = table_grades(raw, active())
             source = "table"
         else:
             try:
-                grades = await downstream.grades().customer(customer_id, ladders)
+                grades = await downstream.grades().customer(customer_id, [lad.name for lad in active().ladders])
             except Exception as exc:  # noqa: BLE001 - Redis down: say so
                 return self.json({"error": f"redis unavailable: {exc}"}, status=503)
             if not grades:
@@ -231,12 +248,13 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
 
     @app.page("/grades", base=Guarded, name="gradeflow-grades")
     async def grades(self: View, request: Request) -> Response:
+        rs = active()
         try:
-            counts = await downstream.grades().counts(ladders)
+            counts = await downstream.grades().counts([lad.name for lad in rs.ladders])
         except Exception as exc:  # noqa: BLE001
             return self.json({"error": f"redis unavailable: {exc}"}, status=503)
         out = {}
-        for lad in ruleset.ladders:
+        for lad in rs.ladders:
             known = counts.pop(lad.name, {})
             out[lad.name] = {g: int(known.get(g, 0)) for g in lad.grades}
         out.update(counts)  # ladders Redis knows that this ruleset no longer has
@@ -246,10 +264,17 @@ def register(app: Any, settings: Any, table: Any, ruleset: CompiledRuleset, down
     async def metrics(self: View, request: Request) -> Response:
         m = downstream.metrics
         try:
-            m.set_grade_counts(await downstream.grades().counts(ladders))
+            m.set_grade_counts(await downstream.grades().counts([lad.name for lad in active().ladders]))
         except Exception:  # noqa: BLE001 - metrics must answer without Redis
             pass
         return self.bytes(m.render(), content_type="text/plain; version=0.0.4")  # UTF-8 (aiohttp refuses charset here)
+
+    @app.page("/rules", base=Guarded, name="gradeflow-rules")
+    async def rules(self: View, request: Request) -> Response:
+        control = getattr(app, "gradeflow_rules", None)
+        if control is None:
+            return self.json({"error": "this worker does not follow the rules-control topic"}, status=404)
+        return self.json(control.status())
 
     @app.page("/openapi.json", base=Guarded, name="gradeflow-openapi")
     async def openapi_json(self: View, request: Request) -> Response:

@@ -166,6 +166,13 @@ class Downstream:
         await self.history().record(items)
         return results
 
+    def switch(self, ruleset: CompiledRuleset) -> None:
+        """A promotion made ``ruleset`` the active one (streams/rules_control.py): alerts and
+        recoveries are read by its ladders from now on."""
+        self.ruleset = ruleset
+        if self._dispatcher is not None:
+            self._dispatcher.switch(ruleset)
+
     def dispatcher(self) -> Dispatcher:
         if self._dispatcher is None:
             self._dispatcher = Dispatcher(self.settings, self.ruleset, self.redis(), self.prefix,
@@ -301,13 +308,16 @@ def _ruleset(settings: Settings) -> CompiledRuleset:
 
 def attach_downstream(app: Any, settings: Settings, table: Any) -> Downstream:
     """Register the downstream agents, the HTTP API and the metrics on ``app``."""
-    ruleset = _ruleset(settings)
+    active = getattr(app, "gradeflow_rules", None)  # streams/rules_control.py: what rules-control made active
+    ruleset = active.active if active is not None else _ruleset(settings)
     check_settings(settings, ruleset)  # a bad alert setting stops the worker at start, not each alert
     ds = Downstream(app, settings, ruleset)
     app.gradeflow_metrics = ds.metrics
     app.gradeflow_downstream = ds
     close_builtin_pages(app)  # before web.register: its first page builds Faust's web server
     web.register(app, settings, table, ruleset, ds)
+    if active is not None:
+        active.downstream = ds
 
     @app.on_before_shutdown.connect
     async def _close_clients(app: Any, **kwargs: Any) -> None:

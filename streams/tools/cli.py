@@ -94,8 +94,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     fix_mmap_threshold(settings.malloc_mmap_threshold)
     raise_collector_threshold(settings.gc_threshold)
 
+    from streams.rules_control import choose_start, read_control
+
+    # Before anything is graded: a promoted ruleset wins over GRADEFLOW_RULESET (docs/rules-lifecycle.md).
+    record, offset = read_control(settings)
+    start = choose_start(ruleset, record, offset)
+    if start.note:
+        print(start.note, file=sys.stderr, flush=True)
+    ruleset = start.ruleset
+    from streams.shadow import beside
+
+    shadows, dropped = beside(ruleset, shadows)  # a promoted shadow is the active ruleset now
+    for why in dropped:
+        print(f"gradeflow worker: shadow ruleset {why}: not graded beside the active {ruleset.key}",
+              file=sys.stderr, flush=True)
+
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings, ruleset, shadows)
+    app = create_app(settings, ruleset, shadows, start)
     from schemas.compiled import status as hot_path
 
     print(f"gradeflow worker: ruleset {ruleset.id}@{ruleset.version}"
@@ -174,6 +189,36 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
             for problem in exc.problems:
                 print(f"{exc.source}: {problem}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def cmd_rules_promote(args: argparse.Namespace) -> int:
+    """Make a ruleset the active one on every worker; with --wait, follow the re-grade."""
+    from streams.tools.promote import promote
+
+    settings = _settings(args)
+    record = promote(settings, args.candidate)
+    return _wait(settings, record, args)
+
+
+def cmd_rules_rollback(args: argparse.Namespace) -> int:
+    """Return every worker to the ruleset active before the current one."""
+    from streams.tools.promote import rollback
+
+    settings = _settings(args)
+    return _wait(settings, rollback(settings), args)
+
+
+def _wait(settings, record, args: argparse.Namespace) -> int:  # noqa: ANN001 - Settings imported lazily
+    from streams.tools.promote import wait
+
+    if record is None or not args.wait:
+        return 0
+    if wait(settings, record, args.timeout, quiet=args.quiet):
+        print(f"gradeflow: every customer is graded by {record.ruleset.id}@{record.ruleset.version}", file=sys.stderr)
+        return 0
+    print(f"gradeflow: the re-grade was not complete after {args.timeout:g} s (are the workers running? "
+          f"GET /rules on each says how far it is)", file=sys.stderr)
+    return 3
 
 
 def cmd_redis_rebuild(args: argparse.Namespace) -> int:
@@ -429,6 +474,23 @@ def build_parser() -> argparse.ArgumentParser:
     rdiff.add_argument("--sample", type=int, default=10, help="key customers downgraded shown per ladder (10)")
     rdiff.add_argument("--json", action="store_true", help="print the answer as JSON (as GET /rules/diff gives it)")
     rdiff.set_defaults(func=cmd_rules_diff)
+    promote_cmd = rules.add_parser("promote", help="make a ruleset the active one on every worker (re-grades "
+                                                   "every customer; docs/rules-lifecycle.md)")
+    broker_opts(promote_cmd)
+    promote_cmd.add_argument("candidate", help="preset name or rule file, with a version no worker ran under "
+                                               "another document")
+    rollback_cmd = rules.add_parser("rollback", help="return every worker to the ruleset active before")
+    broker_opts(rollback_cmd)
+    for p in (promote_cmd, rollback_cmd):
+        p.add_argument("--ruleset", "-r", help="what the workers run when nothing was ever promoted "
+                                               "(GRADEFLOW_RULESET), default rfm-5")
+        p.add_argument("--wait", action="store_true",
+                       help="then show the re-grade's progress until every input partition is done (exit 3 if not "
+                            "within --timeout)")
+        p.add_argument("--timeout", type=_positive, default=600.0, help="seconds --wait waits at most (600)")
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    promote_cmd.set_defaults(func=cmd_rules_promote)
+    rollback_cmd.set_defaults(func=cmd_rules_rollback)
 
     replay = sub.add_parser("replay", help="produce a history (JSON Lines) into the input topics, with progress")
     broker_opts(replay)

@@ -358,8 +358,9 @@ def test_regrade_for_rules_emits_only_differences_with_cause_rules() -> None:
     new = compile_ruleset(parse(text))
     changes, alerts = regrade_for_rules("c1", new, state, NOW)
     assert [(c["ladder"], c["previous_grade"], c["grade"], c["cause"]) for c in changes] == [
-        ("value", "B", "A", {"kind": "rules", "event_id": None}),
-        ("lifecycle", None, "active", {"kind": "rules", "event_id": None})]
+        ("value", "B", "A", {"kind": "rules", "event_id": None, "previous_ruleset": {"id": "rfm-5", "version": "2"}}),
+        ("lifecycle", None, "active", {"kind": "rules", "event_id": None,
+                                       "previous_ruleset": {"id": "rfm-5", "version": "2"}})]
     for c in changes:
         GradeChange.model_validate(c)
         assert c["as_of"] == D0.isoformat() and c["ruleset"] == {"id": "rfm-5", "version": "3"}

@@ -79,7 +79,8 @@ def test_new_version_regrades_on_start_with_cause_rules(worker_factory, bootstra
     changes = [d for d in docs if "direction" in d]
     alerts = [d for d in docs if "alert_id" in d]
     assert [(c["customer_id"], c["previous_grade"], c["grade"], c["cause"], c["ruleset"]) for c in changes] == [
-        ("bo", "A", "B", {"kind": "rules", "event_id": None}, {"id": "rfm-5", "version": "2"})], second.tail()
+        ("bo", "A", "B", {"kind": "rules", "event_id": None, "previous_ruleset": {"id": "rfm-5", "version": "1"}},
+         {"id": "rfm-5", "version": "2"})], second.tail()
     assert changes[0]["as_of"] == "2026-05-02T10:00:00+08:00"
     assert [(a["customer_id"], a["previous_grade"], a["grade"]) for a in alerts] == [("bo", "A", "B")]
     second.stop()

@@ -65,7 +65,7 @@ from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_af
 
 from rules.engine import CompiledRuleset
 from streams.downstream.alerts.policy import (PERMANENT, SEV_RANK, StormGuard, cause_of, check_settings, classify,
-                                              is_at_risk, is_storm, recovery_of, retry_after_s, severity)
+                                              SeverityRule, is_at_risk, is_storm, recovery_of, retry_after_s, severity)
 from streams.downstream.alerts.sinks import AlertmanagerSink, AlertSink, Request, build_sinks
 from streams.downstream.redis_grades import epoch_us
 
@@ -141,9 +141,17 @@ class Dispatcher:
         self.ladders = {lad.name: lad for lad in ruleset.ladders}
         self.rules = check_settings(settings, ruleset)
         self.token = uuid.uuid4().hex
-        self.storm = StormGuard(settings.alert_storm_threshold, settings.alert_storm_window_s)
+        self.storm = StormGuard(settings.alert_storm_threshold, settings.alert_storm_window_s,
+                                bool(getattr(settings, "alert_fold_rules_changes", False)))
         self.limiters = {name: rate_limiter(getattr(settings, f"alert_{name}_rate_per_min")) for name in self.sinks}
         self._session: aiohttp.ClientSession | None = None
+
+    def switch(self, ruleset: CompiledRuleset) -> None:
+        """Read alerts by ``ruleset``'s ladders from now on (a promotion); a ladder the alert
+        settings do not name gets the default severity rule."""
+        self.ruleset = ruleset
+        self.ladders = {lad.name: lad for lad in ruleset.ladders}
+        self.rules = {name: self.rules.get(name, SeverityRule()) for name in self.ladders}
 
     # -- plumbing
 
@@ -184,6 +192,12 @@ class Dispatcher:
             alert = {**alert, "severity": severity(ladder, alert["previous_grade"], alert["grade"],
                                                    self.rules[ladder.name])}
         routes = self.routes(alert["severity"])
+        if routes and self.storm.folds_rules and cause_of(alert, self.ruleset) == "rules":
+            # A promotion moves many customers at once, on purpose: one summary per ladder and
+            # window says what it did, instead of a page per customer.
+            await self._fold_rules(alert)
+            self._count("folded", sink="-")
+            return
         if routes and self.storm.threshold > 0 and await self._storm_folds(alert):
             self._count("folded", sink="-")
             return
@@ -224,6 +238,26 @@ class Dispatcher:
                                  "round": 0, "due": self.storm.bounds(window)[1] + 1.0})
         return True
 
+    async def _fold_rules(self, alert: dict[str, Any]) -> None:
+        """Count a page caused by a ruleset change in its ladder's summary of this window (the
+        first of a ladder and window schedules that summary, due when the window ends)."""
+        r = self.redis
+        ttl = int(self.storm.window_s * 2000) + 60_000
+        member = self._k("storm", "member", alert["alert_id"])
+        if not await r.set(member, b"fold", px=ttl, nx=True):
+            return  # a redelivery: counted already (or paged, if it came before folding was on)
+        window = self.storm.window(time.time())
+        ladder = alert["ladder"]
+        folded_key = self._k("storm", str(window), "rules", ladder)
+        pipe = r.pipeline(transaction=True)
+        pipe.hincrby(folded_key, alert["severity"], 1)
+        pipe.pexpire(folded_key, ttl)
+        pipe.set(self._k("storm", str(window), "rules", ladder, "scheduled"), b"1", px=ttl, nx=True)
+        first = (await pipe.execute())[2]
+        if first:
+            await self.schedule({"kind": STORM_SUMMARY, "sink": "*", "item": {"window": window, "ladder": ladder},
+                                 "round": 0, "due": self.storm.bounds(window)[1] + 1.0})
+
     async def storm_summary(self, window: int) -> dict[str, Any] | None:
         """The summary alert of a storm window, from the folded counts in Redis (None: nothing folded)."""
         raw = await self.redis.hgetall(self._k("storm", str(window), "folded"))
@@ -234,6 +268,14 @@ class Dispatcher:
         if not folded:
             return None
         return self.storm.summary(window, folded, self.settings.alert_source)
+
+    async def rules_summary(self, window: int, ladder: str) -> dict[str, Any] | None:
+        """The summary of the pages a ruleset change caused on ``ladder`` in ``window`` (None: none)."""
+        raw = await self.redis.hgetall(self._k("storm", str(window), "rules", ladder))
+        by_severity = {(k.decode() if isinstance(k, bytes) else k): int(n) for k, n in raw.items()}
+        if not by_severity:
+            return None
+        return self.storm.rules_summary(window, ladder, by_severity, self.settings.alert_source)
 
     async def on_change(self, change: dict[str, Any]) -> None:
         """A document from ``grade-changes``: resolve open incidents when it is a recovery."""
@@ -248,7 +290,9 @@ class Dispatcher:
     async def on_retry(self, doc: dict[str, Any]) -> None:
         """A document from the retry topic (already due)."""
         if doc["kind"] == STORM_SUMMARY:
-            summary = await self.storm_summary(int(doc["item"]["window"]))
+            ladder = doc["item"].get("ladder")
+            summary = (await self.storm_summary(int(doc["item"]["window"])) if ladder is None
+                       else await self.rules_summary(int(doc["item"]["window"]), ladder))
             if summary is not None:
                 await asyncio.gather(*(self.deliver(TRIGGER, name, summary, 0)
                                        for name in self.routes(summary["severity"])))

@@ -111,10 +111,14 @@ def cause_of(alert: dict[str, Any], ruleset: CompiledRuleset) -> str:
 class StormGuard:
     """Past ``threshold`` pages in a window (all customers together), further pages of that window
     are folded: not sent, counted by ladder, cause and severity, and summed up in one summary alert
-    sent when the window ends. ``threshold`` 0: never fold."""
+    sent when the window ends. ``threshold`` 0: never fold. ``folds_rules``
+    (GRADEFLOW_ALERT_FOLD_RULES_CHANGES): pages caused by a ruleset change are folded from the
+    first, whatever the threshold, and do not count against it: one summary per ladder and window
+    (:meth:`rules_summary`) says how many there were."""
 
     threshold: int
     window_s: float
+    folds_rules: bool = False
 
     def window(self, now: float) -> int:
         return int(now // self.window_s)
@@ -157,6 +161,38 @@ class StormGuard:
             "causes": by_cause,
             "folded": [{"ladder": ladder, "cause": cause, "severity": sev, "count": n}
                        for (ladder, cause, sev), n in sorted(folded.items())],
+            "window_start": start.isoformat(),
+            "window_end": end.isoformat(),
+        }
+
+
+    def rules_summary(self, window: int, ladder: str, by_severity: dict[str, int], source: str) -> dict[str, Any]:
+        """The summary alert of the pages a ruleset change caused on ``ladder`` in ``window``
+        (``by_severity``: how many of each severity), sent instead of them."""
+        start, end = (datetime.fromtimestamp(t, timezone.utc) for t in self.bounds(window))
+        total = sum(by_severity.values())
+        worst = max(by_severity, key=lambda v: SEV_RANK.get(v, 0))
+        parts = ", ".join(f"{n} {sev}" for sev, n in sorted(by_severity.items(), key=lambda i: -SEV_RANK.get(i[0], 0)))
+        ident = uuid.uuid5(uuid.NAMESPACE_URL, f"gradeflow/{source}/rules-change/{ladder}/{window}/{self.window_s}")
+        return {
+            "schema_version": 1,
+            "kind": "storm",
+            "alert_id": str(ident),
+            "customer_id": "*",
+            "ladder": ladder,
+            "severity": worst,
+            "summary": (f"Ruleset change: {total} key customers were downgraded on ladder '{ladder}' by a new ruleset "
+                        f"between {rfc3339(start)} and {rfc3339(end)} ({parts}); one summary instead of a page each "
+                        f"(GRADEFLOW_ALERT_FOLD_RULES_CHANGES). Every alert is on the alerts topic."),
+            "previous_grade": "",
+            "grade": "",
+            "grade_change_event_id": "",
+            "as_of": end.isoformat(),
+            "dedup_key": f"gradeflow/rules-change/{ladder}/{rfc3339(start)}",
+            "count": total,
+            "causes": {"rules": total},
+            "folded": [{"ladder": ladder, "cause": "rules", "severity": sev, "count": n}
+                       for sev, n in sorted(by_severity.items())],
             "window_start": start.isoformat(),
             "window_end": end.isoformat(),
         }

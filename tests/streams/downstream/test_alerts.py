@@ -991,3 +991,58 @@ def test_the_firing_set_outlives_the_worker_and_is_bounded(redis_prefix):
                 assert [a["labels"]["customer_id"] for a in server.at("/am/api/v2/alerts")[-1].body] == ["tess"]
 
     asyncio.run(run())
+
+
+# ----------------------------------------------------------------------------- a ruleset change's pages
+
+
+def rules_alert(customer: str) -> dict:
+    """A downgrade alert that a promotion made (cause rules, as rules/changes.py writes it)."""
+    doc = clock_alert(customer, cause="rules")
+    doc["cause"] = {"kind": "rules", "event_id": "promotion-1", "previous_ruleset": {"id": "rfm-5", "version": "1"}}
+    return doc
+
+
+def test_pages_of_a_ruleset_change_fold_into_one_summary_whatever_the_threshold(redis_prefix):
+    promoted = [rules_alert(f"promo{i}") for i in range(5)]
+
+    async def run() -> None:
+        async with Scripted() as server:
+            settings = scripted_settings(server, alert_storm_threshold=50, alert_storm_window_s=3600,
+                                         alert_routes={"critical": ["webhook"]})
+            assert settings.alert_fold_rules_changes  # the default
+            async with Harness(settings, redis_prefix) as h:
+                await h.dispatcher.on_alert(alert_doc("buyer", "A", "B"))
+                for doc in promoted:
+                    await h.dispatcher.on_alert(doc)
+                await h.dispatcher.on_alert(promoted[0])  # a redelivery is not counted twice
+                await h.dispatcher.on_alert(alert_doc("buyer2", "A", "B"))
+                # The customers' own pages go out; the promotion's wait for the window's summary.
+                assert [hit.body["customer_id"] for hit in server.at("/hook")] == ["buyer", "buyer2"]
+                [summary_due] = h.retries
+                assert summary_due["kind"] == "storm_summary" and summary_due["item"]["ladder"] == "value"
+                await h.dispatcher.on_retry(summary_due)
+                await h.dispatcher.on_retry(summary_due)  # twice (a crash before the commit): sent once
+                assert len(server.at("/hook")) == 3
+                summary = server.at("/hook")[-1].body
+                assert summary["kind"] == "storm" and summary["ladder"] == "value" and summary["count"] == 5
+                assert summary["causes"] == {"rules": 5} and summary["severity"] == "critical"
+                assert summary["folded"] == [{"ladder": "value", "cause": "rules", "severity": "critical", "count": 5}]
+                assert summary["summary"].startswith("Ruleset change: 5 key customers were downgraded on ladder "
+                                                     "'value'")
+
+    asyncio.run(run())
+
+
+def test_pages_of_a_ruleset_change_are_pages_like_any_when_folding_is_off(redis_prefix):
+    async def run() -> None:
+        async with Scripted() as server:
+            settings = scripted_settings(server, alert_storm_threshold=50, alert_storm_window_s=3600,
+                                         alert_routes={"critical": ["webhook"]}, alert_fold_rules_changes=False)
+            async with Harness(settings, redis_prefix) as h:
+                for i in range(3):
+                    await h.dispatcher.on_alert(rules_alert(f"promo{i}"))
+                assert [hit.body["customer_id"] for hit in server.at("/hook")] == ["promo0", "promo1", "promo2"]
+                assert h.retries == []
+
+    asyncio.run(run())

@@ -130,7 +130,7 @@ def test_http_api_answers_refuses_a_missing_token_and_matches_the_tables(worker_
         spec = orjson.loads(body)
         assert spec["openapi"].startswith("3.1")
         assert set(spec["paths"]) == {"/customers/{customer_id}", "/customers/{customer_id}/history", "/grades", "/healthz", "/readyz", "/metrics",
-                                      "/openapi.json", "/console/", "/api/overview", "/api/alerts", "/api/at-risk",
+                                      "/rules", "/openapi.json", "/console/", "/api/overview", "/api/alerts", "/api/at-risk",
                                       "/api/customers/{customer_id}/timeline", "/rules/diff"}
         assert "CustomerGrades" in spec["components"]["schemas"]
         client.close()
