@@ -314,3 +314,34 @@ def test_the_worker_refuses_to_start_with_a_shadow_it_cannot_run(tmp_path, clean
     err = capsys.readouterr().err
     assert "GRADEFLOW_SHADOW_RULESETS: rfm-5@1: version '1' is the active ruleset's" in err
     assert "rfm-5@2: needs 730 days of history; the active ruleset keeps 365" in err
+
+
+def test_a_promotion_of_the_shadow_stops_it_and_the_others_follow_the_new_active_ruleset():
+    from types import SimpleNamespace
+
+    from streams.shadow import ShadowSweep, beside, switch_active
+
+    promoted = SHADOWS[0]
+    kept, dropped = beside(promoted, SHADOWS)
+    assert kept == () and len(dropped) == 1 and promoted.key in dropped[0]
+    # Back to the first version (a rollback): the candidate runs beside it again.
+    assert beside(RS, SHADOWS) == (SHADOWS, [])
+
+    settings = load_settings(ruleset="rfm-5")
+    sweep = ShadowSweep(SimpleNamespace(), settings, RS, SHADOWS, {}, ShadowStats(SHADOWS), asyncio.Lock())
+    app = SimpleNamespace(gradeflow_shadow_sweep=sweep)
+    grader, clock, regrade = (SimpleNamespace(shadows=SHADOWS) for _ in range(3))
+    switch_active(app, promoted, grader, clock, regrade)
+    assert sweep.active is promoted and sweep.shadows == () == grader.shadows == clock.shadows == regrade.shadows
+    # Customers graded after the switch: what the promoted ruleset held as a shadow goes with their
+    # next write, and they are re-graded by it (cause rules) before their event.
+    store, _ = grade_all(RS, records(history(customers=5, events=20)), SHADOWS)
+    assert all(CustomerState.from_bytes(raw).shadow for raw in store.values())
+    more = records(history(customers=5, events=40))[20:]
+    for r in more:
+        r.offset += 100
+    result = process_batch(more, promoted, Store(store), NOW, shadows=grader.shadows, promotion_id="p-1")
+    assert not result.shadow_diffs and result.states
+    for raw, _record in result.states.values():
+        state = CustomerState.from_bytes(raw)
+        assert state.shadow == {} and state.ruleset == promoted.key
