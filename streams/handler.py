@@ -16,6 +16,7 @@ from typing import Any
 
 from rules.engine import CompiledRuleset
 from streams.faustext.outbox import Outbox, Sent
+from streams.faustext.transactions import input_offsets
 from streams.processor import BatchResult, Record, process_batch, utcnow
 
 
@@ -64,3 +65,54 @@ class BatchGrader:
             if result.states:
                 clock.note(result.looks, result.states)
         return result, written
+
+    async def grade_in_transactions(self, records: list[Record], transactions: Any) -> tuple[list[BatchResult], Any]:
+        """Grade one fetch exactly once: per input partition, grade its records, then send their
+        outputs, their states (with the partition's stream time) and hand their input offsets to
+        one transaction of the partition's producer (``transactions``, a
+        :class:`streams.faustext.transactions.PartitionProducers`). Returns the results and an
+        awaitable of the commits, which run while the next fetch is graded; a failed commit stops
+        the worker (its table holds states that were never committed).
+
+        Records of a partition this worker no longer owns (revoked since the fetch) are left to its
+        new owner, ungraded and uncommitted."""
+        settings, clock, store = self.settings, self.clock, self.store
+        by_partition: dict[int, list[Record]] = {}
+        for record in records:
+            by_partition.setdefault(record.partition, []).append(record)
+        results: list[BatchResult] = []
+        commits: list[Any] = []
+        async with self.writer:
+            population = self.population
+            for partition, mine in sorted(by_partition.items()):
+                producer = await transactions.begin(partition)
+                if producer is None:
+                    continue
+                result = process_batch(mine, self.ruleset, store, utcnow(),
+                                       population=population.thresholds if population else None,
+                                       allowed_lateness_days=settings.allowed_lateness_days,
+                                       max_future_skew_s=settings.max_future_skew_s,
+                                       clock_horizon=clock.look_horizon,
+                                       stream_time=clock.stream_times({partition}))
+                outbox = Outbox()
+                outbox.extend(self.out_dead, result.dead_letters)
+                outbox.extend(self.out_changes, result.grade_changes)
+                outbox.extend(self.out_alerts, result.alerts)
+                # Outputs and states in one transaction: no order between them is needed, the
+                # commit makes all visible at once. The stream time goes with the states it
+                # graded, on the same changelog partition.
+                writes = [(cid.encode(), raw, record.partition) for cid, (raw, record) in result.states.items()]
+                writes += clock.advanced(result.stream_time)
+                if writes:
+                    store.write_many(outbox, writes)
+                if outbox:
+                    await outbox.send(producer)
+                commits.append(transactions.commit_soon(partition, producer, input_offsets(mine)))
+                if result.states:
+                    clock.note(result.looks, result.states)
+                results.append(result)
+
+        async def settle() -> None:
+            await asyncio.gather(*commits)
+
+        return results, settle()

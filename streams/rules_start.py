@@ -33,7 +33,7 @@ import orjson
 from rules.changes import regrade_for_rules
 from rules.engine import CompiledRuleset
 from rules.state import CustomerState
-from streams.faustext.outbox import publish
+from streams.faustext.outbox import Outbox, publish
 from streams.processor import utcnow
 
 log = logging.getLogger("gradeflow.rules")
@@ -66,8 +66,11 @@ def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population:
 
 class RulesRegrade:
     def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
-                 population: Any = None, writer: asyncio.Lock | None = None) -> None:
+                 population: Any = None, writer: asyncio.Lock | None = None, transactions: Any = None) -> None:
         self.app, self.settings, self.rs, self.table, self.population = app, settings, ruleset, table, population
+        # With exactly_once, each chunk's outputs and states in one transaction per input partition
+        # (streams/faustext/transactions.py); None: Faust's producer, outputs flushed before states.
+        self.transactions = transactions
         self.store = store
         # The worker's writer lock (streams/clock.py): held from reading a chunk's states to writing them.
         self.writer = writer if writer is not None else asyncio.Lock()
@@ -103,6 +106,9 @@ class RulesRegrade:
                 keys = [key for key, _, _ in chunk]
                 where = {key: partition for key, partition, _ in chunk}
                 items = [(key, raw) for key, raw in zip(keys, self.store.get_keys(keys)) if raw is not None]
+                if self.transactions is not None:
+                    done += await self._chunk_in_transactions(items, where, thresholds)
+                    continue
                 changes, alerts, states = plan(self.rs, items, thresholds)
                 if not states:
                     continue
@@ -116,6 +122,30 @@ class RulesRegrade:
         self.swept |= todo & self.active_partitions()
         if done:
             log.info("gradeflow: re-graded %d customers for ruleset %s", done, self.rs.key)
+        return done
+
+    async def _chunk_in_transactions(self, items: list[tuple[bytes, bytes]], where: dict[bytes, int],
+                                     thresholds: Any) -> int:
+        """A chunk with exactly_once: each partition's changes, alerts and states in one transaction
+        of its producer. Called under the writer lock."""
+        names = self.settings.topics
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        for key, raw in items:
+            by_partition.setdefault(where[key], []).append((key, raw))
+        done = 0
+        for partition, mine in sorted(by_partition.items()):
+            changes, alerts, states = plan(self.rs, mine, thresholds)
+            if not states:
+                continue
+            async with self.transactions.step(partition) as producer:
+                if producer is None:
+                    continue  # revoked meanwhile: its new owner sweeps it
+                outbox = Outbox()
+                outbox.extend(names.grade_changes, changes)
+                outbox.extend(names.alerts, alerts)
+                self.store.write_many(outbox, [(key, new, partition) for key, (_old, new) in states.items()])
+                await outbox.send(producer)
+            done += len(states)
         return done
 
     async def run(self) -> None:
@@ -137,9 +167,10 @@ class RulesRegrade:
 
 
 def attach_rules_regrade(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
-                         population: Any = None, writer: asyncio.Lock | None = None) -> RulesRegrade:
+                         population: Any = None, writer: asyncio.Lock | None = None,
+                         transactions: Any = None) -> RulesRegrade:
     """Sweep after every rebalance's recovery; return the sweeper (counters for tests and metrics)."""
-    regrade = RulesRegrade(app, settings, ruleset, table, store, population, writer)
+    regrade = RulesRegrade(app, settings, ruleset, table, store, population, writer, transactions)
     app.gradeflow_rules_regrade = regrade
     tasks: set[asyncio.Task] = set()
 

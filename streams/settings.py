@@ -219,6 +219,13 @@ class Settings(BaseSettings):
     dead_letters_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the dead-letter topic.")
     alert_dead_letters_retention_ms: int = Field(28 * DAY_MS, ge=1, description="retention.ms of the alert dead-letter topic.")
 
+    # --- processing guarantee (streams/faustext/transactions.py, docs/guarantees.md) -----------
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="at_least_once: after a crash an output may be published twice (same id); "
+                                     "exactly_once: each batch's outputs, states and input offsets commit in one "
+                                     "Kafka transaction per input partition, for read_committed consumers "
+                                     "(docs/guarantees.md); needs memory://.")
+
     # --- the clock: re-grading by time alone (streams/clock.py, docs/clock.md) ---------------
     clock: Literal["wall", "event", "off"] = Field(
         "wall", description="What time it is for re-grading without events: wall (now), event (per input "
@@ -274,6 +281,11 @@ class Settings(BaseSettings):
             # one from the beginning: the standby would cost a second copy and buy nothing.
             raise ValueError("GRADEFLOW_STANDBY_REPLICAS needs GRADEFLOW_STORE=rocksdb:// (the memory store "
                              "keeps no standby copy across a rebalance)")
+        if self.processing_guarantee == "exactly_once" and scheme != "memory":
+            # A RocksDB volume keeps what a transaction wrote to the table before the transaction
+            # was aborted by a crash, and a restart on it would trust that state.
+            raise ValueError("GRADEFLOW_PROCESSING_GUARANTEE=exactly_once needs GRADEFLOW_STORE=memory:// "
+                             "(a RocksDB volume may hold state of an aborted transaction)")
         return self
 
     @property
