@@ -127,6 +127,10 @@ class PartitionProducers:
     async def assign(self, partitions: Iterable[int]) -> None:
         """Start the producers of ``partitions`` not started yet (fencing their previous owners)."""
         if self.enabled:
+            if self.failed is not None:
+                # A worker stopping after a failed transaction must take no id over: that would
+                # fence the producers of a worker that did nothing wrong.
+                raise TransactionFailed("an earlier transaction failed; the worker is stopping") from self.failed
             todo = sorted(set(partitions) - self._producers.keys())
             await asyncio.gather(*(self._start(p) for p in todo))
             log.info("gradeflow: input partitions %s assigned, their transactional ids taken over",
@@ -185,6 +189,8 @@ class PartitionProducers:
         """:meth:`commit` in the background; the partition's next :meth:`begin` and its revocation
         wait for it."""
         task = asyncio.ensure_future(self.commit(partition, producer, offsets))
+        # A failure is handled in commit (the worker stops); whoever awaits the task sees it too.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._commits[partition] = task
         return task
 
