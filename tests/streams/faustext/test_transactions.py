@@ -258,3 +258,15 @@ def test_a_worker_whose_partition_id_is_taken_over_cannot_commit(bootstrap: str)
         asyncio.run(run())
     finally:
         drop_run(bootstrap, env)
+
+
+def test_aiokafka_sends_transactional_offsets_without_member_or_generation() -> None:
+    # Why the design is one producer per input partition (the module's doc): if a release of aiokafka
+    # sends the group's member id and generation (KIP-447), one producer per worker becomes possible.
+    from aiokafka.protocol import transaction
+
+    versions = [getattr(transaction, name) for name in dir(transaction) if name.startswith("TxnOffsetCommitRequest_v")]
+    assert versions
+    for version in versions:
+        fields = set(version.SCHEMA.names)
+        assert "group_id" in fields and not fields & {"member_id", "generation_id"}, (version, fields)
