@@ -85,6 +85,9 @@ class BatchGrader:
         async with self.writer:
             population = self.population
             for partition, mine in sorted(by_partition.items()):
+                mine = transactions.ungraded(mine)
+                if not mine:
+                    continue
                 producer = await transactions.begin(partition)
                 if producer is None:
                     continue
@@ -107,6 +110,7 @@ class BatchGrader:
                     store.write_many(outbox, writes)
                 if outbox:
                     await outbox.send(producer)
+                transactions.graded(mine)
                 commits.append(transactions.commit_soon(partition, producer, input_offsets(mine)))
                 if result.states:
                     clock.note(result.looks, result.states)

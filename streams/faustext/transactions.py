@@ -93,6 +93,9 @@ class PartitionProducers:
         self._new_producer = new_producer or self._default_producer
         self._producers: dict[int, AIOKafkaProducer] = {}
         self._commits: dict[int, asyncio.Future[None]] = {}
+        # Per input topic partition, the offset after the last record graded in a transaction of
+        # this worker since it was assigned the partition (see :meth:`ungraded`).
+        self._graded: dict[tuple[str, int], int] = {}
         self.stats = TransactionStats()
         self.failed: TransactionFailed | None = None
 
@@ -140,6 +143,7 @@ class PartitionProducers:
         """Let the open commits of ``partitions`` end, then stop their producers: the next owner
         fences the id, and this worker starts a new producer if the partition comes back."""
         gone = sorted(set(partitions) & (self._producers.keys() | self._commits.keys()))
+        self._graded = {tp: after for tp, after in self._graded.items() if tp[1] not in gone}
         for p in gone:
             pending = self._commits.pop(p, None)
             if pending is not None:
@@ -153,6 +157,33 @@ class PartitionProducers:
 
     async def stop(self) -> None:
         await self.revoke(list(self._producers))
+
+    # ------------------------------------------------------------ what was graded
+
+    def ungraded(self, records: list[Any]) -> list[Any]:
+        """``records`` (of one input partition, in offset order per topic) less those this worker
+        graded in an earlier transaction since it was assigned their partition.
+
+        Such records come back when the consumer is sought to the committed offsets (a fetch
+        dropped around a rebalance) while a transaction of this worker, committed or about to be,
+        already holds them: the group coordinator may still return the offset from before it.
+        Their states would only count them as replayed, but a record without state (a dead
+        letter) would be published twice, and the offsets committed would go backwards. While
+        this worker owns the partition no one else grades it, and if one of its transactions
+        fails the worker stops, so everything below the mark is committed or will be."""
+        graded = self._graded
+        fresh = [r for r in records if r.offset >= graded.get((r.topic, r.partition), -1)]
+        if len(fresh) < len(records):
+            log.info("gradeflow: %d records of input partition %d fetched again after a seek were already "
+                     "graded in this worker's transactions: skipped", len(records) - len(fresh), records[0].partition)
+        return fresh
+
+    def graded(self, records: Iterable[Any]) -> None:
+        """Mark ``records`` as graded in the transaction now open on their partition."""
+        for tp, after in input_offsets(records).items():
+            key = (tp.topic, tp.partition)
+            if after > self._graded.get(key, -1):
+                self._graded[key] = after
 
     # ------------------------------------------------------------ transactions
 

@@ -172,6 +172,41 @@ def test_a_fetch_is_one_transaction_per_owned_partition_with_its_outputs_states_
     assert producers.stats.committed == 2
 
 
+def test_records_fetched_again_after_a_seek_are_not_graded_twice() -> None:
+    # A seek to the committed offsets while this worker's last commit is under way fetches records
+    # its transactions already hold: a malformed one would be dead-lettered twice.
+    settings = Settings(clock="off", partitions=4, app_id="t", processing_guarantee="exactly_once")
+    log: list = []
+    app = SimpleNamespace(crash=None)
+    producers = PartitionProducers(app, settings, lambda p: TxnProducer(p, log))
+    store = Store()
+    clock = Clock(app, settings, RS, store, store)
+    grader = BatchGrader(settings, RS, store, clock, None, clock.writer, lambda: None)
+    malformed = Record(TRANSACTIONS, "in", 0, 11, b"c0-0", b"{not json", None)
+    first = [record(0, 10, "c0-0", 0), malformed]
+    again = [*first, record(0, 12, "c0-0", 1)]
+
+    async def run() -> list[int]:
+        await producers.assign([0])
+        consumed = []
+        for records in (first, again, again):
+            results, commits = await grader.grade_in_transactions(records, producers)
+            await commits
+            consumed.append(sum(r.consumed for r in results))
+        await producers.revoke([0])
+        await producers.assign([0])  # owned again: the committed offsets decide, not this worker's mark
+        results, commits = await grader.grade_in_transactions(first, producers)
+        await commits
+        consumed.append(sum(r.consumed for r in results))
+        return consumed
+
+    assert asyncio.run(run()) == [2, 1, 0, 2]
+    dead = [e for e in log if e[0] == "send" and e[1] == settings.topics.dead_letters]
+    assert len(dead) == 2  # once while owned, once more only after the partition came back
+    offsets = [e[2] for e in log if e[0] == "offsets"]
+    assert offsets == [{TopicPartition("in", 0): 12}, {TopicPartition("in", 0): 13}, {TopicPartition("in", 0): 12}]
+
+
 def _sent(producers: PartitionProducers) -> list[tuple[str, int, list[tuple[bytes, bytes]]]]:
     return [s for producer in producers._producers.values() for s in producer.sent]  # type: ignore[attr-defined]
 
