@@ -85,7 +85,7 @@ class BatchGrader:
         async with self.writer:
             population = self.population
             for partition, mine in sorted(by_partition.items()):
-                mine = transactions.ungraded(mine)
+                mine = transactions.ungraded(mine, store)
                 if not mine:
                     continue
                 producer = await transactions.begin(partition)
@@ -106,11 +106,11 @@ class BatchGrader:
                 # graded, on the same changelog partition.
                 writes = [(cid.encode(), raw, record.partition) for cid, (raw, record) in result.states.items()]
                 writes += clock.advanced(result.stream_time)
-                if writes:
-                    store.write_many(outbox, writes)
-                if outbox:
-                    await outbox.send(producer)
-                transactions.graded(mine)
+                # And how far the partition's inputs are graded: what a seek fetches again below
+                # it is skipped (PartitionProducers.ungraded).
+                writes += transactions.graded(mine, store)
+                store.write_many(outbox, writes)
+                await outbox.send(producer)
                 commits.append(transactions.commit_soon(partition, producer, input_offsets(mine)))
                 if result.states:
                     clock.note(result.looks, result.states)

@@ -31,15 +31,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from streams.faustext.outbox import MAX_BATCH_BYTES
 from streams.faustext.recovery import _signal_progress
+from streams.faustext.tables import RESERVED
 from streams.kafka_config import bootstrap_list
 
 log = logging.getLogger("gradeflow.transactions")
+
+_INPUT_OFFSETS = RESERVED + b"input-offsets/"
 
 #: Error class names aiokafka raises once another producer initialised the same transactional id.
 FENCED = ("ProducerFenced", "InvalidProducerEpoch")
@@ -62,6 +66,16 @@ class TransactionStats:
 def transactional_id(group_id: str, partition: int) -> str:
     """The transactional id of input partition ``partition``: used by whichever worker owns it."""
     return f"{group_id}-eos-{partition}"
+
+
+def offsets_key(partition: int) -> bytes:
+    """The state table's key of input partition ``partition``'s input watermark (on that partition's
+    changelog): per input topic, the offset after the last record graded, as JSON."""
+    return _INPUT_OFFSETS + str(partition).encode()
+
+
+def decode_offsets(raw: bytes | None) -> dict[str, int]:
+    return {} if raw is None else dict(orjson.loads(raw))
 
 
 def input_offsets(records: Iterable[Any]) -> dict[TopicPartition, int]:
@@ -93,9 +107,6 @@ class PartitionProducers:
         self._new_producer = new_producer or self._default_producer
         self._producers: dict[int, AIOKafkaProducer] = {}
         self._commits: dict[int, asyncio.Future[None]] = {}
-        # Per input topic partition, the offset after the last record graded in a transaction of
-        # this worker since it was assigned the partition (see :meth:`ungraded`).
-        self._graded: dict[tuple[str, int], int] = {}
         self.stats = TransactionStats()
         self.failed: TransactionFailed | None = None
 
@@ -143,7 +154,6 @@ class PartitionProducers:
         """Let the open commits of ``partitions`` end, then stop their producers: the next owner
         fences the id, and this worker starts a new producer if the partition comes back."""
         gone = sorted(set(partitions) & (self._producers.keys() | self._commits.keys()))
-        self._graded = {tp: after for tp, after in self._graded.items() if tp[1] not in gone}
         for p in gone:
             pending = self._commits.pop(p, None)
             if pending is not None:
@@ -160,30 +170,35 @@ class PartitionProducers:
 
     # ------------------------------------------------------------ what was graded
 
-    def ungraded(self, records: list[Any]) -> list[Any]:
-        """``records`` (of one input partition, in offset order per topic) less those this worker
-        graded in an earlier transaction since it was assigned their partition.
+    def ungraded(self, records: list[Any], store: Any) -> list[Any]:
+        """``records`` (of one input partition) less those at or before the partition's input
+        watermark in the table (``store``, see :func:`offsets_key`): already graded in a
+        committed transaction, or in one of this worker's own still committing.
 
-        Such records come back when the consumer is sought to the committed offsets (a fetch
-        dropped around a rebalance) while a transaction of this worker, committed or about to be,
-        already holds them: the group coordinator may still return the offset from before it.
-        Their states would only count them as replayed, but a record without state (a dead
-        letter) would be published twice, and the offsets committed would go backwards. While
-        this worker owns the partition no one else grades it, and if one of its transactions
-        fails the worker stops, so everything below the mark is committed or will be."""
-        graded = self._graded
-        fresh = [r for r in records if r.offset >= graded.get((r.topic, r.partition), -1)]
+        The consumer's committed offsets cannot say this alone: a seek to them (a fetch dropped
+        around a rebalance, a record put back) may run while a transaction that holds later
+        offsets is being completed, and the group coordinator then still returns the offset from
+        before it. A customer's state would count such a record as replayed, but a record without
+        state (a dead letter) would be published twice, and the offsets committed would go back."""
+        if not records:
+            return records
+        watermark = decode_offsets(store.get_key(offsets_key(records[0].partition)))
+        fresh = [r for r in records if r.offset >= watermark.get(r.topic, -1)]
         if len(fresh) < len(records):
-            log.info("gradeflow: %d records of input partition %d fetched again after a seek were already "
-                     "graded in this worker's transactions: skipped", len(records) - len(fresh), records[0].partition)
+            log.info("gradeflow: %d records of input partition %d fetched again after a seek were graded "
+                     "before: skipped", len(records) - len(fresh), records[0].partition)
         return fresh
 
-    def graded(self, records: Iterable[Any]) -> None:
-        """Mark ``records`` as graded in the transaction now open on their partition."""
+    def graded(self, records: list[Any], store: Any) -> list[tuple[bytes, bytes, int]]:
+        """The table write that moves the input watermark of ``records``' partition past them,
+        to go in the transaction that grades them."""
+        partition = records[0].partition
+        key = offsets_key(partition)
+        watermark = decode_offsets(store.get_key(key))
         for tp, after in input_offsets(records).items():
-            key = (tp.topic, tp.partition)
-            if after > self._graded.get(key, -1):
-                self._graded[key] = after
+            if after > watermark.get(tp.topic, -1):
+                watermark[tp.topic] = after
+        return [(key, orjson.dumps(watermark), partition)]
 
     # ------------------------------------------------------------ transactions
 

@@ -25,7 +25,7 @@ from rules.ruleset import load
 from schemas.errors import ConfigurationError
 from streams.clock import Clock, stream_key
 from streams.faustext.outbox import Outbox
-from streams.faustext.transactions import (PartitionProducers, TransactionFailed, input_offsets,
+from streams.faustext.transactions import (PartitionProducers, TransactionFailed, input_offsets, offsets_key,
                                            transactional_id)
 from streams.handler import BatchGrader
 from streams.processor import TRANSACTIONS, Record
@@ -165,8 +165,10 @@ def test_a_fetch_is_one_transaction_per_owned_partition_with_its_outputs_states_
     sent = {(topic, partition): batch for topic, partition, batch in _sent(producers)}
     for p in (0, 1):
         keys = [key for key, _ in sent[(CHANGELOG, p)]]
-        # The customers' states, then the partition's stream time, in the same transaction.
-        assert set(keys[:-1]) == {f"c{p}-0".encode(), f"c{p}-1".encode()} and keys[-1] == stream_key(p)
+        # The customers' states, then the partition's stream time and input watermark, in the
+        # same transaction.
+        assert set(keys[:-2]) == {f"c{p}-0".encode(), f"c{p}-1".encode()}
+        assert keys[-2:] == [stream_key(p), offsets_key(p)]
     assert not any(partition == 3 for _, partition in sent)
     assert store.get("c3-0") is None and store.get("c3-1") is None
     assert producers.stats.committed == 2
@@ -194,17 +196,19 @@ def test_records_fetched_again_after_a_seek_are_not_graded_twice() -> None:
             await commits
             consumed.append(sum(r.consumed for r in results))
         await producers.revoke([0])
-        await producers.assign([0])  # owned again: the committed offsets decide, not this worker's mark
+        await producers.assign([0])  # the watermark is table state: it holds across owners
         results, commits = await grader.grade_in_transactions(first, producers)
         await commits
         consumed.append(sum(r.consumed for r in results))
         return consumed
 
-    assert asyncio.run(run()) == [2, 1, 0, 2]
+    assert asyncio.run(run()) == [2, 1, 0, 0]
     dead = [e for e in log if e[0] == "send" and e[1] == settings.topics.dead_letters]
-    assert len(dead) == 2  # once while owned, once more only after the partition came back
-    offsets = [e[2] for e in log if e[0] == "offsets"]
-    assert offsets == [{TopicPartition("in", 0): 12}, {TopicPartition("in", 0): 13}, {TopicPartition("in", 0): 12}]
+    assert len(dead) == 1
+    assert [e[2] for e in log if e[0] == "offsets"] == [{TopicPartition("in", 0): 12}, {TopicPartition("in", 0): 13}]
+    # The watermark went to the changelog in each transaction, with the states.
+    marks = [orjson.loads(e[3]) for e in log if e[0] == "send" and e[1] == CHANGELOG and e[2] == offsets_key(0)]
+    assert marks == [{"in": 12}, {"in": 13}]
 
 
 def _sent(producers: PartitionProducers) -> list[tuple[str, int, list[tuple[bytes, bytes]]]]:
