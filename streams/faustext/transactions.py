@@ -5,8 +5,10 @@ A batch's records of input partition ``p``, their outputs (dead letters, grade c
 the states they change on the changelog (with ``p``'s stream-time marker, streams/clock.py) and
 the offsets consumed on both input topics' partition ``p`` are written in one transaction of the
 producer whose transactional id is ``<app id>-eos-<p>``: all become visible to ``read_committed``
-consumers, or none. A wake of the clock and a chunk of the rules sweep do the same per partition,
-without offsets.
+consumers, or none. The transaction also moves the partition's input watermark, a key of the
+table's own (:func:`offsets_key`), past the records it graded: what a seek fetches again below it
+is skipped (:meth:`PartitionProducers.ungraded`). A wake of the clock and a chunk of the rules
+sweep write their outputs and states the same way, per partition, without offsets.
 
 Why one producer per input partition (docs/guarantees.md, "Exactly once"): aiokafka 0.14's
 ``send_offsets_to_transaction`` sends ``TxnOffsetCommit`` with the group id only (no generation,
