@@ -13,10 +13,13 @@ then, in one run:
   customers;
 - with no clock (``--clock off``, the default): the reference job (decode, fold,
   grade, emit, changelog); then a second group grades the same backlog with the event clock
-  (``--also-clock``), time-driven re-grading included, printed beside it;
+  (``--also-clock``), time-driven re-grading included, printed beside it, and a third with
+  ``GRADEFLOW_PROCESSING_GUARANTEE=exactly_once`` and the reference's clock (``--no-exactly-once``
+  skips it), printed beside the at-least-once figure;
 - latency at a steady offered rate, on a fresh worker with the wall clock.
 The last line is machine-readable:
-``throughput_ratio=R worker_eps=W raw_eps=X rss_mb_per_100k=Y p99_ms=P`` (the run without a clock).
+``throughput_ratio=R worker_eps=W raw_eps=X rss_mb_per_100k=Y p99_ms=P`` (the run without a clock),
+then ``eos_eps=E eos_vs_alo=Q`` when the exactly-once group ran.
 """
 
 from __future__ import annotations
@@ -280,13 +283,15 @@ def _report_group(workers: int, whole_eps: float, worker_eps: float, stats: dict
 
 def throughput(settings, events: int, customers: int, timeout_s: float, workers: int = 1,
                latency_rate: float = 0, latency_seconds: float = 10, clock: str = "off",
-               also_clock: str | None = None, records: list[tuple[bytes, bytes]] | None = None) -> dict:
+               also_clock: str | None = None, records: list[tuple[bytes, bytes]] | None = None,
+               exactly_once: bool = False) -> dict:
     """One throughput run on a fresh topic: raw consumer, then the worker, same records.
 
     ``clock``: the workers' GRADEFLOW_CLOCK. ``off`` is the reference job a stream processor
     does (decode, fold, grade, emit, changelog); a clock adds time-driven re-grading on top. With
     ``also_clock``, a second group (its own app id, state and outputs) then grades the same topic
-    with that clock, and its figures are returned as ``also_*``.
+    with that clock, and its figures are returned as ``also_*``. With ``exactly_once``, a third group
+    grades it with GRADEFLOW_PROCESSING_GUARANTEE=exactly_once and ``clock`` (``eos_*``).
     ``records``: the backlog, if already generated (``generate(events, customers)``).
     With ``latency_rate``, the worker then gets that steady rate of new events for the same
     customers (whose state it now holds) for ``latency_seconds``, and their latency is measured."""
@@ -334,6 +339,21 @@ def throughput(settings, events: int, customers: int, timeout_s: float, workers:
                     "also_rss_mb_per_100k": a_100k, "also_grade_changes": a_stats["grade_changes"]}
             print(f"with the {also_clock} clock (time-driven re-grading too): {a_eps:,.0f} events/s, "
                   f"ratio {a_eps / raw_eps:.4f}, {a_100k:.0f} MB per 100k customers above idle")
+        if exactly_once:
+            # The reference job again, with a transaction per input partition and batch
+            # (streams/faustext/transactions.py): what exactly-once costs.
+            eos = unique_env("beos", GRADEFLOW_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+                             GRADEFLOW_TOPIC_TRANSACTIONS=topic, GRADEFLOW_PROCESSING_GUARANTEE="exactly_once")
+            try:
+                create_topics(settings_of(eos))
+                e_whole, e_eps, _e_ready, _e_peak, e_stats, _ = run_worker(eos, events, timeout_s, workers, None, clock)
+            finally:
+                drop_run(settings.kafka_bootstrap, eos)
+            _report_group(workers, e_whole, e_eps, e_stats, f", clock {clock}, exactly once")
+            also.update({"eos_eps": e_eps, "eos_vs_alo": e_eps / worker_eps,
+                         "eos_grade_changes": e_stats["grade_changes"]})
+            print(f"exactly once: {e_eps:,.0f} events/s against {worker_eps:,.0f} at least once "
+                  f"({100 * e_eps / worker_eps:.0f}%)")
     finally:
         drop_run(settings.kafka_bootstrap, env)
     return {"customers": customers, "events": events, "workers": workers, "raw_eps": raw_eps, "worker_eps": worker_eps,
@@ -598,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--also-clock", default="event", choices=("event", "wall", "off", "none"),
                         help="then a second group grades the same backlog with this clock (default event: a "
                              "replay re-graded by the history's own time, all of gradeflow's work); none: skip")
+    parser.add_argument("--no-exactly-once", action="store_true",
+                        help="skip the third group, which grades the same backlog with "
+                             "GRADEFLOW_PROCESSING_GUARANTEE=exactly_once")
     parser.add_argument("--latency-clock", default="wall", choices=("event", "wall", "off"),
                         help="GRADEFLOW_CLOCK of the latency run's worker (new events, so wall as in production)")
     parser.add_argument("--latency-only", action="store_true", help="only the latency run (prints p50/p99, no last line)")
@@ -626,10 +649,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"clock: {args.clock} in the backlog run{f' (then {also})' if also else ''}, "
           f"{args.latency_clock} in the latency run")
     run = throughput(settings, args.events, args.customers, args.timeout, workers, clock=args.clock,
-                     also_clock=also)
+                     also_clock=also, exactly_once=not args.no_exactly_once)
     lat = latency(settings, args.rate, args.latency_seconds, args.customers, args.latency_clock)
+    eos = f" eos_eps={run['eos_eps']:.0f} eos_vs_alo={run['eos_vs_alo']:.3f}" if "eos_eps" in run else ""
     print(f"throughput_ratio={run['ratio']:.4f} worker_eps={run['worker_eps']:.0f} raw_eps={run['raw_eps']:.0f} "
-          f"rss_mb_per_100k={run['rss_mb_per_100k']:.1f} p99_ms={lat['p99_ms']}")
+          f"rss_mb_per_100k={run['rss_mb_per_100k']:.1f} p99_ms={lat['p99_ms']}{eos}")
     return 0
 
 

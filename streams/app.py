@@ -24,7 +24,7 @@ import orjson
 from rules.engine import CompiledRuleset
 from streams.kafka_config import bootstrap_list, faust_broker_options
 from streams.downstream.wiring import attach_downstream, observe_batch
-from streams.processor import INTERACTIONS, TRANSACTIONS, Record
+from streams.processor import INTERACTIONS, TRANSACTIONS, BatchResult, Record
 from streams.settings import Settings
 from streams.faustext.batching import BatchingApp, deliver_in_batches
 from streams.clock import attach_clock
@@ -37,6 +37,7 @@ from streams.rules_control import Start, attach_rules_control
 from streams.handler import BatchGrader
 from streams.faustext.outbox import MAX_BATCH_BYTES
 from streams.faustext.tables import FaustStateStore
+from streams.faustext.transactions import attach_transactions
 
 log = logging.getLogger("gradeflow")
 
@@ -94,22 +95,29 @@ def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[Comp
     )
     app.conf.gradeflow_settings = settings  # type: ignore[attr-defined]
     app.fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms
+    exactly_once = settings.processing_guarantee == "exactly_once"
+    app.read_committed = exactly_once
     counters = Counters()
     app.gradeflow_counters = counters  # type: ignore[attr-defined]
 
     names = settings.topics
     roles = {names.transactions: TRANSACTIONS, names.interactions: INTERACTIONS}
+    # With exactly_once the input offsets are committed only inside the transactions: Faust's own
+    # commits, which follow acks, must never move them (acks off for these topics).
     inputs = app.topic(names.transactions, names.interactions,
-                       key_type=bytes, value_type=bytes)
+                       key_type=bytes, value_type=bytes, acks=not exactly_once)
     table = app.Table("customer-state", partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)
     store = FaustStateStore(table)
     # One writer of state at a time: the handler, a wake of the clock, a step of the rules sweep
     # each hold it from reading states to writing them (streams/clock.py).
     writer = asyncio.Lock()
-    clock = attach_clock(app, settings, ruleset, table, store, writer)  # cause "clock": re-grading by time alone
+    # One transactional producer per input partition with exactly_once (streams/faustext/transactions.py).
+    transactions = attach_transactions(app, settings, writer) if exactly_once else None
+    clock = attach_clock(app, settings, ruleset, table, store, writer, transactions=transactions)  # cause "clock": re-grading by time alone
     population = attach_population(app, settings, ruleset, store)  # None without relative grades
-    regrade = attach_rules_regrade(app, settings, ruleset, table, store, population, writer)  # cause "rules" after a version change
+    regrade = attach_rules_regrade(app, settings, ruleset, table, store, population, writer,
+                                   transactions=transactions)  # cause "rules" after a version change
     shadow_stats = attach_shadow(app, settings, ruleset, shadows, store, writer)  # None without shadow rulesets
     clock.shadows = shadows
     grader = BatchGrader(settings, ruleset, store, clock, population, writer,
@@ -124,8 +132,7 @@ def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[Comp
                                  population)
     rules.merging = merging
 
-    async def grade(messages: list[Any]) -> Awaitable[None]:  # aiokafka ConsumerRecords of one fetch
-        """One fetch of input records: decode, grade, send, then store state, then ack."""
+    def decode(messages: list[Any]) -> list[Record]:
         if counters.first_batch_at is None:
             counters.first_batch_at = time.time()
             counters.first_batch_cpu_s = time.process_time()
@@ -135,9 +142,9 @@ def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[Comp
             topic = m.topic
             records.append(Record(roles[topic], topic, m.partition, m.offset, m.key, m.value, m.timestamp, m))
             by_topic[topic] = by_topic.get(topic, 0) + 1
-        if erasure is not None:
-            await erasure.ready.wait()  # every erasure known before any event is graded
-        result, written = await grader.grade(records)
+        return records
+
+    def count(result: BatchResult) -> None:
         counters.consumed += result.consumed
         counters.applied += result.applied
         counters.duplicates += result.duplicates
@@ -147,9 +154,31 @@ def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[Comp
         counters.forwarded += len(result.forwarded)
         counters.grade_changes += len(result.grade_changes)
         counters.alerts += len(result.alerts)
+
+    def finished(records: list[Record]) -> None:
         observe_batch(app, records)
         counters.last_batch_at = time.time()
         counters.last_batch_cpu_s = time.process_time()
+
+    async def grade_exactly_once(messages: list[Any]) -> Awaitable[None]:
+        """One fetch, in one transaction per input partition; nothing is acked to Faust."""
+        records = decode(messages)
+        if erasure is not None:
+            await erasure.ready.wait()  # every erasure known before any event is graded
+        results, commits = await grader.grade_in_transactions(records, transactions)
+        for result in results:
+            count(result)
+        finished(records)
+        return cast(Awaitable[None], commits)
+
+    async def grade(messages: list[Any]) -> Awaitable[None]:  # aiokafka ConsumerRecords of one fetch
+        """One fetch of input records: decode, grade, send, then store state, then ack."""
+        records = decode(messages)
+        if erasure is not None:
+            await erasure.ready.wait()  # every erasure known before any event is graded
+        result, written = await grader.grade(records)
+        count(result)
+        finished(records)
 
         async def settle() -> None:
             # Faust may commit past these offsets only once the new states are
@@ -160,13 +189,16 @@ def create_app(settings: Settings, ruleset: CompiledRuleset, shadows: tuple[Comp
 
         return settle()
 
-    deliver_in_batches(app, inputs, grade)
+    deliver_in_batches(app, inputs, grade_exactly_once if exactly_once else grade)
 
     @app.timer(interval=settings.report_interval)
     async def report() -> None:
         # One line per interval, machine-readable: the benchmark reads it.
         if counters.consumed:
-            log.info("gradeflow-stats %s", orjson.dumps(counters.as_dict()).decode())
+            stats = counters.as_dict()
+            if transactions is not None:
+                stats["transactions"] = transactions.stats.as_dict()
+            log.info("gradeflow-stats %s", orjson.dumps(stats).decode())
 
     attach_downstream(app, settings, table)
     return app

@@ -59,7 +59,7 @@ from rules.engine import CompiledRuleset
 from rules import risk, shadow
 from rules.schedule import Schedule, next_wake, regrade
 from rules.state import CustomerState, graded_at
-from streams.faustext.outbox import publish
+from streams.faustext.outbox import Outbox, publish
 from streams.processor import utcnow
 from streams.faustext.tables import RESERVED
 from streams.settings import shadow_diffs_topic
@@ -110,8 +110,12 @@ class Clock:
     """Per-partition schedules of due customers and the timer that wakes them."""
 
     def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
-                 writer: asyncio.Lock | None = None, wall: Callable[[], float] = time.time) -> None:
+                 writer: asyncio.Lock | None = None, wall: Callable[[], float] = time.time,
+                 transactions: Any = None) -> None:
         self.app, self.settings, self.rs, self.table, self.store = app, settings, ruleset, table, store
+        # With exactly_once, each wake's outputs and states go in one transaction of its partition
+        # (streams/faustext/transactions.py); None: Faust's producer, outputs flushed before states.
+        self.transactions = transactions
         self.wall = wall  # the wall clock (seconds); tests give their own
         # Held from reading states to writing them, by every writer of state (see the module doc).
         self.writer = writer if writer is not None else asyncio.Lock()
@@ -373,22 +377,35 @@ class Clock:
                 signatures[key] = self._shadow_wake(customer_id, key, raw, state, before, now, emitted_at, later,
                                                     recheck, writes, diffs)
         self.stats.woken += len(due)
-        if changes or alerts or diffs:
-            names = self.settings.topics
-            outputs = {names.grade_changes: changes, names.alerts: alerts}
-            if diffs:
-                outputs[shadow_diffs_topic(self.settings)] = diffs
-            # Outputs first, durable; then state (as the handler does).
-            await publish(self.app.producer._ensure_producer(), outputs)
-            self.stats.changes += len(changes)
-            self.stats.alerts += len(alerts)
-            self.stats.at_risk += warned
-            log.info("gradeflow: clock woke %d customers on partition %d: %d grade changes, %d alerts "
-                     "(%d at-risk warnings)", len(due), partition, len(changes), len(alerts), warned)
-        if writes and (self.active is None or partition not in self.active):
-            return  # revoked meanwhile: the partition's new owner re-grades (same ids)
-        if writes:
-            await self._write(partition, writes, later)
+        names = self.settings.topics
+        if self.transactions is not None:
+            if changes or alerts or diffs or writes:
+                # One transaction: the outputs, the states that record them, or neither. The
+                # states are the ones read under the writer lock, so none is skipped.
+                async with self.transactions.step(partition) as producer:
+                    if producer is None:
+                        return  # revoked meanwhile: the partition's new owner re-grades (same ids)
+                    self._published(partition, changes, alerts, warned, len(due))
+                    outbox = Outbox()
+                    outbox.extend(names.grade_changes, changes)
+                    outbox.extend(names.alerts, alerts)
+                    if diffs:
+                        outbox.extend(shadow_diffs_topic(self.settings), diffs)
+                    self.store.write_many(outbox, [(key, new, partition) for key, (_old, new) in writes.items()])
+                    await outbox.send(producer)
+                    self.stats.written += len(writes)
+        else:
+            if changes or alerts or diffs:
+                outputs = {names.grade_changes: changes, names.alerts: alerts}
+                if diffs:
+                    outputs[shadow_diffs_topic(self.settings)] = diffs
+                # Outputs first, durable; then state (as the handler does).
+                await publish(self.app.producer._ensure_producer(), outputs)
+                self._published(partition, changes, alerts, warned, len(due))
+            if writes and (self.active is None or partition not in self.active):
+                return  # revoked meanwhile: the partition's new owner re-grades (same ids)
+            if writes:
+                await self._write(partition, writes, later)
         stats = getattr(self.app, "gradeflow_shadow", None)
         if stats is not None:
             stats.records += len(diffs)
@@ -428,6 +445,16 @@ class Clock:
                 recheck.add(key)  # not the ruleset's own instant: it looks again from its state there
         return after
 
+    def _published(self, partition: int, changes: list[tuple[bytes, bytes]], alerts: list[tuple[bytes, bytes]],
+                   warned: int, woken: int) -> None:
+        if not (changes or alerts):
+            return
+        self.stats.changes += len(changes)
+        self.stats.alerts += len(alerts)
+        self.stats.at_risk += warned
+        log.info("gradeflow: clock woke %d customers on partition %d: %d grade changes, %d alerts "
+                 "(%d at-risk warnings)", woken, partition, len(changes), len(alerts), warned)
+
     def _at_risk(self, customer_id: str, state: CustomerState, now_dt: datetime, now: float,
                  following: tuple[datetime | None, bool], key: bytes, later: dict[bytes, float | None],
                  recheck: set[bytes], population: Any) -> list[dict[str, Any]]:
@@ -459,14 +486,14 @@ class Clock:
 
 
 def attach_clock(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
-                 writer: asyncio.Lock | None = None) -> Clock:
+                 writer: asyncio.Lock | None = None, transactions: Any = None) -> Clock:
     """Create the worker's clock (``GRADEFLOW_CLOCK``), its timer and its rebuild after each recovery.
 
     Wiring (streams/app.py): ``clock = attach_clock(app, settings, ruleset, table, store)`` after the
     store, ``process_batch(..., clock_horizon=clock.look_horizon)`` and
     ``clock.note(result.looks, result.states)`` in the handler once the states are written.
     """
-    clock = Clock(app, settings, ruleset, table, store, writer)
+    clock = Clock(app, settings, ruleset, table, store, writer, transactions=transactions)
     app.gradeflow_clock = clock
     if clock.mode == "off":
         return clock

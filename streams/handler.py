@@ -17,6 +17,7 @@ from typing import Any
 from rules.engine import CompiledRuleset
 from rules.erasure import Erasures
 from streams.faustext.outbox import Outbox, Sent
+from streams.faustext.transactions import input_offsets
 from streams.merging import forward
 from streams.processor import BatchResult, Record, process_batch, utcnow
 from streams.settings import shadow_diffs_topic
@@ -58,16 +59,7 @@ class BatchGrader:
                                    erased=self.erasures, shadows=self.shadows, promotion_id=self.promotion_id)
             producer = self.producer()
             outbox = Outbox()
-            outbox.extend(self.out_dead, result.dead_letters)
-            outbox.extend(self.out_changes, result.grade_changes)
-            outbox.extend(self.out_alerts, result.alerts)
-            if result.shadow_diffs:
-                outbox.extend(self.out_shadow, result.shadow_diffs)
-            if result.forwarded:
-                if self.merges_topic is None:
-                    raise RuntimeError("events of a merged-away customer id, with GRADEFLOW_CUSTOMER_MERGES off: "
-                                       "turn it back on (docs/customers.md)")
-                forward(outbox, self.merges_topic, result.forwarded, utcnow())
+            self._outputs(outbox, result)
             # Outputs first, durable; then state. A crash in between replays the
             # batch with the same deterministic outputs; the reverse order could
             # record state whose grade changes were never delivered.
@@ -81,9 +73,80 @@ class BatchGrader:
             if writes:
                 store.write_many(outbox, writes)
                 written = await outbox.send(producer)
-            if result.states:
-                clock.note(result.looks, result.states)
-            if self.shadow_stats is not None:
-                self.shadow_stats.note_batch(result.shadow_signatures, result.states)
-                self.shadow_stats.records += len(result.shadow_diffs)
+            self._noted(result)
         return result, written
+
+    def _outputs(self, outbox: Outbox, result: BatchResult) -> None:
+        """A result's outputs, in order: dead letters, changes, alerts, shadow records, and the events
+        of merged-away ids on their way to the id they were merged into."""
+        outbox.extend(self.out_dead, result.dead_letters)
+        outbox.extend(self.out_changes, result.grade_changes)
+        outbox.extend(self.out_alerts, result.alerts)
+        if result.shadow_diffs:
+            outbox.extend(self.out_shadow, result.shadow_diffs)
+        if result.forwarded:
+            if self.merges_topic is None:
+                raise RuntimeError("events of a merged-away customer id, with GRADEFLOW_CUSTOMER_MERGES off: "
+                                   "turn it back on (docs/customers.md)")
+            forward(outbox, self.merges_topic, result.forwarded, utcnow())
+
+    def _noted(self, result: BatchResult) -> None:
+        """What the clock and the shadow counters learn from a result once its states are written."""
+        if result.states:
+            self.clock.note(result.looks, result.states)
+        if self.shadow_stats is not None:
+            self.shadow_stats.note_batch(result.shadow_signatures, result.states)
+            self.shadow_stats.records += len(result.shadow_diffs)
+
+    async def grade_in_transactions(self, records: list[Record], transactions: Any) -> tuple[list[BatchResult], Any]:
+        """Grade one fetch exactly once: per input partition, grade its records, then send their
+        outputs, their states (with the partition's stream time) and hand their input offsets to
+        one transaction of the partition's producer (``transactions``, a
+        :class:`streams.faustext.transactions.PartitionProducers`). Returns the results and an
+        awaitable of the commits, which run while the next fetch is graded; a failed commit stops
+        the worker (its table holds states that were never committed).
+
+        Records of a partition this worker no longer owns (revoked since the fetch) are left to its
+        new owner, ungraded and uncommitted."""
+        settings, clock, store = self.settings, self.clock, self.store
+        by_partition: dict[int, list[Record]] = {}
+        for record in records:
+            by_partition.setdefault(record.partition, []).append(record)
+        results: list[BatchResult] = []
+        commits: list[Any] = []
+        async with self.writer:
+            population = self.population
+            for partition, mine in sorted(by_partition.items()):
+                mine = transactions.ungraded(mine, store)
+                if not mine:
+                    continue
+                producer = await transactions.begin(partition)
+                if producer is None:
+                    continue
+                result = process_batch(mine, self.ruleset, store, utcnow(),
+                                       population=population.thresholds if population else None,
+                                       allowed_lateness_days=settings.allowed_lateness_days,
+                                       max_future_skew_s=settings.max_future_skew_s,
+                                       clock_horizon=clock.look_horizon,
+                                       stream_time=clock.stream_times({partition}),
+                                       erased=self.erasures, shadows=self.shadows, promotion_id=self.promotion_id)
+                outbox = Outbox()
+                self._outputs(outbox, result)
+                # Outputs and states in one transaction: no order between them is needed, the
+                # commit makes all visible at once. The stream time goes with the states it
+                # graded, on the same changelog partition.
+                writes = [(cid.encode(), raw, record.partition) for cid, (raw, record) in result.states.items()]
+                writes += clock.advanced(result.stream_time)
+                # And how far the partition's inputs are graded: what a seek fetches again below
+                # it is skipped (PartitionProducers.ungraded).
+                writes += transactions.graded(mine, store)
+                store.write_many(outbox, writes)
+                await outbox.send(producer)
+                commits.append(transactions.commit_soon(partition, producer, input_offsets(mine)))
+                self._noted(result)
+                results.append(result)
+
+        async def settle() -> None:
+            await asyncio.gather(*commits)
+
+        return results, settle()

@@ -36,7 +36,7 @@ from rules import shadow
 from rules.changes import regrade_for_rules
 from rules.engine import CompiledRuleset
 from rules.state import CustomerState
-from streams.faustext.outbox import publish
+from streams.faustext.outbox import Outbox, publish
 from streams.processor import utcnow
 from streams.settings import shadow_diffs_topic
 
@@ -136,8 +136,11 @@ class SweepProgress:
 
 class RulesRegrade:
     def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
-                 population: Any = None, writer: asyncio.Lock | None = None) -> None:
+                 population: Any = None, writer: asyncio.Lock | None = None, transactions: Any = None) -> None:
         self.app, self.settings, self.rs, self.table, self.population = app, settings, ruleset, table, population
+        # With exactly_once, each chunk's outputs and states in one transaction per input partition
+        # (streams/faustext/transactions.py); None: Faust's producer, outputs flushed before states.
+        self.transactions = transactions
         self.store = store
         # The worker's writer lock (streams/clock.py): held from reading a chunk's states to writing them.
         self.writer = writer if writer is not None else asyncio.Lock()
@@ -206,6 +209,12 @@ class RulesRegrade:
                 where = {key: partition for key, partition, _ in chunk}
                 items = [(key, raw) for key, raw in zip(keys, self.store.get_keys(keys)) if raw is not None]
                 thresholds = self.population.thresholds if self.population is not None else None
+                if self.transactions is not None:
+                    regraded = await self._chunk_in_transactions(items, where, thresholds)
+                    done += regraded
+                    progress.step(len(chunk), regraded)
+                    await self._report()
+                    continue
                 diffs: list[tuple[bytes, bytes]] = []
                 signatures: dict[bytes, tuple[Any, ...]] = {}
                 changes, alerts, states = plan(self.rs, items, thresholds, self.shadows, diffs, signatures,
@@ -241,6 +250,39 @@ class RulesRegrade:
             except Exception:  # noqa: BLE001 - progress is informative: the re-grade goes on without it
                 log.exception("gradeflow: reporting re-grade progress failed")
 
+    async def _chunk_in_transactions(self, items: list[tuple[bytes, bytes]], where: dict[bytes, int],
+                                     thresholds: Any) -> int:
+        """A chunk with exactly_once: each partition's changes, alerts and states in one transaction
+        of its producer. Called under the writer lock."""
+        names = self.settings.topics
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        for key, raw in items:
+            by_partition.setdefault(where[key], []).append((key, raw))
+        done = 0
+        for partition, mine in sorted(by_partition.items()):
+            diffs: list[tuple[bytes, bytes]] = []
+            signatures: dict[bytes, tuple[Any, ...]] = {}
+            changes, alerts, states = plan(self.rs, mine, thresholds, self.shadows, diffs, signatures,
+                                           self.promotion_id)
+            if not states:
+                continue
+            async with self.transactions.step(partition) as producer:
+                if producer is None:
+                    continue  # revoked meanwhile: its new owner sweeps it
+                outbox = Outbox()
+                outbox.extend(names.grade_changes, changes)
+                outbox.extend(names.alerts, alerts)
+                if self.shadows and diffs:
+                    outbox.extend(shadow_diffs_topic(self.settings), diffs)
+                self.store.write_many(outbox, [(key, new, partition) for key, (_old, new) in states.items()])
+                await outbox.send(producer)
+            if self.shadows:
+                for key, sig in signatures.items():
+                    self.shadow_stats.note(partition, key, sig)
+                self.shadow_stats.records += len(diffs)
+            done += len(states)
+        return done
+
     async def run(self) -> None:
         if self.running:
             self.again = True
@@ -260,9 +302,10 @@ class RulesRegrade:
 
 
 def attach_rules_regrade(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
-                         population: Any = None, writer: asyncio.Lock | None = None) -> RulesRegrade:
+                         population: Any = None, writer: asyncio.Lock | None = None,
+                         transactions: Any = None) -> RulesRegrade:
     """Sweep after every rebalance's recovery; return the sweeper (counters for tests and metrics)."""
-    regrade = RulesRegrade(app, settings, ruleset, table, store, population, writer)
+    regrade = RulesRegrade(app, settings, ruleset, table, store, population, writer, transactions)
     app.gradeflow_rules_regrade = regrade
     tasks: set[asyncio.Task] = set()
 

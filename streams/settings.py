@@ -230,6 +230,12 @@ class Settings(BaseSettings):
         400.0, gt=0, le=3650, description="History changes older than this many days before the customer's newest "
                                           "change on that ladder (event time) are dropped, but for the one in "
                                           "effect at that limit.")
+    # --- processing guarantee (streams/faustext/transactions.py, docs/guarantees.md) -----------
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="at_least_once: after a crash an output may be published twice (same id); "
+                                     "exactly_once: each batch's outputs, states and input offsets commit in one "
+                                     "Kafka transaction per input partition, for read_committed consumers "
+                                     "(docs/guarantees.md); needs memory://.")
 
     # --- the clock: re-grading by time alone (streams/clock.py, docs/clock.md) ---------------
     clock: Literal["wall", "event", "off"] = Field(
@@ -333,6 +339,11 @@ class Settings(BaseSettings):
             # one from the beginning: the standby would cost a second copy and buy nothing.
             raise ValueError("GRADEFLOW_STANDBY_REPLICAS needs GRADEFLOW_STORE=rocksdb:// (the memory store "
                              "keeps no standby copy across a rebalance)")
+        if self.processing_guarantee == "exactly_once" and scheme != "memory":
+            # A RocksDB volume keeps what a transaction wrote to the table before the transaction
+            # was aborted by a crash, and a restart on it would trust that state.
+            raise ValueError("GRADEFLOW_PROCESSING_GUARANTEE=exactly_once needs GRADEFLOW_STORE=memory:// "
+                             "(a RocksDB volume may hold state of an aborted transaction)")
         return self
 
     @model_validator(mode="after")

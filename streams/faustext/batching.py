@@ -70,6 +70,12 @@ class BatchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
             # Read by AIOKafkaConsumer.start(), which builds the fetcher; there is no public
             # setter and Faust passes a constant (tests/streams/faustext/test_batching_fetch.py guards this).
             consumer._fetch_max_wait_ms = wait
+        if getattr(self.app, "read_committed", False):
+            # Exactly-once (streams/faustext/transactions.py), without Faust's own exactly-once mode,
+            # which would set this: inputs, changelogs (recovery) and the downstream agents' topics
+            # read without aborted records or those of open transactions. Read by
+            # AIOKafkaConsumer.start(), as above.
+            consumer._isolation_level = "read_committed"
         return consumer
 
 
@@ -156,11 +162,16 @@ class BatchConsumer(aiokafka_driver.Consumer):
         unacked = self._unacked_messages
         monitor = self.app.monitor
         settling: asyncio.Future[None] | None = None
+        # Exactly-once (streams/faustext/transactions.py): ends the recovery of changelogs that end
+        # with a transaction marker, once what was fetched is applied or queued.
+        after_delivery: Callable[[Any], bool] | None = getattr(self.app, "gradeflow_after_delivery", None)
         try:
             while not (consumer_stopped() or fetcher_stopped()):
                 await self.sleep(0)
                 if self.should_stop:
                     break
+                if after_delivery is not None and after_delivery(self._thread._ensure_consumer()):
+                    self.log.info("gradeflow: tables recovered (changelogs read up to their last transaction marker)")
                 generation = self.app.consumer_generation_id
                 records_by_tp, active = await self._wait_next_records(1.0)
                 if not records_by_tp or self.should_stop:
@@ -312,9 +323,26 @@ class BatchingApp(faust.App):
 
     #: The worker consumer's fetch.max.wait.ms (see :class:`BatchConsumerThread`); None: Faust's.
     fetch_max_wait_ms: int | None = None
+    #: The worker consumer reads with isolation.level=read_committed (exactly-once).
+    read_committed: bool = False
 
     def _new_transport(self) -> Any:
         return BatchTransport(self.conf.broker_consumer, self)
+
+    async def _on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        # Exactly-once (streams/faustext/transactions.py): each assigned input partition's
+        # transactional producer fences its previous owner before Faust's recovery, which reads
+        # the changelogs up to their last stable offset and ends with the seek to the committed
+        # offsets, starts.
+        before: Callable[[Any], Awaitable[None]] | None = getattr(self, "gradeflow_before_assign", None)
+        if before is not None:
+            try:
+                await before(assigned)
+            except Exception as exc:  # noqa: BLE001 - as Faust's own rebalance errors: the worker stops
+                self.log.error("gradeflow: could not take over the transactional ids of %s: %r", assigned, exc)
+                await self.crash(exc)
+                return
+        await super()._on_partitions_assigned(assigned, generation_id)
 
 
 def deliver_in_batches(app: BatchingApp, topic: Any, handler: BatchHandler) -> None:

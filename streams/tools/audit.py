@@ -403,7 +403,9 @@ def read_cluster(settings: Any, progress: Callable[[int], None] | None = None
     names = settings.topics
     roles = {names.transactions: TRANSACTIONS, names.interactions: INTERACTIONS}
     try:
+        # read_committed: with exactly_once, what an aborted transaction wrote was never published.
         consumer = KafkaConsumer(**kafka_python_options(settings), group_id=None, enable_auto_commit=False,
+                                 isolation_level="read_committed",
                                  receive_message_max_bytes=64 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024)
     except Exception as exc:  # kafka-python's NoBrokersAvailable and friends
         raise ServerUnavailable(f"Kafka at {settings.kafka_bootstrap} is not reachable ({exc}); start it "

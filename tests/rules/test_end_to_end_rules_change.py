@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import orjson
+import pytest
 
 from rules.changes import Cause, grade
 from rules.engine import compile_ruleset
@@ -52,10 +53,14 @@ def purchase(event_id: str, customer: str, day: int, amount: str) -> tuple[bytes
                                             "currency": "CNY"})
 
 
-def test_new_version_regrades_on_start_with_cause_rules(worker_factory, bootstrap, tmp_path: Path) -> None:
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_new_version_regrades_on_start_with_cause_rules(worker_factory, bootstrap, tmp_path: Path,
+                                                        guarantee: str) -> None:
+    # With exactly_once the sweep writes each chunk's changes, alerts and states in one transaction
+    # per input partition (streams/rules_start.py).
     rules = tmp_path / "rules.yaml"
     rules.write_text(RFM5, encoding="utf-8")
-    first = worker_factory(GRADEFLOW_RULESET=str(rules))
+    first = worker_factory(GRADEFLOW_RULESET=str(rules), GRADEFLOW_PROCESSING_GUARANTEE=guarantee)
     env = first.env
     topics = [env["GRADEFLOW_TOPIC_GRADE_CHANGES"], env["GRADEFLOW_TOPIC_ALERTS"]]
     # amy: 6 purchases of 4000 → R5 F4 M4 = 13 → S (S under v2 too). bo: 2 × 5000 → R5 F2 M3 = 10 → A (B under v2).
