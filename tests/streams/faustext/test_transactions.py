@@ -29,7 +29,7 @@ from streams.faustext.transactions import (PartitionProducers, TransactionFailed
                                            transactional_id)
 from streams.handler import BatchGrader
 from streams.processor import TRANSACTIONS, Record
-from streams.settings import Settings, load_settings
+from streams.settings import Settings, shadow_diffs_topic, load_settings
 from streams.tools.local import drop_run, unique_env
 from streams.topics import create_topics
 from tests.streams.producerhelp import RecordingProducer
@@ -309,3 +309,32 @@ def test_aiokafka_sends_transactional_offsets_without_member_or_generation() -> 
     for version in versions:
         fields = set(version.SCHEMA.names)
         assert "group_id" in fields and not fields & {"member_id", "generation_id"}, (version, fields)
+
+
+def test_shadow_records_ride_in_the_partitions_transaction() -> None:
+    from rules import shadow
+    from streams.shadow import ShadowStats
+    from tests.rules.shadowhelp import candidate
+
+    shadows = shadow.prepare(RS, [candidate()])
+    settings = Settings(clock="event", partitions=4, app_id="t", at_risk_horizon_days=0,
+                        processing_guarantee="exactly_once")
+    log: list = []
+    app = SimpleNamespace(crash=None, assignor=SimpleNamespace(assigned_actives=lambda: []))
+    producers = PartitionProducers(app, settings, lambda p: TxnProducer(p, log))
+    store = Store()
+    clock = Clock(app, settings, RS, store, store)
+    grader = BatchGrader(settings, RS, store, clock, None, clock.writer, lambda: None, shadows, ShadowStats(shadows))
+    records = [record(0, 10 + i, f"c0-{i % 2}", i) for i in range(4)]
+
+    async def run() -> None:
+        await producers.assign([0])
+        results, commits = await grader.grade_in_transactions(records, producers)
+        await commits
+        assert results[0].shadow_diffs
+
+    asyncio.run(run())
+    kinds = [e[0] for e in log if e[0] in ("begin", "send", "offsets", "commit")]
+    assert kinds[0] == "begin" and kinds[-2:] == ["offsets", "commit"] and kinds.count("commit") == 1
+    topics = {topic for topic, _partition, _batch in _sent(producers)}
+    assert shadow_diffs_topic(settings) in topics and settings.topics.grade_changes in topics
