@@ -212,3 +212,38 @@ def test_sigterm_stops_workers_within_20_s_with_a_broker_down_and_nothing_acknow
     finally:
         for w in workers:
             w.stop(signal.SIGKILL)
+
+
+def test_exactly_once_with_a_broker_of_three_killed_every_change_once(cluster):
+    """exactly_once on three brokers (replication factor 3, min.insync.replicas 2, the transaction
+    log replicated too): a broker killed mid-stream and restarted; a read_committed consumer sees
+    every change of the offline run exactly once, and each bad record's dead letter once."""
+    from tests.faults.test_exactly_once import Run, finish, graded_up_to, long_history
+    from tests.faults.test_exactly_once import wait_until as wait_for
+
+    cluster.up()
+    bootstrap = cluster.env["GRADEFLOW_KAFKA_BOOTSTRAP"]
+    records = long_history()
+    offline = Offline(list[tuple[bytes | None, bytes | None]](records))
+    expected = sum(len(seq) for seq in offline.changes.values())
+    run = Run(bootstrap, "3b", "exactly_once", GRADEFLOW_REPLICATION_FACTOR="3", GRADEFLOW_MIN_INSYNC_REPLICAS="2")
+    try:
+        p = KafkaProducer(**kafka_options(bootstrap, run.env), acks="all", linger_ms=5)
+        for key, value in records:
+            p.send(run.env["GRADEFLOW_TOPIC_TRANSACTIONS"], key=key, value=value)
+        p.flush()
+        p.close()
+        run.start("w1")
+        run.start("w2")
+        wait_for(graded_up_to(run, expected, 0.3), 120, lambda: f"no progress\n{run.logs()}")
+        cluster.kill("kafka-2")  # mid-stream; transactions go on with two in-sync replicas
+        wait_for(graded_up_to(run, expected, 0.6), 120, lambda: f"stalled with kafka-2 down\n{run.logs()}")
+        cluster.up()
+        got = finish(run, offline, timeout_s=180)
+        assert got.copies == 0, f"{got.copies} changes read twice by a read_committed consumer\n{run.logs()}"
+        assert got.changes == offline.changes, run.logs()
+        assert got.total == expected, "a change read twice, or one missing"
+        assert run.dead_letters() == (len(offline.dead), 0), "dead letters missing or read twice"
+    finally:
+        run.stop()
+        cluster.up()
