@@ -203,11 +203,13 @@ CAUSE_WORDS = {"clock": "the clock (time alone)", "rules": "a new ruleset", "tra
 
 
 def recovery_of(change: dict[str, Any], ruleset: CompiledRuleset) -> dict[str, Any] | None:
-    """A recovery if ``change`` is an upgrade into a key grade, else None."""
-    if change.get("direction") != "upgrade":
+    """A recovery if ``change`` is an upgrade into a key grade, or the end of an id merged into
+    another (direction ``ended``: its open incidents are the surviving id's to raise now), else None."""
+    direction = change.get("direction")
+    if direction not in ("upgrade", "ended"):
         return None
     ladder = next((lad for lad in ruleset.ladders if lad.name == change.get("ladder")), None)
-    if ladder is None or change.get("grade") not in ladder.key:
+    if ladder is None or (direction == "upgrade" and change.get("grade") not in ladder.key):
         return None
     return {
         "recovery_id": change["event_id"],

@@ -1046,3 +1046,21 @@ def test_pages_of_a_ruleset_change_are_pages_like_any_when_folding_is_off(redis_
                 assert h.retries == []
 
     asyncio.run(run())
+
+
+def test_a_recovery_resolves_on_an_upgrade_into_a_key_grade_and_on_the_end_of_a_merged_id():
+    from streams.downstream.alerts.policy import recovery_of
+
+    rs = compile_ruleset(load("rfm-5"))
+
+    def change(direction: str, previous: str, grade: str) -> dict:
+        return {"event_id": f"e-{direction}-{grade}", "customer_id": "pia", "ladder": "value",
+                "previous_grade": previous, "grade": grade, "direction": direction,
+                "as_of": "2026-01-02T10:00:00+08:00"}
+
+    assert recovery_of(change("upgrade", "B", "A"), rs)["dedup_key"] == "gradeflow/value/pia/key-downgrade"
+    assert recovery_of(change("upgrade", "D", "C"), rs) is None  # not into a key grade
+    assert recovery_of(change("downgrade", "A", "B"), rs) is None
+    # Merged into another id: nobody is left to page about on this one.
+    ended = recovery_of(change("ended", "B", "none"), rs)
+    assert ended is not None and ended["grade"] == "none" and ended["dedup_key"] == "gradeflow/value/pia/key-downgrade"
