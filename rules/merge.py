@@ -119,6 +119,12 @@ def marker(into_id: str, merge_id: str, into_partition: int) -> CustomerState:
     return CustomerState(merged_into=[into_id, merge_id, into_partition])
 
 
+def moving(state: CustomerState) -> bool:
+    """Whether ``state`` is an id frozen on its way into another (marked, its facts still there)
+    rather than the bare marker left once the hand-off is done."""
+    return state.merged_into is not None and (state.last_event_ts is not None or bool(state.grades))
+
+
 def terminal_changes(customer_id: str, rs: CompiledRuleset, state: CustomerState, into_id: str, merge_id: str,
                      at: float, emitted_at: datetime,
                      population: Population | None = None) -> list[dict[str, Any]]:

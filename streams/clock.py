@@ -257,6 +257,8 @@ class Clock:
                 while chunk := list(islice(held, CHUNK)):
                     for key, _partition, raw in chunk:
                         state = CustomerState.from_bytes(raw)
+                        if state.merged_into is not None:
+                            continue  # merged into another id (streams/merging.py): nothing to grade here
                         look = risk.first_look(rs, state, self.horizon, population)
                         if self.shadows:
                             look = risk.earliest(look, shadow.first_look(self.shadows, state))
@@ -322,6 +324,9 @@ class Clock:
             if raw is None:
                 continue
             state = CustomerState.from_bytes(raw)
+            if state.merged_into is not None:
+                later[key] = None  # merged into another id (streams/merging.py): never graded here again
+                continue
             if state.ruleset is not None and state.ruleset != rs.key:
                 later[key] = at  # graded by another ruleset version: streams/rules_start.py first
                 if not exact:

@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 
 from rules.engine import CompiledRuleset
-from rules.merge import absorb, marker, terminal_changes
+from rules.merge import absorb, marker, moving, terminal_changes
 from rules.risk import first_look
 from rules.state import CustomerState
 from schemas.events import CustomerMerge
@@ -180,13 +180,27 @@ class Merging:
             if other is None:
                 refusal = f"{doc.from_id} is no longer held (erased meanwhile?)"
             elif other.merged_into is not None:
-                if other.merged_into[1] == doc.merge_id:
+                if other.merged_into[1] != doc.merge_id:
+                    refusal = f"{doc.from_id} was merged into {other.merged_into[0]} meanwhile"
+                elif not moving(other):
                     return  # handed off already: the transfer is on the broker
-                refusal = f"{doc.from_id} was merged into {other.merged_into[0]} meanwhile"
+                else:
+                    refusal = None  # cut short after FROM was frozen: done again from the frozen facts
             else:
                 refusal = None
             if other is None or refusal is not None:
                 return await self._outcome(doc, "refused", refusal)
+            if other.merged_into is None:
+                # Frozen first: FROM's state as it is, marked as moving to INTO, so that from here
+                # on FROM's events go to INTO (the handler forwards them) and a hand-off cut short
+                # by a crash is done again from exactly these facts. Were the marker written only
+                # after the transfer, an event of FROM graded between a crash and the redo would
+                # be applied to FROM after INTO had taken FROM's facts, and be lost to INTO.
+                other.merged_into = [doc.into_id, doc.merge_id, doc.into_partition]
+                frozen = Outbox()
+                store.write_many(frozen, [(key, other.to_bytes(), partition)])
+                await store.settle(await frozen.send(self.producer()))
+                self._forget(key, partition)
             now = utcnow()
             population = self.population.thresholds if self.population else None
             ends = terminal_changes(doc.from_id, rs, other, doc.into_id, doc.merge_id,
@@ -196,7 +210,8 @@ class Merging:
             transfer = doc.model_copy(update={"step": "transfer", "partition": doc.into_partition,
                                               "state": other.to_bytes().decode()})
             outbox.add(self.topic, doc.merge_id.encode(), encode(transfer), doc.into_partition)
-            # Outputs and the transfer first, durable; then the marker. A crash in between hands off again.
+            # Outputs and the transfer first, durable; then the marker without the facts. A crash in
+            # between hands off again, from the frozen state.
             await self._send(outbox)
             store.write_many(outbox, [(key, marker(doc.into_id, doc.merge_id, doc.into_partition).to_bytes(),
                                        partition)])

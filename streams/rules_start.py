@@ -65,8 +65,8 @@ def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population:
         if CustomerState.graded_by(raw, key_of):
             continue  # most customers after a rebalance: no decode
         state = CustomerState.from_bytes(raw)
-        if state.ruleset == key_of:
-            continue
+        if state.ruleset == key_of or state.merged_into is not None:
+            continue  # up to date, or merged into another id (streams/merging.py): never re-graded here
         before = shadow.signature(shadows, state) if shadows else None
         out, warn = regrade_for_rules(key.decode(), ruleset, state, now, population, promotion_id)
         if shadows:

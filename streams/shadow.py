@@ -131,7 +131,7 @@ def plan(active: CompiledRuleset, shadows: tuple[CompiledRuleset, ...], items: l
     signatures: dict[bytes, tuple[Any, ...]] = {}
     for key, raw in items:
         state = CustomerState.from_bytes(raw)
-        if state.ruleset is not None and state.ruleset != active.key:
+        if state.merged_into is not None or (state.ruleset is not None and state.ruleset != active.key):
             continue
         before = shadow.signature(shadows, state)
         stale = bool(set(state.shadow) - {rs.key for rs in shadows})

@@ -140,8 +140,9 @@ class Cluster:
             except Crash:
                 self.restart()  # the input records are redelivered
 
-    async def drain(self) -> None:
-        """Do every merge step on the topic, in each partition's order, a restart after any crash."""
+    async def drain(self, until_crash: bool = False) -> None:
+        """Do every merge step on the topic, in each partition's order, a restart after any crash
+        (with ``until_crash``, return right after the restart)."""
         while True:
             pending = [(p, self.committed.get(p, 0)) for p in range(self.settings.partitions)
                        if self.committed.get(p, 0) < len(self.broker.topics.get((MERGES, p), []))]
@@ -154,6 +155,8 @@ class Cluster:
                 self.committed[p] = offset + 1
             except Crash:
                 self.restart()
+                if until_crash:
+                    return
 
     def changes(self, customer: str) -> list[dict[str, Any]]:
         out = []
@@ -257,6 +260,35 @@ def test_a_worker_dying_at_any_send_of_a_merge_ends_the_same() -> None:
         cluster = asyncio.run(scenario(crash_at))
         check(cluster)
         assert cluster.restarts == 1, crash_at
+
+
+async def scenario_event_between(crash_at: int) -> Cluster:
+    """The worker dies at the ``crash_at``-th send of the merge; FROM's later event is graded after
+    the restart and before the merge steps are done again (the handler and the merge steps are
+    two agents: nothing orders them)."""
+    settings = load_settings(customer_merges=True, partitions=4)
+    cluster = Cluster(settings)
+    await cluster.grade([txn(INTO, 1, i, when, amount, f"a{i}") for i, (when, amount) in enumerate(INTO_EVENTS)])
+    await cluster.grade([txn(FROM, 2, i, when, amount, f"b{i}") for i, (when, amount) in enumerate(FROM_EVENTS)])
+    cluster.broker.sends, cluster.broker.crash_at = 0, crash_at
+    cluster.broker.topics.setdefault((MERGES, 0), []).append((b"m-1", encode(request(FROM, INTO, merge_id="m-1"))))
+    await cluster.drain(until_crash=True)
+    await cluster.grade([txn(FROM, 2, len(FROM_EVENTS), LATER[0], LATER[1], "later0")])
+    await cluster.drain()
+    return cluster
+
+
+def test_an_event_of_the_merged_away_id_between_a_crash_and_the_redo_is_not_lost() -> None:
+    sends = asyncio.run(scenario(None)).broker.sends
+    for crash_at in range(sends):
+        cluster = asyncio.run(scenario_event_between(crash_at))
+        held = cluster.table.held
+        merged = CustomerState.from_bytes(held[INTO.encode()][1])
+        expected, grades = union_state([LATER])
+        assert facts(merged) == facts(expected), crash_at
+        assert merged.grades == grades, crash_at
+        last = {c["ladder"]: c for c in cluster.changes(FROM)}
+        assert {c["grade"] for c in last.values()} == {TERMINAL_GRADE}, (crash_at, cluster.changes(FROM))
 
 
 def test_a_merge_of_an_unknown_id_or_into_itself_is_refused_and_changes_nothing() -> None:
@@ -396,3 +428,21 @@ def test_merges_chain_an_id_merged_into_one_merged_later_follows_it() -> None:
     # alice, merged into carol in turn, ended too.
     assert {c["ladder"]: c["grade"] for c in cluster.changes(INTO)} == \
         {ladder.name: TERMINAL_GRADE for ladder in RS.ladders}
+
+
+def test_a_new_ruleset_version_never_regrades_a_merged_away_id() -> None:
+    from rules.merge import moving
+    from streams.rules_start import plan
+    from tests.rules.shadowhelp import candidate
+
+    cluster = asyncio.run(scenario(None))
+    v2 = candidate()
+    items = [(key, raw) for key, (_partition, raw) in cluster.table.held.items()]
+    changes, _alerts, states = plan(v2, items)
+    assert FROM.encode() not in states and all(key != FROM.encode() for key, _ in changes)
+    assert INTO.encode() in states  # the surviving id is re-graded as any customer
+    # Nor one frozen on its way (a hand-off cut short by a crash).
+    frozen = CustomerState.from_bytes(union_state()[0].to_bytes())
+    frozen.merged_into = [INTO, "m-2", 1]
+    assert moving(frozen)
+    assert plan(v2, [(FROM.encode(), frozen.to_bytes())]) == ([], [], {})
