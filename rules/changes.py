@@ -133,6 +133,20 @@ def _cause(cause: Cause) -> dict[str, Any]:
     return out
 
 
+def metrics_of(rs: CompiledRuleset, ev: Evaluation, ladder: CompiledLadder) -> dict[str, Any]:
+    """The ``metrics`` object of a grade change on ``ladder`` (schemas.events.Metrics)."""
+    return {
+        "recency_days": ev.recency_days,
+        "frequency": ev.frequency,
+        "monetary": format_minor(ev.monetary_minor, rs.currency),
+        "r": ev.scores.get("r", 0),
+        "f": ev.scores.get("f", 0),
+        "m": ev.scores.get("m", 0),
+        "code": ev.code,
+        "values": {name: json_value(rs, name, ev.values.get(name)) for name in ladder.metrics},
+    }
+
+
 def json_value(rs: CompiledRuleset, name: str, value: Any) -> Any:
     """A metric value as the grade-change's ``metrics.values`` carries it: money as a decimal string."""
     if value is None:
@@ -175,16 +189,7 @@ def decide_changes(customer_id: str, rs: CompiledRuleset, grades: dict[str, str]
             "direction": _direction(ladder, previous, grade),
             "as_of": as_of_iso,
             "cause": _cause(cause),
-            "metrics": {
-                "recency_days": ev.recency_days,
-                "frequency": ev.frequency,
-                "monetary": format_minor(ev.monetary_minor, rs.currency),
-                "r": ev.scores.get("r", 0),
-                "f": ev.scores.get("f", 0),
-                "m": ev.scores.get("m", 0),
-                "code": ev.code,
-                "values": {name: json_value(rs, name, ev.values.get(name)) for name in ladder.metrics},
-            },
+            "metrics": metrics_of(rs, ev, ladder),
             "reasons": ev.reasons[ladder.name],
             "emitted_at": emitted_iso,
         }

@@ -22,13 +22,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from rules.changes import Cause, change_id, grade, json_value
+from rules.changes import Cause, change_id, grade, metrics_of
 from rules.deciders import Population
 from rules.engine import CompiledRuleset, evaluate
 from rules.state import MAX_INVOICES, CustomerState, forget_seen_before, graded_at, prune, remember
 from rules.windows import day_of_ts
 from schemas import SCHEMA_VERSION
-from schemas.money import format_minor
 
 # The grade an id merged into another ends with on every ladder: not a grade of any ladder (a
 # ruleset may not name one so, rules/ruleset.py), and the id has no change after it.
@@ -154,16 +153,7 @@ def terminal_changes(customer_id: str, rs: CompiledRuleset, state: CustomerState
             "direction": ENDED,
             "as_of": as_of.isoformat(),
             "cause": {"kind": cause.kind, "event_id": cause.event_id},
-            "metrics": {
-                "recency_days": ev.recency_days,
-                "frequency": ev.frequency,
-                "monetary": format_minor(ev.monetary_minor, rs.currency),
-                "r": ev.scores.get("r", 0),
-                "f": ev.scores.get("f", 0),
-                "m": ev.scores.get("m", 0),
-                "code": ev.code,
-                "values": {name: json_value(rs, name, ev.values.get(name)) for name in ladder.metrics},
-            },
+            "metrics": metrics_of(rs, ev, ladder),
             "reasons": [f"Merged into customer {into_id} (merge {merge_id})."],
             "emitted_at": emitted_at.isoformat(),
         })

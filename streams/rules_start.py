@@ -83,6 +83,37 @@ def plan(ruleset: CompiledRuleset, items: list[tuple[bytes, bytes]], population:
     return changes, alerts, states
 
 
+class CoalescedSweep:
+    """A sweep over the worker's partitions that runs once at a time: asked to run while it runs,
+    it runs once more when done (a rebalance during a sweep brings partitions it has not seen)."""
+
+    failure = "gradeflow: the sweep failed"  # logged, with the traceback, when a run fails
+
+    def __init__(self) -> None:
+        self.running = False
+        self.again = False
+
+    async def sweep(self) -> int:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        if self.running:
+            self.again = True
+            return
+        self.running = True
+        try:
+            while True:
+                self.again = False
+                try:
+                    await self.sweep()
+                except Exception:  # noqa: BLE001 - the next rebalance retries; grading goes on
+                    log.exception(self.failure)
+                if not self.again:
+                    break
+        finally:
+            self.running = False
+
+
 class SweepProgress:
     """How far the re-grade of this worker's partitions is: customers examined of the total, the
     rate, and which partitions are done (every customer graded by the active ruleset)."""
@@ -134,9 +165,12 @@ class SweepProgress:
                 "complete": self.complete}
 
 
-class RulesRegrade:
+class RulesRegrade(CoalescedSweep):
+    failure = "gradeflow: re-grading for new rules failed"
+
     def __init__(self, app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,
                  population: Any = None, writer: asyncio.Lock | None = None, transactions: Any = None) -> None:
+        super().__init__()
         self.app, self.settings, self.rs, self.table, self.population = app, settings, ruleset, table, population
         # With exactly_once, each chunk's outputs and states in one transaction per input partition
         # (streams/faustext/transactions.py); None: Faust's producer, outputs flushed before states.
@@ -144,8 +178,6 @@ class RulesRegrade:
         self.store = store
         # The worker's writer lock (streams/clock.py): held from reading a chunk's states to writing them.
         self.writer = writer if writer is not None else asyncio.Lock()
-        self.running = False
-        self.again = False
         self.regraded = 0
         self.sweeps = 0
         self.promotion_id: str | None = None  # see plan()
@@ -282,23 +314,6 @@ class RulesRegrade:
                 self.shadow_stats.records += len(diffs)
             done += len(states)
         return done
-
-    async def run(self) -> None:
-        if self.running:
-            self.again = True
-            return
-        self.running = True
-        try:
-            while True:
-                self.again = False
-                try:
-                    await self.sweep()
-                except Exception:  # noqa: BLE001 - the next rebalance retries; grading goes on
-                    log.exception("gradeflow: re-grading for new rules failed")
-                if not self.again:
-                    break
-        finally:
-            self.running = False
 
 
 def attach_rules_regrade(app: Any, settings: Any, ruleset: CompiledRuleset, table: Any, store: Any,

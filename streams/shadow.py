@@ -32,6 +32,7 @@ from rules.state import CustomerState
 from schemas.errors import ConfigurationError, RulesetError
 from streams.faustext.outbox import publish
 from streams.processor import utcnow
+from streams.rules_start import CoalescedSweep
 from streams.settings import shadow_diffs_topic, shadow_ruleset_names
 
 log = logging.getLogger("gradeflow.shadow")
@@ -144,16 +145,17 @@ def plan(active: CompiledRuleset, shadows: tuple[CompiledRuleset, ...], items: l
     return records, states, signatures
 
 
-class ShadowSweep:
+class ShadowSweep(CoalescedSweep):
     """After each recovery: the shadows follow every customer of the worker's partitions."""
+
+    failure = "gradeflow: the shadow sweep failed"
 
     def __init__(self, app: Any, settings: Any, active: CompiledRuleset, shadows: tuple[CompiledRuleset, ...],
                  store: Any, stats: ShadowStats, writer: asyncio.Lock) -> None:
+        super().__init__()
         self.app, self.settings, self.active, self.shadows = app, settings, active, shadows
         self.store, self.stats, self.writer = store, stats, writer
         self.topic = shadow_diffs_topic(settings)
-        self.running = False
-        self.again = False
 
     def active_partitions(self) -> set[int]:
         inputs = self.settings.topics.transactions
@@ -186,23 +188,6 @@ class ShadowSweep:
             log.info("gradeflow: shadow rulesets %s now follow %d more customers",
                      ", ".join(rs.key for rs in self.shadows), done)
         return done
-
-    async def run(self) -> None:
-        if self.running:
-            self.again = True
-            return
-        self.running = True
-        try:
-            while True:
-                self.again = False
-                try:
-                    await self.sweep()
-                except Exception:  # noqa: BLE001 - the next rebalance retries; grading goes on
-                    log.exception("gradeflow: the shadow sweep failed")
-                if not self.again:
-                    break
-        finally:
-            self.running = False
 
 
 def attach_shadow(app: Any, settings: Any, active: CompiledRuleset, shadows: tuple[CompiledRuleset, ...],
